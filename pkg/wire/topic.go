@@ -120,7 +120,9 @@ func TwinDesired(version int64) string {
 }
 
 // MethodRequest returns the topic a direct-method call is delivered on.
-func MethodRequest(method, rid string) string { return "$iothub/methods/POST/" + method + "/?$rid=" + rid }
+func MethodRequest(method, rid string) string {
+	return "$iothub/methods/POST/" + method + "/?$rid=" + rid
+}
 
 // MethodResponse returns the topic a device answers a direct method on.
 func MethodResponse(status int, rid string) string {
@@ -175,13 +177,13 @@ func Parse(topic string) (Topic, error) {
 
 func parseDevices(rest string) (Topic, error) {
 	dev, rest, ok := strings.Cut(rest, "/")
-	if !ok || ValidateDeviceID(dev) != nil {
+	if !ok || validMQTTID(dev) != nil {
 		return Topic{}, fmt.Errorf("%w: bad device id in %q", ErrTopic, clip(rest))
 	}
 	t := Topic{DeviceID: dev}
 	if r, ok := strings.CutPrefix(rest, "modules/"); ok {
 		mod, r2, ok := strings.Cut(r, "/")
-		if !ok || ValidateDeviceID(mod) != nil {
+		if !ok || validMQTTID(mod) != nil {
 			return Topic{}, fmt.Errorf("%w: bad module id", ErrTopic)
 		}
 		t.ModuleID, rest = mod, r2
@@ -332,6 +334,15 @@ func ValidateDeviceID(id string) error {
 	return nil
 }
 
+// validMQTTID is ValidateDeviceID for IDs inside MQTT topics and filters, where '+' and '#'
+// are wildcards: a device whose ID contains them cannot use MQTT.
+func validMQTTID(id string) error {
+	if strings.ContainsAny(id, "+#") {
+		return fmt.Errorf("wire: device id %q contains an MQTT wildcard", clip(id))
+	}
+	return ValidateDeviceID(id)
+}
+
 // ValidateMethodName checks a direct method name: printable US-ASCII excluding
 // $ ( ) < > @ , ; : \ " / [ ] ? = { }, space and tab; at most 128 characters.
 func ValidateMethodName(name string) error {
@@ -385,7 +396,7 @@ func ParseFilter(f string) (Filter, error) {
 		return Filter{}, fmt.Errorf("%w: filter %q", ErrTopic, clip(f))
 	}
 	dev, rest, _ := strings.Cut(rest, "/")
-	if ValidateDeviceID(dev) != nil {
+	if validMQTTID(dev) != nil {
 		return Filter{}, fmt.Errorf("%w: filter %q", ErrTopic, clip(f))
 	}
 	if rest == "messages/devicebound/#" {
@@ -393,7 +404,7 @@ func ParseFilter(f string) (Filter, error) {
 	}
 	if r, ok := strings.CutPrefix(rest, "modules/"); ok {
 		mod, r2, _ := strings.Cut(r, "/")
-		if ValidateDeviceID(mod) == nil && (r2 == "inputs/#" || r2 == "#") {
+		if validMQTTID(mod) == nil && (r2 == "inputs/#" || r2 == "#") {
 			return Filter{Kind: FilterModuleInputs, DeviceID: dev, ModuleID: mod}, nil
 		}
 	}

@@ -1,0 +1,49 @@
+# iothubby: device agent, local IoT Hub (hubsim) and fleet CLI (hubby).
+# `make run` and `make test` work on a fresh machine once .ci/run's installs are done
+# (Go toolchain, Node.js for the conformance harness, openssl).
+
+GO        ?= go
+BIN       := bin
+STATE     ?= .hubby
+FUZZTIME  ?= 5s
+PKGS      := ./...
+
+.PHONY: all build test test-unit fuzz-brief e2e conformance bench lint run clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+## test: everything CI runs: lint, unit tests with -race, brief fuzzing, end-to-end tests on the
+## real binaries, and Microsoft's SDKs against hubsim.
+test: lint test-unit fuzz-brief e2e conformance
+
+test-unit:
+	$(GO) test -race -count=1 $(PKGS)
+
+fuzz-brief:
+	FUZZTIME=$(FUZZTIME) scripts/fuzz-brief.sh
+
+e2e: build
+	IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -tags e2e ./test/e2e/...
+
+conformance: build
+	@test -d test/conformance/node_modules || (cd test/conformance && npm ci --ignore-scripts --no-audit --no-fund)
+	HUBSIM_BIN=$(CURDIR)/$(BIN)/hubsim node test/conformance/run.js
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./pkg/...
+	IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) run ./test/bench
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go') 2>/dev/null); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+	$(GO) vet -tags e2e ./test/e2e/...
+
+run: build
+	STATE=$(STATE) scripts/run-local.sh
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,107 @@
+package service
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// The calls in this file reach hubsim's additions under /hubsim/; a real IoT Hub answers them
+// with 404.
+
+// RecordedMessage is a device-to-cloud message as hubsim recorded it.
+type RecordedMessage struct {
+	Body             []byte             `json:"body"` // base64 in JSON
+	Properties       map[string]*string `json:"properties"`
+	SystemProperties map[string]string  `json:"systemProperties"`
+}
+
+// Telemetry returns the messages hubsim recorded for a device, oldest first.
+func (c *Client) Telemetry(ctx context.Context, deviceID string) ([]RecordedMessage, error) {
+	var out struct {
+		Messages []RecordedMessage `json:"messages"`
+	}
+	_, err := c.do(ctx, request{method: http.MethodGet, path: "/hubsim" + devicePath(deviceID) + "/messages/events"}, &out)
+	return out.Messages, err
+}
+
+// C2DMessage is a cloud-to-device message for hubsim to deliver.
+type C2DMessage struct {
+	Body            string            `json:"body,omitempty"`
+	BodyBase64      string            `json:"bodyBase64,omitempty"`
+	Properties      map[string]string `json:"properties,omitempty"`
+	MessageID       string            `json:"messageId,omitempty"`
+	CorrelationID   string            `json:"correlationId,omitempty"`
+	ContentType     string            `json:"contentType,omitempty"`
+	ContentEncoding string            `json:"contentEncoding,omitempty"`
+	ExpiryTimeUTC   *time.Time        `json:"expiryTimeUtc,omitempty"`
+}
+
+// SendC2D asks hubsim to deliver (or queue) a cloud-to-device message and returns its message ID.
+func (c *Client) SendC2D(ctx context.Context, deviceID string, m C2DMessage) (string, error) {
+	var out struct {
+		MessageID string `json:"messageId"`
+	}
+	_, err := c.do(ctx, request{method: http.MethodPost, path: "/hubsim" + devicePath(deviceID) + "/messages/devicebound", body: m}, &out)
+	return out.MessageID, err
+}
+
+// SetBinaryBody sets the body from bytes.
+func (m *C2DMessage) SetBinaryBody(b []byte) { m.BodyBase64 = base64.StdEncoding.EncodeToString(b) }
+
+// Connection is a live device connection as hubsim lists it.
+type Connection struct {
+	DeviceID      string    `json:"deviceId"`
+	ClientID      string    `json:"clientId"`
+	RemoteAddr    string    `json:"remoteAddr"`
+	AuthType      string    `json:"authType"`
+	ConnectedAt   time.Time `json:"connectedAt"`
+	Subscriptions []string  `json:"subscriptions"`
+}
+
+// Connections lists hubsim's live device connections.
+func (c *Client) Connections(ctx context.Context) ([]Connection, error) {
+	var out struct {
+		Connections []Connection `json:"connections"`
+	}
+	_, err := c.do(ctx, request{method: http.MethodGet, path: "/hubsim/connections"}, &out)
+	return out.Connections, err
+}
+
+// Endpoints is hubsim's DIR/endpoints.json.
+type Endpoints struct {
+	HubHostName             string `json:"hubHostName"`
+	MQTTAddress             string `json:"mqttAddress"`
+	HTTPSAddress            string `json:"httpsAddress"`
+	ServiceConnectionString string `json:"serviceConnectionString"`
+	CAFile                  string `json:"caFile"`
+	PID                     int    `json:"pid"`
+}
+
+// ReadEndpoints reads DIR/endpoints.json from a hubsim state directory.
+func ReadEndpoints(stateDir string) (Endpoints, error) {
+	var e Endpoints
+	b, err := os.ReadFile(filepath.Join(stateDir, "endpoints.json"))
+	if err != nil {
+		return e, err
+	}
+	if err := json.Unmarshal(b, &e); err != nil {
+		return e, fmt.Errorf("service: %s/endpoints.json: %w", stateDir, err)
+	}
+	return e, nil
+}
+
+// ForHubsim makes a Client for the hubsim whose state directory is stateDir.
+func ForHubsim(stateDir string) (*Client, Endpoints, error) {
+	e, err := ReadEndpoints(stateDir)
+	if err != nil {
+		return nil, e, err
+	}
+	c, err := New(Config{ConnectionString: e.ServiceConnectionString, Address: e.HTTPSAddress, CAFile: e.CAFile})
+	return c, e, err
+}
