@@ -1,0 +1,96 @@
+// Command bench runs iothubby's comparative benchmarks and prints each result as a ratio
+// against a baseline measured in the same run (absolute figures vary from machine to machine;
+// ratios travel). `make bench` runs it after the go test benchmarks.
+//
+//	connect: N devices connect with SAS over TLS (paho.mqtt.golang, 32 in parallel) to hubsim,
+//	         and to a plain mochi broker with no IoT Hub logic; runs alternate A/B/A/B and the
+//	         medians are compared. Target: hubsim/plain >= 0.7.
+//	memory:  N devices held connected to a hubsim process, once as iothubby hub.Sessions and once
+//	         as bare paho clients; goroutines and heap+stack per device are compared.
+//	         Target: ours/paho <= 1.2.
+//	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
+//
+// Every loop is bounded in count and time, and all traffic stays on 127.0.0.1.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:])
+	stop()
+	if err != nil && !errors.Is(err, context.Canceled) {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	only := fs.String("only", "sas,connect,memory", "comma-separated benchmarks to run")
+	connectN := fs.Int("connect-n", 1000, "devices per connect round")
+	rounds := fs.Int("rounds", 2, "A/B pairs per comparison (the median is reported)")
+	memN := fs.Int("memory-n", 500, "devices held connected in the memory comparison")
+	binDir := fs.String("bin", os.Getenv("IOTHUBBY_BIN"), "folder with the hubsim binary (memory benchmark)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	want := map[string]bool{}
+	for _, s := range strings.Split(*only, ",") {
+		want[strings.TrimSpace(s)] = true
+	}
+	var failed []string
+	report := func(name string, ratio float64, ok bool, target string) {
+		verdict := "meets"
+		if !ok {
+			verdict = "MISSES"
+			failed = append(failed, name)
+		}
+		fmt.Printf("RESULT %-28s ratio %.3f  (%s target %s)\n", name, ratio, verdict, target)
+	}
+	if want["sas"] {
+		if err := benchSAS(report); err != nil {
+			return err
+		}
+	}
+	if want["connect"] {
+		if err := benchConnect(ctx, *connectN, *rounds, report); err != nil {
+			return fmt.Errorf("connect: %w", err)
+		}
+	}
+	if want["memory"] {
+		if *binDir == "" {
+			return errors.New("memory: set -bin or IOTHUBBY_BIN to the folder with the hubsim binary")
+		}
+		if err := benchMemory(ctx, *binDir, *memN, report); err != nil {
+			return fmt.Errorf("memory: %w", err)
+		}
+	}
+	if len(failed) > 0 {
+		fmt.Printf("targets missed: %s\n", strings.Join(failed, ", "))
+	}
+	return nil
+}
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	n := len(s)
+	if n == 0 {
+		return 0
+	}
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
