@@ -1,0 +1,262 @@
+package agent_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/iothubby/iothubby/pkg/agent"
+	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/hub/hubtest"
+	"github.com/iothubby/iothubby/pkg/wire"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+const keyB64 = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=" // hubtest's key: 32 bytes of 7
+
+func writeFile(t *testing.T, name, content string, mode os.FileMode) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(content), mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, mode); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestParseConfigExample(t *testing.T) {
+	b, err := os.ReadFile("../../configs/agent.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := agent.ParseConfig(b)
+	if err != nil {
+		t.Fatalf("configs/agent.yaml: %v", err)
+	}
+	if c.Connection.TokenTTL != time.Hour || c.Connection.KeepAlive != 120*time.Second || c.Telemetry.Interval != 10*time.Second ||
+		c.ShutdownTimeout != 5*time.Second || c.Queue.Capacity != 1000 || c.Telemetry.Properties["source"] != "iothubby" ||
+		c.Log.Format != "console" {
+		t.Errorf("parsed %+v", c)
+	}
+	if _, err := agent.ParseTemplate(c.Telemetry.Template); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestParseConfigErrors(t *testing.T) {
+	for name, y := range map[string]string{
+		"unknown field": "deviceID: x\n", // wrong case: deviceId
+		"bad duration":  "shutdownTimeout: soon\n",
+		"wrong type":    "queue:\n  capacity: many\n",
+		"not a mapping": "- a\n- b\n",
+	} {
+		if _, err := agent.ParseConfig([]byte(y)); !errors.Is(err, agent.ErrConfig) {
+			t.Errorf("%s: err = %v, want ErrConfig", name, err)
+		}
+	}
+	c, err := agent.ParseConfig(nil)
+	if err != nil || c.Telemetry.Template != agent.DefaultTemplate || c.ShutdownTimeout != agent.DefaultShutdownTimeout {
+		t.Errorf("empty config: %+v, %v", c, err)
+	}
+}
+
+func TestIdentityErrors(t *testing.T) {
+	secretKey := keyB64
+	cases := map[string]func(c *agent.Config){
+		"nothing": func(c *agent.Config) {},
+		"service string": func(c *agent.Config) {
+			c.ConnectionString = "HostName=h;SharedAccessKeyName=iothubowner;SharedAccessKey=" + secretKey
+		},
+		"missing host": func(c *agent.Config) { c.ConnectionString = "DeviceId=d;SharedAccessKey=" + secretKey },
+		"unknown key": func(c *agent.Config) {
+			c.ConnectionString = "HostName=h;DeviceId=d;SharedAccessKey=" + secretKey + ";Colour=red"
+		},
+		"bad key":         func(c *agent.Config) { c.ConnectionString = "HostName=h;DeviceId=d;SharedAccessKey=***" },
+		"string and file": func(c *agent.Config) { c.ConnectionString = "x"; c.ConnectionStringFile = "y" },
+		"string and host": func(c *agent.Config) {
+			c.ConnectionString = "HostName=h;DeviceId=d;SharedAccessKey=" + secretKey
+			c.Host = "h"
+		},
+		"x509 without cert": func(c *agent.Config) { c.ConnectionString = "HostName=h;DeviceId=d;x509=true" },
+		"host without key":  func(c *agent.Config) { c.Host = "h"; c.DeviceID = "d" },
+		"key and key file": func(c *agent.Config) {
+			c.Host, c.DeviceID, c.Auth.SymmetricKey, c.Auth.SymmetricKeyFile = "h", "d", secretKey, "f"
+		},
+		"bad template": func(c *agent.Config) {
+			c.Host, c.DeviceID, c.Auth.SymmetricKey, c.Telemetry.Template = "h", "d", secretKey, "{{.Nope}}"
+		},
+		"renewAt too late": func(c *agent.Config) {
+			c.Host, c.DeviceID, c.Auth.SymmetricKey, c.Connection.RenewAt = "h", "d", secretKey, 0.95
+		},
+		"missing string file": func(c *agent.Config) { c.ConnectionStringFile = "/nonexistent/cs" },
+		"invalid device id":   func(c *agent.Config) { c.Host, c.DeviceID, c.Auth.SymmetricKey = "h", "bad/id", secretKey },
+	}
+	for name, mutate := range cases {
+		c := agent.Default()
+		mutate(&c)
+		_, err := agent.New(c, nil)
+		if !errors.Is(err, agent.ErrConfig) {
+			t.Errorf("%s: err = %v, want ErrConfig", name, err)
+			continue
+		}
+		if strings.Contains(err.Error(), secretKey) {
+			t.Errorf("%s: error shows the key: %v", name, err)
+		}
+	}
+}
+
+func TestConnectionStringFilePermissions(t *testing.T) {
+	cs := "HostName=hub.test;DeviceId=dev1;SharedAccessKey=" + keyB64
+	open := writeFile(t, "cs", cs, 0o644)
+	c := agent.Default()
+	c.ConnectionStringFile = open
+	_, err := agent.New(c, nil)
+	if !errors.Is(err, agent.ErrConfig) || !strings.Contains(err.Error(), "group or others") {
+		t.Fatalf("err = %v", err)
+	}
+	c.Auth.AllowInsecureKeyFile = true
+	if _, err := agent.New(c, nil); err != nil {
+		t.Fatal(err)
+	}
+	c = agent.Default()
+	c.ConnectionStringFile = writeFile(t, "cs", cs+"\n", 0o600)
+	d, err := agent.New(c, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.DeviceID() != "dev1" {
+		t.Errorf("device %q", d.DeviceID())
+	}
+}
+
+// deviceConfig returns a config for device dev1 against b.
+func deviceConfig(t *testing.T, b *hubtest.Broker) agent.Config {
+	c := agent.Default()
+	c.ConnectionString = "HostName=" + hubtest.Host + ";DeviceId=dev1;SharedAccessKey=" + keyB64
+	c.Address = b.Addr
+	c.TLS.CAFile = writeFile(t, "ca.pem", string(b.CAPEM), 0o644)
+	c.Telemetry.Interval = 20 * time.Millisecond
+	c.Telemetry.Template = `{"deviceId":"{{.DeviceID}}","seq":{{.Seq}},"t":{{randFloat 1 2}},"n":{{randInt 1 3}}}`
+	c.Telemetry.Properties = map[string]string{"source": "test"}
+	return c
+}
+
+func TestDeviceRunSendsTelemetryAndStopsCleanly(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	core, logs := observer.New(zap.DebugLevel)
+	d, err := agent.New(deviceConfig(t, b), zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+
+	deadline := time.Now().Add(10 * time.Second)
+	for len(b.TelemetryMIDs()) < 3 {
+		if time.Now().After(deadline) {
+			t.Fatal("no telemetry")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.Publish("devices/dev1/messages/devicebound/%24.mid=c2d-1&k=v", []byte("hi"), 1)
+	waitLog(t, logs, "cloud-to-device message")
+	waitLog(t, logs, "twin received")
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return")
+	}
+
+	var first wire.Topic
+	b.With(func(h *hubtest.Hook) { first = h.Telemetry[0] })
+	if v, _ := first.Properties.Get("source"); v != "test" {
+		t.Errorf("properties %v", first.Properties)
+	}
+	if ct, _ := first.Properties.Get(wire.PropContentType); ct != "application/json" {
+		t.Errorf("content type %q", ct)
+	}
+	mids := b.TelemetryMIDs()
+	if !strings.HasPrefix(mids[0], "dev1-") || !strings.HasSuffix(mids[0], "-1") {
+		t.Errorf("message id %q", mids[0])
+	}
+
+	conn := logs.FilterMessage("connected").All()
+	if len(conn) == 0 {
+		t.Fatal("no \"connected\" log line")
+	}
+	f := conn[0].ContextMap()
+	if f["device"] != "dev1" || f["status"] != "Connected" || f["reason"] != "Connection_Ok" {
+		t.Errorf("connected fields %v", f)
+	}
+	c2d := logs.FilterMessage("cloud-to-device message").All()[0].ContextMap()
+	if c2d["message_id"] != "c2d-1" || c2d["body"] != "hi" {
+		t.Errorf("c2d fields %v", c2d)
+	}
+	for _, e := range logs.All() {
+		line, _ := json.Marshal(e.ContextMap())
+		if strings.Contains(string(line), keyB64) || strings.Contains(string(line), "sig=") {
+			t.Errorf("secret in log %q: %s", e.Message, line)
+		}
+	}
+}
+
+func TestDeviceRunNotAuthorized(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	b.With(func(h *hubtest.Hook) { h.RefuseAll = 5 })
+	d, err := agent.New(deviceConfig(t, b), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	err = d.Run(ctx)
+	if !errors.Is(err, hub.ErrNotAuthorized) {
+		t.Fatalf("Run: %v, want ErrNotAuthorized", err)
+	}
+	if n := len(b.ConnectRecords()); n != 1 {
+		t.Errorf("connect attempts %d", n)
+	}
+}
+
+func TestDeviceClose(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	d, err := agent.New(deviceConfig(t, b), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- d.Run(context.Background()) }()
+	b.WaitEvent(t, "subscribed")
+	d.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func waitLog(t *testing.T, logs *observer.ObservedLogs, msg string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for logs.FilterMessage(msg).Len() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q log line", msg)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -1,0 +1,294 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/iothubby/iothubby/pkg/attest"
+	"github.com/iothubby/iothubby/pkg/connstr"
+	"github.com/iothubby/iothubby/pkg/hub"
+)
+
+// ErrConfig wraps every configuration error.
+var ErrConfig = errors.New("agent: invalid configuration")
+
+// Config is one device's agent configuration, as read from YAML (configs/agent.yaml documents
+// every field). Identity comes either from a device connection string (preferably from a file:
+// secrets on the command line show in ps) or from host + deviceId + a key or certificate.
+type Config struct {
+	// ConnectionString is a device (or module) connection string:
+	// HostName=...;DeviceId=...;SharedAccessKey=... (or x509=true).
+	ConnectionString string `yaml:"connectionString"`
+	// ConnectionStringFile is a file holding the connection string (mode 0600).
+	ConnectionStringFile string `yaml:"connectionStringFile"`
+
+	// Host is the hub's host name (when no connection string is given).
+	Host string `yaml:"host"`
+	// Address is the TCP dial target host:port; default host:8883 (or GatewayHostName:8883).
+	Address string `yaml:"address"`
+	// DeviceID is the device identity.
+	DeviceID string `yaml:"deviceId"`
+	// ModuleID makes this a module identity.
+	ModuleID string `yaml:"moduleId"`
+	// ModelID is an IoT Plug and Play model id sent at connect.
+	ModelID string `yaml:"modelId"`
+
+	Auth       AuthConfig       `yaml:"auth"`
+	TLS        TLSConfig        `yaml:"tls"`
+	Connection ConnectionConfig `yaml:"connection"`
+	Queue      QueueConfig      `yaml:"queue"`
+	Telemetry  TelemetryConfig  `yaml:"telemetry"`
+	Log        LogConfig        `yaml:"log"`
+
+	// ShutdownTimeout bounds the drain of queued telemetry on shutdown. Default 5s.
+	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`
+}
+
+// AuthConfig is the device's credential when it is not in the connection string.
+type AuthConfig struct {
+	// SymmetricKey is the base64 device key. Prefer SymmetricKeyFile.
+	SymmetricKey string `yaml:"symmetricKey"`
+	// SymmetricKeyFile is a file holding the base64 device key (mode 0600).
+	SymmetricKeyFile string `yaml:"symmetricKeyFile"`
+	// CertFile is the PEM client certificate chain for X.509 authentication.
+	CertFile string `yaml:"certFile"`
+	// KeyFile is the PEM private key of CertFile (mode 0600).
+	KeyFile string `yaml:"keyFile"`
+	// AllowInsecureKeyFile accepts key files readable by group or others.
+	AllowInsecureKeyFile bool `yaml:"allowInsecureKeyFile"`
+}
+
+// TLSConfig is how the hub's server certificate is checked.
+type TLSConfig struct {
+	// CAFile is a PEM bundle of trusted roots; empty uses the system roots.
+	CAFile string `yaml:"caFile"`
+	// ServerName overrides the name the server certificate must carry (default: the host).
+	ServerName string `yaml:"serverName"`
+}
+
+// ConnectionConfig tunes the hub session; zero values take hub's defaults.
+type ConnectionConfig struct {
+	TokenTTL         time.Duration `yaml:"tokenTTL"`
+	RenewAt          float64       `yaml:"renewAt"`
+	KeepAlive        time.Duration `yaml:"keepAlive"`
+	BackoffMin       time.Duration `yaml:"backoffMin"`
+	BackoffMax       time.Duration `yaml:"backoffMax"`
+	RetryTimeout     time.Duration `yaml:"retryTimeout"`
+	OperationTimeout time.Duration `yaml:"operationTimeout"`
+}
+
+// QueueConfig bounds outgoing telemetry.
+type QueueConfig struct {
+	Capacity       int           `yaml:"capacity"`
+	MaxInFlight    int           `yaml:"maxInFlight"`
+	MessageTimeout time.Duration `yaml:"messageTimeout"`
+}
+
+// TelemetryConfig is the periodic telemetry the agent sends.
+type TelemetryConfig struct {
+	// Interval between messages; 0 sends none.
+	Interval time.Duration `yaml:"interval"`
+	// Template is a Go text/template rendering the body. Data: .DeviceID, .ModuleID, .Seq,
+	// .Time (RFC 3339 UTC), .Unix. Functions: randFloat min max, randInt min max.
+	Template string `yaml:"template"`
+	// ContentType is $.ct; default application/json.
+	ContentType string `yaml:"contentType"`
+	// ContentEncoding is $.ce; default utf-8.
+	ContentEncoding string `yaml:"contentEncoding"`
+	// Properties are application properties added to every message.
+	Properties map[string]string `yaml:"properties"`
+}
+
+// LogConfig selects the log output; used by cmd/agent.
+type LogConfig struct {
+	// Level is debug, info, warn or error; default info.
+	Level string `yaml:"level"`
+	// Format is console or json; default console.
+	Format string `yaml:"format"`
+}
+
+// DefaultTemplate is the telemetry body used when none is configured.
+const DefaultTemplate = `{"deviceId":"{{.DeviceID}}","seq":{{.Seq}},"time":"{{.Time}}","temperature":{{printf "%.2f" (randFloat 20 30)}}}`
+
+// Defaults.
+const (
+	DefaultShutdownTimeout   = 5 * time.Second
+	DefaultTelemetryInterval = 10 * time.Second
+)
+
+// Default returns the configuration the agent starts from before a file or flags apply.
+func Default() Config {
+	return Config{
+		ShutdownTimeout: DefaultShutdownTimeout,
+		Telemetry: TelemetryConfig{
+			Interval:        DefaultTelemetryInterval,
+			Template:        DefaultTemplate,
+			ContentType:     "application/json",
+			ContentEncoding: "utf-8",
+		},
+		Log: LogConfig{Level: "info", Format: "console"},
+	}
+}
+
+// ParseConfig reads YAML over Default(). Unknown fields are errors, so a typo does not silently
+// drop a setting.
+func ParseConfig(data []byte) (Config, error) {
+	c := Default()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return c, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	return c, nil
+}
+
+// LoadConfig reads a YAML config file.
+func LoadConfig(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	c, err := ParseConfig(b)
+	if err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// identity is the resolved device identity and credential.
+type identity struct {
+	host, address, deviceID, moduleID, keyName string
+	cred                                       *attest.Credential
+}
+
+// resolve checks the configuration and loads the credential. Errors name the field, never a
+// secret.
+func (c *Config) resolve() (identity, error) {
+	var id identity
+	fileOpts := attest.FileOptions{AllowInsecureKeyFile: c.Auth.AllowInsecureKeyFile}
+	cs := c.ConnectionString
+	if c.ConnectionString != "" && c.ConnectionStringFile != "" {
+		return id, fmt.Errorf("%w: set connectionString or connectionStringFile, not both", ErrConfig)
+	}
+	if c.ConnectionStringFile != "" {
+		b, err := attest.ReadSecretFile(c.ConnectionStringFile, fileOpts)
+		if err != nil {
+			return id, fmt.Errorf("%w: connectionStringFile: %w", ErrConfig, err)
+		}
+		cs = strings.TrimSpace(string(b))
+	}
+	x509Files := c.Auth.CertFile != "" || c.Auth.KeyFile != ""
+	keyGiven := c.Auth.SymmetricKey != "" || c.Auth.SymmetricKeyFile != ""
+	if cs != "" {
+		if c.Host != "" || c.DeviceID != "" || c.ModuleID != "" || keyGiven {
+			return id, fmt.Errorf("%w: a connection string was given; do not also set host, deviceId, moduleId or a symmetric key", ErrConfig)
+		}
+		parsed, err := connstr.Parse(cs)
+		if err != nil {
+			// connstr errors describe the structure, not the values.
+			return id, fmt.Errorf("%w: connection string: %w", ErrConfig, err)
+		}
+		if parsed.IsService() {
+			return id, fmt.Errorf("%w: connection string is a service (policy) string; the agent needs a device connection string", ErrConfig)
+		}
+		id.host, id.deviceID, id.moduleID, id.keyName = parsed.HostName, parsed.DeviceID, parsed.ModuleID, parsed.SharedAccessKeyName
+		if gw := parsed.GatewayHostName; gw != "" {
+			// A gateway name may carry its own port (hubsim's connection strings do).
+			if _, _, err := net.SplitHostPort(gw); err == nil {
+				id.address = gw
+			} else {
+				id.address = net.JoinHostPort(gw, "8883")
+			}
+		}
+		switch {
+		case parsed.X509:
+			if !x509Files {
+				return id, fmt.Errorf("%w: connection string says x509=true; set auth.certFile and auth.keyFile", ErrConfig)
+			}
+		case x509Files:
+			return id, fmt.Errorf("%w: connection string has a SharedAccessKey; do not also set auth.certFile/keyFile", ErrConfig)
+		default:
+			cred, err := attest.FromBase64Key(parsed.SharedAccessKey)
+			if err != nil {
+				return id, fmt.Errorf("%w: connection string SharedAccessKey: %w", ErrConfig, err)
+			}
+			id.cred = cred
+		}
+	} else {
+		if c.Host == "" || c.DeviceID == "" {
+			return id, fmt.Errorf("%w: set a connection string (connectionStringFile), or host and deviceId", ErrConfig)
+		}
+		id.host, id.deviceID, id.moduleID = c.Host, c.DeviceID, c.ModuleID
+		if keyGiven && x509Files {
+			return id, fmt.Errorf("%w: set a symmetric key or an X.509 certificate, not both", ErrConfig)
+		}
+		if c.Auth.SymmetricKey != "" && c.Auth.SymmetricKeyFile != "" {
+			return id, fmt.Errorf("%w: set auth.symmetricKey or auth.symmetricKeyFile, not both", ErrConfig)
+		}
+		var err error
+		switch {
+		case c.Auth.SymmetricKeyFile != "":
+			id.cred, err = attest.FromKeyFile(c.Auth.SymmetricKeyFile, fileOpts)
+		case c.Auth.SymmetricKey != "":
+			id.cred, err = attest.FromBase64Key(c.Auth.SymmetricKey)
+		case !x509Files:
+			err = errors.New("no credential: set auth.symmetricKeyFile (or symmetricKey), or auth.certFile and auth.keyFile")
+		}
+		if err != nil {
+			return id, fmt.Errorf("%w: %w", ErrConfig, err)
+		}
+	}
+	if x509Files && id.cred == nil {
+		cred, err := attest.FromX509Files(c.Auth.CertFile, c.Auth.KeyFile, fileOpts)
+		if err != nil {
+			return id, fmt.Errorf("%w: %w", ErrConfig, err)
+		}
+		id.cred = cred
+	}
+	if c.Address != "" {
+		id.address = c.Address
+	}
+	if c.ShutdownTimeout < 0 || c.Telemetry.Interval < 0 {
+		return id, fmt.Errorf("%w: shutdownTimeout and telemetry.interval must not be negative", ErrConfig)
+	}
+	return id, nil
+}
+
+// hubConfig builds the session configuration (without handlers or logger).
+func (c *Config) hubConfig(id identity) hub.Config {
+	h := hub.Config{
+		Host:             id.host,
+		Address:          id.address,
+		ServerName:       c.TLS.ServerName,
+		DeviceID:         id.deviceID,
+		ModuleID:         id.moduleID,
+		ModelID:          c.ModelID,
+		KeyName:          id.keyName,
+		CAFile:           c.TLS.CAFile,
+		TokenTTL:         c.Connection.TokenTTL,
+		RenewAt:          c.Connection.RenewAt,
+		KeepAlive:        c.Connection.KeepAlive,
+		BackoffMin:       c.Connection.BackoffMin,
+		BackoffMax:       c.Connection.BackoffMax,
+		RetryTimeout:     c.Connection.RetryTimeout,
+		OperationTimeout: c.Connection.OperationTimeout,
+		QueueCapacity:    c.Queue.Capacity,
+		MaxInFlight:      c.Queue.MaxInFlight,
+		MessageTimeout:   c.Queue.MessageTimeout,
+		DrainTimeout:     c.ShutdownTimeout,
+	}
+	if s := id.cred.Signer(); s != nil {
+		h.Signer = s
+	} else {
+		h.Certificate = id.cred.Certificate()
+	}
+	return h
+}

@@ -1,0 +1,300 @@
+// Package agent wires one device from configuration: its credential, its IoT Hub session
+// (pkg/hub), periodic telemetry rendered from a template, and logging of cloud-to-device
+// messages, desired patches and connection status. A Device keeps no package-level state and
+// takes its logger from the caller, so many devices can run in one process.
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"text/template"
+	"time"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/hub"
+)
+
+// TemplateData is what a telemetry template sees.
+type TemplateData struct {
+	DeviceID string
+	ModuleID string
+	// Seq counts messages from 1 in this run.
+	Seq uint64
+	// Time is the send time, RFC 3339 with milliseconds, UTC.
+	Time string
+	// Unix is the send time in seconds since the epoch.
+	Unix int64
+}
+
+// templateFuncs are the functions telemetry templates may call.
+var templateFuncs = template.FuncMap{
+	// randFloat returns a uniform float in [min, max).
+	"randFloat": func(min, max float64) float64 { return min + mrand.Float64()*(max-min) },
+	// randInt returns a uniform integer in [min, max].
+	"randInt": func(min, max int) int {
+		if max <= min {
+			return min
+		}
+		return min + mrand.IntN(max-min+1)
+	},
+}
+
+// ParseTemplate parses a telemetry body template.
+func ParseTemplate(text string) (*template.Template, error) {
+	t, err := template.New("telemetry").Funcs(templateFuncs).Option("missingkey=error").Parse(text)
+	if err != nil {
+		return nil, fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
+	}
+	return t, nil
+}
+
+// Device is one configured device. Create it with New, then call Run.
+type Device struct {
+	cfg   Config
+	id    identity
+	hcfg  hub.Config
+	log   *zap.Logger
+	tmpl  *template.Template
+	runID string
+
+	seq       atomic.Uint64
+	delivered atomic.Uint64
+	failed    atomic.Uint64
+
+	stop     chan struct{}
+	stopOnce sync.Once
+	running  sync.Mutex
+}
+
+// New checks cfg, loads the credential and prepares the device; it does no network I/O.
+// log is scoped here with the device id.
+func New(cfg Config, log *zap.Logger) (*Device, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	id, err := cfg.resolve()
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Telemetry.Template == "" {
+		cfg.Telemetry.Template = DefaultTemplate
+	}
+	if cfg.Telemetry.ContentType == "" {
+		cfg.Telemetry.ContentType = "application/json"
+	}
+	if cfg.ShutdownTimeout == 0 {
+		cfg.ShutdownTimeout = DefaultShutdownTimeout
+	}
+	tmpl, err := ParseTemplate(cfg.Telemetry.Template)
+	if err != nil {
+		return nil, err
+	}
+	var rb [4]byte
+	_, _ = rand.Read(rb[:])
+	fields := []zap.Field{zap.String("device", id.deviceID)}
+	if id.moduleID != "" {
+		fields = append(fields, zap.String("module", id.moduleID))
+	}
+	d := &Device{
+		cfg:   cfg,
+		id:    id,
+		log:   log.With(fields...),
+		tmpl:  tmpl,
+		runID: hex.EncodeToString(rb[:]),
+		stop:  make(chan struct{}),
+	}
+	d.hcfg = cfg.hubConfig(id)
+	// Validate the session configuration now, so config errors surface before Run.
+	if _, err := hub.Validate(d.hcfg); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	// Render once so template errors are configuration errors.
+	if _, err := d.render(0, time.Now()); err != nil {
+		return nil, fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
+	}
+	return d, nil
+}
+
+// DeviceID returns the device id.
+func (d *Device) DeviceID() string { return d.id.deviceID }
+
+// Run connects the device and runs it until ctx is done or Close is called; it then drains
+// queued telemetry within ShutdownTimeout and disconnects. It returns nil on such a shutdown and
+// an error if the session stops by itself (e.g. matching hub.ErrNotAuthorized).
+func (d *Device) Run(ctx context.Context) error {
+	if !d.running.TryLock() {
+		return errors.New("agent: device is already running")
+	}
+	defer d.running.Unlock()
+
+	connected := make(chan struct{}, 1)
+	hc := d.hcfg
+	hc.Logger = d.log
+	hc.OnStatus = func(st hub.Status) {
+		if st.State == hub.Connected {
+			select {
+			case connected <- struct{}{}:
+			default:
+			}
+		}
+	}
+	hc.OnC2D = d.onC2D
+	hc.OnDesired = func(_ context.Context, p *hub.DesiredPatch) {
+		d.log.Info("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
+	}
+	var sessRef atomic.Pointer[hub.Session]
+	hc.OnMethod = func(ctx context.Context, r *hub.MethodRequest) {
+		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
+		sess := sessRef.Load()
+		if sess == nil {
+			return
+		}
+		if err := sess.RespondMethod(ctx, r.RequestID, 501, []byte(`{"message":"method not implemented"}`)); err != nil {
+			d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
+		}
+	}
+	sess, err := hub.New(hc)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	sessRef.Store(sess)
+	d.log.Info("starting", zap.String("host", hc.Host), zap.String("address", sess.Config().Address),
+		zap.String("auth", d.id.cred.Kind().String()), zap.Duration("telemetry_interval", d.cfg.Telemetry.Interval))
+
+	var tick <-chan time.Time
+	if d.cfg.Telemetry.Interval > 0 {
+		t := time.NewTicker(d.cfg.Telemetry.Interval)
+		defer t.Stop()
+		tick = t.C
+	}
+	var runErr error
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case <-d.stop:
+			break loop
+		case <-sess.Done():
+			runErr = sess.Err()
+			break loop
+		case <-connected:
+			d.twinGet(ctx, sess)
+		case now := <-tick:
+			d.sendTelemetry(sess, now)
+		}
+	}
+	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
+	cctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout)
+	defer cancel()
+	if err := sess.Close(cctx); err != nil {
+		d.log.Warn("shutdown left telemetry undelivered", zap.Error(err))
+	}
+	st := sess.Stats()
+	d.log.Info("stopped", zap.Uint64("delivered", st.Sent), zap.Uint64("failed", st.Failed),
+		zap.Uint64("refused", st.Rejected), zap.Uint64("connects", st.Connects))
+	if runErr != nil {
+		return fmt.Errorf("device %s: %w", d.id.deviceID, runErr)
+	}
+	return nil
+}
+
+// Close makes Run return (after its drain) and waits for it.
+func (d *Device) Close() {
+	d.stopOnce.Do(func() { close(d.stop) })
+	d.running.Lock()
+	d.running.Unlock() //nolint:staticcheck // wait for Run to finish
+}
+
+// twinGet fetches the twin after each connect and logs its versions; full twin sync comes later.
+func (d *Device) twinGet(ctx context.Context, sess *hub.Session) {
+	resp, err := sess.TwinGet(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			d.log.Warn("twin get failed", zap.Error(err))
+		}
+		return
+	}
+	d.log.Info("twin received", zap.Int("status", resp.Status), zap.Int("size", len(resp.Body)))
+}
+
+func (d *Device) render(seq uint64, now time.Time) ([]byte, error) {
+	var buf bytes.Buffer
+	err := d.tmpl.Execute(&buf, TemplateData{
+		DeviceID: d.id.deviceID,
+		ModuleID: d.id.moduleID,
+		Seq:      seq,
+		Time:     now.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
+		Unix:     now.Unix(),
+	})
+	return buf.Bytes(), err
+}
+
+// sendTelemetry renders and enqueues one message; its outcome is logged when it completes.
+func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
+	seq := d.seq.Add(1)
+	body, err := d.render(seq, now)
+	if err != nil {
+		d.log.Error("telemetry template failed", zap.Uint64("seq", seq), zap.Error(err))
+		return
+	}
+	mid := fmt.Sprintf("%s-%s-%d", d.id.deviceID, d.runID, seq)
+	msg := &hub.Message{
+		Body:            body,
+		MessageID:       mid,
+		ContentType:     d.cfg.Telemetry.ContentType,
+		ContentEncoding: d.cfg.Telemetry.ContentEncoding,
+		CreationTime:    now,
+		Properties:      d.cfg.Telemetry.Properties,
+	}
+	err = sess.Enqueue(msg, func(err error) {
+		if err != nil {
+			d.failed.Add(1)
+			d.log.Warn("telemetry message failed", zap.String("message_id", mid), zap.Error(err))
+			return
+		}
+		d.delivered.Add(1)
+		d.log.Debug("telemetry delivered", zap.String("message_id", mid))
+	})
+	if err != nil {
+		d.failed.Add(1)
+		d.log.Warn("telemetry message refused", zap.String("message_id", mid), zap.Error(err))
+	}
+}
+
+func (d *Device) onC2D(_ context.Context, m *hub.C2DMessage) {
+	fields := []zap.Field{
+		zap.String("message_id", m.MessageID),
+		zap.Int("size", len(m.Body)),
+	}
+	if m.CorrelationID != "" {
+		fields = append(fields, zap.String("correlation_id", m.CorrelationID))
+	}
+	if m.ContentType != "" {
+		fields = append(fields, zap.String("content_type", m.ContentType))
+	}
+	if len(m.Properties) > 0 {
+		props := make(map[string]string, len(m.Properties))
+		for _, p := range m.Properties {
+			props[p.Key] = p.Value
+		}
+		fields = append(fields, zap.Any("properties", props))
+	}
+	if utf8.Valid(m.Body) {
+		body := m.Body
+		if len(body) > 256 {
+			body = body[:256]
+		}
+		fields = append(fields, zap.ByteString("body", body))
+	}
+	d.log.Info("cloud-to-device message", fields...)
+}

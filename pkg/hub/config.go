@@ -1,0 +1,330 @@
+package hub
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/sas"
+	"github.com/iothubby/iothubby/pkg/wire"
+)
+
+// APIVersion is the IoT Hub API version sent in the MQTT username.
+const APIVersion = "2021-04-12"
+
+// MaxMessageSize is IoT Hub's limit on a device-to-cloud message: the body, the values of system
+// properties and the names and values of application properties together.
+const MaxMessageSize = 256 * 1024
+
+// MaxMethodPayload is IoT Hub's limit on a direct-method response payload.
+const MaxMethodPayload = 128 * 1024
+
+// Defaults applied by New to zero fields of Config.
+const (
+	DefaultPort             = 8883
+	DefaultTokenTTL         = time.Hour
+	DefaultRenewAt          = 0.85
+	DefaultKeepAlive        = 120 * time.Second
+	DefaultBackoffMin       = time.Second
+	DefaultBackoffMax       = 60 * time.Second
+	DefaultOperationTimeout = 30 * time.Second
+	DefaultQueueCapacity    = 1000
+	DefaultMaxInFlight      = 8
+	DefaultInboundQueue     = 64
+	DefaultDrainTimeout     = 5 * time.Second
+	// StableAfter is how long a connection must stay up for the reconnect backoff to start
+	// again from its minimum.
+	StableAfter = 30 * time.Second
+)
+
+// Config describes one device or module identity and how to reach its hub. The zero value of
+// every optional field is replaced by a documented default in New.
+type Config struct {
+	// Host is the hub's host name (the connection string's HostName). It is used in the MQTT
+	// username, in the SAS token's resource and, by default, as the TLS server name.
+	Host string
+	// Address is the TCP dial target "host:port". Default: Host on port 8883. Set it to reach a
+	// gateway or a local hubsim on another port while Host stays the hub's name.
+	Address string
+	// ServerName is the name the server certificate must carry. Default: the host part of Host.
+	ServerName string
+	// DeviceID is the device identity; required.
+	DeviceID string
+	// ModuleID, when set, makes this a module identity ({deviceId}/{moduleId}).
+	ModuleID string
+	// ModelID is an IoT Plug and Play model id (e.g. "dtmi:com:example:Thermostat;1"), sent as
+	// &model-id= in the username.
+	ModelID string
+
+	// Signer signs SAS tokens (a sas.Key or a TPM-backed signer). Exactly one of Signer and
+	// Certificate is required.
+	Signer sas.Signer
+	// KeyName is the skn of a shared-access-policy token; empty for device keys.
+	KeyName string
+	// Certificate is an X.509 client certificate presented in the TLS handshake.
+	Certificate *tls.Certificate
+
+	// TokenTTL is the lifetime of each SAS token. Default 1h; at least 2s.
+	TokenTTL time.Duration
+	// RenewAt is the fraction of the token lifetime after which the session reconnects with a
+	// fresh token. Default and maximum 0.85.
+	RenewAt float64
+
+	// RootCAs are the CA roots trusted for the server certificate. When nil, CAFile is read;
+	// when both are empty, the system roots are used.
+	RootCAs *x509.CertPool
+	// CAFile is a PEM bundle of trusted CA roots.
+	CAFile string
+	// TLSSessionCache lets a fleet share TLS session resumption; optional.
+	TLSSessionCache tls.ClientSessionCache
+
+	// KeepAlive is the MQTT keep-alive. Default 120s: below the 240s idle timeout of Azure's
+	// load balancers and of most NAT gateways, between Python's 60s and Node's 180s, and cheap
+	// for a fleet (one PINGREQ per device every two minutes when idle).
+	KeepAlive time.Duration
+	// BackoffMin is the least time between two connection attempts after a failure. Default and
+	// minimum 1s.
+	BackoffMin time.Duration
+	// BackoffMax caps the backoff. Default 60s.
+	BackoffMax time.Duration
+	// RetryTimeout, when positive, stops the session with ErrRetryExpired after reconnecting has
+	// failed for this long. Default 0: retry forever (as the C SDK does).
+	RetryTimeout time.Duration
+	// OperationTimeout bounds a connect (TCP, TLS and CONNACK), a subscribe, a twin request
+	// without its own deadline and the wait for a PUBACK. Default 30s.
+	OperationTimeout time.Duration
+
+	// QueueCapacity bounds the telemetry messages held by the session (queued and in flight).
+	// Default 1000.
+	QueueCapacity int
+	// MaxInFlight is how many telemetry messages may await PUBACK at once. Default 8.
+	MaxInFlight int
+	// MessageTimeout, when positive, fails a telemetry message that has not been published on a
+	// live connection within this time of being accepted. Default 0: no expiry (a Send context
+	// deadline or Message.Deadline still applies).
+	MessageTimeout time.Duration
+	// InboundQueue bounds cloud-to-device messages, desired patches and method requests waiting
+	// for their handler. A cloud-to-device message that does not fit is not acknowledged, so the
+	// hub delivers it again after a reconnect. Default 64.
+	InboundQueue int
+	// DrainTimeout bounds Close when its context has no deadline. Default 5s.
+	DrainTimeout time.Duration
+
+	// OnStatus is called on every connection status change.
+	OnStatus func(Status)
+	// OnC2D is called for each cloud-to-device message.
+	OnC2D func(context.Context, *C2DMessage)
+	// OnDesired is called for each desired-properties patch.
+	OnDesired func(context.Context, *DesiredPatch)
+	// OnMethod is called for each direct-method request; answer with RespondMethod.
+	OnMethod func(context.Context, *MethodRequest)
+
+	// Logger receives the session's logs; nil discards them. Scope it with the device id before
+	// passing it in. Secrets never reach it.
+	Logger *zap.Logger
+	// Dial opens the TCP connection. Default: a net.Dialer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Clock drives the supervisor's timer (renewal, backoff, expiry). Default: the real clock.
+	Clock Clock
+	// Rand returns a uniform float in [0, 1) for backoff jitter. Default: math/rand/v2.
+	Rand func() float64
+}
+
+// Clock is the session's source of time; tests may replace it.
+type Clock interface {
+	Now() time.Time
+	NewTimer(d time.Duration) Timer
+}
+
+// Timer is a resettable timer as returned by Clock.NewTimer.
+type Timer interface {
+	C() <-chan time.Time
+	Reset(d time.Duration)
+	Stop()
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+func (realClock) NewTimer(d time.Duration) Timer {
+	return realTimer{time.NewTimer(d)}
+}
+
+type realTimer struct{ t *time.Timer }
+
+func (r realTimer) C() <-chan time.Time   { return r.t.C }
+func (r realTimer) Reset(d time.Duration) { r.t.Reset(d) }
+func (r realTimer) Stop()                 { r.t.Stop() }
+
+// ClientID returns the MQTT client id: deviceId or deviceId/moduleId.
+func (c *Config) ClientID() string {
+	if c.ModuleID != "" {
+		return c.DeviceID + "/" + c.ModuleID
+	}
+	return c.DeviceID
+}
+
+// Username returns the MQTT username:
+// {host}/{deviceId}[/{moduleId}]/?api-version=2021-04-12[&model-id={urlencoded}].
+func (c *Config) Username() string {
+	u := c.Host + "/" + c.ClientID() + "/?api-version=" + APIVersion
+	if c.ModelID != "" {
+		u += "&model-id=" + url.QueryEscape(c.ModelID)
+	}
+	return u
+}
+
+// Resource returns the SAS resource URI of this identity.
+func (c *Config) Resource() string {
+	if c.ModuleID != "" {
+		return sas.ModuleResource(c.Host, c.DeviceID, c.ModuleID)
+	}
+	return sas.DeviceResource(c.Host, c.DeviceID)
+}
+
+// Validate checks c as New does and returns it with defaults filled in, without starting a
+// session. Errors match ErrConfig.
+func Validate(c Config) (Config, error) { return c.withDefaults() }
+
+// withDefaults validates c and returns a copy with defaults filled in.
+func (c Config) withDefaults() (Config, error) {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.Host == "" {
+		bad("Host is required")
+	}
+	if err := wire.ValidateDeviceID(c.DeviceID); err != nil {
+		bad("DeviceID: %v", err)
+	}
+	if c.ModuleID != "" {
+		if err := wire.ValidateDeviceID(c.ModuleID); err != nil {
+			bad("ModuleID: %v", err)
+		}
+	}
+	switch {
+	case c.Signer == nil && c.Certificate == nil:
+		bad("a credential is required: Signer (SAS) or Certificate (X.509)")
+	case c.Signer != nil && c.Certificate != nil:
+		bad("set only one credential: Signer or Certificate")
+	}
+	if c.Address == "" {
+		if _, _, err := net.SplitHostPort(c.Host); err == nil {
+			c.Address = c.Host
+		} else {
+			c.Address = net.JoinHostPort(c.Host, fmt.Sprint(DefaultPort))
+		}
+	}
+	if h, p, err := net.SplitHostPort(c.Address); err != nil || h == "" || p == "" || strings.ContainsAny(h, ":/") && net.ParseIP(h) == nil {
+		bad("Address %q is not host:port", c.Address)
+	} else if _, err := url.Parse("ssl://" + c.Address); err != nil {
+		bad("Address %q: %v", c.Address, err)
+	}
+	if c.ServerName == "" {
+		c.ServerName = c.Host
+		if h, _, err := net.SplitHostPort(c.Host); err == nil {
+			c.ServerName = h
+		}
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.TokenTTL, DefaultTokenTTL)
+	if c.TokenTTL < 2*time.Second {
+		bad("TokenTTL %v is shorter than 2s", c.TokenTTL)
+	}
+	if c.RenewAt == 0 {
+		c.RenewAt = DefaultRenewAt
+	}
+	if c.RenewAt <= 0.1 || c.RenewAt > DefaultRenewAt {
+		bad("RenewAt %v must be in (0.1, 0.85]", c.RenewAt)
+	}
+	def(&c.KeepAlive, DefaultKeepAlive)
+	if c.KeepAlive < time.Second || c.KeepAlive > 1177*time.Second {
+		bad("KeepAlive %v must be between 1s and 1177s (IoT Hub's useful maximum)", c.KeepAlive)
+	}
+	def(&c.BackoffMin, DefaultBackoffMin)
+	if c.BackoffMin < time.Second {
+		bad("BackoffMin %v is below the 1s minimum", c.BackoffMin)
+	}
+	def(&c.BackoffMax, DefaultBackoffMax)
+	if c.BackoffMax < c.BackoffMin {
+		bad("BackoffMax %v is below BackoffMin %v", c.BackoffMax, c.BackoffMin)
+	}
+	if c.RetryTimeout < 0 {
+		bad("RetryTimeout is negative")
+	}
+	def(&c.OperationTimeout, DefaultOperationTimeout)
+	if c.OperationTimeout < 0 {
+		bad("OperationTimeout is negative")
+	}
+	if c.QueueCapacity == 0 {
+		c.QueueCapacity = DefaultQueueCapacity
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = DefaultMaxInFlight
+	}
+	if c.InboundQueue == 0 {
+		c.InboundQueue = DefaultInboundQueue
+	}
+	if c.QueueCapacity < 0 || c.MaxInFlight < 0 || c.InboundQueue < 0 {
+		bad("QueueCapacity, MaxInFlight and InboundQueue must not be negative")
+	}
+	if c.MessageTimeout < 0 {
+		bad("MessageTimeout is negative")
+	}
+	def(&c.DrainTimeout, DefaultDrainTimeout)
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	if c.Dial == nil {
+		d := &net.Dialer{}
+		c.Dial = d.DialContext
+	}
+	if c.Clock == nil {
+		c.Clock = realClock{}
+	}
+	if c.Rand == nil {
+		c.Rand = rand.Float64
+	}
+	if c.RootCAs == nil && c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			bad("CAFile: %v", err)
+		} else {
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				bad("CAFile %s: no PEM certificates found", c.CAFile)
+			}
+			c.RootCAs = pool
+		}
+	}
+	if len(errs) > 0 {
+		return c, fmt.Errorf("%w: %w", ErrConfig, errors.Join(errs...))
+	}
+	return c, nil
+}
+
+func (c *Config) tlsConfig() *tls.Config {
+	t := &tls.Config{
+		MinVersion:         tls.VersionTLS12,
+		RootCAs:            c.RootCAs,
+		ServerName:         c.ServerName,
+		ClientSessionCache: c.TLSSessionCache,
+	}
+	if c.Certificate != nil {
+		t.Certificates = []tls.Certificate{*c.Certificate}
+	}
+	return t
+}

@@ -1,0 +1,25 @@
+// Package hub is one device's (or module's) Azure IoT Hub session over MQTT 3.1.1 on TLS, built
+// on github.com/eclipse/paho.mqtt.golang.
+//
+// A [Session] owns staying connected: paho's own reconnect logic is switched off and a
+// supervisor goroutine dials, waits for CONNACK, subscribes (cloud-to-device, twin responses,
+// desired properties, methods) before anything is published on the connection, and on loss
+// reconnects with exponential backoff and full jitter ([Backoff]). SAS tokens are built fresh for
+// every connect and renewed by a planned reconnect before 85% of their lifetime has passed, as
+// Microsoft's SDKs do over MQTT 3.1.1. Connection changes are reported as (status, reason)
+// pairs like the SDKs' ([Status]).
+//
+// Telemetry ([Session.Send], [Session.Enqueue]) waits in a bounded, ordered queue while offline;
+// every accepted message is either acknowledged by the hub (PUBACK) or reported as failed with a
+// reason. Twin operations are correlated by $rid ([Session.Request], [Session.TwinGet],
+// [Session.TwinPatchReported]); requests still pending when a connection drops fail with
+// [ErrConnectionLost] and are never answered from a later connection. Cloud-to-device messages,
+// desired-property patches and method requests are delivered to handlers from a session-owned
+// dispatcher goroutine; [Session.RespondMethod] answers a method only on the connection that
+// received it.
+//
+// Goroutines: a session runs two of its own (the supervisor and the dispatcher) on top of paho's
+// per-connection ones. No paho callback blocks: callbacks only hand events over through bounded,
+// non-blocking queues. [Session.Close] drains the telemetry queue within a deadline, fails what is
+// left, sends MQTT DISCONNECT and waits for both goroutines.
+package hub
