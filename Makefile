@@ -35,7 +35,7 @@ conformance: build
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./pkg/...
-	IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) run ./test/bench
+	GODEBUG=adaptivestackstart=0 IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) run ./test/bench
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go') 2>/dev/null); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

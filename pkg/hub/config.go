@@ -87,6 +87,10 @@ type Config struct {
 	CAFile string
 	// TLSSessionCache lets a fleet share TLS session resumption; optional.
 	TLSSessionCache tls.ClientSessionCache
+	// TLSConfig, when set, is used as it is instead of one built from RootCAs, ServerName,
+	// Certificate and TLSSessionCache (which are then ignored). A fleet of devices on one hub can
+	// share a single value; it must not be modified once a session uses it.
+	TLSConfig *tls.Config
 
 	// KeepAlive is the MQTT keep-alive. Default 120s: below the 240s idle timeout of Azure's
 	// load balancers and of most NAT gateways, between Python's 60s and Node's 180s, and cheap
@@ -298,6 +302,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Rand == nil {
 		c.Rand = rand.Float64
 	}
+	if c.TLSConfig != nil && c.TLSConfig.MinVersion < tls.VersionTLS12 {
+		bad("TLSConfig: MinVersion must be TLS 1.2 or newer")
+	}
 	if c.RootCAs == nil && c.CAFile != "" {
 		pem, err := os.ReadFile(c.CAFile)
 		if err != nil {
@@ -317,6 +324,9 @@ func (c Config) withDefaults() (Config, error) {
 }
 
 func (c *Config) tlsConfig() *tls.Config {
+	if c.TLSConfig != nil {
+		return c.TLSConfig
+	}
 	t := &tls.Config{
 		MinVersion:         tls.VersionTLS12,
 		RootCAs:            c.RootCAs,

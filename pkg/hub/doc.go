@@ -18,8 +18,9 @@
 // dispatcher goroutine; [Session.RespondMethod] answers a method only on the connection that
 // received it.
 //
-// Goroutines: a session runs two of its own (the supervisor and the dispatcher) on top of paho's
-// per-connection ones. No paho callback blocks: callbacks only hand events over through bounded,
-// non-blocking queues. [Session.Close] drains the telemetry queue within a deadline, fails what is
-// left, sends MQTT DISCONNECT and waits for both goroutines.
+// Goroutines: a session runs one of its own (the supervisor) on top of paho's per-connection
+// ones, plus a dispatcher that exists only while handler events are waiting, so an idle device in
+// a fleet costs one goroutine beyond paho's. No paho callback blocks: callbacks only hand events
+// over through bounded, non-blocking queues. [Session.Close] drains the telemetry queue within a
+// deadline, fails what is left, sends MQTT DISCONNECT and waits for every goroutine it started.
 package hub

@@ -71,14 +71,15 @@ type Session struct {
 	// cancelPending asks the supervisor to withdraw canceled messages.
 	cancelPending atomic.Bool
 
-	// Dispatcher queue.
-	evMu     sync.Mutex
-	events   []event
-	inboundN int
-	statusN  int
-	evWake   chan struct{}
-	dispStop chan struct{}
-	stats    stats
+	// Dispatcher queue. The dispatcher goroutine runs only while events are waiting: an idle
+	// device (the common case in a fleet) costs no goroutine for it.
+	evMu        sync.Mutex
+	events      []event
+	inboundN    int
+	statusN     int
+	dispRunning bool // a dispatcher goroutine is draining events
+	evStopped   bool // the session has finished: no more events are taken
+	stats       stats
 }
 
 type stats struct {
@@ -150,15 +151,12 @@ func New(cfg Config) (*Session, error) {
 		wake:     make(chan struct{}, 1),
 		upCh:     make(chan struct{}),
 		pending:  make(map[string]*pendingReq),
-		evWake:   make(chan struct{}, 1),
-		dispStop: make(chan struct{}),
 	}
 	s.handlerCtx, s.handlerCancel = context.WithCancel(context.Background())
 	s.timer = s.clock.NewTimer(time.Hour)
 	s.timer.Stop()
-	s.wg.Add(2)
+	s.wg.Add(1)
 	go s.supervise()
-	go s.dispatch()
 	return s, nil
 }
 
@@ -542,53 +540,53 @@ func (s *Session) setStatus(st Status) {
 			}
 		}
 	}
+	if s.evStopped {
+		s.evMu.Unlock()
+		return
+	}
 	s.statusN++
 	s.events = append(s.events, event{status: &st})
-	s.evMu.Unlock()
-	s.pokeDispatcher()
+	s.startDispatcherLocked()
 }
 
 // pushInbound hands an inbound event to the dispatcher without blocking; false when full.
 func (s *Session) pushInbound(ev event) bool {
 	s.evMu.Lock()
-	if s.inboundN >= s.cfg.InboundQueue {
+	if s.evStopped || s.inboundN >= s.cfg.InboundQueue {
 		s.evMu.Unlock()
 		s.stats.droppedInbound.Add(1)
 		return false
 	}
 	s.inboundN++
 	s.events = append(s.events, ev)
-	s.evMu.Unlock()
-	s.pokeDispatcher()
+	s.startDispatcherLocked()
 	return true
 }
 
-func (s *Session) pokeDispatcher() {
-	select {
-	case s.evWake <- struct{}{}:
-	default:
+// startDispatcherLocked starts the dispatcher goroutine if none is running, and unlocks evMu.
+// The supervisor is still running whenever events are taken (finish sets evStopped before it
+// returns), so the WaitGroup count is above zero here and Add does not race with Close's Wait.
+func (s *Session) startDispatcherLocked() {
+	start := !s.dispRunning
+	if start {
+		s.dispRunning = true
+		s.wg.Add(1)
+	}
+	s.evMu.Unlock()
+	if start {
+		go s.dispatch()
 	}
 }
 
-// dispatch is the session's handler goroutine.
+// dispatch runs handlers for queued events, one at a time and in order, and exits when the
+// queue is empty.
 func (s *Session) dispatch() {
 	defer s.wg.Done()
-	for {
-		select {
-		case <-s.evWake:
-			s.runEvents()
-		case <-s.dispStop:
-			s.runEvents()
-			return
-		}
-	}
-}
-
-func (s *Session) runEvents() {
 	for {
 		s.evMu.Lock()
 		if len(s.events) == 0 {
 			s.events = nil
+			s.dispRunning = false
 			s.evMu.Unlock()
 			return
 		}

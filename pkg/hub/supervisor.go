@@ -69,7 +69,7 @@ func (s *Session) supervise() {
 		if s.shouldStop() {
 			return
 		}
-		c, err := s.connect()
+		c, err := s.connectOnFreshStack()
 		if err != nil {
 			if errors.Is(err, errAborted) {
 				return
@@ -210,6 +210,24 @@ func (s *Session) arm(at time.Time) <-chan time.Time {
 
 // connect makes one connection attempt: dial, TLS, CONNECT/CONNACK, SUBSCRIBE/SUBACK. On success
 // the connection is current and ready for publishing.
+// connectOnFreshStack runs connect on a short-lived goroutine and waits for it. A connect goes
+// deep (SAS signing, paho set-up, TLS, the CONNACK and SUBACK waits) and would leave the
+// supervisor's stack grown for the life of the connection; in a fleet of thousands of idle
+// devices that is most of a session's memory beyond paho's own.
+func (s *Session) connectOnFreshStack() (*conn, error) {
+	type result struct {
+		c   *conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := s.connect()
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
+
 func (s *Session) connect() (*conn, error) {
 	s.epoch++
 	c := &conn{s: s, epoch: s.epoch, lost: make(chan struct{}), methods: make(map[string]struct{})}
@@ -693,7 +711,7 @@ func (s *Session) teardown(c *conn, why endReason, err error) {
 }
 
 // finish runs when the supervisor stops: it fails everything still held, reports the final
-// status and stops the dispatcher.
+// status and stops taking handler events (a running dispatcher drains what is queued).
 func (s *Session) finish(fatal error) {
 	s.timer.Stop()
 	s.mu.Lock()
@@ -733,6 +751,8 @@ func (s *Session) finish(fatal error) {
 		s.setStatus(Status{State: Disabled, Reason: ClientClose})
 	}
 	s.handlerCancel()
+	s.evMu.Lock()
+	s.evStopped = true
+	s.evMu.Unlock()
 	close(s.done)
-	close(s.dispStop)
 }
