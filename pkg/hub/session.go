@@ -140,17 +140,17 @@ func New(cfg Config) (*Session, error) {
 		return nil, err
 	}
 	s := &Session{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		tlsConf:  cfg.tlsConfig(),
-		backoff:  Backoff{Min: cfg.BackoffMin, Max: cfg.BackoffMax},
-		clock:    cfg.Clock,
-		closeCh:  make(chan struct{}),
-		abortCh:  make(chan struct{}),
-		done:     make(chan struct{}),
-		wake:     make(chan struct{}, 1),
-		upCh:     make(chan struct{}),
-		pending:  make(map[string]*pendingReq),
+		cfg:     cfg,
+		log:     cfg.Logger,
+		tlsConf: cfg.tlsConfig(),
+		backoff: Backoff{Min: cfg.BackoffMin, Max: cfg.BackoffMax},
+		clock:   cfg.Clock,
+		closeCh: make(chan struct{}),
+		abortCh: make(chan struct{}),
+		done:    make(chan struct{}),
+		wake:    make(chan struct{}, 1),
+		upCh:    make(chan struct{}),
+		pending: make(map[string]*pendingReq),
 	}
 	s.handlerCtx, s.handlerCancel = context.WithCancel(context.Background())
 	s.timer = s.clock.NewTimer(time.Hour)
