@@ -1,0 +1,105 @@
+// Command hubsim runs a local Azure IoT Hub (see docs/hubsim.md):
+//
+//	hubsim serve --state DIR [--hostname localhost] [--mqtt-addr 127.0.0.1:8883]
+//	             [--https-addr 127.0.0.1:8443] [--token-grace 0s] [--log-level info]
+//	             [--log-format console|json]
+//
+// serve writes DIR/endpoints.json once both listeners accept connections and removes it on a
+// clean stop. SIGINT and SIGTERM stop it cleanly (exit status 0).
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/iothubby/iothubby/pkg/hubsim"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "hubsim:", err)
+		os.Exit(1)
+	}
+}
+
+// run executes the command line args (without the program name). It returns when ctx is done
+// (serve) or the command finishes.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	root := &cobra.Command{
+		Use:           "hubsim",
+		Short:         "A local Azure IoT Hub: device MQTT/TLS and the service REST API",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(serveCmd(stderr))
+	return root.ExecuteContext(ctx)
+}
+
+func serveCmd(logOut io.Writer) *cobra.Command {
+	var cfg hubsim.Config
+	var level, format string
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Serve until SIGINT or SIGTERM",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(logOut, level, format)
+			if err != nil {
+				return err
+			}
+			defer func() { _ = log.Sync() }()
+			srv, err := hubsim.Start(cmd.Context(), cfg, log)
+			if err != nil {
+				return err
+			}
+			<-cmd.Context().Done()
+			log.Info("signal received, stopping")
+			return srv.Close()
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.StateDir, "state", "", "state directory (CA, server certificate, registry, endpoints.json)")
+	f.StringVar(&cfg.HostName, "hostname", "localhost", "hub host name, without a port")
+	f.StringVar(&cfg.MQTTAddr, "mqtt-addr", "127.0.0.1:8883", "device MQTT/TLS listen address (port 0: any free port)")
+	f.StringVar(&cfg.HTTPSAddr, "https-addr", "127.0.0.1:8443", "service HTTPS listen address (port 0: any free port)")
+	f.DurationVar(&cfg.TokenGrace, "token-grace", 0, "how long past a device SAS token's expiry its connection stays open")
+	f.StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
+	f.StringVar(&format, "log-format", "console", "log format: console or json")
+	_ = cmd.MarkFlagRequired("state")
+	return cmd
+}
+
+func newLogger(w io.Writer, level, format string) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	var enc zapcore.Encoder
+	switch format {
+	case "console":
+		ec := zap.NewDevelopmentEncoderConfig()
+		ec.EncodeTime = zapcore.ISO8601TimeEncoder
+		enc = zapcore.NewConsoleEncoder(ec)
+	case "json":
+		ec := zap.NewProductionEncoderConfig()
+		ec.EncodeTime = zapcore.ISO8601TimeEncoder
+		enc = zapcore.NewJSONEncoder(ec)
+	default:
+		return nil, fmt.Errorf("--log-format must be console or json, not %q", format)
+	}
+	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), lvl)).Named("hubsim"), nil
+}

@@ -1,0 +1,233 @@
+package broker
+
+import (
+	"crypto/rand"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/wire"
+)
+
+// Cloud-to-device limits, as IoT Hub's.
+const (
+	MaxC2DQueue = 50
+	MaxC2DSize  = 64 * 1024
+)
+
+// C2DMessage is a cloud-to-device message to queue.
+type C2DMessage struct {
+	MessageID       string
+	CorrelationID   string
+	UserID          string
+	ContentType     string
+	ContentEncoding string
+	// ExpiryTime, when set, drops the message if it has not been delivered by then.
+	ExpiryTime time.Time
+	// Ack is iothub-ack (none, positive, negative, full); empty leaves it out.
+	Ack string
+	// Properties are application properties.
+	Properties wire.Properties
+	Body       []byte
+}
+
+type c2dEntry struct {
+	msg      C2DMessage
+	enqueued time.Time
+	// sess and pid are set while the message is in flight on a connection (sent, not acked).
+	sess *session
+	pid  uint16
+}
+
+// size counts the message as IoT Hub does for its 64 KB limit (body, property names and values).
+func (m *C2DMessage) size() int {
+	n := len(m.Body) + len(m.MessageID) + len(m.CorrelationID) + len(m.UserID) + len(m.ContentType) + len(m.ContentEncoding) + len(m.Ack)
+	for _, p := range m.Properties {
+		n += len(p.Key) + len(p.Value)
+	}
+	return n
+}
+
+// validC2DToken reports whether s uses only what IoT Hub allows in cloud-to-device property
+// names and values: ASCII letters, digits and ! # $ % & ' * + - . ^ _ ` | ~.
+func validC2DToken(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' {
+			continue
+		}
+		switch c {
+		case '!', '#', '$', '%', '&', '\'', '*', '+', '-', '.', '^', '_', '`', '|', '~':
+			continue
+		}
+		return false
+	}
+	return true
+}
+
+// NewMessageID returns a random UUID (version 4).
+func NewMessageID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
+// SendC2D queues a cloud-to-device message and returns its message ID (generated when empty).
+// It is delivered at once when the device is connected and subscribed to its devicebound
+// filter, else when it next is. Errors: DeviceNotFound, DeviceMaximumQueueDepthExceeded (50
+// pending), MessageTooLarge (64 KB), ArgumentInvalid (property characters).
+func (b *Broker) SendC2D(deviceID string, m C2DMessage) (string, error) {
+	id, ok := b.reg.Identity(deviceID)
+	if !ok {
+		return "", wire.ErrDeviceNotFound.WithText("Device %s not registered", deviceID)
+	}
+	for i, p := range m.Properties {
+		if p.Key == "" || wire.System(p.Key) || !validC2DToken(p.Key) || !validC2DToken(p.Value) {
+			return "", wire.ErrArgumentInvalid.WithText("property %q: names and values may use only ASCII letters, digits and !#$%%&'*+-.^_`|~", p.Key)
+		}
+		if slices.ContainsFunc(m.Properties[:i], func(q wire.Property) bool { return q.Key == p.Key }) {
+			return "", wire.ErrArgumentInvalid.WithText("property %q given twice", p.Key)
+		}
+	}
+	if m.size() > MaxC2DSize {
+		return "", wire.ErrMessageTooLarge.WithText("Message size %d exceeds the limit of %d bytes", m.size(), MaxC2DSize)
+	}
+	if m.MessageID == "" {
+		m.MessageID = NewMessageID()
+	}
+	now := time.Now()
+	ds := b.state(deviceID, id.GenerationID)
+	ds.mu.Lock()
+	ds.dropExpired(now)
+	if len(ds.queue) >= MaxC2DQueue {
+		ds.mu.Unlock()
+		return "", wire.ErrQueueDepthExceeded.WithText("Device %s has %d messages pending, the maximum", deviceID, MaxC2DQueue)
+	}
+	ds.queue = append(ds.queue, &c2dEntry{msg: m, enqueued: now})
+	n := len(ds.queue)
+	ds.mu.Unlock()
+	b.reg.SetCloudToDeviceMessageCount(deviceID, id.GenerationID, n)
+	b.kick(ds)
+	return m.MessageID, nil
+}
+
+// dropExpired removes undelivered expired messages. Call with ds.mu held.
+func (ds *deviceState) dropExpired(now time.Time) {
+	ds.queue = slices.DeleteFunc(ds.queue, func(e *c2dEntry) bool {
+		return e.sess == nil && !e.msg.ExpiryTime.IsZero() && now.After(e.msg.ExpiryTime)
+	})
+}
+
+// kick makes sure a delivery pump runs for ds. The pump is a goroutine owned by the broker that
+// exits when nothing is left to send.
+func (b *Broker) kick(ds *deviceState) {
+	ds.mu.Lock()
+	if ds.pumping {
+		ds.mu.Unlock()
+		return
+	}
+	ds.pumping = true
+	ds.mu.Unlock()
+	if !b.grp.Go(func() { b.pump(ds) }) {
+		ds.mu.Lock()
+		ds.pumping = false
+		ds.mu.Unlock()
+	}
+}
+
+type outgoing struct {
+	topic string
+	body  []byte
+	pid   uint16
+}
+
+func (b *Broker) pump(ds *deviceState) {
+	for {
+		ds.mu.Lock()
+		s := ds.current
+		var batch []outgoing
+		if s != nil && s.subscribedC2D() {
+			ds.dropExpired(time.Now())
+			for _, e := range ds.queue {
+				if e.sess != nil {
+					continue
+				}
+				e.sess, e.pid = s, ds.nextPacketID(s)
+				batch = append(batch, outgoing{topic: c2dTopic(ds.id, &e.msg), body: e.msg.Body, pid: e.pid})
+			}
+		}
+		if len(batch) == 0 {
+			ds.pumping = false
+			ds.mu.Unlock()
+			return
+		}
+		ds.mu.Unlock()
+		for _, o := range batch {
+			err := s.cl.WritePacket(packets.Packet{
+				FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+				TopicName:   o.topic,
+				Payload:     o.body,
+				PacketID:    o.pid,
+			})
+			if err != nil {
+				// The connection is ending; its disconnect returns the messages to the queue.
+				b.log.Debug("cloud-to-device write failed", zap.String("device", ds.id), zap.Error(err))
+				break
+			}
+		}
+	}
+}
+
+func c2dTopic(deviceID string, m *C2DMessage) string {
+	props := make(wire.Properties, 0, 8+len(m.Properties))
+	props = append(props, wire.Property{Key: wire.PropMessageID, Value: m.MessageID})
+	props = append(props, wire.Property{Key: wire.PropTo, Value: "/devices/" + deviceID + "/messages/deviceBound"})
+	add := func(k, v string) {
+		if v != "" {
+			props = append(props, wire.Property{Key: k, Value: v})
+		}
+	}
+	add(wire.PropCorrelationID, m.CorrelationID)
+	add(wire.PropUserID, m.UserID)
+	add(wire.PropContentType, m.ContentType)
+	add(wire.PropContentEncoding, m.ContentEncoding)
+	if !m.ExpiryTime.IsZero() {
+		add(wire.PropExpiry, m.ExpiryTime.UTC().Format(EnqueuedTimeFormat))
+	}
+	add("iothub-ack", m.Ack)
+	props = append(props, m.Properties...)
+	return wire.C2D(deviceID, props)
+}
+
+// acked completes the in-flight message that s sent with packet ID pid.
+func (b *Broker) acked(s *session, pid uint16) {
+	ds := s.ds
+	ds.mu.Lock()
+	i := slices.IndexFunc(ds.queue, func(e *c2dEntry) bool { return e.sess == s && e.pid == pid })
+	if i < 0 {
+		ds.mu.Unlock()
+		return
+	}
+	mid := ds.queue[i].msg.MessageID
+	ds.queue = slices.Delete(ds.queue, i, i+1)
+	n := len(ds.queue)
+	ds.mu.Unlock()
+	b.reg.SetCloudToDeviceMessageCount(ds.id, ds.generationID, n)
+	b.emit(Event{Kind: EventC2DCompleted, DeviceID: ds.id, Remote: s.remote, MessageID: mid})
+}
+
+// PendingC2D is the number of cloud-to-device messages queued or in flight for a device.
+func (b *Broker) PendingC2D(deviceID string) int {
+	ds := b.existingState(deviceID)
+	if ds == nil {
+		return 0
+	}
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	return len(ds.queue)
+}

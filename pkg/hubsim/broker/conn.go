@@ -1,0 +1,244 @@
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// devConn is one device's network connection as mochi sees it: TLS over the accepted TCP
+// connection, with the first packet read and checked by readConnect before mochi may read it.
+// mochi reads from a single goroutine, so the sniff state needs no lock.
+//
+// mochi keeps a client with CleanSession 0 after it disconnects (its session lives on), and with
+// it this connection; release drops the TLS state then, so a disconnected device costs a few
+// kilobytes rather than a TLS connection's buffers. Every method is safe after release.
+type devConn struct {
+	tc     atomic.Pointer[tls.Conn]
+	raw    net.Conn
+	local  net.Addr
+	remote net.Addr
+	b      *Broker
+
+	sniffed bool
+	replay  []byte
+
+	sess   atomic.Pointer[session]
+	closed atomic.Bool
+}
+
+func newDevConn(b *Broker, raw net.Conn) *devConn {
+	c := &devConn{raw: raw, local: raw.LocalAddr(), remote: raw.RemoteAddr(), b: b}
+	c.tc.Store(tls.Server(raw, b.tlsConf))
+	return c
+}
+
+var errRefused = errors.New("connection refused before MQTT")
+
+// Read runs the CONNECT check on the first call, then replays the checked packet, then reads
+// the connection.
+func (c *devConn) Read(p []byte) (int, error) {
+	tc := c.tc.Load()
+	if tc == nil {
+		return 0, net.ErrClosed
+	}
+	if !c.sniffed {
+		c.sniffed = true
+		if err := c.sniff(tc); err != nil {
+			_ = c.Close()
+			return 0, errRefused
+		}
+	}
+	if len(c.replay) > 0 {
+		n := copy(p, c.replay)
+		c.replay = c.replay[n:]
+		if len(c.replay) == 0 {
+			c.replay = nil
+		}
+		return n, nil
+	}
+	return tc.Read(p)
+}
+
+func (c *devConn) Write(p []byte) (int, error) {
+	tc := c.tc.Load()
+	if tc == nil {
+		return 0, net.ErrClosed
+	}
+	return tc.Write(p)
+}
+
+func (c *devConn) LocalAddr() net.Addr  { return c.local }
+func (c *devConn) RemoteAddr() net.Addr { return c.remote }
+
+func (c *devConn) SetDeadline(t time.Time) error      { return c.raw.SetDeadline(t) }
+func (c *devConn) SetReadDeadline(t time.Time) error  { return c.raw.SetReadDeadline(t) }
+func (c *devConn) SetWriteDeadline(t time.Time) error { return c.raw.SetWriteDeadline(t) }
+
+// ConnectionState is the TLS state (peer certificates); zero after release.
+func (c *devConn) ConnectionState() tls.ConnectionState {
+	if tc := c.tc.Load(); tc != nil {
+		return tc.ConnectionState()
+	}
+	return tls.ConnectionState{}
+}
+
+// release drops the TLS state of a finished connection.
+func (c *devConn) release() {
+	_ = c.Close()
+	c.tc.Store(nil)
+}
+
+func (c *devConn) sniff(tc *tls.Conn) error {
+	log := c.b.log.With(zap.String("remote", c.remote.String()))
+	if err := tc.Handshake(); err != nil {
+		log.Debug("TLS handshake failed", zap.Error(err))
+		return err
+	}
+	pkt, remaining, err := readConnect(tc, maxPacketSize)
+	var ve *VersionError
+	if errors.As(err, &ve) {
+		log.Info("connection refused: CONNACK 1 (unacceptable protocol version)", zap.String("reason", ve.Error()))
+		lingerAfter(tc, connackUnacceptableVersion, remaining)
+		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: ve.Error()})
+		return err
+	}
+	if err != nil {
+		log.Info("connection closed: first packet is not an acceptable CONNECT", zap.Error(err))
+		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: err.Error()})
+		return err
+	}
+	if _, err := ParseConnect(pkt); err != nil {
+		if errors.As(err, &ve) {
+			log.Info("connection refused: CONNACK 1 (unacceptable protocol version)", zap.String("reason", ve.Error()))
+			lingerAfter(tc, connackUnacceptableVersion, 0)
+			c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: ve.Error()})
+			return err
+		}
+		log.Info("connection closed: malformed CONNECT", zap.Error(err))
+		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: err.Error()})
+		return err
+	}
+	c.replay = pkt
+	return nil
+}
+
+// lingerAfter writes msg, half-closes, and reads what the peer still sends (up to the rest of its
+// packet and a bounded time) so that closing does not reset the connection before the peer has
+// read msg.
+func lingerAfter(tc *tls.Conn, msg string, remaining int) {
+	_ = tc.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.WriteString(tc, msg); err != nil {
+		return
+	}
+	_ = tc.CloseWrite()
+	_, _ = io.Copy(io.Discard, io.LimitReader(tc, int64(remaining)+64*1024))
+}
+
+// Close closes the TCP connection without a TLS close_notify (which could block on a peer that
+// does not read), as the hub does when it drops a device.
+func (c *devConn) Close() error {
+	if c.closed.Swap(true) {
+		return nil
+	}
+	return c.raw.Close()
+}
+
+// group runs goroutines that its owner waits for: Go refuses new work once Close has begun.
+type group struct {
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func (g *group) Go(f func()) bool {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return false
+	}
+	g.wg.Add(1)
+	g.mu.Unlock()
+	go func() {
+		defer g.wg.Done()
+		f()
+	}()
+	return true
+}
+
+func (g *group) closeAndWait() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
+	g.wg.Wait()
+}
+
+// acceptLoop accepts TCP connections and hands each, wrapped, to mochi in its own goroutine.
+func (b *Broker) acceptLoop(ctx context.Context) {
+	delay := time.Duration(0)
+	for {
+		raw, err := b.ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Transient (e.g. too many open files): back off as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			b.log.Warn("accept failed", zap.Error(err), zap.Duration("retry_in", delay))
+			t := time.NewTimer(delay)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			continue
+		}
+		delay = 0
+		_ = raw.SetDeadline(time.Now().Add(b.cfg.ConnectTimeout))
+		dc := newDevConn(b, raw)
+		if !b.track(dc) {
+			_ = raw.Close()
+			continue
+		}
+		if !b.grp.Go(func() {
+			defer b.untrack(dc)
+			err := b.mqtt.EstablishConnection(listenerID, dc)
+			if s := dc.sess.Load(); s != nil {
+				// mochi skips OnDisconnect when it fails between authentication and the
+				// read loop (e.g. the CONNACK cannot be written); end is idempotent.
+				s.end(err)
+			}
+			dc.release()
+			if err != nil {
+				b.log.Debug("connection ended", zap.String("remote", raw.RemoteAddr().String()), zap.Error(err))
+			}
+		}) {
+			b.untrack(dc)
+			_ = raw.Close()
+		}
+	}
+}
+
+func (b *Broker) track(dc *devConn) bool {
+	b.connsMu.Lock()
+	defer b.connsMu.Unlock()
+	if b.closing {
+		return false
+	}
+	b.conns[dc] = struct{}{}
+	return true
+}
+
+func (b *Broker) untrack(dc *devConn) {
+	b.connsMu.Lock()
+	delete(b.conns, dc)
+	b.connsMu.Unlock()
+}

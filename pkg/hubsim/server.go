@@ -1,0 +1,237 @@
+// Package hubsim is a local Azure IoT Hub: device MQTT over TLS and the service REST API over
+// HTTPS, faithful enough that Microsoft's SDKs run against it unmodified, with persistent state
+// in a directory. docs/hubsim.md is the contract for scripts and tests.
+//
+// A Server is started in-process with Start and stopped with Close:
+//
+//	srv, err := hubsim.Start(ctx, hubsim.Config{StateDir: dir, MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0"}, logger)
+//	...
+//	dev, err := srv.Registry().Create(registry.Device{DeviceID: "dev1"}) // keys generated
+//	...
+//	defer srv.Close()
+package hubsim
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/connstr"
+	"github.com/iothubby/iothubby/pkg/hubsim/broker"
+	"github.com/iothubby/iothubby/pkg/hubsim/pki"
+	"github.com/iothubby/iothubby/pkg/hubsim/registry"
+	"github.com/iothubby/iothubby/pkg/hubsim/rest"
+)
+
+// File names in the state directory.
+const (
+	EndpointsFile = "endpoints.json"
+	DatabaseFile  = "hubsim.db"
+)
+
+// Config configures a Server. The zero value works: an ephemeral state directory, host name
+// localhost, MQTT on 127.0.0.1:8883 and HTTPS on 127.0.0.1:8443.
+type Config struct {
+	// StateDir holds the CA, the server certificate, the registry and endpoints.json. Empty
+	// means a temporary directory that Close removes.
+	StateDir string
+	// HostName is the hub's host name, without a port. Default "localhost".
+	HostName string
+	// MQTTAddr and HTTPSAddr are listen addresses; port 0 picks a free port.
+	MQTTAddr  string
+	HTTPSAddr string
+	// ConnectTimeout bounds a device's TLS handshake and CONNECT. Default 30 s.
+	ConnectTimeout time.Duration
+	// TokenGrace is added to a device SAS token's expiry before its connection is closed.
+	TokenGrace time.Duration
+	// TelemetryPerDevice is how many device-to-cloud messages are kept per device (default 1000,
+	// negative: none).
+	TelemetryPerDevice int
+	// FlushInterval is how often connection state changes are written to disk (default 2 s;
+	// lastActivityTime alone is written every 15 intervals, everything at Close).
+	FlushInterval time.Duration
+	// Twins and Methods plug in twin and direct-method handling (nil: minimal stubs).
+	Twins   broker.TwinHandler
+	Methods broker.MethodResponseHandler
+	// OnEvent observes the device endpoint (connections, refusals, telemetry, ...); it is
+	// called synchronously and must not block.
+	OnEvent func(broker.Event)
+}
+
+// Endpoints is what endpoints.json holds.
+type Endpoints struct {
+	HubHostName             string `json:"hubHostName"`
+	MQTTAddress             string `json:"mqttAddress"`
+	HTTPSAddress            string `json:"httpsAddress"`
+	ServiceConnectionString string `json:"serviceConnectionString"`
+	CAFile                  string `json:"caFile"`
+	PID                     int    `json:"pid"`
+}
+
+// Server is a running hubsim.
+type Server struct {
+	cfg       Config
+	log       *zap.Logger
+	ca        *pki.CA
+	reg       *registry.Registry
+	brk       *broker.Broker
+	api       *rest.Server
+	endpoints Endpoints
+	tempDir   bool
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Start starts a Server: it creates (or reuses) the CA and server certificate in the state
+// directory, opens the registry, starts both listeners and then writes endpoints.json. ctx bounds
+// only the start; Close stops the server.
+func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if cfg.HostName == "" {
+		cfg.HostName = "localhost"
+	}
+	if strings.ContainsAny(cfg.HostName, "/ ") || (strings.Contains(cfg.HostName, ":") && net.ParseIP(strings.Trim(cfg.HostName, "[]")) == nil) {
+		return nil, fmt.Errorf("hubsim: host name %q must be a bare host name (no port)", cfg.HostName)
+	}
+	if cfg.MQTTAddr == "" {
+		cfg.MQTTAddr = "127.0.0.1:8883"
+	}
+	if cfg.HTTPSAddr == "" {
+		cfg.HTTPSAddr = "127.0.0.1:8443"
+	}
+	s := &Server{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			_ = s.Close()
+		}
+	}()
+	if cfg.StateDir == "" {
+		dir, err := os.MkdirTemp("", "hubsim-")
+		if err != nil {
+			return nil, fmt.Errorf("hubsim: %w", err)
+		}
+		s.cfg.StateDir, s.tempDir = dir, true
+	} else if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("hubsim: state directory: %w", err)
+	}
+	dir, err := filepath.Abs(s.cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("hubsim: %w", err)
+	}
+	s.cfg.StateDir = dir
+
+	if s.ca, err = pki.LoadOrCreateCA(dir); err != nil {
+		return nil, err
+	}
+	cert, err := pki.LoadOrCreateServer(dir, s.ca, cfg.HostName)
+	if err != nil {
+		return nil, err
+	}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	s.reg, err = registry.Open(filepath.Join(dir, DatabaseFile), log.Named("registry"),
+		registry.Options{FlushInterval: cfg.FlushInterval})
+	if err != nil {
+		return nil, err
+	}
+	s.brk, err = broker.Start(broker.Config{
+		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
+		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
+		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: cfg.Twins, Methods: cfg.Methods,
+		OnEvent: cfg.OnEvent,
+	}, log.Named("mqtt"))
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk}, log.Named("rest"))
+	if s.api, err = rest.Start(cfg.HTTPSAddr, tlsConf, h, log.Named("https")); err != nil {
+		return nil, err
+	}
+	owner, ok := s.reg.Policy("iothubowner")
+	if !ok {
+		return nil, errors.New("hubsim: registry has no iothubowner policy")
+	}
+	s.endpoints = Endpoints{
+		HubHostName:  cfg.HostName,
+		MQTTAddress:  s.brk.Addr().String(),
+		HTTPSAddress: s.api.Addr().String(),
+		ServiceConnectionString: connstr.ConnectionString{
+			HostName: cfg.HostName, SharedAccessKeyName: owner.KeyName, SharedAccessKey: owner.PrimaryKey,
+		}.String(),
+		CAFile: filepath.Join(dir, pki.CACertFile),
+		PID:    os.Getpid(),
+	}
+	b, _ := json.MarshalIndent(s.endpoints, "", "  ")
+	if err := pki.WriteFileAtomic(filepath.Join(dir, EndpointsFile), append(b, '\n'), 0o600); err != nil {
+		return nil, fmt.Errorf("hubsim: %w", err)
+	}
+	log.Info("hubsim ready", zap.String("host", cfg.HostName), zap.String("mqtt", s.endpoints.MQTTAddress),
+		zap.String("https", s.endpoints.HTTPSAddress), zap.String("state", dir))
+	return s, nil
+}
+
+// Endpoints returns what endpoints.json holds (the connection string includes a key).
+func (s *Server) Endpoints() Endpoints { return s.endpoints }
+
+// Registry is the device registry (create devices through it in tests and benchmarks).
+func (s *Server) Registry() *registry.Registry { return s.reg }
+
+// Broker is the device MQTT endpoint (cloud-to-device send, telemetry records, connections).
+func (s *Server) Broker() *broker.Broker { return s.brk }
+
+// CA is the certificate authority that signed the server certificate.
+func (s *Server) CA() *pki.CA { return s.ca }
+
+// StateDir is the absolute state directory.
+func (s *Server) StateDir() string { return s.cfg.StateDir }
+
+// ClientTLSConfig returns a TLS client configuration that trusts hubsim's CA and names the hub
+// host (for clients dialling an IP address).
+func (s *Server) ClientTLSConfig() *tls.Config {
+	return &tls.Config{RootCAs: s.ca.Pool(), ServerName: s.cfg.HostName, MinVersion: tls.VersionTLS12}
+}
+
+// Close stops both listeners, closes every connection, waits for every goroutine, flushes and
+// closes the registry, and removes endpoints.json (and an ephemeral state directory).
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		var errs []error
+		if s.endpoints.PID != 0 {
+			if err := os.Remove(filepath.Join(s.cfg.StateDir, EndpointsFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+		if s.api != nil {
+			errs = append(errs, s.api.Close())
+		}
+		if s.brk != nil {
+			errs = append(errs, s.brk.Close())
+		}
+		if s.reg != nil {
+			errs = append(errs, s.reg.Close())
+		}
+		if s.tempDir {
+			errs = append(errs, os.RemoveAll(s.cfg.StateDir))
+		}
+		s.closeErr = errors.Join(errs...)
+		s.log.Info("hubsim stopped")
+	})
+	return s.closeErr
+}
