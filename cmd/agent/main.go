@@ -25,8 +25,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
+	"github.com/iothubby/iothubby/internal/logging"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub"
 )
@@ -228,27 +228,11 @@ func loadConfig(cmd *cobra.Command, f *runFlags) (agent.Config, error) {
 	return cfg, nil
 }
 
-// newLogger builds the zap logger: console or JSON lines on w.
+// newLogger builds the agent's zap logger on w.
 func newLogger(c agent.LogConfig, w io.Writer) (*zap.Logger, error) {
-	level := zapcore.InfoLevel
-	if c.Level != "" {
-		var err error
-		if level, err = zapcore.ParseLevel(c.Level); err != nil {
-			return nil, fmt.Errorf("%w: log level %q: want debug, info, warn or error", agent.ErrConfig, c.Level)
-		}
+	log, err := logging.New(w, c.Level, c.Format)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", agent.ErrConfig, err)
 	}
-	var enc zapcore.Encoder
-	switch c.Format {
-	case "", "console":
-		ec := zap.NewDevelopmentEncoderConfig()
-		ec.EncodeTime = zapcore.ISO8601TimeEncoder
-		enc = zapcore.NewConsoleEncoder(ec)
-	case "json":
-		ec := zap.NewProductionEncoderConfig()
-		ec.EncodeTime = zapcore.ISO8601TimeEncoder
-		enc = zapcore.NewJSONEncoder(ec)
-	default:
-		return nil, fmt.Errorf("%w: log format %q: want console or json", agent.ErrConfig, c.Format)
-	}
-	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), level)), nil
+	return log, nil
 }

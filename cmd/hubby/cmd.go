@@ -74,8 +74,16 @@ func (g *globals) client() (*service.Client, error) {
 	return service.New(service.Config{ConnectionString: cs, Address: g.address, CAFile: g.caFile})
 }
 
-func (g *globals) ctx(cmd *cobra.Command) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(cmd.Context(), g.timeout)
+// with runs f with a client and a context bounded by --timeout.
+func (g *globals) with(cmd *cobra.Command, f func(ctx context.Context, c *service.Client) error) error {
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
+	defer cancel()
+	return f(ctx, c)
 }
 
 func (g *globals) printJSON(v any) error {
@@ -94,33 +102,28 @@ func deviceCommand(g *globals) *cobra.Command {
 		Short: "Create a device (symmetric keys generated unless given, or X.509 thumbprints)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := g.ctx(cmd)
-			defer cancel()
-			d := service.Device{DeviceID: args[0], Status: "enabled"}
-			if disabled {
-				d.Status = "disabled"
-			}
-			switch {
-			case thumb1 != "":
-				d.Authentication = &service.Authentication{Type: "selfSigned",
-					X509Thumbprint: &service.X509Thumbprint{PrimaryThumbprint: thumb1, SecondaryThumbprint: thumb2}}
-			default:
-				d.Authentication = &service.Authentication{Type: "sas",
-					SymmetricKey: &service.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary}}
-			}
-			out, err := c.CreateDevice(ctx, d)
-			if ifMissing && errors.Is(err, wire.ErrDeviceAlreadyExists) {
-				out, err = c.GetDevice(ctx, args[0])
-			}
-			if err != nil {
-				return err
-			}
-			return g.printDevices([]service.Device{out})
+			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
+				d := service.Device{DeviceID: args[0], Status: "enabled"}
+				if disabled {
+					d.Status = "disabled"
+				}
+				switch {
+				case thumb1 != "":
+					d.Authentication = &service.Authentication{Type: "selfSigned",
+						X509Thumbprint: &service.X509Thumbprint{PrimaryThumbprint: thumb1, SecondaryThumbprint: thumb2}}
+				default:
+					d.Authentication = &service.Authentication{Type: "sas",
+						SymmetricKey: &service.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary}}
+				}
+				out, err := c.CreateDevice(ctx, d)
+				if ifMissing && errors.Is(err, wire.ErrDeviceAlreadyExists) {
+					out, err = c.GetDevice(ctx, args[0])
+				}
+				if err != nil {
+					return err
+				}
+				return g.printDevices([]service.Device{out})
+			})
 		},
 	}
 	create.Flags().BoolVar(&ifMissing, "if-missing", false, "succeed, showing the existing device, if it already exists")
@@ -135,18 +138,13 @@ func deviceCommand(g *globals) *cobra.Command {
 		Short: "Show a device",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := g.ctx(cmd)
-			defer cancel()
-			d, err := c.GetDevice(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			return g.printDevices([]service.Device{d})
+			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
+				d, err := c.GetDevice(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				return g.printDevices([]service.Device{d})
+			})
 		},
 	}
 
@@ -156,18 +154,13 @@ func deviceCommand(g *globals) *cobra.Command {
 		Short: "List devices",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := g.ctx(cmd)
-			defer cancel()
-			ds, err := c.ListDevices(ctx, top)
-			if err != nil {
-				return err
-			}
-			return g.printDevices(ds)
+			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
+				ds, err := c.ListDevices(ctx, top)
+				if err != nil {
+					return err
+				}
+				return g.printDevices(ds)
+			})
 		},
 	}
 	list.Flags().IntVar(&top, "top", 0, "at most this many devices (0: the service's default)")
@@ -178,14 +171,9 @@ func deviceCommand(g *globals) *cobra.Command {
 		Short: "Delete a device",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := g.ctx(cmd)
-			defer cancel()
-			return c.DeleteDevice(ctx, args[0], etag)
+			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
+				return c.DeleteDevice(ctx, args[0], etag)
+			})
 		},
 	}
 	del.Flags().StringVar(&etag, "etag", "", "delete only if the device's etag matches (default: unconditional)")
@@ -196,29 +184,24 @@ func deviceCommand(g *globals) *cobra.Command {
 		Short: "Print a device connection string (with GatewayHostName for hubsim's MQTT port)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := g.ctx(cmd)
-			defer cancel()
-			d, err := c.GetDevice(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			out := connstr.ConnectionString{HostName: c.HostName(), DeviceID: d.DeviceID, GatewayHostName: g.mqttAddress}
-			switch {
-			case d.Authentication != nil && d.Authentication.SymmetricKey != nil && d.Authentication.Type == "sas":
-				out.SharedAccessKey = d.Authentication.SymmetricKey.PrimaryKey
-				if secondaryKey {
-					out.SharedAccessKey = d.Authentication.SymmetricKey.SecondaryKey
+			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
+				d, err := c.GetDevice(ctx, args[0])
+				if err != nil {
+					return err
 				}
-			default:
-				out.X509 = true
-			}
-			_, err = fmt.Fprintln(g.stdout, out.String())
-			return err
+				out := connstr.ConnectionString{HostName: c.HostName(), DeviceID: d.DeviceID, GatewayHostName: g.mqttAddress}
+				switch {
+				case d.Authentication != nil && d.Authentication.SymmetricKey != nil && d.Authentication.Type == "sas":
+					out.SharedAccessKey = d.Authentication.SymmetricKey.PrimaryKey
+					if secondaryKey {
+						out.SharedAccessKey = d.Authentication.SymmetricKey.SecondaryKey
+					}
+				default:
+					out.X509 = true
+				}
+				_, err = fmt.Fprintln(g.stdout, out.String())
+				return err
+			})
 		},
 	}
 	cs.Flags().BoolVar(&secondaryKey, "secondary", false, "use the secondary key")

@@ -18,8 +18,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
+	"github.com/iothubby/iothubby/internal/logging"
 	"github.com/iothubby/iothubby/pkg/hubsim"
 )
 
@@ -84,22 +84,9 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 }
 
 func newLogger(w io.Writer, level, format string) (*zap.Logger, error) {
-	lvl, err := zapcore.ParseLevel(level)
+	log, err := logging.New(w, level, format)
 	if err != nil {
-		return nil, fmt.Errorf("--log-level: %w", err)
+		return nil, fmt.Errorf("--log-level/--log-format: %w", err)
 	}
-	var enc zapcore.Encoder
-	switch format {
-	case "console":
-		ec := zap.NewDevelopmentEncoderConfig()
-		ec.EncodeTime = zapcore.ISO8601TimeEncoder
-		enc = zapcore.NewConsoleEncoder(ec)
-	case "json":
-		ec := zap.NewProductionEncoderConfig()
-		ec.EncodeTime = zapcore.ISO8601TimeEncoder
-		enc = zapcore.NewJSONEncoder(ec)
-	default:
-		return nil, fmt.Errorf("--log-format must be console or json, not %q", format)
-	}
-	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), lvl)).Named("hubsim"), nil
+	return log.Named("hubsim"), nil
 }

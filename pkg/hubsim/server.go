@@ -28,6 +28,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/connstr"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
+	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/hubsim/rest"
@@ -35,7 +36,7 @@ import (
 
 // File names in the state directory.
 const (
-	EndpointsFile = "endpoints.json"
+	EndpointsFile = endpoints.File
 	DatabaseFile  = "hubsim.db"
 )
 
@@ -69,14 +70,7 @@ type Config struct {
 }
 
 // Endpoints is what endpoints.json holds.
-type Endpoints struct {
-	HubHostName             string `json:"hubHostName"`
-	MQTTAddress             string `json:"mqttAddress"`
-	HTTPSAddress            string `json:"httpsAddress"`
-	ServiceConnectionString string `json:"serviceConnectionString"`
-	CAFile                  string `json:"caFile"`
-	PID                     int    `json:"pid"`
-}
+type Endpoints = endpoints.Endpoints
 
 // Server is a running hubsim.
 type Server struct {

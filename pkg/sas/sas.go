@@ -24,6 +24,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/iothubby/iothubby/internal/pct"
 )
 
 // Scheme is the authorization scheme that prefixes every token.
@@ -306,63 +308,14 @@ func stripPort(host string) string {
 
 // Encode percent-encodes s as JavaScript's encodeURIComponent does, also escaping !'()*, with
 // upper-case hex. This is what Microsoft's Node SDK sends for sr, sig and skn.
-func Encode(s string) string {
-	const hex = "0123456789ABCDEF"
-	var b strings.Builder
-	b.Grow(len(s) + len(s)/4)
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if unreserved(c) {
-			b.WriteByte(c)
-			continue
-		}
-		b.WriteByte('%')
-		b.WriteByte(hex[c>>4])
-		b.WriteByte(hex[c&15])
-	}
-	return b.String()
-}
-
-func unreserved(c byte) bool {
-	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
-		c == '-' || c == '_' || c == '.' || c == '~'
-}
+func Encode(s string) string { return pct.Encode(s) }
 
 // Decode percent-decodes s once, accepting upper- and lower-case hex. Unlike query-string
 // decoding it leaves '+' as '+', since base64 signatures contain it.
 func Decode(s string) (string, error) {
-	if !strings.ContainsRune(s, '%') {
-		return s, nil
+	d, err := pct.Decode(s)
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrMalformed, err)
 	}
-	b := make([]byte, 0, len(s))
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c != '%' {
-			b = append(b, c)
-			continue
-		}
-		if i+2 >= len(s) {
-			return "", fmt.Errorf("%w: truncated escape", ErrMalformed)
-		}
-		hi, ok1 := unhex(s[i+1])
-		lo, ok2 := unhex(s[i+2])
-		if !ok1 || !ok2 {
-			return "", fmt.Errorf("%w: bad escape", ErrMalformed)
-		}
-		b = append(b, hi<<4|lo)
-		i += 2
-	}
-	return string(b), nil
-}
-
-func unhex(c byte) (byte, bool) {
-	switch {
-	case '0' <= c && c <= '9':
-		return c - '0', true
-	case 'a' <= c && c <= 'f':
-		return c - 'a' + 10, true
-	case 'A' <= c && c <= 'F':
-		return c - 'A' + 10, true
-	}
-	return 0, false
+	return d, nil
 }

@@ -3,12 +3,10 @@ package service
 import (
 	"context"
 	"encoding/base64"
-	"encoding/json"
-	"fmt"
 	"net/http"
-	"os"
-	"path/filepath"
 	"time"
+
+	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 )
 
 // The calls in this file reach hubsim's additions under /hubsim/; a real IoT Hub answers them
@@ -73,32 +71,9 @@ func (c *Client) Connections(ctx context.Context) ([]Connection, error) {
 	return out.Connections, err
 }
 
-// Endpoints is hubsim's DIR/endpoints.json.
-type Endpoints struct {
-	HubHostName             string `json:"hubHostName"`
-	MQTTAddress             string `json:"mqttAddress"`
-	HTTPSAddress            string `json:"httpsAddress"`
-	ServiceConnectionString string `json:"serviceConnectionString"`
-	CAFile                  string `json:"caFile"`
-	PID                     int    `json:"pid"`
-}
-
-// ReadEndpoints reads DIR/endpoints.json from a hubsim state directory.
-func ReadEndpoints(stateDir string) (Endpoints, error) {
-	var e Endpoints
-	b, err := os.ReadFile(filepath.Join(stateDir, "endpoints.json"))
-	if err != nil {
-		return e, err
-	}
-	if err := json.Unmarshal(b, &e); err != nil {
-		return e, fmt.Errorf("service: %s/endpoints.json: %w", stateDir, err)
-	}
-	return e, nil
-}
-
 // ForHubsim makes a Client for the hubsim whose state directory is stateDir.
-func ForHubsim(stateDir string) (*Client, Endpoints, error) {
-	e, err := ReadEndpoints(stateDir)
+func ForHubsim(stateDir string) (*Client, endpoints.Endpoints, error) {
+	e, err := endpoints.Read(stateDir)
 	if err != nil {
 		return nil, e, err
 	}

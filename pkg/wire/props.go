@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/iothubby/iothubby/internal/pct"
 )
 
 // System property keys as they appear, decoded, in a property bag. On the wire the '$' is
@@ -134,61 +136,16 @@ func DecodeProperties(s string) (Properties, error) {
 	return p, nil
 }
 
-const upperHex = "0123456789ABCDEF"
+func escape(b *strings.Builder, s string) { pct.Append(b, s) }
 
-func escape(b *strings.Builder, s string) {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
-			c == '-' || c == '_' || c == '.' || c == '~' {
-			b.WriteByte(c)
-			continue
-		}
-		b.WriteByte('%')
-		b.WriteByte(upperHex[c>>4])
-		b.WriteByte(upperHex[c&15])
-	}
-}
-
+// unescape decodes one level of percent-encoding and insists on UTF-8.
 func unescape(s string) (string, error) {
-	if !strings.Contains(s, "%") {
-		if !utf8.ValidString(s) {
-			return "", errors.New("invalid UTF-8")
-		}
-		return s, nil
+	d, err := pct.Decode(s)
+	if err != nil {
+		return "", err
 	}
-	out := make([]byte, 0, len(s))
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c != '%' {
-			out = append(out, c)
-			continue
-		}
-		if i+2 >= len(s) {
-			return "", errors.New("truncated percent escape")
-		}
-		hi, ok1 := fromHex(s[i+1])
-		lo, ok2 := fromHex(s[i+2])
-		if !ok1 || !ok2 {
-			return "", fmt.Errorf("invalid percent escape %q", s[i:i+3])
-		}
-		out = append(out, hi<<4|lo)
-		i += 2
-	}
-	if !utf8.Valid(out) {
+	if !utf8.ValidString(d) {
 		return "", errors.New("invalid UTF-8")
 	}
-	return string(out), nil
-}
-
-func fromHex(c byte) (byte, bool) {
-	switch {
-	case '0' <= c && c <= '9':
-		return c - '0', true
-	case 'a' <= c && c <= 'f':
-		return c - 'a' + 10, true
-	case 'A' <= c && c <= 'F':
-		return c - 'A' + 10, true
-	}
-	return 0, false
+	return d, nil
 }

@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -47,10 +48,10 @@ func benchMemory(ctx context.Context, binDir string, n int, report func(string, 
 		_ = cmd.Process.Signal(os.Interrupt)
 		_ = cmd.Wait()
 	}()
-	var ep service.Endpoints
+	var ep endpoints.Endpoints
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if ep, err = service.ReadEndpoints(state); err == nil && ep.PID == cmd.Process.Pid {
+		if ep, err = endpoints.Read(state); err == nil && ep.PID == cmd.Process.Pid {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -208,7 +209,7 @@ func forEach(n int, f func(i int) error) error {
 
 // holdPaho connects one bare paho client per device, subscribed to the four filters a device
 // session holds, and returns a function that disconnects them all.
-func holdPaho(ctx context.Context, ep service.Endpoints, tlsCfg *tls.Config, keys []sas.Key) (func(), error) {
+func holdPaho(ctx context.Context, ep endpoints.Endpoints, tlsCfg *tls.Config, keys []sas.Key) (func(), error) {
 	clients := make([]paho.Client, len(keys))
 	noop := func(paho.Client, paho.Message) {}
 	err := forEach(len(keys), func(i int) error {
@@ -229,7 +230,7 @@ func holdPaho(ctx context.Context, ep service.Endpoints, tlsCfg *tls.Config, key
 
 // holdSessions runs one hub.Session per device until each reports connected. Like the paho
 // clients, the sessions share one TLS configuration, as a fleet in one process does.
-func holdSessions(ctx context.Context, ep service.Endpoints, tlsCfg *tls.Config, keys []sas.Key) (func(), error) {
+func holdSessions(ctx context.Context, ep endpoints.Endpoints, tlsCfg *tls.Config, keys []sas.Key) (func(), error) {
 	sessions := make([]*hub.Session, len(keys))
 	release := func() {
 		_ = forEach(len(sessions), func(i int) error {

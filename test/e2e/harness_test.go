@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/service"
 )
 
@@ -241,7 +242,7 @@ func field(k string, v any) func(map[string]any) bool {
 type hub struct {
 	*proc
 	state string
-	ep    service.Endpoints
+	ep    endpoints.Endpoints
 	svc   *service.Client
 }
 
@@ -253,7 +254,7 @@ func startHub(t *testing.T, state, mqttAddr, httpsAddr string) *hub {
 		"--log-format", "json", "--log-level", "debug")
 	deadline := time.Now().Add(waitTimeout)
 	for {
-		if ep, err := service.ReadEndpoints(state); err == nil && ep.PID == p.cmd.Process.Pid {
+		if ep, err := endpoints.Read(state); err == nil && ep.PID == p.cmd.Process.Pid {
 			c, err := service.New(service.Config{ConnectionString: ep.ServiceConnectionString, Address: ep.HTTPSAddress, CAFile: ep.CAFile})
 			if err != nil {
 				t.Fatal(err)

@@ -292,6 +292,17 @@ func newETag(tx *bolt.Tx) (string, error) {
 	return base64.StdEncoding.EncodeToString([]byte(strconv.FormatUint(n, 10))), nil
 }
 
+// storeWithNewETag gives d a fresh etag and writes it, in one transaction.
+func (r *Registry) storeWithNewETag(d *Device) error {
+	return r.db.Update(func(tx *bolt.Tx) error {
+		var err error
+		if d.ETag, err = newETag(tx); err != nil {
+			return err
+		}
+		return putDevice(tx, *d)
+	})
+}
+
 func putDevice(tx *bolt.Tx, d Device) error {
 	b, err := json.Marshal(d)
 	if err != nil {
@@ -328,14 +339,7 @@ func (r *Registry) Create(d Device) (Device, error) {
 	if d.Status == StatusDisabled {
 		d.StatusUpdatedTime = now
 	}
-	err := r.db.Update(func(tx *bolt.Tx) error {
-		var err error
-		if d.ETag, err = newETag(tx); err != nil {
-			return err
-		}
-		return putDevice(tx, d)
-	})
-	if err != nil {
+	if err := r.storeWithNewETag(&d); err != nil {
 		r.wmu.Unlock()
 		return Device{}, internal(err)
 	}
@@ -392,14 +396,7 @@ func (r *Registry) Update(d Device, ifMatch string) (Device, error) {
 	if d.Status != cur.Status {
 		d.StatusUpdatedTime = now
 	}
-	err := r.db.Update(func(tx *bolt.Tx) error {
-		var err error
-		if d.ETag, err = newETag(tx); err != nil {
-			return err
-		}
-		return putDevice(tx, d)
-	})
-	if err != nil {
+	if err := r.storeWithNewETag(&d); err != nil {
 		r.wmu.Unlock()
 		return Device{}, internal(err)
 	}

@@ -1,0 +1,39 @@
+// Package endpoints is hubsim's endpoints.json: the file a running hubsim writes into its state
+// directory so that scripts, tests and clients find its addresses, CA and service connection
+// string without parsing logs. It depends on nothing but the standard library, so clients can
+// import it without pulling in the emulator.
+package endpoints
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// File is the name of the file in the state directory.
+const File = "endpoints.json"
+
+// Endpoints is what endpoints.json holds. The connection string includes a key: the file is
+// written mode 0600.
+type Endpoints struct {
+	HubHostName             string `json:"hubHostName"`
+	MQTTAddress             string `json:"mqttAddress"`
+	HTTPSAddress            string `json:"httpsAddress"`
+	ServiceConnectionString string `json:"serviceConnectionString"`
+	CAFile                  string `json:"caFile"`
+	PID                     int    `json:"pid"`
+}
+
+// Read reads stateDir/endpoints.json.
+func Read(stateDir string) (Endpoints, error) {
+	var e Endpoints
+	b, err := os.ReadFile(filepath.Join(stateDir, File))
+	if err != nil {
+		return e, err
+	}
+	if err := json.Unmarshal(b, &e); err != nil {
+		return e, fmt.Errorf("hubsim: %s: %w", filepath.Join(stateDir, File), err)
+	}
+	return e, nil
+}
