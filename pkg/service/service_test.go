@@ -109,7 +109,7 @@ func TestHubsimAdditionsAndErrors(t *testing.T) {
 func TestNewRejectsBadConfig(t *testing.T) {
 	for _, cs := range []string{
 		"",
-		"HostName=h;DeviceId=d;SharedAccessKey=AAAA",             // a device string
+		"HostName=h;DeviceId=d;SharedAccessKey=AAAA",            // a device string
 		"HostName=h;SharedAccessKeyName=p;SharedAccessKey=!!!!", // bad key
 	} {
 		if _, err := service.New(service.Config{ConnectionString: cs}); err == nil {
