@@ -1,0 +1,216 @@
+// Package methods dispatches IoT Hub direct-method calls to handlers registered by name, with
+// bounded concurrency, payload validation before any handler runs, a deadline on every call, and
+// exactly one answer per call: a handler's status and payload, 400 for an invalid payload, 501
+// for an unknown method, 500 for a handler that panics, 429 when too many calls are running, and
+// no answer at all for a handler that overruns its deadline (the caller has given up by then;
+// IoT Hub answers it 504).
+//
+// The package does no I/O of its own: the device session delivers calls and sends the answers
+// (hub.Session.RespondMethod), so it can be tested, and reused, without a connection.
+package methods
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Status codes the dispatcher answers with on its own.
+const (
+	StatusBadRequest      = 400
+	StatusNotImplemented  = 501 // no handler for the method
+	StatusInternalError   = 500 // the handler panicked or returned an invalid payload
+	StatusTooManyRequests = 429 // MaxConcurrent calls already running
+)
+
+// DefaultTimeout is the deadline a handler gets when none is configured: IoT Hub's default
+// response timeout. The device cannot see the caller's own timeout (it is not on the wire).
+const DefaultTimeout = 30 * time.Second
+
+// Request is one call as a handler sees it.
+type Request struct {
+	// Name is the method name.
+	Name string
+	// RequestID is the call's $rid (for logs; answering is the dispatcher's job).
+	RequestID string
+	// Payload is the validated JSON payload; "null" when the caller sent none.
+	Payload json.RawMessage
+}
+
+// Response is a handler's answer. Payload must be valid JSON or empty.
+type Response struct {
+	Status  int
+	Payload []byte
+}
+
+// Handler runs a method. ctx ends at the call's deadline and when the dispatcher closes.
+type Handler interface {
+	Handle(ctx context.Context, req *Request) Response
+}
+
+// HandlerFunc adapts a function to Handler.
+type HandlerFunc func(ctx context.Context, req *Request) Response
+
+// Handle calls f.
+func (f HandlerFunc) Handle(ctx context.Context, req *Request) Response { return f(ctx, req) }
+
+// Responder sends the one answer to call rid.
+type Responder func(ctx context.Context, rid string, status int, payload []byte) error
+
+// Config configures a Dispatcher. The zero value works.
+type Config struct {
+	// MaxConcurrent bounds the calls running at once (default 8).
+	MaxConcurrent int
+	// Timeout is each call's deadline (default DefaultTimeout); Timeouts overrides it per
+	// method.
+	Timeout  time.Duration
+	Timeouts map[string]time.Duration
+	// MaxPayload and MaxDepth bound request payloads (defaults MaxPayload, MaxDepth).
+	MaxPayload int
+	MaxDepth   int
+	// Logger receives one line per call (nil: none).
+	Logger *zap.Logger
+}
+
+// Dispatcher runs calls. Register handlers before the first call; it is safe for concurrent use.
+type Dispatcher struct {
+	cfg      Config
+	log      *zap.Logger
+	respond  Responder
+	mu       sync.RWMutex
+	handlers map[string]Handler
+	sem      chan struct{}
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+}
+
+// New makes a dispatcher that answers through respond.
+func New(cfg Config, respond Responder) *Dispatcher {
+	if cfg.MaxConcurrent <= 0 {
+		cfg.MaxConcurrent = 8
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Dispatcher{cfg: cfg, log: log, respond: respond, handlers: map[string]Handler{},
+		sem: make(chan struct{}, cfg.MaxConcurrent), ctx: ctx, cancel: cancel}
+}
+
+// Register sets the handler for a method name, replacing any earlier one.
+func (d *Dispatcher) Register(name string, h Handler) {
+	d.mu.Lock()
+	d.handlers[name] = h
+	d.mu.Unlock()
+}
+
+// Dispatch starts a call and returns at once; the answer is sent from a goroutine the
+// dispatcher owns. It never blocks on a handler, so it may be called from the session's
+// delivery goroutine.
+func (d *Dispatcher) Dispatch(name, rid string, payload []byte) {
+	d.mu.RLock()
+	h, ok := d.handlers[name]
+	d.mu.RUnlock()
+	log := d.log.With(zap.String("method", name), zap.String("rid", rid))
+	if d.ctx.Err() != nil {
+		log.Info("direct method dropped: dispatcher closed")
+		return
+	}
+	if !ok {
+		log.Info("direct method not implemented")
+		d.answer(log, rid, StatusNotImplemented, errorBody("method %q is not implemented", name))
+		return
+	}
+	if err := ValidatePayload(payload, d.cfg.MaxPayload, d.cfg.MaxDepth); err != nil {
+		log.Info("direct method payload refused", zap.Error(err))
+		d.answer(log, rid, StatusBadRequest, errorBody("%v", err))
+		return
+	}
+	select {
+	case d.sem <- struct{}{}:
+	default:
+		log.Warn("direct method refused: too many calls running", zap.Int("limit", cap(d.sem)))
+		d.answer(log, rid, StatusTooManyRequests, errorBody("too many method calls running"))
+		return
+	}
+	timeout := d.cfg.Timeout
+	if t, ok := d.cfg.Timeouts[name]; ok && t > 0 {
+		timeout = t
+	}
+	if len(payload) == 0 {
+		payload = []byte("null")
+	}
+	req := &Request{Name: name, RequestID: rid, Payload: json.RawMessage(payload)}
+	d.mu.Lock() // orders Add against Close's Wait
+	if d.ctx.Err() != nil {
+		d.mu.Unlock()
+		<-d.sem
+		return
+	}
+	d.wg.Add(1)
+	d.mu.Unlock()
+	go func() {
+		defer d.wg.Done()
+		defer func() { <-d.sem }()
+		ctx, cancel := context.WithTimeout(d.ctx, timeout)
+		defer cancel()
+		start := time.Now()
+		resp, panicked := run(ctx, h, req)
+		switch {
+		case panicked != nil:
+			log.Error("direct method handler panicked", zap.Any("panic", panicked), zap.ByteString("stack", debug.Stack()))
+			resp = Response{Status: StatusInternalError, Payload: errorBody("the handler failed")}
+		case ctx.Err() != nil:
+			// Past the deadline the caller has its 504 already; an answer now would be ignored
+			// by the hub at best.
+			log.Warn("direct method handler overran its deadline: not answered", zap.Duration("timeout", timeout),
+				zap.Duration("took", time.Since(start)))
+			return
+		case len(resp.Payload) > 0 && !json.Valid(resp.Payload):
+			log.Error("direct method handler returned invalid JSON")
+			resp = Response{Status: StatusInternalError, Payload: errorBody("the handler returned an invalid payload")}
+		}
+		log.Info("direct method answered", zap.Int("status", resp.Status), zap.Duration("took", time.Since(start)))
+		d.answer(log, rid, resp.Status, resp.Payload)
+	}()
+}
+
+func run(ctx context.Context, h Handler, req *Request) (resp Response, panicked any) {
+	defer func() {
+		if p := recover(); p != nil {
+			panicked = p
+		}
+	}()
+	return h.Handle(ctx, req), nil
+}
+
+func (d *Dispatcher) answer(log *zap.Logger, rid string, status int, payload []byte) {
+	ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
+	defer cancel()
+	if err := d.respond(ctx, rid, status, payload); err != nil {
+		log.Warn("direct method answer not sent", zap.Error(err))
+	}
+}
+
+// Close cancels running handlers' contexts and waits for them to return.
+func (d *Dispatcher) Close() {
+	d.mu.Lock()
+	d.cancel()
+	d.mu.Unlock()
+	d.wg.Wait()
+}
+
+func errorBody(format string, args ...any) []byte {
+	b, _ := json.Marshal(map[string]string{"message": fmt.Sprintf(format, args...)})
+	return b
+}
