@@ -173,7 +173,8 @@ func TestDeviceRunSendsTelemetryAndStopsCleanly(t *testing.T) {
 	}
 	b.Publish("devices/dev1/messages/devicebound/%24.mid=c2d-1&k=v", []byte("hi"), 1)
 	waitLog(t, logs, "cloud-to-device message")
-	waitLog(t, logs, "twin received")
+	waitLog(t, logs, "twin synced")
+	waitLog(t, logs, "reported properties confirmed") // the agent facts
 	cancel()
 	select {
 	case err := <-done:
