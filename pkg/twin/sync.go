@@ -254,6 +254,14 @@ func (s *Sync) Desired(p *hub.DesiredPatch) {
 // Report merges patch into the intended reported state (last writer wins; null deletes),
 // persists it, and has it sent. The patch must pass the document rules.
 func (s *Sync) Report(patch map[string]any) error {
+	// normalise Go values (ints, structs) to decoded JSON, so comparisons with the hub's view hold
+	b, err := json.Marshal(patch)
+	if err != nil {
+		return &Error{Rule: RuleJSON, Detail: err.Error()}
+	}
+	if patch, err = Decode(b); err != nil {
+		return err
+	}
 	if err := CheckPatch(patch); err != nil {
 		return err
 	}
