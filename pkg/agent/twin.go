@@ -118,6 +118,9 @@ func (d *Device) handler(b TwinBehaviour) twin.Handler {
 		return func(context.Context, twin.Change) twin.Ack { return twin.Ack{} }
 	case "delay":
 		return func(_ context.Context, c twin.Change) twin.Ack {
+			if c.Deleted {
+				return twin.Ack{}
+			}
 			c.Later(b.Delay, twin.Ack{Status: 200, Description: b.Description})
 			return twin.Ack{Status: 202, Description: "in progress"}
 		}

@@ -59,6 +59,8 @@ type Ack struct {
 
 // Handler applies a desired property and returns its acknowledgement. It runs on the sync's
 // goroutine, one change at a time; it should return promptly (use Change.Later for slow work).
+// For a deleted property (Change.Deleted) the property's ack is removed from reported whatever
+// the handler returns.
 type Handler func(ctx context.Context, c Change) Ack
 
 // SyncConfig configures a Sync.
@@ -558,7 +560,7 @@ func setAck(patch map[string]any, path string, c Change, a Ack) {
 	if a.Description != "" {
 		ack["ad"] = a.Description
 	}
-	if c.Deleted && a.Value == nil {
+	if c.Deleted {
 		ack = nil // the property went away: its ack goes too
 	}
 	parts := strings.Split(path, ".")
