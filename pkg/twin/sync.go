@@ -119,6 +119,7 @@ type Sync struct {
 	wake      chan struct{}
 
 	// owned by Run
+	online      bool // a connect has been seen: twin requests can be answered
 	applied     int64
 	desired     map[string]any
 	needGet     bool
@@ -345,6 +346,7 @@ func (s *Sync) step(ctx context.Context) {
 	if s.connected {
 		s.connected = false
 		s.needGet = true
+		s.online = true
 		if len(s.cfg.Facts) > 0 {
 			s.mu.Unlock()
 			if err := s.Report(s.cfg.Facts); err != nil {
@@ -357,6 +359,9 @@ func (s *Sync) step(ctx context.Context) {
 		s.overflow, s.needGet = false, true
 	}
 	s.mu.Unlock()
+	if !s.online {
+		return // nothing to ask before the first connect; Report and Desired just queue
+	}
 	if s.needGet {
 		if !s.fullGet(ctx) {
 			return

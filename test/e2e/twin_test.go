@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
+	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -227,6 +229,112 @@ func TestTwinLimitRejected(t *testing.T) {
 	}
 	if tw.Properties.Desired["$metadata"] == nil || tw.Properties.Reported["$metadata"] == nil {
 		t.Fatalf("service view without $metadata: %+v", tw.Properties)
+	}
+	if err := a.stop(); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+}
+
+// startHubWith is startHub with extra hubsim flags.
+func startHubWith(t *testing.T, extra ...string) *hub {
+	t.Helper()
+	state := t.TempDir()
+	args := append([]string{"serve", "--state", state, "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0",
+		"--log-format", "json", "--log-level", "debug"}, extra...)
+	p := startProc(t, "hubsim", args...)
+	p.await(0, "hubsim ready", msgIs("hubsim ready"))
+	ep, err := endpoints.Read(state)
+	if err != nil || ep.PID != p.cmd.Process.Pid {
+		t.Fatalf("endpoints.json after ready: %+v %v", ep, err)
+	}
+	c, err := service.New(service.Config{ConnectionString: ep.ServiceConnectionString, Address: ep.HTTPSAddress, CAFile: ep.CAFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return &hub{proc: p, state: state, ep: ep, svc: c}
+}
+
+// Over hubsim's twin rate limit the agent's requests get 429; it backs off, retries, and the
+// hub still ends with the agent's intended state.
+func TestTwinThrottledAgentConverges(t *testing.T) {
+	h := startHubWith(t, "--twin-rate-limit", "3")
+	d := createDevice(t, h, "e2e-twin-429")
+	state := t.TempDir()
+	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), state, "")
+	a.await(0, "twin synced", msgIs("twin synced"))
+	var last float64
+	for i := 1; i <= 30; i++ {
+		last = desiredPatch(t, h, d.DeviceID, map[string]any{fmt.Sprintf("k%d", i%3): i})
+	}
+	a.await(0, "a 429 retried", and(msgIs("twin reported PATCH failed, retrying")))
+	a.await(0, "the last version applied", and(msgIs("desired version applied"), field("version", last)))
+	eventually(t, "hub reported == agent intended", func() error {
+		r, _ := hubReported(t, h, d.DeviceID)
+		want := plain(t, intended(t, state, d.DeviceID))
+		if !reflect.DeepEqual(r, want) {
+			return fmt.Errorf("hub %v\nagent %v", r, want)
+		}
+		if _, av, _ := ack(r, "k0"); av != last {
+			return fmt.Errorf("k0 ack av %v, want %v", av, last)
+		}
+		return nil
+	})
+	if err := a.stop(); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+}
+
+// The configurable behaviours: accept after a delay (202 then 200), reject with a status, and a
+// command whose exit status decides the ack.
+func TestTwinBehaviours(t *testing.T) {
+	h := newHub(t)
+	d := createDevice(t, h, "e2e-twin-behaviours")
+	out := filepath.Join(t.TempDir(), "led")
+	cfg := fmt.Sprintf(`twin:
+  default:
+    action: ignore
+  properties:
+    slow:
+      action: delay
+      delay: 300ms
+    locked:
+      action: reject
+      status: 409
+      description: read-only
+    led:
+      action: command
+      command: ["/bin/sh", "-c", "printf '%%s' \"$IOTHUBBY_VALUE\" > %s"]
+    broken:
+      action: command
+      command: ["/bin/sh", "-c", "echo no such device >&2; exit 3"]
+`, out)
+	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), t.TempDir(), cfg)
+	a.await(0, "twin synced", msgIs("twin synced"))
+	v := desiredPatch(t, h, d.DeviceID, map[string]any{"slow": "on", "locked": 1, "led": "green", "broken": true, "free": 1})
+	a.await(0, "202 for slow", and(msgIs("desired property applied"), field("path", "slow"), field("ac", 202)))
+	a.await(0, "200 for slow", and(msgIs("desired property applied"), field("path", "slow"), field("ac", 200)))
+	eventually(t, "acks", func() error {
+		r, _ := hubReported(t, h, d.DeviceID)
+		if ac, av, val := ack(r, "slow"); ac != 200 || av != v || val != "on" {
+			return fmt.Errorf("slow %v", r["slow"])
+		}
+		if ac, _, _ := ack(r, "locked"); ac != 409 || r["locked"].(map[string]any)["ad"] != "read-only" {
+			return fmt.Errorf("locked %v", r["locked"])
+		}
+		if ac, _, val := ack(r, "led"); ac != 200 || val != "green" {
+			return fmt.Errorf("led %v", r["led"])
+		}
+		if ac, _, _ := ack(r, "broken"); ac != 500 || r["broken"].(map[string]any)["ad"] != "no such device" {
+			return fmt.Errorf("broken %v", r["broken"])
+		}
+		if _, ok := r["free"]; ok {
+			return fmt.Errorf("ignored property acked: %v", r["free"])
+		}
+		return nil
+	})
+	if b, err := os.ReadFile(out); err != nil || string(b) != `"green"` {
+		t.Fatalf("command output %q %v", b, err)
 	}
 	if err := a.stop(); err != nil {
 		t.Fatalf("agent exit: %v", err)

@@ -273,7 +273,7 @@ func deviceError(status, code int, msg string) broker.TwinResponse {
 	return broker.TwinResponse{Status: status, Version: -1, Body: b}
 }
 
-var throttled = func() broker.TwinResponse {
+func throttled() broker.TwinResponse {
 	return deviceError(429, 429001, "ThrottlingException: twin operations over the hub's rate limit; retry later")
 }
 
@@ -355,7 +355,7 @@ func updateMeta(meta map[string]any, patch map[string]any, now string, version a
 			delete(meta, k)
 		case map[string]any:
 			node, ok := meta[k].(map[string]any)
-			if !ok || !isObjectMeta(node) {
+			if !ok {
 				node = map[string]any{}
 				meta[k] = node
 			}
@@ -369,10 +369,6 @@ func updateMeta(meta map[string]any, patch map[string]any, now string, version a
 		}
 	}
 }
-
-// isObjectMeta tells an object's metadata node (which has children) from a leaf's; a node for
-// an empty object has only $ keys and is treated as an object too.
-func isObjectMeta(node map[string]any) bool { return node != nil }
 
 // Twin is the service view of a device twin, Azure's JSON shape.
 type Twin struct {
@@ -457,9 +453,6 @@ func (s *Store) Reported(id string) (map[string]any, int64, error) {
 	return twin.Clone(t.Reported).(map[string]any), t.ReportedVersion, nil
 }
 
-// ErrETagMismatch is PreconditionFailed for a twin.
-var errETag = wire.ErrPreconditionFailed
-
 // matchETag applies If-Match: empty, * and "*" match anything; otherwise one pair of quotes is
 // stripped and the rest compared.
 func matchETag(ifMatch, etag string) bool {
@@ -536,7 +529,7 @@ func (s *Store) change(id, ifMatch string, body []byte, replace bool) (Twin, err
 	}
 	defer t.mu.Unlock()
 	if !matchETag(ifMatch, ETag(t.Version)) {
-		return Twin{}, errETag.WithText("twin %s: etag does not match If-Match", id)
+		return Twin{}, wire.ErrPreconditionFailed.WithText("twin %s: etag does not match If-Match", id)
 	}
 	var newTags, newDesired, notify map[string]any
 	if replace {
