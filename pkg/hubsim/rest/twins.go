@@ -15,7 +15,8 @@ type Twins interface {
 	Replace(id, ifMatch string, body []byte) (twins.Twin, error)
 }
 
-// twinRoute serves GET (RegistryRead), PATCH and PUT (ServiceConnect) on /twins/{id}.
+// twinRoute serves GET, PATCH and PUT on /twins/{id}; all need ServiceConnect, as IoT Hub's
+// permissions say ("retrieve and update device twins").
 func (h *handler) twinRoute(r *http.Request) (registry.Rights, func(http.ResponseWriter, *http.Request, []string)) {
 	if h.cfg.Twins == nil {
 		return 0, func(w http.ResponseWriter, r *http.Request, _ []string) {
@@ -24,13 +25,13 @@ func (h *handler) twinRoute(r *http.Request) (registry.Rights, func(http.Respons
 	}
 	switch r.Method {
 	case http.MethodGet:
-		return registry.RegistryRead, h.getTwin
+		return registry.ServiceConnect, h.getTwin
 	case http.MethodPatch:
 		return registry.ServiceConnect, h.changeTwin(h.cfg.Twins.Update)
 	case http.MethodPut:
 		return registry.ServiceConnect, h.changeTwin(h.cfg.Twins.Replace)
 	}
-	return registry.RegistryRead, methodNotAllowed
+	return registry.ServiceConnect, methodNotAllowed
 }
 
 func (h *handler) getTwin(w http.ResponseWriter, _ *http.Request, seg []string) {

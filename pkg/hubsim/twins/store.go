@@ -59,6 +59,8 @@ type Store struct {
 	twins map[string]*devTwin
 	dirty map[string]bool
 
+	flushMu sync.Mutex // one flush at a time, so an older snapshot never overwrites a newer one
+
 	limMu  sync.Mutex
 	tokens float64
 	last   time.Time
@@ -180,6 +182,8 @@ func (s *Store) flusher() {
 func (s *Store) Flush() error { return s.flush() }
 
 func (s *Store) flush() error {
+	s.flushMu.Lock()
+	defer s.flushMu.Unlock()
 	s.mu.Lock()
 	if len(s.dirty) == 0 {
 		s.mu.Unlock()
