@@ -294,15 +294,12 @@ func Equal(a, b any) bool {
 	return reflect.DeepEqual(a, b)
 }
 
-// StripReserved removes the members IoT Hub manages ($version, $metadata and any other key
-// starting with '$') from the top level of a section, as a service replace or patch may carry
-// them back from a twin it read.
+// StripReserved removes the members IoT Hub manages ($version and $metadata) from the top level
+// of a section, as a service replace or patch may carry them back from a twin it read. Any other
+// key starting with '$' stays, and fails CheckPatch.
 func StripReserved(doc map[string]any) {
-	for k := range doc {
-		if strings.HasPrefix(k, "$") {
-			delete(doc, k)
-		}
-	}
+	delete(doc, "$version")
+	delete(doc, "$metadata")
 }
 
 // CheckPatch checks a patch (or a whole section) against the key, string, integer and depth

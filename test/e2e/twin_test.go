@@ -258,7 +258,8 @@ func startHubWith(t *testing.T, extra ...string) *hub {
 // Over hubsim's twin rate limit the agent's requests get 429; it backs off, retries, and the
 // hub still ends with the agent's intended state.
 func TestTwinThrottledAgentConverges(t *testing.T) {
-	h := startHubWith(t, "--twin-rate-limit", "3")
+	// one request per second: the agent's facts PATCH right after its GET is already over it
+	h := startHubWith(t, "--twin-rate-limit", "1")
 	d := createDevice(t, h, "e2e-twin-429")
 	state := t.TempDir()
 	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), state, "")
