@@ -255,7 +255,9 @@ func (s *Sync) Desired(p *hub.DesiredPatch) {
 }
 
 // Report merges patch into the intended reported state (last writer wins; null deletes),
-// persists it, and has it sent. The patch must pass the document rules.
+// persists it, and has the top-level members that changed sent. Members equal to the intended
+// state are not sent again (a reconnect's GET re-sends whatever the hub lacks). The patch must
+// pass the document rules.
 func (s *Sync) Report(patch map[string]any) error {
 	// normalise Go values (ints, structs) to decoded JSON, so comparisons with the hub's view hold
 	b, err := json.Marshal(patch)
@@ -274,14 +276,24 @@ func (s *Sync) Report(patch map[string]any) error {
 		s.mu.Unlock()
 		return err
 	}
-	s.intended = next
-	s.gen++
+	changed := false
 	for k := range patch {
-		s.dirty[k] = s.gen
+		ov, had := s.intended[k]
+		nv, has := next[k]
+		if had != has || !Equal(ov, nv) {
+			s.gen++
+			s.dirty[k] = s.gen
+			changed = true
+		}
 	}
-	s.saveLocked()
+	s.intended = next
+	if changed {
+		s.saveLocked()
+	}
 	s.mu.Unlock()
-	s.poke()
+	if changed {
+		s.poke()
+	}
 	return nil
 }
 
