@@ -121,13 +121,16 @@ func NewBroker(t testing.TB) *Broker {
 	if err := b.srv.AddHook(b.Hook, nil); err != nil {
 		t.Fatal(err)
 	}
-	l := listeners.NewTCP(listeners.Config{ID: "tls", Address: "127.0.0.1:0",
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{serverCert}, MinVersion: tls.VersionTLS12,
-			ClientAuth: tls.RequestClientCert}})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &trackedListener{ln: tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{serverCert},
+		MinVersion: tls.VersionTLS12, ClientAuth: tls.RequestClientCert})}
 	if err := b.srv.AddListener(l); err != nil {
 		t.Fatal(err)
 	}
-	b.Addr = l.Address()
+	b.Addr = ln.Addr().String()
 	go func() { _ = b.srv.Serve() }()
 	t.Cleanup(func() {
 		b.Hook.mu.Lock()
@@ -136,6 +139,9 @@ func NewBroker(t testing.TB) *Broker {
 			delete(b.Hook.Timers, cl)
 		}
 		b.Hook.mu.Unlock()
+		// mochi v2.7.9's Server.Close races with a connection it is still establishing, so stop
+		// accepting, close every connection and wait for their goroutines before closing it.
+		l.stop()
 		_ = b.srv.Close()
 	})
 	return b
@@ -491,4 +497,60 @@ func NewLeaf(t testing.TB, ca *x509.Certificate, caKey *ecdsa.PrivateKey, names 
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// trackedListener is a mochi listener that keeps its connections and their goroutines, so the
+// broker can end all of them, and wait, before it closes the server.
+type trackedListener struct {
+	ln    net.Listener
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	done  bool
+}
+
+func (l *trackedListener) ID() string              { return "tls" }
+func (l *trackedListener) Address() string         { return l.ln.Addr().String() }
+func (l *trackedListener) Protocol() string        { return "tcp" }
+func (l *trackedListener) Init(*slog.Logger) error { return nil }
+func (l *trackedListener) Close(listeners.CloseFn) { l.stop() }
+
+func (l *trackedListener) Serve(establish listeners.EstablishFn) {
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			return
+		}
+		l.mu.Lock()
+		if l.done {
+			l.mu.Unlock()
+			_ = conn.Close()
+			return
+		}
+		if l.conns == nil {
+			l.conns = map[net.Conn]struct{}{}
+		}
+		l.conns[conn] = struct{}{}
+		l.wg.Add(1)
+		l.mu.Unlock()
+		go func() {
+			defer l.wg.Done()
+			_ = establish(l.ID(), conn)
+			l.mu.Lock()
+			delete(l.conns, conn)
+			l.mu.Unlock()
+		}()
+	}
+}
+
+// stop closes the listener and every connection, and waits for the connection goroutines.
+func (l *trackedListener) stop() {
+	l.mu.Lock()
+	l.done = true
+	_ = l.ln.Close()
+	for c := range l.conns {
+		_ = c.Close()
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
 }
