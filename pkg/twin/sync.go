@@ -430,7 +430,13 @@ func (s *Sync) fullGet(ctx context.Context) bool {
 	s.mu.Unlock()
 	s.log.Info("twin synced", zap.Int64("desired_version", version), zap.Int64("reported_version", rv),
 		zap.Int64("applied_version", s.applied))
-	if version > s.applied {
+	switch {
+	case version > s.applied:
+		s.apply(ctx, desired, version, true)
+	case version < s.applied:
+		// The hub's twin is older than what was applied: the device was re-created, or the hub
+		// lost state. The GET is the truth; apply it, or later patches would all look stale.
+		s.log.Warn("desired version went back; applying the hub's twin", zap.Int64("hub_version", version), zap.Int64("applied_version", s.applied))
 		s.apply(ctx, desired, version, true)
 	}
 	return true

@@ -262,3 +262,52 @@ func TestSyncRetriesThrottlingAndDropsRejected(t *testing.T) {
 		t.Fatal("bad key accepted")
 	}
 }
+
+// A twin whose desired version went back (device re-created) is applied, not ignored.
+func TestSyncDesiredVersionWentBack(t *testing.T) {
+	dir := t.TempDir()
+	var mu sync.Mutex
+	var seen []any
+	cfg := twin.SyncConfig{DeviceID: "d3", StateDir: dir, Handlers: map[string]twin.Handler{
+		"mode": func(_ context.Context, c twin.Change) twin.Ack {
+			mu.Lock()
+			seen = append(seen, c.Value)
+			mu.Unlock()
+			return twin.Ack{Status: 200}
+		},
+	}}
+	f := newFakeHub()
+	for i := 0; i < 5; i++ {
+		f.setDesired(`{"mode":"old"}`)
+	}
+	s, err := twin.NewSync(f, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	s.Connected()
+	f.waitReported(t, "ack at version 6", func(r map[string]any) bool { _, av, _ := ackOf(r, "mode"); return av == 6 })
+	stop()
+
+	f2 := newFakeHub() // the device was deleted and created again: desired starts at 1
+	f2.setDesired(`{"mode":"new"}`)
+	s2, err := twin.NewSync(f2, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop2 := run(t, s2)
+	defer stop2()
+	s2.Connected()
+	f2.waitReported(t, "ack at version 2", func(r map[string]any) bool {
+		_, av, v := ackOf(r, "mode")
+		return av == 2 && v == "new"
+	})
+	p3 := f2.setDesired(`{"mode":"newer"}`)
+	s2.Desired(p3)
+	f2.waitReported(t, "ack at version 3", func(r map[string]any) bool { _, av, v := ackOf(r, "mode"); return av == 3 && v == "newer" })
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(seen) != "[old new newer]" {
+		t.Fatalf("handler saw %v", seen)
+	}
+}
