@@ -45,11 +45,12 @@ ca_file=$(sed -n 's/.*"caFile": *"\([^"]*\)".*/\1/p' "$hubdir/endpoints.json")
 
 echo "hubsim is up (state $hubdir); running the agent as $device. Ctrl-C stops both." >&2
 echo "Try, in another terminal:  bin/hubby --hubsim-state $hubdir device list" >&2
+echo "                           bin/hubby --hubsim-state $hubdir twin update $device --desired telemetryInterval=5" >&2
 
 # The agent runs in the foreground of this script's process group, so Ctrl-C reaches it directly;
 # SIGTERM sent to this script is passed on.
 "$bin/agent" run --config "$config" --connection-string-file "$cs_file" --ca-file "$ca_file" \
-	--telemetry-interval "${TELEMETRY_INTERVAL:-5s}" &
+	--state-dir "$state/agent" --telemetry-interval "${TELEMETRY_INTERVAL:-5s}" &
 agent_pid=$!
 signalled=0
 trap 'signalled=1; kill -TERM "$agent_pid" 2>/dev/null || true' INT TERM

@@ -107,6 +107,7 @@ type runFlags struct {
 	telemetryInterval     time.Duration
 	shutdownTimeout       time.Duration
 	logLevel, logFormat   string
+	stateDir              string
 }
 
 func newRunCmd(stderr io.Writer) *cobra.Command {
@@ -161,6 +162,7 @@ func bindRunFlags(cmd *cobra.Command, f *runFlags) {
 	fl.StringVar(&f.caFile, "ca-file", "", "PEM CA bundle trusted for the hub's certificate (default: system roots)")
 	fl.DurationVar(&f.telemetryInterval, "telemetry-interval", 0, "interval between telemetry messages (0s disables)")
 	fl.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 0, "bound on draining queued telemetry at shutdown")
+	fl.StringVar(&f.stateDir, "state-dir", "", "directory for state that survives a restart (intended reported properties, last desired version)")
 	fl.StringVar(&f.logLevel, "log-level", "", "log level: debug, info, warn, error (default info)")
 	fl.StringVar(&f.logFormat, "log-format", "", "log format: console or json (default console)")
 }
@@ -223,6 +225,7 @@ func loadConfig(cmd *cobra.Command, f *runFlags) (agent.Config, error) {
 	if changed("shutdown-timeout") {
 		cfg.ShutdownTimeout = f.shutdownTimeout
 	}
+	set("state-dir", &cfg.StateDir, f.stateDir)
 	set("log-level", &cfg.Log.Level, f.logLevel)
 	set("log-format", &cfg.Log.Format, f.logFormat)
 	return cfg, nil

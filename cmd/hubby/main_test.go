@@ -86,3 +86,50 @@ func TestNoHubIsAClearError(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+func TestTwinCommandsAgainstHubsim(t *testing.T) {
+	srv, err := hubsim.Start(context.Background(), hubsim.Config{StateDir: t.TempDir(), MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0"}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	st := "--hubsim-state=" + srv.StateDir()
+	if _, err := hubby(t, st, "device", "create", "t1"); err != nil {
+		t.Fatal(err)
+	}
+	out, err := hubby(t, st, "-o", "json", "twin", "update", "t1", "--desired", "interval=5", "--desired", "net.mode=eco", "--tag", "site=\"lab\"")
+	if err != nil {
+		t.Fatalf("update: %v", err)
+	}
+	var tw struct {
+		ETag       string
+		Tags       map[string]any
+		Properties struct{ Desired map[string]any }
+	}
+	if err := json.Unmarshal([]byte(out), &tw); err != nil {
+		t.Fatalf("%q: %v", out, err)
+	}
+	if tw.Properties.Desired["interval"] != 5.0 || tw.Tags["site"] != "lab" ||
+		tw.Properties.Desired["net"].(map[string]any)["mode"] != "eco" || tw.Properties.Desired["$version"] != 2.0 {
+		t.Fatalf("after update: %+v", tw)
+	}
+	if _, err := hubby(t, st, "twin", "update", "t1", "--desired", "x=1", "--etag", "AAAAAAAAAAA="); err == nil || !strings.Contains(err.Error(), "PreconditionFailed") {
+		t.Fatalf("stale etag: %v", err)
+	}
+	if _, err := hubby(t, st, "twin", "update", "t1", "--patch", `{"properties":{"desired":{"a.b":1}}}`); err == nil || !strings.Contains(err.Error(), "ArgumentInvalid") {
+		t.Fatalf("bad key: %v", err)
+	}
+	if _, err := hubby(t, st, "twin", "update", "t1", "--patch", `{"a":1,"a":2}`); err == nil || !strings.Contains(err.Error(), "duplicate") {
+		t.Fatalf("duplicate key: %v", err)
+	}
+	if _, err := hubby(t, st, "twin", "update", "t1"); err == nil || !strings.Contains(err.Error(), "nothing to change") {
+		t.Fatalf("empty update: %v", err)
+	}
+	if _, err := hubby(t, st, "twin", "replace", "t1", "--etag", tw.ETag, "--patch", `{"properties":{"desired":{"only":true}}}`); err != nil {
+		t.Fatalf("replace: %v", err)
+	}
+	out, err = hubby(t, st, "twin", "get", "t1")
+	if err != nil || !strings.Contains(out, `desired:  {"only":true}`) || !strings.Contains(out, "tags:     {}") {
+		t.Fatalf("get after replace: %q %v", out, err)
+	}
+}

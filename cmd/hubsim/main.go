@@ -77,6 +77,7 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.StringVar(&cfg.MQTTAddr, "mqtt-addr", "127.0.0.1:8883", "device MQTT/TLS listen address (port 0: any free port)")
 	f.StringVar(&cfg.HTTPSAddr, "https-addr", "127.0.0.1:8443", "service HTTPS listen address (port 0: any free port)")
 	f.DurationVar(&cfg.TokenGrace, "token-grace", 0, "how long past a device SAS token's expiry its connection stays open")
+	f.Float64Var(&cfg.TwinRateLimit, "twin-rate-limit", 0, "device twin GETs and PATCHes per second across the hub; over it, 429 (0: unlimited)")
 	f.StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&format, "log-format", "console", "log format: console or json")
 	_ = cmd.MarkFlagRequired("state")

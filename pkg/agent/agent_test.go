@@ -53,6 +53,10 @@ func TestParseConfigExample(t *testing.T) {
 	if _, err := agent.ParseTemplate(c.Telemetry.Template); err != nil {
 		t.Error(err)
 	}
+	if c.StateDir == "" || c.Twin.Properties["firmware.channel"].Delay != 5*time.Second ||
+		c.Twin.Properties["serialNumber"].Status != 400 || len(c.Twin.Properties["led"].Command) != 3 {
+		t.Errorf("twin section parsed as %+v (stateDir %q)", c.Twin, c.StateDir)
+	}
 }
 
 func TestParseConfigErrors(t *testing.T) {
@@ -173,7 +177,8 @@ func TestDeviceRunSendsTelemetryAndStopsCleanly(t *testing.T) {
 	}
 	b.Publish("devices/dev1/messages/devicebound/%24.mid=c2d-1&k=v", []byte("hi"), 1)
 	waitLog(t, logs, "cloud-to-device message")
-	waitLog(t, logs, "twin received")
+	waitLog(t, logs, "twin synced")
+	waitLog(t, logs, "reported properties confirmed") // the agent facts
 	cancel()
 	select {
 	case err := <-done:
@@ -258,5 +263,43 @@ func waitLog(t *testing.T, logs *observer.ObservedLogs, msg string) {
 			t.Fatalf("no %q log line", msg)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestTwinConfigValidation(t *testing.T) {
+	base := "connectionString: \"HostName=hub.test;DeviceId=dev1;SharedAccessKey=" + keyB64 + "\"\n"
+	good := base + `twin:
+  firmwareVersion: "2.0"
+  reported: {site: lab, rack: {row: 3}}
+  default: {action: reject, status: 403}
+  properties:
+    a: {action: accept}
+    b.c: {action: delay, delay: 2s}
+    d: {action: command, command: [/bin/true], timeout: 1s}
+    e: {action: ignore}
+`
+	c, err := agent.ParseConfig([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := agent.New(c, nil); err != nil {
+		t.Fatalf("valid twin config refused: %v", err)
+	}
+	for name, bad := range map[string]string{
+		"unknown action":   "twin:\n  properties:\n    a: {action: dance}\n",
+		"delay without":    "twin:\n  properties:\n    a: {action: delay}\n",
+		"reject 200":       "twin:\n  default: {action: reject, status: 200}\n",
+		"command without":  "twin:\n  properties:\n    a: {action: command}\n",
+		"bad path":         "twin:\n  properties:\n    \"a b\": {action: accept}\n",
+		"bad reported key": "twin:\n  reported: {\"x$\": 1}\n",
+		"unknown field":    "twin:\n  properties:\n    a: {action: accept, dealy: 1s}\n",
+	} {
+		c, err := agent.ParseConfig([]byte(base + bad))
+		if err == nil {
+			_, err = agent.New(c, nil)
+		}
+		if !errors.Is(err, agent.ErrConfig) {
+			t.Errorf("%s: err = %v, want ErrConfig", name, err)
+		}
 	}
 }

@@ -46,7 +46,12 @@ type Config struct {
 	Connection ConnectionConfig `yaml:"connection"`
 	Queue      QueueConfig      `yaml:"queue"`
 	Telemetry  TelemetryConfig  `yaml:"telemetry"`
+	Twin       TwinConfig       `yaml:"twin"`
 	Log        LogConfig        `yaml:"log"`
+
+	// StateDir keeps what must survive a restart (twin-<deviceId>.json: the intended reported
+	// state and the last applied desired version). Empty: nothing is kept.
+	StateDir string `yaml:"stateDir"`
 
 	// ShutdownTimeout bounds the drain of queued telemetry on shutdown. Default 5s.
 	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`

@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/twin"
 )
 
 // TemplateData is what a telemetry template sees.
@@ -70,6 +71,8 @@ type Device struct {
 	delivered atomic.Uint64
 	failed    atomic.Uint64
 
+	sync atomic.Pointer[twin.Sync]
+
 	stop     chan struct{}
 	stopOnce sync.Once
 	running  sync.Mutex
@@ -93,6 +96,9 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	}
 	if cfg.ShutdownTimeout == 0 {
 		cfg.ShutdownTimeout = DefaultShutdownTimeout
+	}
+	if err := cfg.Twin.check(); err != nil {
+		return nil, err
 	}
 	tmpl, err := ParseTemplate(cfg.Telemetry.Template)
 	if err != nil {
@@ -136,22 +142,24 @@ func (d *Device) Run(ctx context.Context) error {
 	}
 	defer d.running.Unlock()
 
-	connected := make(chan struct{}, 1)
+	var sessRef atomic.Pointer[hub.Session]
+	ts, err := d.newSync(lazySession{&sessRef})
+	if err != nil {
+		return fmt.Errorf("device %s: %w", d.id.deviceID, err)
+	}
+	d.sync.Store(ts)
 	hc := d.hcfg
 	hc.Logger = d.log
 	hc.OnStatus = func(st hub.Status) {
 		if st.State == hub.Connected {
-			select {
-			case connected <- struct{}{}:
-			default:
-			}
+			ts.Connected()
 		}
 	}
 	hc.OnC2D = d.onC2D
 	hc.OnDesired = func(_ context.Context, p *hub.DesiredPatch) {
-		d.log.Info("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
+		d.log.Debug("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
+		ts.Desired(p)
 	}
-	var sessRef atomic.Pointer[hub.Session]
 	hc.OnMethod = func(ctx context.Context, r *hub.MethodRequest) {
 		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
 		sess := sessRef.Load()
@@ -170,6 +178,14 @@ func (d *Device) Run(ctx context.Context) error {
 	d.log.Info("starting", zap.String("host", hc.Host), zap.String("address", sess.Config().Address),
 		zap.String("auth", d.id.cred.Kind().String()), zap.Duration("telemetry_interval", d.cfg.Telemetry.Interval))
 
+	syncCtx, stopSync := context.WithCancel(context.Background())
+	syncDone := make(chan struct{})
+	go func() {
+		defer close(syncDone)
+		ts.Run(syncCtx)
+	}()
+	defer func() { stopSync(); <-syncDone }()
+
 	var tick <-chan time.Time
 	if d.cfg.Telemetry.Interval > 0 {
 		t := time.NewTicker(d.cfg.Telemetry.Interval)
@@ -187,13 +203,13 @@ loop:
 		case <-sess.Done():
 			runErr = sess.Err()
 			break loop
-		case <-connected:
-			d.twinGet(ctx, sess)
 		case now := <-tick:
 			d.sendTelemetry(sess, now)
 		}
 	}
 	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
+	stopSync()
+	<-syncDone
 	cctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout)
 	defer cancel()
 	if err := sess.Close(cctx); err != nil {
@@ -215,16 +231,21 @@ func (d *Device) Close() {
 	d.running.Unlock() //nolint:staticcheck // wait for Run to finish
 }
 
-// twinGet fetches the twin after each connect and logs its versions; full twin sync comes later.
-func (d *Device) twinGet(ctx context.Context, sess *hub.Session) {
-	resp, err := sess.TwinGet(ctx)
-	if err != nil {
-		if ctx.Err() == nil {
-			d.log.Warn("twin get failed", zap.Error(err))
-		}
-		return
+// lazySession lets the twin sync exist before the session it talks through.
+type lazySession struct{ p *atomic.Pointer[hub.Session] }
+
+func (l lazySession) TwinGet(ctx context.Context) (hub.Response, error) {
+	if s := l.p.Load(); s != nil {
+		return s.TwinGet(ctx)
 	}
-	d.log.Info("twin received", zap.Int("status", resp.Status), zap.Int("size", len(resp.Body)))
+	return hub.Response{}, hub.ErrClosed
+}
+
+func (l lazySession) TwinPatchReported(ctx context.Context, patch []byte) (hub.Response, error) {
+	if s := l.p.Load(); s != nil {
+		return s.TwinPatchReported(ctx, patch)
+	}
+	return hub.Response{}, hub.ErrClosed
 }
 
 func (d *Device) render(seq uint64, now time.Time) ([]byte, error) {

@@ -625,14 +625,13 @@ func TestTwinResponsesGoOnlyToTheirDevice(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	// A reported PATCH is answered 500 with an error body (not implemented yet).
+	// A reported PATCH is answered 204 with the new reported version, on the same connection.
 	d := e.createSAS("twin-c")
 	rc := e.connectSAS(d)
 	rc.subscribe(1, wire.TwinResponseFilter)
 	rc.send(publishPkt(wire.TwinPatchReported("p1"), []byte(`{"a":1}`), 0, 0, false))
 	pub := parsePublish(t, rc.mustRead())
-	var de wire.DeviceError
-	if pub.topic != "$iothub/twin/res/500/?$rid=p1" || json.Unmarshal(pub.payload, &de) != nil || de.Code == 0 {
+	if pub.topic != "$iothub/twin/res/204/?$rid=p1&$version=2" || len(pub.payload) != 0 {
 		t.Fatalf("PATCH response %q %q", pub.topic, pub.payload)
 	}
 }

@@ -32,6 +32,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/hubsim/rest"
+	"github.com/iothubby/iothubby/pkg/hubsim/twins"
 )
 
 // File names in the state directory.
@@ -61,9 +62,14 @@ type Config struct {
 	// FlushInterval is how often connection state changes are written to disk (default 2 s;
 	// lastActivityTime alone is written every 15 intervals, everything at Close).
 	FlushInterval time.Duration
-	// Twins and Methods plug in twin and direct-method handling (nil: minimal stubs).
+	// Twins replaces hubsim's twin store for device requests (nil: the store in pkg/hubsim/twins).
 	Twins   broker.TwinHandler
 	Methods broker.MethodResponseHandler
+	// TwinFlushInterval is how often changed twins are written to disk (default 100 ms).
+	TwinFlushInterval time.Duration
+	// TwinRateLimit, when positive, limits device twin GETs and PATCHes to this many per second
+	// across the hub; requests over it are answered 429. Default 0: unlimited.
+	TwinRateLimit float64
 	// OnEvent observes the device endpoint (connections, refusals, telemetry, ...); it is
 	// called synchronously and must not block.
 	OnEvent func(broker.Event)
@@ -78,6 +84,7 @@ type Server struct {
 	log       *zap.Logger
 	ca        *pki.CA
 	reg       *registry.Registry
+	twins     *twins.Store
 	brk       *broker.Broker
 	api       *rest.Server
 	endpoints Endpoints
@@ -142,19 +149,28 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err != nil {
 		return nil, err
 	}
+	s.twins, err = twins.Open(s.reg, log.Named("twins"), twins.Options{FlushInterval: cfg.TwinFlushInterval, RateLimit: cfg.TwinRateLimit})
+	if err != nil {
+		return nil, err
+	}
+	var twinHandler broker.TwinHandler = s.twins
+	if cfg.Twins != nil {
+		twinHandler = cfg.Twins
+	}
 	s.brk, err = broker.Start(broker.Config{
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
-		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: cfg.Twins, Methods: cfg.Methods,
+		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twinHandler, Methods: cfg.Methods,
 		OnEvent: cfg.OnEvent,
 	}, log.Named("mqtt"))
 	if err != nil {
 		return nil, err
 	}
+	s.twins.SetNotifier(s.brk)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk}, log.Named("rest"))
+	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins}, log.Named("rest"))
 	if s.api, err = rest.Start(cfg.HTTPSAddr, tlsConf, h, log.Named("https")); err != nil {
 		return nil, err
 	}
@@ -190,6 +206,9 @@ func (s *Server) Registry() *registry.Registry { return s.reg }
 // Broker is the device MQTT endpoint (cloud-to-device send, telemetry records, connections).
 func (s *Server) Broker() *broker.Broker { return s.brk }
 
+// Twins is the twin store.
+func (s *Server) Twins() *twins.Store { return s.twins }
+
 // CA is the certificate authority that signed the server certificate.
 func (s *Server) CA() *pki.CA { return s.ca }
 
@@ -217,6 +236,9 @@ func (s *Server) Close() error {
 		}
 		if s.brk != nil {
 			errs = append(errs, s.brk.Close())
+		}
+		if s.twins != nil {
+			errs = append(errs, s.twins.Close())
 		}
 		if s.reg != nil {
 			errs = append(errs, s.reg.Close())

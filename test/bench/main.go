@@ -8,6 +8,10 @@
 //	memory:  N devices held connected to a hubsim process, once as iothubby hub.Sessions and once
 //	         as bare paho clients; goroutines and heap+stack per device are compared.
 //	         Target: ours/paho <= 1.2.
+//	twin:    reported PATCH round trip (publish to the 204) with N devices connected, against a
+//	         QoS 1 telemetry publish to its PUBACK on the same hubsim in the same run; p50 and
+//	         p99 compared. Target: p99 ratio <= 2 (the figure is at 1,000 devices:
+//	         -twin-n 1000).
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //
 // Run it with GODEBUG=adaptivestackstart=0 (the Makefile does) so goroutine stacks start at the
@@ -41,10 +45,12 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory", "comma-separated benchmarks to run")
+	only := fs.String("only", "sas,connect,memory,twin", "comma-separated benchmarks to run")
 	connectN := fs.Int("connect-n", 1000, "devices per connect round")
 	rounds := fs.Int("rounds", 2, "A/B pairs per comparison (the median is reported)")
 	memN := fs.Int("memory-n", 500, "devices held connected in the memory comparison")
+	twinN := fs.Int("twin-n", 200, "devices connected in the twin round-trip comparison")
+	twinSamples := fs.Int("twin-samples", 4000, "round trips of each kind in the twin comparison")
 	binDir := fs.String("bin", os.Getenv("IOTHUBBY_BIN"), "folder with the hubsim binary (memory benchmark)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -78,6 +84,11 @@ func run(ctx context.Context, args []string) error {
 		}
 		if err := benchMemory(ctx, *binDir, *memN, report); err != nil {
 			return fmt.Errorf("memory: %w", err)
+		}
+	}
+	if want["twin"] {
+		if err := benchTwin(ctx, *twinN, *twinSamples, report); err != nil {
+			return fmt.Errorf("twin: %w", err)
 		}
 	}
 	if len(failed) > 0 {

@@ -46,6 +46,8 @@ type Config struct {
 	HostName string
 	Registry *registry.Registry
 	Devices  Devices
+	// Twins serves /twins/{id}; nil answers 404.
+	Twins Twins
 	// Now is the clock for token expiry; nil means time.Now.
 	Now func() time.Time
 }
@@ -190,6 +192,8 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request) {
 		default:
 			need, fn = registry.RegistryRead, methodNotAllowed
 		}
+	case len(seg) == 2 && seg[0] == "twins":
+		need, fn = h.twinRoute(r)
 	case len(seg) == 2 && seg[0] == "statistics" && seg[1] == "devices":
 		need, fn = registry.RegistryRead, onlyMethod(http.MethodGet, h.deviceStats)
 	case len(seg) == 2 && seg[0] == "statistics" && seg[1] == "service":

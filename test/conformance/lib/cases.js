@@ -22,6 +22,7 @@ const {
   AssertionError, HubsimAdmin, check, checkEqual, describeError, errName, loadEndpoints, poll,
   truncate, uniqueId, withDeadline,
 } = require('./util');
+const twinCases = require('./twin-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -387,6 +388,8 @@ const CASES = [
   ['device-x509-telemetry', deviceX509Telemetry],
   ['device-wrong-key', deviceWrongKey],
   ['c2d-with-properties', c2dWithProperties],
+  ['service-twin-with-agent', twinCases.serviceTwinWithAgent],
+  ['device-twin-sdk', twinCases.deviceTwinSdk],
 ];
 
 // ---------------------------------------------------------------------------------------------

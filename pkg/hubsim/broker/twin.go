@@ -1,0 +1,39 @@
+package broker
+
+import (
+	"github.com/mochi-mqtt/server/v2/packets"
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/wire"
+)
+
+// NotifyDesired writes a desired-properties notification
+// ($iothub/twin/PATCH/properties/desired/?$version=N, QoS 0) to the device's current connection
+// when it is subscribed to $iothub/twin/PATCH/properties/desired/#, as IoT Hub does: nothing is
+// queued for a device that is offline or not subscribed. It reports whether it was written. It
+// does not block.
+func (b *Broker) NotifyDesired(deviceID string, version int64, body []byte) bool {
+	ds := b.existingState(deviceID)
+	if ds == nil {
+		return false
+	}
+	ds.mu.Lock()
+	s := ds.current
+	ds.mu.Unlock()
+	if s == nil {
+		return false
+	}
+	if _, ok := s.cl.State.Subscriptions.Get(wire.TwinDesiredFilter); !ok {
+		return false
+	}
+	err := s.cl.WritePacket(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish},
+		TopicName:   wire.TwinDesired(version),
+		Payload:     body,
+	})
+	if err != nil {
+		s.log.Debug("desired notification not written", zap.Int64("version", version), zap.Error(err))
+		return false
+	}
+	return true
+}

@@ -1,0 +1,703 @@
+package twin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/hub"
+)
+
+// Session is what the sync needs from a hub.Session.
+type Session interface {
+	TwinGet(ctx context.Context) (hub.Response, error)
+	TwinPatchReported(ctx context.Context, patch []byte) (hub.Response, error)
+}
+
+// Change is one desired property handed to its Handler.
+type Change struct {
+	// Path is the handler's path, dotted for nested properties ("a.b").
+	Path string
+	// Value is the desired value (decoded JSON; numbers are json.Number); nil when deleted.
+	Value any
+	// Deleted is true when the property was removed from the desired section.
+	Deleted bool
+	// Version is the desired $version the change belongs to (the ack's av).
+	Version int64
+
+	s *Sync
+}
+
+// Later schedules a final acknowledgement after d (for "accept after a delay"): when it is due
+// and the property's desired version is still Version, ack is recorded. Call it from the
+// Handler and return a 202 Ack.
+func (c Change) Later(d time.Duration, ack Ack) {
+	c.s.deferred = append(c.s.deferred, deferredAck{due: time.Now().Add(d), path: c.Path, version: c.Version, value: c.Value, ack: ack})
+}
+
+// Ack is a Plug and Play writable-property acknowledgement: reported as
+// {"value":..,"ac":Status,"av":<desired $version>,"ad":Description}.
+type Ack struct {
+	// Status is ac: 200 applied, 202 in progress, 400 rejected, 500 failed. 0 sends no ack.
+	Status int
+	// Description is ad (optional).
+	Description string
+	// Value is the value in use; nil echoes the desired value.
+	Value any
+}
+
+// Handler applies a desired property and returns its acknowledgement. It runs on the sync's
+// goroutine, one change at a time; it should return promptly (use Change.Later for slow work).
+// For a deleted property (Change.Deleted) the property's ack is removed from reported whatever
+// the handler returns.
+type Handler func(ctx context.Context, c Change) Ack
+
+// SyncConfig configures a Sync.
+type SyncConfig struct {
+	// DeviceID names the device (state file and logs).
+	DeviceID string
+	// StateDir, when set, holds twin-<deviceId>.json: the last applied desired version and
+	// document and the intended reported state, written atomically on every change.
+	StateDir string
+	// Handlers by desired property path ("interval", "network.mode").
+	Handlers map[string]Handler
+	// Default handles desired top-level properties that no handler covers; nil records them
+	// without an acknowledgement.
+	Default Handler
+	// Facts are reported on every connect (agent version, firmware, boot time, static properties).
+	Facts map[string]any
+	// RetryMin and RetryMax bound the backoff after a 429, a 5xx or a lost connection.
+	// Defaults 1 s and 30 s.
+	RetryMin, RetryMax time.Duration
+	// Logger receives the sync's logs; nil discards them.
+	Logger *zap.Logger
+}
+
+type deferredAck struct {
+	due     time.Time
+	path    string
+	version int64
+	value   any
+	ack     Ack
+}
+
+// persisted is the state file's content.
+type persisted struct {
+	DesiredVersion int64          `json:"desiredVersion"`
+	Desired        map[string]any `json:"desired"`
+	Reported       map[string]any `json:"reported"`
+}
+
+// Sync keeps a device's twin in step with its hub: on every connect it GETs the twin, applies
+// desired changes newer than the last applied version to the handlers, acknowledges them the
+// Plug and Play way, and sends the reported properties that differ from the agent's intended
+// state until the hub confirms them. Create it with NewSync, feed it Connected and Desired from
+// the session's callbacks (they never block), and run Run on a goroutine you own.
+type Sync struct {
+	cfg SyncConfig
+	log *zap.Logger
+	ses Session
+
+	mu        sync.Mutex // guards the inbox below and intended/dirty (Report may be called anywhere)
+	connected bool
+	patches   []*hub.DesiredPatch
+	overflow  bool
+	intended  map[string]any
+	dirty     map[string]uint64 // top-level reported keys to send, with the generation of their last change
+	gen       uint64
+	wake      chan struct{}
+
+	// owned by Run
+	online      bool // a connect has been seen: twin requests can be answered
+	applied     int64
+	desired     map[string]any
+	needGet     bool
+	haveTwin    bool
+	deferred    []deferredAck
+	retryAt     time.Time
+	retryN      int
+	hubReported map[string]any
+	confirmed   int64
+}
+
+const maxQueuedPatches = 256
+
+// NewSync loads the persisted state (if any) and returns a Sync ready to Run.
+func NewSync(ses Session, cfg SyncConfig) (*Sync, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = time.Second
+	}
+	if cfg.RetryMax < cfg.RetryMin {
+		cfg.RetryMax = max(30*time.Second, cfg.RetryMin)
+	}
+	s := &Sync{
+		cfg: cfg, log: cfg.Logger, ses: ses,
+		intended: map[string]any{}, dirty: map[string]uint64{}, desired: map[string]any{},
+		wake: make(chan struct{}, 1), needGet: true,
+	}
+	if p := s.statePath(); p != "" {
+		b, err := os.ReadFile(p)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+		case err != nil:
+			return nil, fmt.Errorf("twin: state: %w", err)
+		default:
+			var st persisted
+			if err := json.Unmarshal(b, &st); err != nil {
+				return nil, fmt.Errorf("twin: state file %s is damaged: %w", p, err)
+			}
+			s.applied = st.DesiredVersion
+			s.desired = renumber(st.Desired)
+			s.intended = renumber(st.Reported)
+			s.log.Info("twin state loaded", zap.Int64("desired_version", s.applied), zap.Int("reported_keys", len(s.intended)))
+		}
+	}
+	return s, nil
+}
+
+func renumber(m map[string]any) map[string]any {
+	if m == nil {
+		return map[string]any{}
+	}
+	b, _ := json.Marshal(m)
+	out, err := Decode(b)
+	if err != nil {
+		return map[string]any{}
+	}
+	return out
+}
+
+func (s *Sync) statePath() string {
+	if s.cfg.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(s.cfg.StateDir, "twin-"+strings.ReplaceAll(s.cfg.DeviceID, "/", "_")+".json")
+}
+
+// save writes the state atomically (temporary file, fsync, rename). Call with s.mu held.
+func (s *Sync) saveLocked() {
+	p := s.statePath()
+	if p == "" {
+		return
+	}
+	b, err := json.Marshal(persisted{DesiredVersion: s.applied, Desired: s.desired, Reported: s.intended})
+	if err == nil {
+		err = writeAtomic(p, b)
+	}
+	if err != nil {
+		s.log.Error("twin state not saved", zap.String("path", p), zap.Error(err))
+	}
+}
+
+func writeAtomic(path string, b []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path))
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
+
+func (s *Sync) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Connected tells the sync that the session (re)connected; it never blocks.
+func (s *Sync) Connected() {
+	s.mu.Lock()
+	s.connected = true
+	s.mu.Unlock()
+	s.poke()
+}
+
+// Desired queues a desired-properties notification; it never blocks. When too many are queued
+// the sync does a full GET instead.
+func (s *Sync) Desired(p *hub.DesiredPatch) {
+	s.mu.Lock()
+	if len(s.patches) >= maxQueuedPatches {
+		s.patches, s.overflow = nil, true
+	} else {
+		s.patches = append(s.patches, p)
+	}
+	s.mu.Unlock()
+	s.poke()
+}
+
+// Report merges patch into the intended reported state (last writer wins; null deletes),
+// persists it, and has the top-level members that changed sent. Members equal to the intended
+// state are not sent again (a reconnect's GET re-sends whatever the hub lacks). The patch must
+// pass the document rules.
+func (s *Sync) Report(patch map[string]any) error {
+	// normalise Go values (ints, structs) to decoded JSON, so comparisons with the hub's view hold
+	b, err := json.Marshal(patch)
+	if err != nil {
+		return &Error{Rule: RuleJSON, Detail: err.Error()}
+	}
+	if patch, err = Decode(b); err != nil {
+		return err
+	}
+	if err := CheckPatch(patch); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	next := Merge(Clone(s.intended).(map[string]any), patch)
+	if err := CheckSize(Reported, next); err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	changed := false
+	for k := range patch {
+		ov, had := s.intended[k]
+		nv, has := next[k]
+		if had != has || !Equal(ov, nv) {
+			s.gen++
+			s.dirty[k] = s.gen
+			changed = true
+		}
+	}
+	s.intended = next
+	if changed {
+		s.saveLocked()
+	}
+	s.mu.Unlock()
+	if changed {
+		s.poke()
+	}
+	return nil
+}
+
+// Intended returns a copy of the intended reported state.
+func (s *Sync) Intended() map[string]any {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return Clone(s.intended).(map[string]any)
+}
+
+// Run runs the sync until ctx is done.
+func (s *Sync) Run(ctx context.Context) {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		s.step(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		wait := time.Hour
+		now := time.Now()
+		if !s.retryAt.IsZero() {
+			wait = min(wait, max(0, s.retryAt.Sub(now)))
+		}
+		for _, d := range s.deferred {
+			wait = min(wait, max(0, d.due.Sub(now)))
+		}
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wake:
+		case <-timer.C:
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+	}
+}
+
+func (s *Sync) backoff(what string, err error) {
+	s.retryN++
+	d := s.cfg.RetryMin << min(s.retryN-1, 10)
+	if d > s.cfg.RetryMax || d <= 0 {
+		d = s.cfg.RetryMax
+	}
+	d = d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+	s.retryAt = time.Now().Add(d)
+	s.log.Warn("twin "+what+" failed, retrying", zap.Error(err), zap.Duration("retry_in", d), zap.Int("attempt", s.retryN))
+}
+
+func (s *Sync) step(ctx context.Context) {
+	if !s.retryAt.IsZero() && time.Now().Before(s.retryAt) {
+		s.runDeferred(ctx)
+		return
+	}
+	s.retryAt = time.Time{}
+	s.mu.Lock()
+	if s.connected {
+		s.connected = false
+		s.needGet = true
+		s.online = true
+		if len(s.cfg.Facts) > 0 {
+			s.mu.Unlock()
+			if err := s.Report(s.cfg.Facts); err != nil {
+				s.log.Error("agent facts not reported", zap.Error(err))
+			}
+			s.mu.Lock()
+		}
+	}
+	if s.overflow {
+		s.overflow, s.needGet = false, true
+	}
+	s.mu.Unlock()
+	if !s.online {
+		return // nothing to ask before the first connect; Report and Desired just queue
+	}
+	if s.needGet {
+		if !s.fullGet(ctx) {
+			return
+		}
+	}
+	s.applyPatches(ctx)
+	s.runDeferred(ctx)
+	s.flushReported(ctx)
+}
+
+// fullGet fetches the twin, applies what is newer, and marks the reported keys that differ
+// from the intended state.
+func (s *Sync) fullGet(ctx context.Context) bool {
+	resp, err := s.ses.TwinGet(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.backoff("GET", err)
+		}
+		return false
+	}
+	var doc struct {
+		Desired  json.RawMessage `json:"desired"`
+		Reported json.RawMessage `json:"reported"`
+	}
+	if err := json.Unmarshal(resp.Body, &doc); err != nil {
+		s.backoff("GET", fmt.Errorf("twin body: %w", err))
+		return false
+	}
+	desired, err1 := Decode(doc.Desired)
+	reported, err2 := Decode(doc.Reported)
+	if err := errors.Join(err1, err2); err != nil {
+		s.backoff("GET", fmt.Errorf("twin body: %w", err))
+		return false
+	}
+	s.retryN = 0
+	version := versionOf(desired)
+	rv := versionOf(reported)
+	StripReserved(desired)
+	StripReserved(reported)
+	s.needGet = false
+	s.haveTwin = true
+	s.mu.Lock()
+	// drop queued patches the GET already covers
+	s.patches = slices.DeleteFunc(s.patches, func(p *hub.DesiredPatch) bool { return p.Version <= version })
+	// reported keys that differ from the intended state are sent again
+	for k, v := range s.intended {
+		if hv, ok := reported[k]; !ok || !Equal(hv, v) {
+			if _, d := s.dirty[k]; !d {
+				s.gen++
+				s.dirty[k] = s.gen
+			}
+		}
+	}
+	s.mu.Unlock()
+	s.log.Info("twin synced", zap.Int64("desired_version", version), zap.Int64("reported_version", rv),
+		zap.Int64("applied_version", s.applied))
+	switch {
+	case version > s.applied:
+		s.apply(ctx, desired, version, true)
+	case version < s.applied:
+		// The hub's twin is older than what was applied: the device was re-created, or the hub
+		// lost state. The GET is the truth; apply it, or later patches would all look stale.
+		s.log.Warn("desired version went back; applying the hub's twin", zap.Int64("hub_version", version), zap.Int64("applied_version", s.applied))
+		s.apply(ctx, desired, version, true)
+	}
+	return true
+}
+
+func versionOf(m map[string]any) int64 {
+	if n, ok := m["$version"].(json.Number); ok {
+		v, _ := n.Int64()
+		return v
+	}
+	return 0
+}
+
+func (s *Sync) applyPatches(ctx context.Context) {
+	for {
+		s.mu.Lock()
+		if len(s.patches) == 0 || s.needGet {
+			s.mu.Unlock()
+			return
+		}
+		p := s.patches[0]
+		s.patches = s.patches[1:]
+		s.mu.Unlock()
+		switch {
+		case p.Version <= s.applied:
+			s.log.Debug("stale desired patch dropped", zap.Int64("version", p.Version), zap.Int64("applied", s.applied))
+		case p.Version != s.applied+1:
+			s.log.Info("desired patch versions not contiguous; getting the full twin", zap.Int64("version", p.Version), zap.Int64("applied", s.applied))
+			s.needGet = true
+			if s.fullGet(ctx) {
+				continue
+			}
+			return
+		default:
+			patch, err := Decode(p.Body)
+			if err != nil {
+				s.log.Warn("desired patch unreadable; getting the full twin", zap.Int64("version", p.Version), zap.Error(err))
+				s.needGet = true
+				if s.fullGet(ctx) {
+					continue
+				}
+				return
+			}
+			StripReserved(patch)
+			next := Merge(Clone(s.desired).(map[string]any), patch)
+			s.apply(ctx, next, p.Version, false)
+		}
+	}
+}
+
+// apply runs the handlers for every path whose value differs between the last applied desired
+// document and next, records next as applied at version, and queues the acks.
+func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, full bool) {
+	prev := s.desired
+	acks := map[string]any{}
+	covered := map[string]bool{}
+	paths := make([]string, 0, len(s.cfg.Handlers))
+	for p := range s.cfg.Handlers {
+		paths = append(paths, p)
+		covered[strings.SplitN(p, ".", 2)[0]] = true
+	}
+	sort.Strings(paths)
+	for _, p := range paths {
+		old, oldOK := lookup(prev, p)
+		val, ok := lookup(next, p)
+		if oldOK == ok && Equal(old, val) {
+			continue
+		}
+		c := Change{Path: p, Value: val, Deleted: !ok, Version: version, s: s}
+		ack := s.cfg.Handlers[p](ctx, c)
+		s.log.Info("desired property applied", zap.String("path", p), zap.Int64("version", version), zap.Int("ac", ack.Status))
+		setAck(acks, p, c, ack)
+	}
+	var keys []string
+	for k := range next {
+		keys = append(keys, k)
+	}
+	for k := range prev {
+		if _, ok := next[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if covered[k] {
+			continue
+		}
+		old, oldOK := prev[k]
+		val, ok := next[k]
+		if oldOK == ok && Equal(old, val) {
+			continue
+		}
+		c := Change{Path: k, Value: val, Deleted: !ok, Version: version, s: s}
+		if s.cfg.Default == nil {
+			s.log.Info("desired property recorded (no handler)", zap.String("path", k), zap.Int64("version", version))
+			continue
+		}
+		ack := s.cfg.Default(ctx, c)
+		s.log.Info("desired property applied", zap.String("path", k), zap.Int64("version", version), zap.Int("ac", ack.Status))
+		setAck(acks, k, c, ack)
+	}
+	s.mu.Lock()
+	s.desired = next
+	s.applied = version
+	s.saveLocked()
+	s.mu.Unlock()
+	if len(acks) > 0 {
+		if err := s.Report(acks); err != nil {
+			s.log.Error("acknowledgement not reported", zap.Error(err))
+		}
+	} else {
+		s.mu.Lock()
+		s.saveLocked()
+		s.mu.Unlock()
+	}
+	s.log.Info("desired version applied", zap.Int64("version", version), zap.Bool("full", full))
+}
+
+// lookup finds a dotted path in a document.
+func lookup(doc map[string]any, path string) (any, bool) {
+	cur := any(doc)
+	for _, k := range strings.Split(path, ".") {
+		m, ok := cur.(map[string]any)
+		if !ok {
+			return nil, false
+		}
+		if cur, ok = m[k]; !ok {
+			return nil, false
+		}
+	}
+	return cur, true
+}
+
+// setAck puts a Plug and Play ack at path in a reported patch.
+func setAck(patch map[string]any, path string, c Change, a Ack) {
+	if a.Status == 0 {
+		return
+	}
+	v := a.Value
+	if v == nil {
+		v = c.Value
+	}
+	ack := map[string]any{"value": v, "ac": a.Status, "av": c.Version}
+	if a.Description != "" {
+		ack["ad"] = a.Description
+	}
+	if c.Deleted {
+		ack = nil // the property went away: its ack goes too
+	}
+	parts := strings.Split(path, ".")
+	m := patch
+	for _, k := range parts[:len(parts)-1] {
+		n, ok := m[k].(map[string]any)
+		if !ok {
+			n = map[string]any{}
+			m[k] = n
+		}
+		m = n
+	}
+	if ack == nil {
+		m[parts[len(parts)-1]] = nil
+		return
+	}
+	m[parts[len(parts)-1]] = ack
+}
+
+func (s *Sync) runDeferred(ctx context.Context) {
+	now := time.Now()
+	acks := map[string]any{}
+	keep := s.deferred[:0]
+	for _, d := range s.deferred {
+		if now.Before(d.due) {
+			keep = append(keep, d)
+			continue
+		}
+		// still the desired value of that version? (a newer desired version supersedes it)
+		if s.applied == d.version || s.desiredUnchangedSince(d) {
+			setAck(acks, d.path, Change{Path: d.path, Value: d.value, Version: d.version}, d.ack)
+			s.log.Info("desired property applied", zap.String("path", d.path), zap.Int64("version", d.version), zap.Int("ac", d.ack.Status))
+		}
+	}
+	s.deferred = keep
+	if len(acks) > 0 {
+		if err := s.Report(acks); err != nil {
+			s.log.Error("acknowledgement not reported", zap.Error(err))
+		}
+	}
+	_ = ctx
+}
+
+func (s *Sync) desiredUnchangedSince(d deferredAck) bool {
+	v, ok := lookup(s.desired, d.path)
+	return ok && Equal(v, d.value)
+}
+
+// flushReported sends the dirty reported keys in one PATCH and clears those the hub confirmed.
+func (s *Sync) flushReported(ctx context.Context) {
+	if !s.haveTwin || s.needGet {
+		return
+	}
+	s.mu.Lock()
+	if len(s.dirty) == 0 {
+		s.mu.Unlock()
+		return
+	}
+	patch := map[string]any{}
+	sent := map[string]uint64{}
+	for k, g := range s.dirty {
+		v, ok := s.intended[k]
+		if !ok {
+			v = nil
+		}
+		patch[k] = Clone(v)
+		sent[k] = g
+	}
+	s.mu.Unlock()
+	body, err := json.Marshal(patch)
+	if err != nil {
+		s.log.Error("reported patch not encodable", zap.Error(err))
+		return
+	}
+	resp, err := s.ses.TwinPatchReported(ctx, body)
+	var se *hub.StatusError
+	switch {
+	case err == nil:
+		s.retryN = 0
+		s.confirmed = resp.Version
+		s.mu.Lock()
+		for k, g := range sent {
+			if s.dirty[k] == g {
+				delete(s.dirty, k)
+			}
+		}
+		left := len(s.dirty)
+		s.mu.Unlock()
+		s.log.Info("reported properties confirmed", zap.Int64("reported_version", resp.Version), zap.Int("keys", len(sent)))
+		if left > 0 {
+			s.poke()
+		}
+	case ctx.Err() != nil:
+	case errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && se.Status != 429:
+		// the hub will never take this patch: surface it and do not retry
+		s.mu.Lock()
+		for k, g := range sent {
+			if s.dirty[k] == g {
+				delete(s.dirty, k)
+			}
+		}
+		s.mu.Unlock()
+		s.log.Error("reported properties rejected by the hub", zap.Int("status", se.Status), zap.Int("code", se.Code),
+			zap.String("message", se.Message), zap.Strings("keys", sortedKeys(sent)))
+	default:
+		s.backoff("reported PATCH", err)
+	}
+}
+
+func sortedKeys(m map[string]uint64) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
