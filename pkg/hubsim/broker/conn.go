@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // devConn is one device's network connection as mochi sees it: TLS over the accepted TCP
@@ -27,8 +29,10 @@ type devConn struct {
 	remote net.Addr
 	b      *Broker
 
-	sniffed bool
-	replay  []byte
+	sniffed   bool
+	sniffErr  bool
+	replay    []byte
+	connectCI ConnectInfo
 
 	sess   atomic.Pointer[session]
 	closed atomic.Bool
@@ -48,6 +52,9 @@ func (c *devConn) Read(p []byte) (int, error) {
 	tc := c.tc.Load()
 	if tc == nil {
 		return 0, net.ErrClosed
+	}
+	if c.sniffErr {
+		return 0, errRefused
 	}
 	if !c.sniffed {
 		c.sniffed = true
@@ -115,7 +122,8 @@ func (c *devConn) sniff(tc *tls.Conn) error {
 		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: err.Error()})
 		return err
 	}
-	if _, err := ParseConnect(pkt); err != nil {
+	ci, err := ParseConnect(pkt)
+	if err != nil {
 		if errors.As(err, &ve) {
 			log.Info("connection refused: CONNACK 1 (unacceptable protocol version)", zap.String("reason", ve.Error()))
 			lingerAfter(tc, connackUnacceptableVersion, 0)
@@ -127,7 +135,31 @@ func (c *devConn) sniff(tc *tls.Conn) error {
 		return err
 	}
 	c.replay = pkt
+	c.connectCI = ci
 	return nil
+}
+
+// divertDPS reads and checks the first packet now (rather than on mochi's first Read) and, when
+// the CONNECT's user name has the DPS shape, hands the connection to the DPS handler and reports
+// true once that returns. A refused first packet is remembered for mochi's Read.
+func (c *devConn) divertDPS() bool {
+	tc := c.tc.Load()
+	if tc == nil {
+		return false
+	}
+	c.sniffed = true
+	if err := c.sniff(tc); err != nil {
+		_ = c.Close()
+		c.sniffErr = true
+		return false
+	}
+	if !wire.IsDPSUsername(c.connectCI.Username) {
+		return false
+	}
+	c.b.cfg.DPS.ServeDPSMQTT(tc, tc.ConnectionState(), c.replay, c.connectCI)
+	c.replay = nil
+	c.release()
+	return true
 }
 
 // lingerAfter writes msg, half-closes, and reads what the peer still sends (up to the rest of its
@@ -210,6 +242,9 @@ func (b *Broker) acceptLoop(ctx context.Context) {
 		}
 		if !b.grp.Go(func() {
 			defer b.untrack(dc)
+			if b.cfg.DPS != nil && dc.divertDPS() {
+				return
+			}
 			err := b.mqtt.EstablishConnection(listenerID, dc)
 			if s := dc.sess.Load(); s != nil {
 				// mochi skips OnDisconnect when it fails between authentication and the
