@@ -42,6 +42,7 @@ type Config struct {
 	ModelID string `yaml:"modelId"`
 
 	Auth       AuthConfig       `yaml:"auth"`
+	DPS        DPSConfig        `yaml:"dps"`
 	TLS        TLSConfig        `yaml:"tls"`
 	Connection ConnectionConfig `yaml:"connection"`
 	Queue      QueueConfig      `yaml:"queue"`
@@ -50,6 +51,8 @@ type Config struct {
 
 	// ShutdownTimeout bounds the drain of queued telemetry on shutdown. Default 5s.
 	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`
+	// StateDir holds state that survives a restart (the DPS provisioning result).
+	StateDir string `yaml:"stateDir"`
 }
 
 // AuthConfig is the device's credential when it is not in the connection string.
@@ -167,6 +170,9 @@ func LoadConfig(path string) (Config, error) {
 type identity struct {
 	host, address, deviceID, moduleID, keyName string
 	cred                                       *attest.Credential
+	// registrationID is set when the device provisions through DPS (host and deviceID then
+	// come from the provisioning result).
+	registrationID string
 }
 
 // resolve checks the configuration and loads the credential. Errors name the field, never a
@@ -174,6 +180,12 @@ type identity struct {
 func (c *Config) resolve() (identity, error) {
 	var id identity
 	fileOpts := attest.FileOptions{AllowInsecureKeyFile: c.Auth.AllowInsecureKeyFile}
+	if c.DPS.IDScope != "" || c.DPS.GlobalEndpoint != "" {
+		return c.resolveDPS(fileOpts)
+	}
+	if c.DPS.GroupKey != "" || c.DPS.GroupKeyFile != "" {
+		return id, fmt.Errorf("%w: dps.groupKey needs dps.idScope", ErrConfig)
+	}
 	cs := c.ConnectionString
 	if c.ConnectionString != "" && c.ConnectionStringFile != "" {
 		return id, fmt.Errorf("%w: set connectionString or connectionStringFile, not both", ErrConfig)

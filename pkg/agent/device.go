@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -73,6 +74,8 @@ type Device struct {
 	stop     chan struct{}
 	stopOnce sync.Once
 	running  sync.Mutex
+
+	rootCAs *x509.CertPool // the validated trust roots (for DPS)
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O.
@@ -113,10 +116,17 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		stop:  make(chan struct{}),
 	}
 	d.hcfg = cfg.hubConfig(id)
-	// Validate the session configuration now, so config errors surface before Run.
-	if _, err := hub.Validate(d.hcfg); err != nil {
+	// Validate the session configuration now, so config errors surface before Run. With DPS the
+	// hub is not known yet: a placeholder host stands in.
+	vc := d.hcfg
+	if d.dpsEnabled() {
+		vc.Host = "provisioning.pending"
+	}
+	valid, err := hub.Validate(vc)
+	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
+	d.rootCAs = valid.RootCAs
 	// Render once so template errors are configuration errors.
 	if _, err := d.render(0, time.Now()); err != nil {
 		return nil, fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
@@ -135,11 +145,28 @@ func (d *Device) Run(ctx context.Context) error {
 		return errors.New("agent: device is already running")
 	}
 	defer d.running.Unlock()
+	if d.dpsEnabled() {
+		return d.runDPS(ctx)
+	}
+	return d.runSession(ctx, d.hcfg)
+}
 
+// runSession runs one hub session with hc until ctx is done, Close is called, the session stops
+// by itself, or (with DPS) the device must provision again (errReprovision).
+func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	connected := make(chan struct{}, 1)
-	hc := d.hcfg
+	reprovision := make(chan struct{}, 1)
+	requestReprovision := func() {
+		select {
+		case reprovision <- struct{}{}:
+		default:
+		}
+	}
 	hc.Logger = d.log
 	hc.OnStatus = func(st hub.Status) {
+		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
+			requestReprovision()
+		}
 		if st.State == hub.Connected {
 			select {
 			case connected <- struct{}{}:
@@ -153,11 +180,19 @@ func (d *Device) Run(ctx context.Context) error {
 	}
 	var sessRef atomic.Pointer[hub.Session]
 	hc.OnMethod = func(ctx context.Context, r *hub.MethodRequest) {
-		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
 		sess := sessRef.Load()
 		if sess == nil {
 			return
 		}
+		if r.Name == "reprovision" && d.dpsEnabled() {
+			d.log.Info("reprovision requested by direct method", zap.String("rid", r.RequestID))
+			if err := sess.RespondMethod(ctx, r.RequestID, 200, []byte(`{"message":"provisioning again"}`)); err != nil {
+				d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
+			}
+			requestReprovision()
+			return
+		}
+		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
 		if err := sess.RespondMethod(ctx, r.RequestID, 501, []byte(`{"message":"method not implemented"}`)); err != nil {
 			d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
 		}
@@ -187,6 +222,9 @@ loop:
 		case <-sess.Done():
 			runErr = sess.Err()
 			break loop
+		case <-reprovision:
+			runErr = errReprovision
+			break loop
 		case <-connected:
 			d.twinGet(ctx, sess)
 		case now := <-tick:
@@ -203,7 +241,7 @@ loop:
 	d.log.Info("stopped", zap.Uint64("delivered", st.Sent), zap.Uint64("failed", st.Failed),
 		zap.Uint64("refused", st.Rejected), zap.Uint64("connects", st.Connects))
 	if runErr != nil {
-		return fmt.Errorf("device %s: %w", d.id.deviceID, runErr)
+		return fmt.Errorf("device %s: %w", hc.DeviceID, runErr)
 	}
 	return nil
 }
