@@ -10,6 +10,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
@@ -263,6 +264,12 @@ func (d *Device) twinGet(ctx context.Context, sess *hub.Session) {
 		return
 	}
 	d.log.Info("twin received", zap.Int("status", resp.Status), zap.Int("size", len(resp.Body)))
+	var tw struct {
+		Desired json.RawMessage `json:"desired"`
+	}
+	if json.Unmarshal(resp.Body, &tw) == nil && len(tw.Desired) > 0 && len(tw.Desired) <= 512 {
+		d.log.Debug("twin desired properties", zap.ByteString("desired", tw.Desired))
+	}
 }
 
 func (d *Device) render(seq uint64, now time.Time) ([]byte, error) {

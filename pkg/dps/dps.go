@@ -316,7 +316,7 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 			rs := op.RegistrationState
 			res := &Result{RegistrationID: cfg.RegistrationID, AssignedHub: rs.AssignedHub, DeviceID: rs.DeviceID,
 				Substatus: rs.Substatus, Payload: rs.Payload, IDScope: cfg.IDScope, Endpoint: cfg.Endpoint, Obtained: time.Now().UTC()}
-			log.Info("provisioned", zap.String("hub", res.AssignedHub), zap.String("device", res.DeviceID), zap.String("substatus", res.Substatus))
+			log.Info("provisioned", zap.String("hub", res.AssignedHub), zap.String("assigned_device", res.DeviceID), zap.String("substatus", res.Substatus))
 			return res, nil
 		case wire.DPSStatusFailed, wire.DPSStatusDisabled:
 			msg, code := "", 0

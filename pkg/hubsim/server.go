@@ -171,10 +171,14 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err != nil {
 		return nil, err
 	}
+	twins := cfg.Twins
+	if twins == nil {
+		twins = initialTwins{dps: s.dps}
+	}
 	s.brk, err = broker.Start(broker.Config{
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
-		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: cfg.Twins, Methods: cfg.Methods,
+		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twins, Methods: cfg.Methods,
 		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames,
 	}, log.Named("mqtt"))
 	if err != nil {
@@ -222,6 +226,37 @@ func (s *Server) Endpoints() Endpoints { return s.endpoints }
 
 // DPS is the Device Provisioning Service (enrollments, registrations, counters).
 func (s *Server) DPS() *dps.Server { return s.dps }
+
+// initialTwins is the twin stand-in until a twin store exists: GET answers the initial twin's
+// desired properties that DPS applied (version 1), or an empty twin; PATCH answers 500.
+type initialTwins struct{ dps *dps.Server }
+
+func (t initialTwins) GetTwin(c broker.Caller) broker.TwinResponse {
+	desired := json.RawMessage(`{}`)
+	if tw, ok := t.dps.InitialTwin(c.DeviceID); ok {
+		var doc struct {
+			Properties struct {
+				Desired map[string]json.RawMessage `json:"desired"`
+			} `json:"properties"`
+		}
+		if json.Unmarshal(tw, &doc) == nil && doc.Properties.Desired != nil {
+			delete(doc.Properties.Desired, "$version")
+			delete(doc.Properties.Desired, "$metadata")
+			desired, _ = json.Marshal(doc.Properties.Desired)
+		}
+	}
+	body := append([]byte(`{"desired":`), desired[:len(desired)-1]...)
+	if len(desired) > 2 {
+		body = append(body, ',')
+	}
+	body = append(body, []byte(`"$version":1},"reported":{"$version":1}}`)...)
+	return broker.TwinResponse{Status: 200, Version: -1, Body: body}
+}
+
+func (initialTwins) PatchReported(broker.Caller, []byte) broker.TwinResponse {
+	return broker.TwinResponse{Status: 500, Version: -1,
+		Body: []byte(`{"errorCode":500001,"message":"hubsim: reported properties are not implemented yet"}`)}
+}
 
 // dpsMux sends DPS paths (service API, device registration, /hubsim/dps) to DPS and everything
 // else to the hub's API.
