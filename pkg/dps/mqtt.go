@@ -127,9 +127,5 @@ func (t *mqttTransport) poll(ctx context.Context, op string) (exchange, error) {
 	return t.do(ctx, func(rid string) string { return wire.DPSPollTopic(rid, op) }, []byte(" "))
 }
 
-func (t *mqttTransport) close() {
-	if t.client.IsConnectionOpen() {
-		t.client.Unsubscribe(wire.DPSResponseFilter).WaitTimeout(t.cfg.RequestTimeout)
-	}
-	t.client.Disconnect(250)
-}
+// close sends DISCONNECT (DPS sessions are clean: no UNSUBSCRIBE round trip is needed).
+func (t *mqttTransport) close() { t.client.Disconnect(250) }

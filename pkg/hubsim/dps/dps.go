@@ -478,7 +478,8 @@ func (s *Server) store(bucket []byte, k string, v any) error {
 	if err != nil {
 		return errf(500, 500000, "encoding: %v", err)
 	}
-	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Put([]byte(k), b) }); err != nil {
+	// Batch coalesces concurrent writers into one transaction (one fsync) under load.
+	if err := s.db.Batch(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Put([]byte(k), b) }); err != nil {
 		return errf(500, 500000, "store: %v", err)
 	}
 	return nil
@@ -963,12 +964,12 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 	} else if prevCopy != nil {
 		rec.InitialTwin = prevCopy.InitialTwin
 	}
-	s.mu.Lock()
 	err := s.store(bucketRegs, k, rec)
 	if err == nil {
+		s.mu.Lock()
 		s.regs[k] = rec
+		s.mu.Unlock()
 	}
-	s.mu.Unlock()
 	if err != nil {
 		return wire.DPSRegistrationState{}, errf(500, 500000, "%v", err)
 	}
