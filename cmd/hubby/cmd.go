@@ -49,6 +49,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline for the whole command")
 	root.AddCommand(deviceCommand(g))
+	root.AddCommand(pkiCommand(g))
 	return root
 }
 
