@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
 
@@ -256,5 +257,45 @@ func TestCache(t *testing.T) {
 	}
 	if err := dps.ClearCache(dir); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A device DPS placed in one linked hub is refused (CONNACK 5) by another linked hub's name.
+func TestAssignedHubBindsTheDevice(t *testing.T) {
+	srv := start(t, func(c *hubsim.Config) { c.HubHostNames = []string{"hub2.localhost"} })
+	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "g", AllocationPolicy: "static", IoTHubs: []string{"hub2.localhost"},
+		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, ""); err != nil {
+		t.Fatal(err)
+	}
+	cred, _ := attest.FromGroupKey(groupKey, "bound")
+	res, err := dps.Register(ctxT(t), clientCfg(srv, dps.MQTT, "bound", cred))
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, _ := res.HubHostAndAddress()
+	if host != "hub2.localhost" {
+		t.Fatalf("assigned %s", res.AssignedHub)
+	}
+	key := sas.DeriveDeviceKey(mustKey(t, groupKey), "bound")
+	connect := func(hubName string) error {
+		tok, _ := sas.Build(context.Background(), key, sas.Params{Resource: sas.DeviceResource(hubName, "bound"), Expiry: time.Now().Add(time.Hour)})
+		o := paho.NewClientOptions().AddBroker("tls://" + srv.Endpoints().MQTTAddress).SetClientID("bound").
+			SetUsername(hubName + "/bound/?api-version=2021-04-12").SetPassword(tok).SetTLSConfig(srv.ClientTLSConfig()).
+			SetAutoReconnect(false).SetConnectRetry(false).SetProtocolVersion(4)
+		c := paho.NewClient(o)
+		tk := c.Connect()
+		if !tk.WaitTimeout(10 * time.Second) {
+			return errors.New("connect timed out")
+		}
+		if tk.Error() == nil {
+			c.Disconnect(50)
+		}
+		return tk.Error()
+	}
+	if err := connect("localhost"); err == nil {
+		t.Fatal("the device connected through a hub it was not assigned to")
+	}
+	if err := connect("hub2.localhost"); err != nil {
+		t.Fatalf("assigned hub: %v", err)
 	}
 }

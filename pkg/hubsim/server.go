@@ -179,7 +179,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
 		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twins, Methods: cfg.Methods,
-		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames,
+		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
 	}, log.Named("mqtt"))
 	if err != nil {
 		return nil, err

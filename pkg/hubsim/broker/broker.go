@@ -82,6 +82,10 @@ type Config struct {
 	// HostNames are further hub host names this endpoint answers to (hubsim can stand in for
 	// several linked hubs; they share one registry).
 	HostNames []string
+	// HubOf, if set, names the hub a device (of this generation) was assigned to among
+	// HostName and HostNames; a CONNECT naming another of them is refused, as the other hub
+	// would not know the device. ok false: no restriction.
+	HubOf func(deviceID, generationID string) (hub string, ok bool)
 }
 
 // DPSHandler serves a DPS MQTT connection handed over after its CONNECT was read and checked.

@@ -98,6 +98,11 @@ func (b *Broker) authenticate(cl *mqtt.Client, dc *devConn, pk packets.Packet) (
 	if id.Status != registry.StatusEnabled {
 		return nil, "device is disabled"
 	}
+	if b.cfg.HubOf != nil {
+		if hub, ok := b.cfg.HubOf(u.DeviceID, id.GenerationID); ok && !hostMatches(u.Host, hub) {
+			return nil, authFailure(fmt.Sprintf("device is registered in hub %s, not %s", hub, stripPort(u.Host)))
+		}
+	}
 	if pk.Connect.WillFlag {
 		t, err := wire.Parse(pk.Connect.WillTopic)
 		if err != nil || t.Kind != wire.KindTelemetry || t.DeviceID != u.DeviceID || t.ModuleID != "" {

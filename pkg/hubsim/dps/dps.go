@@ -99,6 +99,23 @@ type Server struct {
 	registrations, registerRequests, earlyPolls, throttled, polls atomic.Int64
 
 	hubSuffix atomic.Pointer[string]
+
+	// placed maps a device ID to the hub DPS put it in and the registry generation it created
+	// or updated (guarded by mu).
+	placed map[string]placement
+}
+
+type placement struct{ hub, generationID string }
+
+// HubOf names the hub a device was assigned to, if DPS placed this generation of it.
+func (s *Server) HubOf(deviceID, generationID string) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.placed[deviceID]
+	if !ok || p.generationID != generationID {
+		return "", false
+	}
+	return p.hub, true
 }
 
 // SetAssignedHubSuffix sets what is appended to hub names in assignedHub (e.g. ":8884" once the
@@ -152,7 +169,7 @@ func Open(cfg Config, log *zap.Logger) (*Server, error) {
 	s := &Server{
 		cfg: cfg, log: log, db: db,
 		enrollments: map[string]*Enrollment{}, groups: map[string]*Enrollment{},
-		regs: map[string]*Registration{}, ops: map[string]*operation{},
+		regs: map[string]*Registration{}, ops: map[string]*operation{}, placed: map[string]placement{},
 		tokens: float64(cfg.RegistrationBurst), tokenTime: cfg.Now(),
 	}
 	if err := s.load(); err != nil {
@@ -211,6 +228,9 @@ func (s *Server) load() error {
 				return fmt.Errorf("dps: registration %s: %w", k, err)
 			}
 			s.regs[k] = &r
+			if r.State.Status == wire.DPSStatusAssigned && r.Hub != "" {
+				s.placed[r.State.DeviceID] = placement{hub: r.Hub, generationID: r.GenerationID}
+			}
 			return nil
 		})
 	})
@@ -933,7 +953,8 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 			}
 		}
 	}
-	if err := s.ensureDevice(m, deviceID); err != nil {
+	gen, err := s.ensureDevice(m, deviceID)
+	if err != nil {
 		return wire.DPSRegistrationState{}, errf(500, 500000, "creating device %s in hub %s: %v", deviceID, hub, err)
 	}
 	st := wire.DPSRegistrationState{
@@ -941,7 +962,7 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 		DeviceID: deviceID, Status: wire.DPSStatusAssigned, Substatus: substatus,
 		LastUpdatedDateTimeUTC: timestamp(now), ETag: newETag(), Payload: payload,
 	}
-	rec := &Registration{State: st}
+	rec := &Registration{State: st, Hub: hub, GenerationID: gen}
 	if e.isGroup() {
 		rec.EnrollmentGroupID = e.EnrollmentGroupID
 	}
@@ -964,10 +985,11 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 	} else if prevCopy != nil {
 		rec.InitialTwin = prevCopy.InitialTwin
 	}
-	err := s.store(bucketRegs, k, rec)
+	err = s.store(bucketRegs, k, rec)
 	if err == nil {
 		s.mu.Lock()
 		s.regs[k] = rec
+		s.placed[deviceID] = placement{hub: hub, generationID: gen}
 		s.mu.Unlock()
 	}
 	if err != nil {
@@ -981,7 +1003,7 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 // ensureDevice creates the device in the registry, or updates its authentication to what it
 // attested with: its symmetric keys, or its leaf certificate's thumbprint (selfSigned, even for
 // CA groups, as DPS does).
-func (s *Server) ensureDevice(m *match, deviceID string) error {
+func (s *Server) ensureDevice(m *match, deviceID string) (string, error) {
 	var auth registry.Authentication
 	if m.leaf != nil {
 		auth = registry.Authentication{Type: registry.AuthSelfSigned, X509Thumbprint: registry.X509Thumbprint{
@@ -993,18 +1015,18 @@ func (s *Server) ensureDevice(m *match, deviceID string) error {
 	d, err := s.cfg.Registry.Get(deviceID)
 	if err != nil {
 		if !errors.Is(err, wire.ErrDeviceNotFound) {
-			return err
+			return "", err
 		}
-		_, err = s.cfg.Registry.Create(registry.Device{DeviceID: deviceID, Status: registry.StatusEnabled, Authentication: auth})
+		d, err = s.cfg.Registry.Create(registry.Device{DeviceID: deviceID, Status: registry.StatusEnabled, Authentication: auth})
 		if errors.Is(err, wire.ErrDeviceAlreadyExists) {
 			return s.ensureDevice(m, deviceID)
 		}
-		return err
+		return d.GenerationID, err
 	}
 	if d.Authentication == auth {
-		return nil
+		return d.GenerationID, nil
 	}
 	d.Authentication = auth
-	_, err = s.cfg.Registry.Update(d, "*")
-	return err
+	d, err = s.cfg.Registry.Update(d, "*")
+	return d.GenerationID, err
 }

@@ -120,6 +120,9 @@ type Registration struct {
 	// InitialTwin is the enrollment's initialTwin ({"tags":{},"properties":{"desired":{}}}) as
 	// applied at the last initial assignment or reset.
 	InitialTwin json.RawMessage `json:"initialTwin,omitempty"`
+	// Hub and GenerationID are where DPS placed the device (the hub's name without a port).
+	Hub          string `json:"hub,omitempty"`
+	GenerationID string `json:"generationId,omitempty"`
 }
 
 // BulkOperation is the body of POST /enrollments/ and POST /enrollmentGroups.
