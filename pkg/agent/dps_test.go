@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 	"github.com/iothubby/iothubby/pkg/hubsim"
 	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
@@ -106,5 +108,75 @@ func TestDeviceProvisionsThroughDPS(t *testing.T) {
 	run(true, "provisioned")
 	if n := srv.DPS().Stats().Registrations; n != 2 {
 		t.Fatalf("registrations after --reprovision %d", n)
+	}
+}
+
+// With hubsim as DPS and the test broker as the assigned hub: the reprovision direct method and
+// N consecutive failed connection attempts both make the agent provision again.
+func TestReprovisionByMethodAndByFailures(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	srv, err := hubsim.Start(context.Background(), hubsim.Config{StateDir: t.TempDir(), HostName: hubtest.Host,
+		MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0", DPSRetryAfter: -1}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	// An individual enrollment whose key is the one the test broker checks.
+	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: "rp-1",
+		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: b.Key.Base64()}}}, false, ""); err != nil {
+		t.Fatal(err)
+	}
+	ep := srv.Endpoints()
+	hubsimCA, err := os.ReadFile(ep.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := agent.Default()
+	c.StateDir = t.TempDir()
+	c.TLS.CAFile = writeFile(t, "cas.pem", string(hubsimCA)+string(b.CAPEM), 0o644)
+	c.Telemetry.Interval = 0
+	c.Connection.BackoffMin, c.Connection.BackoffMax = time.Second, 2*time.Second
+	c.Auth.SymmetricKey = b.Key.Base64()
+	c.DPS = agent.DPSConfig{GlobalEndpoint: ep.MQTTAddress, IDScope: ep.IDScope, RegistrationID: "rp-1",
+		HubAddress: b.Addr, ReprovisionAfterFailures: 2}
+	core, logs := observer.New(zap.DebugLevel)
+	d, err := agent.New(c, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	waitCount := func(msg string, n int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for logs.FilterMessage(msg).Len() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("fewer than %d %q log lines", n, msg)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitCount("connected", 1)
+	b.WaitEvent(t, "connected")
+	b.SendTo(b.Client("rp-1"), "$iothub/methods/POST/reprovision/?$rid=7", []byte(`{}`))
+	waitLog(t, logs, "reprovision requested by direct method")
+	waitCount("provisioned", 2)
+	waitCount("connected", 2)
+	if n := srv.DPS().Stats().Registrations; n != 2 {
+		t.Fatalf("registrations after the method: %d", n)
+	}
+	b.With(func(h *hubtest.Hook) { h.Refuse = []byte{3, 3, 3, 3} })
+	b.Drop("rp-1")
+	waitCount("provisioned", 3)
+	b.With(func(h *hubtest.Hook) { h.Refuse = nil })
+	waitCount("connected", 3)
+	d.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.DPS().Stats().Registrations; n != 3 {
+		t.Fatalf("registrations after failures: %d", n)
 	}
 }
