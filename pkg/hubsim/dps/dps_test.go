@@ -447,3 +447,25 @@ func FuzzDeviceHTTP(f *testing.F) {
 		}
 	})
 }
+
+func TestOwnsLeavesHubPathsAlone(t *testing.T) {
+	for path, want := range map[string]bool{
+		"/0ne00000001/registrations/d1/register":      true,
+		"/0ne00000001/registrations/d1/operations/o1": true,
+		"/0ne00000001/registrations/d1":               true,
+		"/enrollments/x":                              true,
+		"/enrollmentgroups/x/attestationmechanism":    true,
+		"/registrations/x":                            true,
+		"/hubsim/dps/stats":                           true,
+		"/twins/registrations/methods":                false,
+		"/devices/registrations":                      false,
+		"/hubsim/devices/x/messages/events":           false,
+		"/devices/x":                                  false,
+	} {
+		r := httptest.NewRequest("GET", path, nil)
+		seg, ok := Segments(r)
+		if !ok || Owns(seg) != want {
+			t.Errorf("%s: Owns = %v, want %v", path, !want, want)
+		}
+	}
+}

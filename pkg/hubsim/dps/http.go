@@ -51,7 +51,20 @@ func Owns(seg []string) bool {
 	case "hubsim":
 		return len(seg) >= 2 && seg[1] == "dps"
 	}
-	return len(seg) >= 3 && seg[1] == "registrations"
+	return isDevicePath(seg)
+}
+
+// isDevicePath matches the device registration endpoint: /{idScope}/registrations/{id}/register,
+// .../operations/{op} and /{idScope}/registrations/{id}, never a hub API path.
+func isDevicePath(seg []string) bool {
+	if len(seg) < 3 || seg[1] != "registrations" {
+		return false
+	}
+	switch strings.ToLower(seg[0]) {
+	case "devices", "twins", "jobs", "statistics", "configurations", "hubsim", "registrations", "enrollments", "enrollmentgroups":
+		return false
+	}
+	return len(seg) == 3 || (len(seg) == 4 && seg[3] == "register") || (len(seg) == 5 && seg[3] == "operations")
 }
 
 // ServeHTTP serves the DPS service API, the device registration endpoint and /hubsim/dps.
@@ -63,7 +76,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	var rep reply
 	switch {
-	case len(seg) >= 3 && seg[1] == "registrations" && !strings.EqualFold(seg[0], "registrations"):
+	case isDevicePath(seg):
 		rep = s.serveDevice(r, seg)
 	default:
 		if err := s.authorize(r); err != nil {
