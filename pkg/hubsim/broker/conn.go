@@ -30,7 +30,6 @@ type devConn struct {
 	b      *Broker
 
 	sniffed   bool
-	sniffErr  bool
 	replay    []byte
 	connectCI ConnectInfo
 
@@ -46,6 +45,9 @@ func newDevConn(b *Broker, raw net.Conn) *devConn {
 
 var errRefused = errors.New("connection refused before MQTT")
 
+// errDPSDone ends mochi's view of a connection that a DPS session has served.
+var errDPSDone = errors.New("DPS session ended")
+
 // Read runs the CONNECT check on the first call, then replays the checked packet, then reads
 // the connection.
 func (c *devConn) Read(p []byte) (int, error) {
@@ -53,14 +55,19 @@ func (c *devConn) Read(p []byte) (int, error) {
 	if tc == nil {
 		return 0, net.ErrClosed
 	}
-	if c.sniffErr {
-		return 0, errRefused
-	}
 	if !c.sniffed {
 		c.sniffed = true
 		if err := c.sniff(tc); err != nil {
 			_ = c.Close()
 			return 0, errRefused
+		}
+		if c.b.cfg.DPS != nil && wire.IsDPSUsername(c.connectCI.Username) {
+			// DPS shares the listener: its session runs here, on this connection's goroutine,
+			// and mochi sees the connection end before any CONNECT.
+			c.b.cfg.DPS.ServeDPSMQTT(tc, tc.ConnectionState(), c.replay, c.connectCI)
+			c.replay = nil
+			_ = c.Close()
+			return 0, errDPSDone
 		}
 	}
 	if len(c.replay) > 0 {
@@ -137,29 +144,6 @@ func (c *devConn) sniff(tc *tls.Conn) error {
 	c.replay = pkt
 	c.connectCI = ci
 	return nil
-}
-
-// divertDPS reads and checks the first packet now (rather than on mochi's first Read) and, when
-// the CONNECT's user name has the DPS shape, hands the connection to the DPS handler and reports
-// true once that returns. A refused first packet is remembered for mochi's Read.
-func (c *devConn) divertDPS() bool {
-	tc := c.tc.Load()
-	if tc == nil {
-		return false
-	}
-	c.sniffed = true
-	if err := c.sniff(tc); err != nil {
-		_ = c.Close()
-		c.sniffErr = true
-		return false
-	}
-	if !wire.IsDPSUsername(c.connectCI.Username) {
-		return false
-	}
-	c.b.cfg.DPS.ServeDPSMQTT(tc, tc.ConnectionState(), c.replay, c.connectCI)
-	c.replay = nil
-	c.release()
-	return true
 }
 
 // lingerAfter writes msg, half-closes, and reads what the peer still sends (up to the rest of its
@@ -242,9 +226,6 @@ func (b *Broker) acceptLoop(ctx context.Context) {
 		}
 		if !b.grp.Go(func() {
 			defer b.untrack(dc)
-			if b.cfg.DPS != nil && dc.divertDPS() {
-				return
-			}
 			err := b.mqtt.EstablishConnection(listenerID, dc)
 			if s := dc.sess.Load(); s != nil {
 				// mochi skips OnDisconnect when it fails between authentication and the
