@@ -105,7 +105,7 @@ type Server struct {
 	placed map[string]placement
 }
 
-type placement struct{ hub, generationID string }
+type placement struct{ hub, generationID, regKey string }
 
 // HubOf names the hub a device was assigned to, if DPS placed this generation of it.
 func (s *Server) HubOf(deviceID, generationID string) (string, bool) {
@@ -229,7 +229,7 @@ func (s *Server) load() error {
 			}
 			s.regs[k] = &r
 			if r.State.Status == wire.DPSStatusAssigned && r.Hub != "" {
-				s.placed[r.State.DeviceID] = placement{hub: r.Hub, generationID: r.GenerationID}
+				s.placed[r.State.DeviceID] = placement{hub: r.Hub, generationID: r.GenerationID, regKey: k}
 			}
 			return nil
 		})
@@ -260,12 +260,15 @@ func (s *Server) Stats() Stats {
 func (s *Server) InitialTwin(deviceID string) (json.RawMessage, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, r := range s.regs {
-		if r.State.DeviceID == deviceID && r.State.Status == wire.DPSStatusAssigned && len(r.InitialTwin) > 0 {
-			return slices.Clone(r.InitialTwin), true
-		}
+	p, ok := s.placed[deviceID]
+	if !ok {
+		return nil, false
 	}
-	return nil, false
+	r := s.regs[p.regKey]
+	if r == nil || r.State.DeviceID != deviceID || len(r.InitialTwin) == 0 {
+		return nil, false
+	}
+	return slices.Clone(r.InitialTwin), true
 }
 
 // apiError is a DPS error: HTTP status and six-digit code.
@@ -989,7 +992,7 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 	if err == nil {
 		s.mu.Lock()
 		s.regs[k] = rec
-		s.placed[deviceID] = placement{hub: hub, generationID: gen}
+		s.placed[deviceID] = placement{hub: hub, generationID: gen, regKey: k}
 		s.mu.Unlock()
 	}
 	if err != nil {
