@@ -94,6 +94,8 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 
 // runFlags are the command-line overrides of the config file.
 type runFlags struct {
+	stateDir              string
+	reprovision           bool
 	config                string
 	connectionString      string
 	connectionStringFile  string
@@ -107,7 +109,6 @@ type runFlags struct {
 	telemetryInterval     time.Duration
 	shutdownTimeout       time.Duration
 	logLevel, logFormat   string
-	stateDir              string
 }
 
 func newRunCmd(stderr io.Writer) *cobra.Command {
@@ -162,9 +163,10 @@ func bindRunFlags(cmd *cobra.Command, f *runFlags) {
 	fl.StringVar(&f.caFile, "ca-file", "", "PEM CA bundle trusted for the hub's certificate (default: system roots)")
 	fl.DurationVar(&f.telemetryInterval, "telemetry-interval", 0, "interval between telemetry messages (0s disables)")
 	fl.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 0, "bound on draining queued telemetry at shutdown")
-	fl.StringVar(&f.stateDir, "state-dir", "", "directory for state that survives a restart (intended reported properties, last desired version)")
 	fl.StringVar(&f.logLevel, "log-level", "", "log level: debug, info, warn, error (default info)")
 	fl.StringVar(&f.logFormat, "log-format", "", "log format: console or json (default console)")
+	fl.StringVar(&f.stateDir, "state-dir", "", "directory for state that survives a restart (intended reported properties, last desired version, DPS result)")
+	fl.BoolVar(&f.reprovision, "reprovision", false, "with DPS: ignore the cached provisioning result and register again")
 }
 
 // loadConfig reads the config file (if any) and applies the environment and flags.
@@ -225,9 +227,12 @@ func loadConfig(cmd *cobra.Command, f *runFlags) (agent.Config, error) {
 	if changed("shutdown-timeout") {
 		cfg.ShutdownTimeout = f.shutdownTimeout
 	}
-	set("state-dir", &cfg.StateDir, f.stateDir)
 	set("log-level", &cfg.Log.Level, f.logLevel)
 	set("log-format", &cfg.Log.Format, f.logFormat)
+	set("state-dir", &cfg.StateDir, f.stateDir)
+	if changed("reprovision") {
+		cfg.DPS.Reprovision = f.reprovision
+	}
 	return cfg, nil
 }
 

@@ -62,6 +62,9 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 				return err
 			}
 			defer func() { _ = log.Sync() }()
+			if cfg.DPSRetryAfter == 0 {
+				cfg.DPSRetryAfter = -1 // Config's zero means the default
+			}
 			srv, err := hubsim.Start(cmd.Context(), cfg, log)
 			if err != nil {
 				return err
@@ -78,6 +81,11 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.StringVar(&cfg.HTTPSAddr, "https-addr", "127.0.0.1:8443", "service HTTPS listen address (port 0: any free port)")
 	f.DurationVar(&cfg.TokenGrace, "token-grace", 0, "how long past a device SAS token's expiry its connection stays open")
 	f.Float64Var(&cfg.TwinRateLimit, "twin-rate-limit", 0, "device twin GETs and PATCHes per second across the hub; over it, 429 (0: unlimited)")
+	f.StringVar(&cfg.IDScope, "id-scope", "0ne00000001", "DPS ID scope")
+	f.StringSliceVar(&cfg.HubHostNames, "hub-hostnames", nil, "further linked hub host names DPS may assign devices to (comma-separated)")
+	f.IntVar(&cfg.DPSRetryAfter, "dps-retry-after", 1, "retry-after seconds of DPS 202 replies (0: poll at once)")
+	f.Float64Var(&cfg.DPSRegistrationRate, "dps-rate", 0, "DPS register requests per second before 429 (0: no limit)")
+	f.IntVar(&cfg.DPSRegistrationBurst, "dps-burst", 1, "DPS register requests allowed in a burst under --dps-rate")
 	f.StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&format, "log-format", "console", "log format: console or json")
 	_ = cmd.MarkFlagRequired("state")

@@ -42,6 +42,7 @@ type Config struct {
 	ModelID string `yaml:"modelId"`
 
 	Auth       AuthConfig       `yaml:"auth"`
+	DPS        DPSConfig        `yaml:"dps"`
 	TLS        TLSConfig        `yaml:"tls"`
 	Connection ConnectionConfig `yaml:"connection"`
 	Queue      QueueConfig      `yaml:"queue"`
@@ -49,8 +50,9 @@ type Config struct {
 	Twin       TwinConfig       `yaml:"twin"`
 	Log        LogConfig        `yaml:"log"`
 
-	// StateDir keeps what must survive a restart (twin-<deviceId>.json: the intended reported
-	// state and the last applied desired version). Empty: nothing is kept.
+	// StateDir keeps what must survive a restart: twin-<deviceId>.json (the intended reported
+	// state and the last applied desired version) and the DPS provisioning result. Empty:
+	// nothing is kept (DPS requires it).
 	StateDir string `yaml:"stateDir"`
 
 	// ShutdownTimeout bounds the drain of queued telemetry on shutdown. Default 5s.
@@ -172,6 +174,9 @@ func LoadConfig(path string) (Config, error) {
 type identity struct {
 	host, address, deviceID, moduleID, keyName string
 	cred                                       *attest.Credential
+	// registrationID is set when the device provisions through DPS (host and deviceID then
+	// come from the provisioning result).
+	registrationID string
 }
 
 // resolve checks the configuration and loads the credential. Errors name the field, never a
@@ -179,6 +184,12 @@ type identity struct {
 func (c *Config) resolve() (identity, error) {
 	var id identity
 	fileOpts := attest.FileOptions{AllowInsecureKeyFile: c.Auth.AllowInsecureKeyFile}
+	if c.DPS.IDScope != "" || c.DPS.GlobalEndpoint != "" {
+		return c.resolveDPS(fileOpts)
+	}
+	if c.DPS.GroupKey != "" || c.DPS.GroupKeyFile != "" {
+		return id, fmt.Errorf("%w: dps.groupKey needs dps.idScope", ErrConfig)
+	}
 	cs := c.ConnectionString
 	if c.ConnectionString != "" && c.ConnectionStringFile != "" {
 		return id, fmt.Errorf("%w: set connectionString or connectionStringFile, not both", ErrConfig)

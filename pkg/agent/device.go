@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -76,6 +77,8 @@ type Device struct {
 	stop     chan struct{}
 	stopOnce sync.Once
 	running  sync.Mutex
+
+	rootCAs *x509.CertPool // the validated trust roots (for DPS)
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O.
@@ -119,10 +122,17 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		stop:  make(chan struct{}),
 	}
 	d.hcfg = cfg.hubConfig(id)
-	// Validate the session configuration now, so config errors surface before Run.
-	if _, err := hub.Validate(d.hcfg); err != nil {
+	// Validate the session configuration now, so config errors surface before Run. With DPS the
+	// hub is not known yet: a placeholder host stands in.
+	vc := d.hcfg
+	if d.dpsEnabled() {
+		vc.Host = "provisioning.pending"
+	}
+	valid, err := hub.Validate(vc)
+	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
+	d.rootCAs = valid.RootCAs
 	// Render once so template errors are configuration errors.
 	if _, err := d.render(0, time.Now()); err != nil {
 		return nil, fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
@@ -141,16 +151,34 @@ func (d *Device) Run(ctx context.Context) error {
 		return errors.New("agent: device is already running")
 	}
 	defer d.running.Unlock()
+	if d.dpsEnabled() {
+		return d.runDPS(ctx)
+	}
+	return d.runSession(ctx, d.hcfg)
+}
 
+// runSession runs one hub session with hc, and the twin sync over it, until ctx is done, Close
+// is called, the session stops by itself, or (with DPS) the device must provision again
+// (errReprovision).
+func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
+	reprovision := make(chan struct{}, 1)
+	requestReprovision := func() {
+		select {
+		case reprovision <- struct{}{}:
+		default:
+		}
+	}
 	var sessRef atomic.Pointer[hub.Session]
 	ts, err := d.newSync(lazySession{&sessRef})
 	if err != nil {
 		return fmt.Errorf("device %s: %w", d.id.deviceID, err)
 	}
 	d.sync.Store(ts)
-	hc := d.hcfg
 	hc.Logger = d.log
 	hc.OnStatus = func(st hub.Status) {
+		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
+			requestReprovision()
+		}
 		if st.State == hub.Connected {
 			ts.Connected()
 		}
@@ -161,11 +189,19 @@ func (d *Device) Run(ctx context.Context) error {
 		ts.Desired(p)
 	}
 	hc.OnMethod = func(ctx context.Context, r *hub.MethodRequest) {
-		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
 		sess := sessRef.Load()
 		if sess == nil {
 			return
 		}
+		if r.Name == "reprovision" && d.dpsEnabled() {
+			d.log.Info("reprovision requested by direct method", zap.String("rid", r.RequestID))
+			if err := sess.RespondMethod(ctx, r.RequestID, 200, []byte(`{"message":"provisioning again"}`)); err != nil {
+				d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
+			}
+			requestReprovision()
+			return
+		}
+		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
 		if err := sess.RespondMethod(ctx, r.RequestID, 501, []byte(`{"message":"method not implemented"}`)); err != nil {
 			d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
 		}
@@ -203,6 +239,9 @@ loop:
 		case <-sess.Done():
 			runErr = sess.Err()
 			break loop
+		case <-reprovision:
+			runErr = errReprovision
+			break loop
 		case now := <-tick:
 			d.sendTelemetry(sess, now)
 		}
@@ -219,7 +258,7 @@ loop:
 	d.log.Info("stopped", zap.Uint64("delivered", st.Sent), zap.Uint64("failed", st.Failed),
 		zap.Uint64("refused", st.Rejected), zap.Uint64("connects", st.Connects))
 	if runErr != nil {
-		return fmt.Errorf("device %s: %w", d.id.deviceID, runErr)
+		return fmt.Errorf("device %s: %w", hc.DeviceID, runErr)
 	}
 	return nil
 }

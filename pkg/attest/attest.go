@@ -3,7 +3,9 @@
 // strings or files; a key file readable by group or others is refused unless explicitly allowed,
 // as ssh does. A Credential never prints its secret.
 //
-// This is the minimal form the hub session needs; DPS attestation and TPM-backed keys come later.
+// DPS attestation uses the same credentials: an individual key, a key derived from an enrollment
+// group key and the registration ID (FromGroupKey), or an X.509 chain whose leaf CN is the
+// registration ID. TPM-backed keys come later.
 package attest
 
 import (
@@ -155,4 +157,40 @@ func CheckKeyFileMode(path string, opts FileOptions) error {
 			ErrInsecureKeyFile, path, mode)
 	}
 	return nil
+}
+
+// FromGroupKey derives a device's credential from a DPS enrollment-group key (base64) and its
+// registration ID: base64(HMAC-SHA256(groupKey, registrationID)). The group key itself is not
+// kept.
+func FromGroupKey(groupB64, registrationID string) (*Credential, error) {
+	if registrationID == "" {
+		return nil, errors.New("attest: a group key needs a registration ID to derive the device key")
+	}
+	k, err := sas.ParseKey(strings.TrimSpace(groupB64))
+	if err != nil {
+		return nil, fmt.Errorf("attest: group key: %w", err)
+	}
+	return FromKey(sas.DeriveDeviceKey(k, registrationID))
+}
+
+// FromGroupKeyFile is FromGroupKey with the group key read from a file (mode 0600).
+func FromGroupKeyFile(path, registrationID string, opts FileOptions) (*Credential, error) {
+	b, err := ReadSecretFile(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	c, err := FromGroupKey(string(b), registrationID)
+	if err != nil {
+		return nil, fmt.Errorf("%w (file %s)", err, path)
+	}
+	return c, nil
+}
+
+// CommonName returns the subject CN of an X.509 credential's leaf certificate ("" otherwise):
+// DPS requires it to equal the registration ID.
+func (c *Credential) CommonName() string {
+	if c.cert == nil || c.cert.Leaf == nil {
+		return ""
+	}
+	return c.cert.Leaf.Subject.CommonName
 }

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -28,6 +29,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/connstr"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
+	"github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
@@ -39,6 +41,8 @@ import (
 const (
 	EndpointsFile = endpoints.File
 	DatabaseFile  = "hubsim.db"
+	// DPSDatabaseFile holds DPS enrollments and registrations.
+	DPSDatabaseFile = "dps.db"
 )
 
 // Config configures a Server. The zero value works: an ephemeral state directory, host name
@@ -73,6 +77,18 @@ type Config struct {
 	// OnEvent observes the device endpoint (connections, refusals, telemetry, ...); it is
 	// called synchronously and must not block.
 	OnEvent func(broker.Event)
+
+	// IDScope is the DPS ID scope (default dps.DefaultIDScope).
+	IDScope string
+	// HubHostNames are further linked hub host names DPS may assign devices to; the device
+	// endpoint answers to all of them (they share one registry).
+	HubHostNames []string
+	// DPSRetryAfter is the retry-after (seconds) of DPS 202 replies (default 1; negative: 0).
+	DPSRetryAfter int
+	// DPSRegistrationRate limits DPS register requests per second (0: unlimited), with
+	// DPSRegistrationBurst (default 1).
+	DPSRegistrationRate  float64
+	DPSRegistrationBurst int
 }
 
 // Endpoints is what endpoints.json holds.
@@ -87,6 +103,7 @@ type Server struct {
 	twins     *twins.Store
 	brk       *broker.Broker
 	api       *rest.Server
+	dps       *dps.Server
 	endpoints Endpoints
 	tempDir   bool
 	closeOnce sync.Once
@@ -153,6 +170,19 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err != nil {
 		return nil, err
 	}
+	retryAfter := cfg.DPSRetryAfter
+	if retryAfter == 0 {
+		retryAfter = 1
+	}
+	s.dps, err = dps.Open(dps.Config{
+		Path: filepath.Join(dir, DPSDatabaseFile), IDScope: cfg.IDScope, ServiceHostName: cfg.HostName,
+		Hubs: append([]string{cfg.HostName}, cfg.HubHostNames...), Registry: s.reg, RetryAfter: retryAfter,
+		RegistrationRate: cfg.DPSRegistrationRate, RegistrationBurst: cfg.DPSRegistrationBurst,
+		ApplyInitialTwin: s.applyInitialTwin,
+	}, log.Named("dps"))
+	if err != nil {
+		return nil, err
+	}
 	var twinHandler broker.TwinHandler = s.twins
 	if cfg.Twins != nil {
 		twinHandler = cfg.Twins
@@ -161,7 +191,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
 		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twinHandler, Methods: cfg.Methods,
-		OnEvent: cfg.OnEvent,
+		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
 	}, log.Named("mqtt"))
 	if err != nil {
 		return nil, err
@@ -170,8 +200,13 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	if _, port, err := net.SplitHostPort(s.brk.Addr().String()); err == nil && port != "8883" {
+		s.dps.SetAssignedHubSuffix(":" + port)
+	}
 	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins}, log.Named("rest"))
-	if s.api, err = rest.Start(cfg.HTTPSAddr, tlsConf, h, log.Named("https")); err != nil {
+	httpsTLS := tlsConf.Clone()
+	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
+	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, hub: h}, log.Named("https")); err != nil {
 		return nil, err
 	}
 	owner, ok := s.reg.Policy("iothubowner")
@@ -185,8 +220,10 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		ServiceConnectionString: connstr.ConnectionString{
 			HostName: cfg.HostName, SharedAccessKeyName: owner.KeyName, SharedAccessKey: owner.PrimaryKey,
 		}.String(),
-		CAFile: filepath.Join(dir, pki.CACertFile),
-		PID:    os.Getpid(),
+		CAFile:              filepath.Join(dir, pki.CACertFile),
+		PID:                 os.Getpid(),
+		IDScope:             s.dps.IDScope(),
+		DPSConnectionString: s.dps.ConnectionString(),
 	}
 	b, _ := json.MarshalIndent(s.endpoints, "", "  ")
 	if err := pki.WriteFileAtomic(filepath.Join(dir, EndpointsFile), append(b, '\n'), 0o600); err != nil {
@@ -199,6 +236,34 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 
 // Endpoints returns what endpoints.json holds (the connection string includes a key).
 func (s *Server) Endpoints() Endpoints { return s.endpoints }
+
+// DPS is the Device Provisioning Service (enrollments, registrations, counters).
+func (s *Server) DPS() *dps.Server { return s.dps }
+
+// applyInitialTwin gives a device DPS has just assigned (or reset) its enrollment's initial
+// twin: tags and desired properties replace what the twin had.
+func (s *Server) applyInitialTwin(deviceID string, initial json.RawMessage) error {
+	if len(initial) == 0 {
+		initial = json.RawMessage(`{}`)
+	}
+	_, err := s.twins.Replace(deviceID, "*", initial)
+	return err
+}
+
+// dpsMux sends DPS paths (service API, device registration, /hubsim/dps) to DPS and everything
+// else to the hub's API.
+type dpsMux struct {
+	dps *dps.Server
+	hub http.Handler
+}
+
+func (m dpsMux) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if seg, ok := dps.Segments(r); ok && dps.Owns(seg) {
+		m.dps.ServeHTTP(w, r)
+		return
+	}
+	m.hub.ServeHTTP(w, r)
+}
 
 // Registry is the device registry (create devices through it in tests and benchmarks).
 func (s *Server) Registry() *registry.Registry { return s.reg }
@@ -236,6 +301,9 @@ func (s *Server) Close() error {
 		}
 		if s.brk != nil {
 			errs = append(errs, s.brk.Close())
+		}
+		if s.dps != nil {
+			errs = append(errs, s.dps.Close())
 		}
 		if s.twins != nil {
 			errs = append(errs, s.twins.Close())

@@ -13,6 +13,9 @@
 //	         p99 compared. Target: p99 ratio <= 2 (the figure is at 1,000 devices:
 //	         -twin-n 1000).
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
+//	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
+//	         against the same N devices only connecting (plain TLS connects), alternating; the
+//	         median rates are compared. Target: dps/plain >= 0.4.
 //
 // Run it with GODEBUG=adaptivestackstart=0 (the Makefile does) so goroutine stacks start at the
 // same size in every round. BENCH_HEAP_PROFILE=path writes heap and goroutine profiles of the
@@ -45,7 +48,8 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,twin", "comma-separated benchmarks to run")
+	only := fs.String("only", "sas,connect,memory,twin,dps", "comma-separated benchmarks to run (sas, connect, memory, twin, dps)")
+	dpsN := fs.Int("dps-n", 200, "devices per DPS round")
 	connectN := fs.Int("connect-n", 1000, "devices per connect round")
 	rounds := fs.Int("rounds", 2, "A/B pairs per comparison (the median is reported)")
 	memN := fs.Int("memory-n", 500, "devices held connected in the memory comparison")
@@ -76,6 +80,11 @@ func run(ctx context.Context, args []string) error {
 	if want["connect"] {
 		if err := benchConnect(ctx, *connectN, *rounds, report); err != nil {
 			return fmt.Errorf("connect: %w", err)
+		}
+	}
+	if want["dps"] {
+		if err := benchDPS(ctx, *dpsN, *rounds, report); err != nil {
+			return fmt.Errorf("dps: %w", err)
 		}
 	}
 	if want["memory"] {

@@ -247,11 +247,12 @@ type hub struct {
 }
 
 // startHub runs `hubsim serve` on state with the given addresses and waits for endpoints.json.
-func startHub(t *testing.T, state, mqttAddr, httpsAddr string) *hub {
+func startHub(t *testing.T, state, mqttAddr, httpsAddr string, extra ...string) *hub {
 	t.Helper()
 	_ = os.Remove(filepath.Join(state, "endpoints.json"))
-	p := startProc(t, "hubsim", "serve", "--state", state, "--mqtt-addr", mqttAddr, "--https-addr", httpsAddr,
-		"--log-format", "json", "--log-level", "debug")
+	args := append([]string{"serve", "--state", state, "--mqtt-addr", mqttAddr, "--https-addr", httpsAddr,
+		"--log-format", "json", "--log-level", "debug"}, extra...)
+	p := startProc(t, "hubsim", args...)
 	deadline := time.Now().Add(waitTimeout)
 	for {
 		if ep, err := endpoints.Read(state); err == nil && ep.PID == p.cmd.Process.Pid {

@@ -76,6 +76,31 @@ type Config struct {
 	// OnEvent, if set, is called for every Event, synchronously on the goroutine where it
 	// happens; it must not block.
 	OnEvent func(Event)
+	// DPS, if set, takes over connections whose CONNECT user name has the DPS shape
+	// ({idScope}/registrations/{registrationId}/...): DPS shares the hub's TLS listener.
+	DPS DPSHandler
+	// HostNames are further hub host names this endpoint answers to (hubsim can stand in for
+	// several linked hubs; they share one registry).
+	HostNames []string
+	// HubOf, if set, names the hub a device (of this generation) was assigned to among
+	// HostName and HostNames; a CONNECT naming another of them is refused, as the other hub
+	// would not know the device. ok false: no restriction.
+	HubOf func(deviceID, generationID string) (hub string, ok bool)
+}
+
+// DPSHandler serves a DPS MQTT connection handed over after its CONNECT was read and checked.
+// It runs on the connection's goroutine, owns conn until it returns, and must return when conn
+// is closed.
+type DPSHandler interface {
+	ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect []byte, ci ConnectInfo)
+}
+
+// hostOK reports whether a host named by a device is one of this endpoint's hub names.
+func (b *Broker) hostOK(h string) bool {
+	if hostMatches(h, b.cfg.HostName) {
+		return true
+	}
+	return slices.ContainsFunc(b.cfg.HostNames, func(n string) bool { return hostMatches(h, n) })
 }
 
 // Broker is the running MQTT endpoint.

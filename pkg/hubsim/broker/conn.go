@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // devConn is one device's network connection as mochi sees it: TLS over the accepted TCP
@@ -27,8 +29,9 @@ type devConn struct {
 	remote net.Addr
 	b      *Broker
 
-	sniffed bool
-	replay  []byte
+	sniffed   bool
+	replay    []byte
+	connectCI ConnectInfo
 
 	sess   atomic.Pointer[session]
 	closed atomic.Bool
@@ -42,6 +45,9 @@ func newDevConn(b *Broker, raw net.Conn) *devConn {
 
 var errRefused = errors.New("connection refused before MQTT")
 
+// errDPSDone ends mochi's view of a connection that a DPS session has served.
+var errDPSDone = errors.New("DPS session ended")
+
 // Read runs the CONNECT check on the first call, then replays the checked packet, then reads
 // the connection.
 func (c *devConn) Read(p []byte) (int, error) {
@@ -54,6 +60,14 @@ func (c *devConn) Read(p []byte) (int, error) {
 		if err := c.sniff(tc); err != nil {
 			_ = c.Close()
 			return 0, errRefused
+		}
+		if c.b.cfg.DPS != nil && wire.IsDPSUsername(c.connectCI.Username) {
+			// DPS shares the listener: its session runs here, on this connection's goroutine,
+			// and mochi sees the connection end before any CONNECT.
+			c.b.cfg.DPS.ServeDPSMQTT(tc, tc.ConnectionState(), c.replay, c.connectCI)
+			c.replay = nil
+			_ = c.Close()
+			return 0, errDPSDone
 		}
 	}
 	if len(c.replay) > 0 {
@@ -115,7 +129,8 @@ func (c *devConn) sniff(tc *tls.Conn) error {
 		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: err.Error()})
 		return err
 	}
-	if _, err := ParseConnect(pkt); err != nil {
+	ci, err := ParseConnect(pkt)
+	if err != nil {
 		if errors.As(err, &ve) {
 			log.Info("connection refused: CONNACK 1 (unacceptable protocol version)", zap.String("reason", ve.Error()))
 			lingerAfter(tc, connackUnacceptableVersion, 0)
@@ -127,6 +142,7 @@ func (c *devConn) sniff(tc *tls.Conn) error {
 		return err
 	}
 	c.replay = pkt
+	c.connectCI = ci
 	return nil
 }
 

@@ -256,3 +256,29 @@ func (d *decoder) str() (string, bool) {
 	}
 	return string(v), true
 }
+
+// ConnectPassword returns the password of a CONNECT that ParseConnect accepted (nil when it has
+// none). It is kept apart from ConnectInfo so that the password is never logged with it.
+func ConnectPassword(pkt []byte) []byte {
+	ci, err := ParseConnect(pkt)
+	if err != nil || !ci.HasPassword {
+		return nil
+	}
+	rem, n, err := decodeVarint(pkt[1:])
+	if err != nil || len(pkt[1+n:]) != rem {
+		return nil
+	}
+	d := decoder{b: pkt[1+n:]}
+	_, _ = d.str()    // protocol name
+	_, _ = d.byte()   // level
+	_, _ = d.byte()   // flags
+	_, _ = d.uint16() // keep-alive
+	_, _ = d.str()    // client ID
+	if ci.WillFlag {
+		_, _ = d.str()
+		_, _ = d.bin()
+	}
+	_, _ = d.str() // user name
+	p, _ := d.bin()
+	return p
+}

@@ -85,7 +85,7 @@ func (b *Broker) authenticate(cl *mqtt.Client, dc *devConn, pk packets.Packet) (
 	if err != nil {
 		return nil, authFailure(err.Error())
 	}
-	if !hostMatches(u.Host, b.cfg.HostName) {
+	if !b.hostOK(u.Host) {
 		return nil, authFailure(fmt.Sprintf("user name names host %q, this hub is %q", u.Host, b.cfg.HostName))
 	}
 	if u.ModuleID != "" {
@@ -97,6 +97,11 @@ func (b *Broker) authenticate(cl *mqtt.Client, dc *devConn, pk packets.Packet) (
 	}
 	if id.Status != registry.StatusEnabled {
 		return nil, "device is disabled"
+	}
+	if b.cfg.HubOf != nil {
+		if hub, ok := b.cfg.HubOf(u.DeviceID, id.GenerationID); ok && !hostMatches(u.Host, hub) {
+			return nil, authFailure(fmt.Sprintf("device is registered in hub %s, not %s", hub, stripPort(u.Host)))
+		}
 	}
 	if pk.Connect.WillFlag {
 		t, err := wire.Parse(pk.Connect.WillTopic)
@@ -115,7 +120,7 @@ func (b *Broker) authenticate(cl *mqtt.Client, dc *devConn, pk packets.Packet) (
 		if err != nil {
 			return nil, authFailure("password is not a SAS token: " + err.Error())
 		}
-		if !tok.Authorizes(sas.DeviceResource(b.cfg.HostName, u.DeviceID)) {
+		if !tok.Authorizes(sas.DeviceResource(stripPort(u.Host), u.DeviceID)) {
 			return nil, authFailure(fmt.Sprintf("token resource %q does not cover device %s", tok.Resource, u.DeviceID))
 		}
 		now := time.Now()

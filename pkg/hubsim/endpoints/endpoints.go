@@ -22,7 +22,11 @@ type Endpoints struct {
 	HTTPSAddress            string `json:"httpsAddress"`
 	ServiceConnectionString string `json:"serviceConnectionString"`
 	CAFile                  string `json:"caFile"`
-	PID                     int    `json:"pid"`
+	// IDScope and DPSConnectionString describe hubsim's DPS (device endpoint on the same MQTT and
+	// HTTPS addresses; service API on the HTTPS address).
+	IDScope             string `json:"idScope,omitempty"`
+	DPSConnectionString string `json:"dpsConnectionString,omitempty"`
+	PID                 int    `json:"pid"`
 }
 
 // Read reads stateDir/endpoints.json.

@@ -62,6 +62,15 @@ func (ca *CA) Pool() *x509.CertPool {
 
 // NewCA creates a self-signed CA in memory.
 func NewCA(commonName string, validity time.Duration) (*CA, error) {
+	return newCA(commonName, validity, nil)
+}
+
+// NewIntermediate creates an intermediate CA signed by ca (path length 0: it signs leaves only).
+func (ca *CA) NewIntermediate(commonName string, validity time.Duration) (*CA, error) {
+	return newCA(commonName, validity, ca)
+}
+
+func newCA(commonName string, validity time.Duration, parent *CA) (*CA, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("pki: generate CA key: %w", err)
@@ -81,7 +90,12 @@ func NewCA(commonName string, validity time.Duration) (*CA, error) {
 		IsCA:                  true,
 		MaxPathLen:            1,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	signer, signerKey := tmpl, key
+	if parent != nil {
+		tmpl.MaxPathLen, tmpl.MaxPathLenZero = 0, true
+		signer, signerKey = parent.Cert, parent.Key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
 	if err != nil {
 		return nil, fmt.Errorf("pki: create CA certificate: %w", err)
 	}

@@ -17,6 +17,12 @@ const { promisify } = require('node:util');
 const { Registry } = require('azure-iothub');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
+const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
+const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
+const { Mqtt: ProvMqtt } = require('azure-iot-provisioning-device-mqtt');
+const { Http: ProvHttp } = require('azure-iot-provisioning-device-http');
+const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
+const { X509Security } = require('azure-iot-security-x509');
 
 const {
   AssertionError, HubsimAdmin, check, checkEqual, describeError, errName, loadEndpoints, poll,
@@ -382,6 +388,223 @@ async function c2dWithProperties(ctx) {
   await withDeadline(client.complete(m), OP_DEADLINE_MS, 'client.complete(msg)');
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Device Provisioning Service (protocol-service.md §3, §4.7(c); protocol-device.md §2, §3)
+
+function dpsService(ctx) {
+  check(ctx.ep.dpsConnectionString, 'endpoints.json has no dpsConnectionString');
+  return ProvisioningServiceClient.fromConnectionString(ctx.ep.dpsConnectionString);
+}
+
+// MQTT: the SDK dials mqtts://<host:port> (port honoured); HTTPS: it cannot take a port, so
+// hubsim serves HTTPS on 443 and the host is the bare hub host name.
+function provisioningHost(ctx, transport) {
+  return transport === 'mqtt' ? `${ctx.ep.hubHostName}:${ctx.ep.mqtt.port}` : ctx.ep.hubHostName;
+}
+
+function deriveKey(groupKey, regId) {
+  return crypto.createHmac('sha256', Buffer.from(groupKey, 'base64')).update(regId, 'utf8').digest('base64');
+}
+
+async function provision(ctx, transport, regId, security, payload) {
+  const t = transport === 'mqtt' ? new ProvMqtt() : new ProvHttp();
+  const pdc = ProvisioningDeviceClient.create(provisioningHost(ctx, transport), ctx.ep.idScope, t, security);
+  if (payload) pdc.setProvisioningPayload(payload);
+  const res = await withDeadline(pdc.register(), OPEN_DEADLINE_MS, `ProvisioningDeviceClient.register (${transport})`);
+  log(`[${ctx.name}] registration result: ${truncate(JSON.stringify(res), 600)}`);
+  checkEqual(res.status, 'assigned', 'registration status');
+  check(typeof res.assignedHub === 'string' && res.assignedHub.length > 0, `no assignedHub in ${JSON.stringify(res)}`);
+  return res;
+}
+
+function deleteLater(ctx, what, fn) {
+  ctx.defer(what, async () => {
+    try {
+      await fn();
+    } catch (err) {
+      if (!(err && err.response && err.response.statusCode === 404)) throw err;
+    }
+  });
+}
+
+// The provisioned device connects to the assigned hub with Microsoft's device client and reads
+// the initial twin's desired properties.
+async function connectAndCheckTwin(ctx, res, creds, wantDesired) {
+  const cs = creds.key
+    ? `HostName=${res.assignedHub};DeviceId=${res.deviceId};SharedAccessKey=${creds.key}`
+    : `HostName=${res.assignedHub};DeviceId=${res.deviceId};x509=true`;
+  const client = ctx.deviceClient(cs);
+  if (creds.cert) await withDeadline(client.setOptions({ cert: creds.cert, key: creds.certKey }), OP_DEADLINE_MS, 'setOptions');
+  await ctx.openClient(client, `provisioned device ${res.deviceId}`);
+  deleteLater(ctx, `delete hub device ${res.deviceId}`, () => ctx.registry.delete(res.deviceId));
+  if (wantDesired) {
+    const twin = await withDeadline(client.getTwin(), OP_DEADLINE_MS, 'client.getTwin');
+    for (const [k, v] of Object.entries(wantDesired)) {
+      checkEqual(twin.properties.desired[k], v, `twin desired.${k} from the enrollment's initialTwin`);
+    }
+  }
+}
+
+async function dpsServiceCrud(ctx) {
+  const ps = dpsService(ctx);
+  const id = uniqueId('enr');
+  const created = (await withDeadline(ps.createOrUpdateIndividualEnrollment({
+    registrationId: id, attestation: { type: 'symmetricKey', symmetricKey: { primaryKey: '', secondaryKey: '' } },
+    provisioningStatus: 'enabled',
+  }), OP_DEADLINE_MS, 'createOrUpdateIndividualEnrollment')).responseBody;
+  deleteLater(ctx, `delete enrollment ${id}`, () => ps.deleteIndividualEnrollment(id));
+  checkEqual(created.registrationId, id, 'created registrationId');
+  check(created.etag, 'created enrollment has no etag');
+  check(B64_KEY_44.test(created.attestation.symmetricKey.primaryKey) || created.attestation.symmetricKey.primaryKey.length > 40,
+    `no generated primaryKey: ${truncate(JSON.stringify(created.attestation), 200)}`);
+
+  const got = (await withDeadline(ps.getIndividualEnrollment(id), OP_DEADLINE_MS, 'getIndividualEnrollment')).responseBody;
+  checkEqual(got.etag, created.etag, 'get: etag');
+  got.provisioningStatus = 'disabled';
+  const upd = (await withDeadline(ps.createOrUpdateIndividualEnrollment(got), OP_DEADLINE_MS, 'update with etag')).responseBody;
+  checkEqual(upd.provisioningStatus, 'disabled', 'update: provisioningStatus');
+  check(upd.etag !== got.etag, 'update: etag unchanged');
+  let err;
+  try {
+    got.provisioningStatus = 'enabled'; // stale etag
+    await withDeadline(ps.createOrUpdateIndividualEnrollment(got), OP_DEADLINE_MS, 'update with a stale etag');
+  } catch (e) { err = e; }
+  checkEqual(err && err.response && err.response.statusCode, 412, `stale etag: HTTP status (${describeError(err)})`);
+
+  const am = (await withDeadline(ps.getIndividualEnrollmentAttestationMechanism(id), OP_DEADLINE_MS, 'getIndividualEnrollmentAttestationMechanism')).responseBody;
+  checkEqual(am.type, 'symmetricKey', 'attestation mechanism type');
+
+  const q = ps.createIndividualEnrollmentQuery({ query: '*' }, 1);
+  const seen = [];
+  for (let i = 0; i < 1000; i++) {
+    const page = await withDeadline(q.next(), OP_DEADLINE_MS, 'query.next');
+    // httpCallbackToPromise resolves { responseBody, httpResponse }.
+    const rows = page.responseBody;
+    check(Array.isArray(rows), `query page is not an array: ${truncate(JSON.stringify(page && Object.keys(page)), 200)}`);
+    check(rows.length <= 1, `page size 1 gave ${rows.length} rows`);
+    for (const e of rows) seen.push(e.registrationId);
+    if (!q.hasMoreResults) break;
+  }
+  check(seen.includes(id), `query did not list ${id}: ${seen.join(',')}`);
+
+  // Bulk: the promise form never settles in 1.11.2; use the callback form.
+  const b1 = uniqueId('bulk'); const b2 = uniqueId('bulk');
+  const bulk = (ops) => withDeadline(new Promise((resolve, reject) => ps.runBulkEnrollmentOperation(ops,
+    (e, result) => (e ? reject(e) : resolve(result)))), OP_DEADLINE_MS, 'runBulkEnrollmentOperation');
+  const mk = (rid) => ({ registrationId: rid, attestation: { type: 'symmetricKey', symmetricKey: {} } });
+  let r = await bulk({ mode: 'create', enrollments: [mk(b1), mk(b2)] });
+  checkEqual(r.isSuccessful, true, `bulk create isSuccessful (${JSON.stringify(r)})`);
+  r = await bulk({ mode: 'create', enrollments: [mk(b1)] });
+  checkEqual(r.isSuccessful, false, 'bulk create of an existing enrollment isSuccessful');
+  checkEqual(r.errors[0].registrationId, b1, 'bulk error registrationId');
+  r = await bulk({ mode: 'delete', enrollments: [mk(b1), mk(b2)] });
+  checkEqual(r.isSuccessful, true, 'bulk delete isSuccessful');
+
+  const gid = uniqueId('grp');
+  const g = (await withDeadline(ps.createOrUpdateEnrollmentGroup({ enrollmentGroupId: gid,
+    attestation: { type: 'symmetricKey', symmetricKey: {} } }), OP_DEADLINE_MS, 'createOrUpdateEnrollmentGroup')).responseBody;
+  deleteLater(ctx, `delete group ${gid}`, () => ps.deleteEnrollmentGroup(gid));
+  checkEqual(g.enrollmentGroupId, gid, 'group id');
+  const gam = (await withDeadline(ps.getEnrollmentGroupAttestationMechanism(gid), OP_DEADLINE_MS,
+    'getEnrollmentGroupAttestationMechanism (lower-case enrollmentgroups path)')).responseBody;
+  checkEqual(gam.type, 'symmetricKey', 'group attestation mechanism type');
+  await withDeadline(ps.deleteEnrollmentGroup(gid), OP_DEADLINE_MS, 'deleteEnrollmentGroup');
+  await withDeadline(ps.deleteIndividualEnrollment(id), OP_DEADLINE_MS, 'deleteIndividualEnrollment');
+  err = undefined;
+  try {
+    await withDeadline(ps.getIndividualEnrollment(id), OP_DEADLINE_MS, 'get after delete');
+  } catch (e) { err = e; }
+  checkEqual(err && err.response && err.response.statusCode, 404, 'get after delete: HTTP status');
+}
+
+function symkeyCase(transport, group) {
+  return async (ctx) => {
+    const ps = dpsService(ctx);
+    const regId = uniqueId(group ? 'dpsg' : 'dpsi');
+    const initialTwin = { tags: { site: 'conf' }, properties: { desired: { interval: 17 } } };
+    let key;
+    if (group) {
+      const gid = uniqueId('g');
+      const gk = crypto.randomBytes(64).toString('base64');
+      await withDeadline(ps.createOrUpdateEnrollmentGroup({ enrollmentGroupId: gid, initialTwin,
+        attestation: { type: 'symmetricKey', symmetricKey: { primaryKey: gk, secondaryKey: gk } } }), OP_DEADLINE_MS, 'create group');
+      deleteLater(ctx, `delete group ${gid}`, () => ps.deleteEnrollmentGroup(gid));
+      key = deriveKey(gk, regId);
+    } else {
+      key = crypto.randomBytes(32).toString('base64');
+      await withDeadline(ps.createOrUpdateIndividualEnrollment({ registrationId: regId, deviceId: regId, initialTwin,
+        attestation: { type: 'symmetricKey', symmetricKey: { primaryKey: key, secondaryKey: crypto.randomBytes(32).toString('base64') } } }),
+      OP_DEADLINE_MS, 'create enrollment');
+      deleteLater(ctx, `delete enrollment ${regId}`, () => ps.deleteIndividualEnrollment(regId));
+    }
+    const payload = { modelId: 'dtmi:iothubby:conformance;1' };
+    const res = await provision(ctx, transport, regId, new SymmetricKeySecurityClient(regId, key), payload);
+    checkEqual(res.deviceId, regId, 'deviceId');
+    checkEqual(res.substatus, 'initialAssignment', 'substatus');
+    checkEqual(res.payload && res.payload.modelId, payload.modelId, 'payload echoed');
+    const st = (await withDeadline(ps.getDeviceRegistrationState(regId), OP_DEADLINE_MS, 'getDeviceRegistrationState')).responseBody;
+    checkEqual(st.status, 'assigned', 'registration state status');
+    deleteLater(ctx, `delete registration ${regId}`, () => ps.deleteDeviceRegistrationState(regId));
+    await connectAndCheckTwin(ctx, res, { key }, { interval: 17 });
+  };
+}
+
+function x509Case(transport, group) {
+  return async (ctx) => {
+    const ps = dpsService(ctx);
+    const regId = uniqueId(group ? 'x509g' : 'x509i');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'conf-dps-'));
+    ctx.defer('remove temp dir', async () => fs.rmSync(dir, { recursive: true, force: true }));
+    let cert; let certKey;
+    if (group) {
+      await openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', `/CN=root-${regId}`,
+        '-days', '2', '-keyout', 'ca.key', '-out', 'ca.pem', '-addext', 'basicConstraints=critical,CA:TRUE',
+        '-addext', 'keyUsage=critical,keyCertSign,digitalSignature'], dir);
+      await openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', `/CN=${regId}`,
+        '-keyout', 'leaf.key', '-out', 'leaf.csr'], dir);
+      fs.writeFileSync(path.join(dir, 'leaf.ext'), 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n');
+      await openssl(['x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
+        '-extfile', 'leaf.ext', '-out', 'leaf.pem'], dir);
+      const gid = uniqueId('xg');
+      await withDeadline(ps.createOrUpdateEnrollmentGroup({ enrollmentGroupId: gid, attestation: { type: 'x509',
+        x509: { signingCertificates: { primary: { certificate: fs.readFileSync(path.join(dir, 'ca.pem'), 'utf8') } } } } }),
+      OP_DEADLINE_MS, 'create X.509 group');
+      deleteLater(ctx, `delete group ${gid}`, () => ps.deleteEnrollmentGroup(gid));
+    } else {
+      await openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', `/CN=${regId}`,
+        '-days', '2', '-keyout', 'leaf.key', '-out', 'leaf.pem'], dir);
+      await withDeadline(ps.createOrUpdateIndividualEnrollment({ registrationId: regId, attestation: { type: 'x509',
+        x509: { clientCertificates: { primary: { certificate: fs.readFileSync(path.join(dir, 'leaf.pem'), 'utf8') } } } } }),
+      OP_DEADLINE_MS, 'create X.509 enrollment');
+      deleteLater(ctx, `delete enrollment ${regId}`, () => ps.deleteIndividualEnrollment(regId));
+    }
+    cert = fs.readFileSync(path.join(dir, 'leaf.pem'), 'utf8');
+    certKey = fs.readFileSync(path.join(dir, 'leaf.key'), 'utf8');
+    const res = await provision(ctx, transport, regId, new X509Security(regId, { cert, key: certKey }));
+    checkEqual(res.deviceId, regId, 'deviceId');
+    const dev = (await withDeadline(ctx.registry.get(regId), OP_DEADLINE_MS, 'Registry.get')).responseBody;
+    checkEqual(dev.authentication.type, 'selfSigned', 'hub device authentication.type');
+    await connectAndCheckTwin(ctx, res, { cert, certKey });
+  };
+}
+
+async function dpsWrongKey(ctx) {
+  const ps = dpsService(ctx);
+  const regId = uniqueId('dpsbad');
+  await withDeadline(ps.createOrUpdateIndividualEnrollment({ registrationId: regId,
+    attestation: { type: 'symmetricKey', symmetricKey: {} } }), OP_DEADLINE_MS, 'create enrollment');
+  deleteLater(ctx, `delete enrollment ${regId}`, () => ps.deleteIndividualEnrollment(regId));
+  let err;
+  try {
+    await provision(ctx, 'http', regId, new SymmetricKeySecurityClient(regId, crypto.randomBytes(32).toString('base64')));
+  } catch (e) { err = e; }
+  check(err, 'registration with a wrong key succeeded');
+  check(err.name !== 'DeadlineError', `registration with a wrong key did not settle: ${err.message}`);
+  log(`[dps-wrong-key] SDK error: ${describeError(err)}`);
+  checkEqual(err.response && err.response.statusCode, 401, `HTTP status (${describeError(err)})`);
+}
+
 const CASES = [
   ['registry-crud', registryCrud],
   ['device-sas-telemetry', deviceSasTelemetry],
@@ -390,6 +613,14 @@ const CASES = [
   ['c2d-with-properties', c2dWithProperties],
   ['service-twin-with-agent', twinCases.serviceTwinWithAgent],
   ['device-twin-sdk', twinCases.deviceTwinSdk],
+  ['dps-service-crud', dpsServiceCrud],
+  ['dps-symkey-individual-mqtt', symkeyCase('mqtt', false)],
+  ['dps-symkey-group-mqtt', symkeyCase('mqtt', true)],
+  ['dps-symkey-individual-http', symkeyCase('http', false)],
+  ['dps-symkey-group-http', symkeyCase('http', true)],
+  ['dps-x509-individual-mqtt', x509Case('mqtt', false)],
+  ['dps-x509-group-http', x509Case('http', true)],
+  ['dps-wrong-key', dpsWrongKey],
 ];
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/attest"
+	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hub"
+)
+
+// DPSConfig provisions the device through the Device Provisioning Service instead of a
+// connection string. The credential is auth.symmetricKey[File] (individual enrollment),
+// dps.groupKey[File] (enrollment group: the device key is derived from it and the registration
+// ID) or auth.certFile + auth.keyFile (X.509).
+type DPSConfig struct {
+	// GlobalEndpoint is the DPS device endpoint, host[:port]. Default
+	// global.azure-devices-provisioning.net.
+	GlobalEndpoint string `yaml:"globalEndpoint"`
+	// ServerName overrides the name DPS's server certificate must carry.
+	ServerName string `yaml:"serverName"`
+	// IDScope is the DPS instance's ID scope (required for DPS).
+	IDScope string `yaml:"idScope"`
+	// RegistrationID defaults to deviceId, or to the certificate's CN for X.509.
+	RegistrationID string `yaml:"registrationId"`
+	// Transport is mqtt (default) or https.
+	Transport string `yaml:"transport"`
+	// Attestation is symmetricKey or x509; default: what the configured credential is.
+	Attestation string `yaml:"attestation"`
+	// GroupKey / GroupKeyFile is an enrollment group's key (base64); prefer the file (mode 0600).
+	GroupKey     string `yaml:"groupKey"`
+	GroupKeyFile string `yaml:"groupKeyFile"`
+	// Payload is a JSON object sent with the registration (e.g. {"modelId": "dtmi:..."}).
+	Payload map[string]any `yaml:"payload"`
+	// HubAddress overrides the TCP address dialled for the assigned hub (default: the assigned
+	// hub's name, port 8883 unless it names one).
+	HubAddress string `yaml:"hubAddress"`
+	// ReprovisionAfterFailures provisions again after this many consecutive failed hub
+	// connection attempts (0: never for that reason).
+	ReprovisionAfterFailures int `yaml:"reprovisionAfterFailures"`
+	// MaxRetryAfter caps DPS's retry-after. Default 30 s.
+	MaxRetryAfter time.Duration `yaml:"maxRetryAfter"`
+	// Timeout bounds one provisioning (registration and polling). Default 2 min.
+	Timeout time.Duration `yaml:"timeout"`
+	// Reprovision ignores the cached result at start (the agent's --reprovision flag).
+	Reprovision bool `yaml:"-"`
+}
+
+func (c *Config) resolveDPS(fileOpts attest.FileOptions) (identity, error) {
+	var id identity
+	d := &c.DPS
+	if c.ConnectionString != "" || c.ConnectionStringFile != "" || c.Host != "" || c.ModuleID != "" {
+		return id, fmt.Errorf("%w: with dps, do not set connectionString(File), host or moduleId: the hub comes from DPS", ErrConfig)
+	}
+	if d.IDScope == "" {
+		return id, fmt.Errorf("%w: dps.idScope is required", ErrConfig)
+	}
+	if c.StateDir == "" {
+		return id, fmt.Errorf("%w: dps needs stateDir (the provisioning result is cached there)", ErrConfig)
+	}
+	switch d.Transport {
+	case "", dps.MQTT, dps.HTTPS:
+	default:
+		return id, fmt.Errorf("%w: dps.transport must be mqtt or https", ErrConfig)
+	}
+	if d.GlobalEndpoint != "" {
+		if err := dps.ParseEndpoint(d.GlobalEndpoint); err != nil {
+			return id, fmt.Errorf("%w: dps.globalEndpoint: %w", ErrConfig, err)
+		}
+	}
+	if d.ReprovisionAfterFailures < 0 {
+		return id, fmt.Errorf("%w: dps.reprovisionAfterFailures must not be negative", ErrConfig)
+	}
+	group := d.GroupKey != "" || d.GroupKeyFile != ""
+	key := c.Auth.SymmetricKey != "" || c.Auth.SymmetricKeyFile != ""
+	x509Files := c.Auth.CertFile != "" || c.Auth.KeyFile != ""
+	n := 0
+	for _, b := range []bool{group, key, x509Files} {
+		if b {
+			n++
+		}
+	}
+	if n != 1 {
+		return id, fmt.Errorf("%w: dps needs exactly one credential: auth.symmetricKey(File), dps.groupKey(File), or auth.certFile and auth.keyFile", ErrConfig)
+	}
+	if (group && d.GroupKey != "" && d.GroupKeyFile != "") || (key && c.Auth.SymmetricKey != "" && c.Auth.SymmetricKeyFile != "") {
+		return id, fmt.Errorf("%w: set a key or its file, not both", ErrConfig)
+	}
+	switch d.Attestation {
+	case "":
+	case "symmetricKey":
+		if x509Files {
+			return id, fmt.Errorf("%w: dps.attestation is symmetricKey but an X.509 certificate is configured", ErrConfig)
+		}
+	case "x509":
+		if !x509Files {
+			return id, fmt.Errorf("%w: dps.attestation is x509; set auth.certFile and auth.keyFile", ErrConfig)
+		}
+	default:
+		return id, fmt.Errorf("%w: dps.attestation must be symmetricKey or x509 (TPM comes later)", ErrConfig)
+	}
+	regID := d.RegistrationID
+	if regID == "" {
+		regID = c.DeviceID
+	}
+	var err error
+	switch {
+	case x509Files:
+		id.cred, err = attest.FromX509Files(c.Auth.CertFile, c.Auth.KeyFile, fileOpts)
+		if err == nil && regID == "" {
+			regID = id.cred.CommonName()
+		}
+	case regID == "":
+		err = errors.New("dps: set dps.registrationId (or deviceId)")
+	case d.GroupKeyFile != "":
+		id.cred, err = attest.FromGroupKeyFile(d.GroupKeyFile, regID, fileOpts)
+	case d.GroupKey != "":
+		id.cred, err = attest.FromGroupKey(d.GroupKey, regID)
+	case c.Auth.SymmetricKeyFile != "":
+		id.cred, err = attest.FromKeyFile(c.Auth.SymmetricKeyFile, fileOpts)
+	default:
+		id.cred, err = attest.FromBase64Key(c.Auth.SymmetricKey)
+	}
+	if err != nil {
+		return id, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	if regID == "" {
+		return id, fmt.Errorf("%w: dps.registrationId is required (the certificate has no CN)", ErrConfig)
+	}
+	if cn := id.cred.CommonName(); x509Files && cn != regID {
+		return id, fmt.Errorf("%w: dps.registrationId %q is not the certificate's CN %q", ErrConfig, regID, cn)
+	}
+	id.registrationID, id.deviceID = regID, regID
+	return id, nil
+}
+
+func (d *Device) dpsEnabled() bool { return d.id.registrationID != "" }
+
+func (d *Device) dpsConfig() (dps.Config, error) {
+	c := d.cfg.DPS
+	dc := dps.Config{
+		Endpoint: c.GlobalEndpoint, ServerName: c.ServerName, IDScope: c.IDScope,
+		RegistrationID: d.id.registrationID, Transport: c.Transport, Credential: d.id.cred,
+		MaxWait: c.MaxRetryAfter, Timeout: c.Timeout, Logger: d.log.Named("dps"),
+	}
+	if d.cfg.TLS.ServerName != "" && dc.ServerName == "" {
+		dc.ServerName = d.cfg.TLS.ServerName
+	}
+	if len(c.Payload) > 0 {
+		b, err := json.Marshal(c.Payload)
+		if err != nil {
+			return dc, fmt.Errorf("%w: dps.payload: %w", ErrConfig, err)
+		}
+		dc.Payload = b
+	}
+	dc.RootCAs = d.rootCAs
+	return dc, nil
+}
+
+// provision returns the cached result, or registers with DPS (force skips the cache) and caches
+// the result.
+func (d *Device) provision(ctx context.Context, force bool) (*dps.Result, bool, error) {
+	c := d.cfg.DPS
+	if !force {
+		res, err := dps.LoadCache(d.cfg.StateDir, c.IDScope, d.id.registrationID)
+		if err == nil {
+			d.log.Info("using cached provisioning result", zap.String("hub", res.AssignedHub), zap.String("device", res.DeviceID))
+			return res, true, nil
+		}
+		if !errors.Is(err, dps.ErrNoCache) {
+			return nil, false, err
+		}
+		d.log.Debug("no cached provisioning result", zap.Error(err))
+	}
+	dc, err := d.dpsConfig()
+	if err != nil {
+		return nil, false, err
+	}
+	res, err := dps.Register(ctx, dc)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := dps.SaveCache(d.cfg.StateDir, res); err != nil {
+		return nil, false, err
+	}
+	return res, false, nil
+}
+
+// hubConfigFor builds the hub session configuration for a provisioning result.
+func (d *Device) hubConfigFor(res *dps.Result) hub.Config {
+	hc := d.hcfg
+	hc.Host, hc.Address = res.HubHostAndAddress()
+	if d.cfg.DPS.HubAddress != "" {
+		hc.Address = d.cfg.DPS.HubAddress
+	}
+	if d.cfg.TLS.ServerName == "" {
+		hc.ServerName = ""
+	}
+	hc.DeviceID = res.DeviceID
+	return hc
+}
+
+// errReprovision is how runSession reports that the device asked to provision again.
+var errReprovision = errors.New("agent: provisioning again")
+
+// runDPS provisions (or reuses the cached result), runs the hub session, and provisions again
+// when the hub refuses the identity, after ReprovisionAfterFailures consecutive failed
+// connection attempts, or when the reprovision method is called. A refusal right after a fresh
+// registration ends Run (no loop).
+func (d *Device) runDPS(ctx context.Context) error {
+	force := d.cfg.DPS.Reprovision
+	for {
+		res, cached, err := d.provision(ctx, force)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			d.log.Error("provisioning failed", zap.Error(err))
+			return fmt.Errorf("device %s: %w", d.id.registrationID, err)
+		}
+		err = d.runSession(ctx, d.hubConfigFor(res))
+		switch {
+		case errors.Is(err, errReprovision):
+			d.log.Info("provisioning again", zap.String("reason", "requested or too many failed connection attempts"))
+		case errors.Is(err, hub.ErrNotAuthorized) && cached:
+			d.log.Warn("hub refused the provisioned identity; provisioning again", zap.String("hub", res.AssignedHub), zap.Error(err))
+		default:
+			return err
+		}
+		if err := dps.ClearCache(d.cfg.StateDir); err != nil {
+			return err
+		}
+		force = true
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.stop:
+			return nil
+		default:
+		}
+	}
+}
