@@ -105,6 +105,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if s == nil || s.ds == nil {
 		return
 	}
+	s.established.Store(true)
 	s.log.Debug("device connected", zap.String("auth", s.authType))
 	h.b.emit(Event{Kind: EventConnected, DeviceID: s.deviceID, Remote: s.remote})
 	h.b.kick(s.ds)

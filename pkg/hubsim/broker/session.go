@@ -43,6 +43,11 @@ type session struct {
 
 	pid uint16 // last hub-to-device packet ID; guarded by ds.mu
 
+	// established is set once the CONNACK has gone out. The session becomes the device's
+	// current one (and, on a takeover, inherits the old subscriptions) before that, so nothing
+	// the hub sends on its own may be written to it until then: a client reads the CONNACK first.
+	established atomic.Bool
+
 	// pending is the topic OnPacketRead parsed for the publish mochi is about to hand to
 	// OnPublish (both run on the connection's goroutine).
 	pending    wire.Topic
@@ -66,8 +71,15 @@ func (s *session) stopTimer() {
 	s.tmu.Unlock()
 }
 
-func (s *session) subscribedC2D() bool {
-	_, ok := s.cl.State.Subscriptions.Get("devices/" + s.deviceID + "/messages/devicebound/#")
+func (s *session) subscribedC2D() bool { return s.subscribed(wire.C2DFilter(s.deviceID)) }
+
+// subscribed reports whether the session may be sent messages for filter: it is established
+// and holds the subscription.
+func (s *session) subscribed(filter string) bool {
+	if !s.established.Load() {
+		return false
+	}
+	_, ok := s.cl.State.Subscriptions.Get(filter)
 	return ok
 }
 

@@ -23,7 +23,7 @@ func (b *Broker) NotifyDesired(deviceID string, version int64, body []byte) bool
 	if s == nil {
 		return false
 	}
-	if _, ok := s.cl.State.Subscriptions.Get(wire.TwinDesiredFilter); !ok {
+	if !s.subscribed(wire.TwinDesiredFilter) {
 		return false
 	}
 	err := s.cl.WritePacket(packets.Packet{
