@@ -99,9 +99,7 @@ func TestDPSGroupSymmetricKey(t *testing.T) {
 			a := startDPSAgent(t, h, state, tr, yaml)
 			a.await(0, "provisioned", and(msgIs("provisioned"), field("device", regID), field("substatus", "initialAssignment")))
 			a.await(0, "connected", and(msgIs("connected"), field("device", regID)))
-			a.await(0, "the initial twin", func(l map[string]any) bool {
-				return l["msg"] == "twin desired properties" && strings.Contains(fmt.Sprint(l["desired"]), `"interval":42`)
-			})
+			awaitInitialTwin(t, h, a, regID)
 			if n := dpsStats(t, c)["registrations"]; n != before+1 {
 				t.Fatalf("registrations %d, want %d", n, before+1)
 			}
@@ -279,8 +277,30 @@ func TestDPSMigrateToAnotherHub(t *testing.T) {
 		t.Fatalf("assigned %s", hubName)
 	}
 	a.await(0, "connected to hub2", and(msgIs("connected"), field("device", "mover-1")))
-	a.await(0, "the twin kept", func(l map[string]any) bool {
-		return l["msg"] == "twin desired properties" && strings.Contains(fmt.Sprint(l["desired"]), `"interval":42`)
+	awaitInitialTwin(t, h, a, "mover-1")
+}
+
+// awaitInitialTwin waits until the agent has applied desired property "interval" from the
+// enrollment's initial twin, and checks the hub's twin holds it (42) with the agent's
+// acknowledgement of that value in reported.
+func awaitInitialTwin(t *testing.T, h *hub, a *proc, deviceID string) {
+	t.Helper()
+	a.await(0, "the initial twin's desired interval applied", func(l map[string]any) bool {
+		return (l["msg"] == "desired property applied" || l["msg"] == "desired property recorded (no handler)") && l["path"] == "interval"
+	})
+	eventually(t, "the hub's twin with the initial twin and its acknowledgement", func() error {
+		tw, err := h.svc.GetTwin(ctxT(t), deviceID)
+		if err != nil {
+			return err
+		}
+		if fmt.Sprint(tw.Properties.Desired["interval"]) != "42" {
+			return fmt.Errorf("desired %v", tw.Properties.Desired)
+		}
+		ack, _ := tw.Properties.Reported["interval"].(map[string]any)
+		if fmt.Sprint(ack["value"]) != "42" {
+			return fmt.Errorf("reported %v", tw.Properties.Reported)
+		}
+		return nil
 	})
 }
 
