@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -13,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubsim/rest"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -22,21 +22,11 @@ const MaxBodySize = 1 << 20
 
 const contentType = "application/json; charset=utf-8"
 
-// Segments splits a request path into percent-decoded segments (a trailing slash dropped).
+// Segments splits a request path into percent-decoded segments; false when the path does not
+// decode.
 func Segments(r *http.Request) ([]string, bool) {
-	p := strings.TrimPrefix(r.URL.EscapedPath(), "/")
-	parts := strings.Split(p, "/")
-	if n := len(parts); n > 1 && parts[n-1] == "" {
-		parts = parts[:n-1]
-	}
-	for i, s := range parts {
-		d, err := url.PathUnescape(s)
-		if err != nil {
-			return nil, false
-		}
-		parts[i] = d
-	}
-	return parts, true
+	seg, err := rest.Segments(r)
+	return seg, err == nil
 }
 
 // Owns reports whether a request path belongs to DPS (its service API, its device endpoint, or

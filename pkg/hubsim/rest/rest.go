@@ -153,8 +153,9 @@ var (
 	errMethod   = wire.ServiceError{Status: 405, Code: "MethodNotAllowed", Number: 405000}
 )
 
-// route is a matched request: its segments, decoded once.
-func segments(r *http.Request) ([]string, error) {
+// Segments splits a request's path into segments, each percent-decoded once, a trailing slash
+// dropped. hubsim's other HTTPS APIs (DPS) route with it too.
+func Segments(r *http.Request) ([]string, error) {
 	p := strings.TrimPrefix(r.URL.EscapedPath(), "/")
 	parts := strings.Split(p, "/")
 	if n := len(parts); n > 1 && parts[n-1] == "" {
@@ -171,7 +172,7 @@ func segments(r *http.Request) ([]string, error) {
 }
 
 func (h *handler) serve(w http.ResponseWriter, r *http.Request) {
-	seg, err := segments(r)
+	seg, err := Segments(r)
 	if err != nil {
 		writeError(w, err)
 		return

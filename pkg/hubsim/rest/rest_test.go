@@ -33,7 +33,7 @@ func TestSegments(t *testing.T) {
 		"/devices/a+b%25c?api-version=1":    {"devices", "a+b%c"},
 		"/hubsim/devices/x/messages/events": {"hubsim", "devices", "x", "messages", "events"},
 	} {
-		got, err := segments(httptest.NewRequest("GET", path, nil))
+		got, err := Segments(httptest.NewRequest("GET", path, nil))
 		if err != nil || !slices.Equal(got, want) {
 			t.Errorf("%s: %q %v", path, got, err)
 		}
