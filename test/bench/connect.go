@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,11 +15,8 @@ import (
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
-	"go.uber.org/zap"
 
-	"github.com/iothubby/iothubby/pkg/hubsim"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
-	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 )
 
@@ -29,26 +25,15 @@ const parallel = 32
 // benchConnect compares connect rates: hubsim versus a plain mochi broker serving the same
 // certificate, both in this process, with identical paho clients.
 func benchConnect(ctx context.Context, n, rounds int, report func(string, float64, bool, string)) error {
-	state, err := os.MkdirTemp("", "iothubby-bench-")
+	srv, stop, err := startHub(ctx, nil)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(state)
-	srv, err := hubsim.Start(ctx, hubsim.Config{StateDir: state, MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0", TelemetryPerDevice: -1}, zap.NewNop())
-	if err != nil {
-		return err
-	}
-	defer srv.Close()
+	defer stop()
 	host := srv.Endpoints().HubHostName
-	keys := make([]sas.Key, n)
-	for i := range n {
-		d, err := srv.Registry().Create(registry.Device{DeviceID: devID(i)})
-		if err != nil {
-			return err
-		}
-		if keys[i], err = sas.ParseKey(d.Authentication.SymmetricKey.PrimaryKey); err != nil {
-			return err
-		}
+	keys, err := createHubDevices(srv, n)
+	if err != nil {
+		return err
 	}
 
 	plainAddr, stopPlain, err := startPlainMochi(srv.CA())

@@ -3,13 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
-	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/dps"
@@ -24,17 +22,11 @@ import (
 // devices doing only the hub connect. hubsim answers retry-after 0, so the figure is the cost of
 // the flow, not of waiting. Target: dps/plain >= 0.4 (a registration is a second TLS handshake).
 func benchDPS(ctx context.Context, n, rounds int, report func(string, float64, bool, string)) error {
-	state, err := os.MkdirTemp("", "iothubby-bench-dps-")
+	srv, stop, err := startHub(ctx, func(c *hubsim.Config) { c.DPSRetryAfter = -1 })
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(state)
-	srv, err := hubsim.Start(ctx, hubsim.Config{StateDir: state, MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0",
-		TelemetryPerDevice: -1, DPSRetryAfter: -1}, zap.NewNop())
-	if err != nil {
-		return err
-	}
-	defer srv.Close()
+	defer stop()
 	groupKey := registry.GenerateKey()
 	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "bench",
 		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, ""); err != nil {

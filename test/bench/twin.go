@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"sort"
 	"strconv"
 	"sync"
@@ -11,11 +10,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
-	"go.uber.org/zap"
 
-	"github.com/iothubby/iothubby/pkg/hubsim"
-	"github.com/iothubby/iothubby/pkg/hubsim/registry"
-	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -24,16 +19,11 @@ import (
 // its PUBACK on the same broker in the same run. Samples alternate between the two kinds, from
 // 32 workers over all devices; p50 and p99 of each are compared. Target: p99 ratio <= 2.
 func benchTwin(ctx context.Context, n, samples int, report func(string, float64, bool, string)) error {
-	state, err := os.MkdirTemp("", "iothubby-bench-twin-")
+	srv, stop, err := startHub(ctx, nil)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(state)
-	srv, err := hubsim.Start(ctx, hubsim.Config{StateDir: state, MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0", TelemetryPerDevice: -1}, zap.NewNop())
-	if err != nil {
-		return err
-	}
-	defer srv.Close()
+	defer stop()
 	host := srv.Endpoints().HubHostName
 	tlsCfg := srv.ClientTLSConfig()
 
@@ -43,15 +33,11 @@ func benchTwin(ctx context.Context, n, samples int, report func(string, float64,
 		pending sync.Map // rid -> chan struct{}
 	}
 	devs := make([]*dev, n)
-	for i := range n {
-		d, err := srv.Registry().Create(registry.Device{DeviceID: devID(i)})
-		if err != nil {
-			return err
-		}
-		key, err := sas.ParseKey(d.Authentication.SymmetricKey.PrimaryKey)
-		if err != nil {
-			return err
-		}
+	keys, err := createHubDevices(srv, n)
+	if err != nil {
+		return err
+	}
+	for i, key := range keys {
 		devs[i] = &dev{id: devID(i)}
 		c, err := connectPaho(ctx, srv.Endpoints().MQTTAddress, host, devID(i), key, tlsCfg)
 		if err != nil {
