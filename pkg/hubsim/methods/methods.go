@@ -91,6 +91,7 @@ func (r *Request) Validate() error {
 
 type pending struct {
 	deviceID string
+	answered bool        // guarded by Service.mu
 	ch       chan Result // buffered 1: the first answer
 }
 
@@ -184,8 +185,13 @@ func (s *Service) Invoke(ctx context.Context, deviceID string, req Request) (Res
 func (s *Service) MethodResponse(c broker.Caller, rid string, status int, body []byte) {
 	s.mu.Lock()
 	p, ok := s.pending[rid]
+	ok = ok && p.deviceID == c.DeviceID
+	first := ok && !p.answered
+	if first {
+		p.answered = true
+	}
 	s.mu.Unlock()
-	if !ok || p.deviceID != c.DeviceID {
+	if !ok {
 		s.ignored.Add(1)
 		s.log.Debug("direct method answer ignored: no such call", zap.String("device", c.DeviceID), zap.String("rid", rid))
 		return
@@ -198,10 +204,10 @@ func (s *Service) MethodResponse(c broker.Caller, rid string, status int, body [
 			payload, _ = json.Marshal(string(body)) // not JSON: passed on as a string
 		}
 	}
-	select {
-	case p.ch <- Result{Status: status, Payload: payload}:
-	default:
+	if !first {
 		s.ignored.Add(1) // a second answer to the same call
 		s.log.Debug("direct method answer ignored: already answered", zap.String("device", c.DeviceID), zap.String("rid", rid))
+		return
 	}
+	p.ch <- Result{Status: status, Payload: payload} // buffered 1; only the first answer gets here
 }
