@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/methods"
 	"github.com/iothubby/iothubby/pkg/twin"
 )
 
@@ -79,6 +80,9 @@ type Device struct {
 	running  sync.Mutex
 
 	rootCAs *x509.CertPool // the validated trust roots (for DPS)
+
+	// scripts are the configured direct methods, checked by New.
+	scripts map[string]methods.Handler
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O.
@@ -120,6 +124,9 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		tmpl:  tmpl,
 		runID: hex.EncodeToString(rb[:]),
 		stop:  make(chan struct{}),
+	}
+	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
+		return nil, err
 	}
 	d.hcfg = cfg.hubConfig(id)
 	// Validate the session configuration now, so config errors surface before Run. With DPS the
@@ -188,23 +195,10 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		d.log.Debug("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
 		ts.Desired(p)
 	}
-	hc.OnMethod = func(ctx context.Context, r *hub.MethodRequest) {
-		sess := sessRef.Load()
-		if sess == nil {
-			return
-		}
-		if r.Name == "reprovision" && d.dpsEnabled() {
-			d.log.Info("reprovision requested by direct method", zap.String("rid", r.RequestID))
-			if err := sess.RespondMethod(ctx, r.RequestID, 200, []byte(`{"message":"provisioning again"}`)); err != nil {
-				d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
-			}
-			requestReprovision()
-			return
-		}
-		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
-		if err := sess.RespondMethod(ctx, r.RequestID, 501, []byte(`{"message":"method not implemented"}`)); err != nil {
-			d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
-		}
+	disp := d.newDispatcher(&sessRef, requestReprovision)
+	defer disp.Close()
+	hc.OnMethod = func(_ context.Context, r *hub.MethodRequest) {
+		disp.Dispatch(r.Name, r.RequestID, r.Payload)
 	}
 	sess, err := hub.New(hc)
 	if err != nil {
@@ -247,6 +241,7 @@ loop:
 		}
 	}
 	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
+	disp.Close()
 	stopSync()
 	<-syncDone
 	cctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout)
