@@ -83,6 +83,13 @@ type Device struct {
 
 	// scripts are the configured direct methods, checked by New.
 	scripts map[string]methods.Handler
+
+	// reboot: rb is the persisted reboot state; rebooting is set while one is under way.
+	rbMu      sync.Mutex
+	rb        rebootState
+	rebooting atomic.Bool
+	// bootTime reads the system boot time (a seam for tests).
+	bootTime func() (time.Time, bool)
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O.
@@ -128,6 +135,10 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
 		return nil, err
 	}
+	if err := d.cfg.Reboot.check(); err != nil {
+		return nil, err
+	}
+	d.bootTime = bootTime
 	d.hcfg = cfg.hubConfig(id)
 	// Validate the session configuration now, so config errors surface before Run. With DPS the
 	// hub is not known yet: a placeholder host stands in.
@@ -158,10 +169,13 @@ func (d *Device) Run(ctx context.Context) error {
 		return errors.New("agent: device is already running")
 	}
 	defer d.running.Unlock()
+	if err := d.loadReboot(); err != nil {
+		return err
+	}
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
-	return d.runSession(ctx, d.hcfg)
+	return d.runHub(ctx, d.hcfg)
 }
 
 // runSession runs one hub session with hc, and the twin sync over it, until ctx is done, Close
@@ -181,6 +195,8 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		return fmt.Errorf("device %s: %w", d.id.deviceID, err)
 	}
 	d.sync.Store(ts)
+	d.reportReboot(ts)
+	simReboot := make(chan struct{}, 1)
 	hc.Logger = d.log
 	hc.OnStatus = func(st hub.Status) {
 		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
@@ -195,7 +211,12 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		d.log.Debug("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
 		ts.Desired(p)
 	}
-	disp := d.newDispatcher(&sessRef, requestReprovision)
+	disp := d.newDispatcher(&sessRef, requestReprovision, func() {
+		select {
+		case simReboot <- struct{}{}:
+		default:
+		}
+	})
 	defer disp.Close()
 	hc.OnMethod = func(_ context.Context, r *hub.MethodRequest) {
 		disp.Dispatch(r.Name, r.RequestID, r.Payload)
@@ -235,6 +256,10 @@ loop:
 			break loop
 		case <-reprovision:
 			runErr = errReprovision
+			break loop
+		case <-simReboot:
+			d.log.Info("simulated reboot: disconnecting")
+			runErr = errSimulatedReboot
 			break loop
 		case now := <-tick:
 			d.sendTelemetry(sess, now)

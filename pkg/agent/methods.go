@@ -25,6 +25,9 @@ func (c *Config) checkMethods(dps bool) (map[string]methods.Handler, error) {
 		if name == "reprovision" && dps {
 			return nil, fmt.Errorf("%w: methods.reprovision: the name is the built-in DPS method", ErrConfig)
 		}
+		if name == "reboot" && c.Reboot.Mode != "" {
+			return nil, fmt.Errorf("%w: methods.reboot: the name is the built-in reboot method (reboot.mode is set)", ErrConfig)
+		}
 		h, err := s.Handler(nil)
 		if err != nil {
 			return nil, fmt.Errorf("%w: methods.%s: %w", ErrConfig, name, err)
@@ -37,7 +40,7 @@ func (c *Config) checkMethods(dps bool) (map[string]methods.Handler, error) {
 // newDispatcher builds one session's method dispatcher: the scripted methods and the built-in
 // ones, answering through the session that delivered each call (hub.Session.RespondMethod
 // refuses a $rid from an earlier connection).
-func (d *Device) newDispatcher(sess *atomic.Pointer[hub.Session], requestReprovision func()) *methods.Dispatcher {
+func (d *Device) newDispatcher(sess *atomic.Pointer[hub.Session], requestReprovision, requestSimulatedReboot func()) *methods.Dispatcher {
 	respond := func(ctx context.Context, rid string, status int, payload []byte) error {
 		s := sess.Load()
 		if s == nil {
@@ -52,6 +55,9 @@ func (d *Device) newDispatcher(sess *atomic.Pointer[hub.Session], requestReprovi
 	}, respond)
 	for name, h := range d.scripts {
 		disp.Register(name, h)
+	}
+	if d.cfg.Reboot.Mode != "" {
+		disp.Register("reboot", d.rebootHandler(requestSimulatedReboot))
 	}
 	if d.dpsEnabled() {
 		disp.Register("reprovision", methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {

@@ -3,6 +3,8 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -118,5 +120,60 @@ func TestMethodConfigValidation(t *testing.T) {
 		if _, err := agent.New(c, nil); !errors.Is(err, agent.ErrConfig) {
 			t.Errorf("%s: err = %v, want ErrConfig", name, err)
 		}
+	}
+}
+
+// Exec reboot: answered 200, then the command runs and the pending reboot is recorded; an agent
+// that starts again on the same boot (no real reboot happened) reports the reboot failed.
+func TestExecRebootRecordsPendingAndSettlesOnStart(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	state := t.TempDir()
+	marker := filepath.Join(t.TempDir(), "rebooted")
+	c := deviceConfig(t, b)
+	c.Telemetry.Interval = 0
+	c.StateDir = state
+	c.Reboot = agent.RebootConfig{Mode: "exec", Command: []string{"/bin/sh", "-c", "echo yes > " + marker}}
+	run := func() (*observer.ObservedLogs, func()) {
+		core, logs := observer.New(zap.DebugLevel)
+		d, err := agent.New(c, zap.New(core))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- d.Run(ctx) }()
+		return logs, func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		}
+	}
+	logs, stop := run()
+	waitLog(t, logs, "twin synced")
+	b.SendTo(b.Client("dev1"), wire.MethodRequest("reboot", "r1"), nil)
+	if got := methodAnswers(t, b, 1); !strings.HasPrefix(got[0], "200 r1 ") {
+		t.Fatalf("reboot answered %q", got[0])
+	}
+	waitLog(t, logs, "reboot command ran; waiting for the system to go down")
+	if out, err := os.ReadFile(marker); err != nil || string(out) != "yes\n" {
+		t.Fatalf("command did not run: %q %v", out, err)
+	}
+	st, err := os.ReadFile(filepath.Join(state, "reboot-dev1.json"))
+	if err != nil || !strings.Contains(string(st), `"pending"`) {
+		t.Fatalf("pending reboot not recorded: %s %v", st, err)
+	}
+	stop()
+	logs, stop = run()
+	defer stop()
+	waitLog(t, logs, "reboot requested but the system did not reboot")
+	waitLog(t, logs, "twin synced")
+	tw, err := os.ReadFile(filepath.Join(state, "twin-dev1.json"))
+	if err != nil || !strings.Contains(string(tw), `"state":"failed"`) {
+		t.Fatalf("reboot result not in the intended reported state: %s %v", tw, err)
+	}
+	st, _ = os.ReadFile(filepath.Join(state, "reboot-dev1.json"))
+	if strings.Contains(string(st), `"pending"`) {
+		t.Fatalf("pending reboot kept: %s", st)
 	}
 }

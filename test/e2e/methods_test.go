@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -94,4 +95,47 @@ methods:
 	if n := a.count(msgIs("direct method answer not sent")); n != 0 {
 		t.Fatalf("%d answers not sent", n)
 	}
+}
+
+// A simulated reboot: the method answers 200, the agent disconnects, stays offline for its boot
+// delay, reconnects and reports lastReboot and bootCount (and the reboot progress property);
+// the count survives an agent restart.
+func TestSimulatedReboot(t *testing.T) {
+	h := newHub(t)
+	d := createDevice(t, h, "rb1")
+	state := t.TempDir()
+	cs := connString(h, "rb1", d.Authentication.SymmetricKey.PrimaryKey)
+	cfg := fmt.Sprintf("stateDir: %q\nreboot:\n  mode: simulate\n  bootDelay: 500ms\n", state)
+	a := startAgent(t, h, cs, cfg)
+	a.await(0, "twin synced", msgIs("twin synced"))
+	from := a.numLines()
+	if r := invokeOK(t, h, "rb1", "reboot"); r.Status != 200 {
+		t.Fatalf("reboot: %d %s", r.Status, r.Payload)
+	}
+	i := a.await(from, "disconnect", msgIs("simulated reboot: disconnecting"))
+	i = a.await(i, "booted", msgIs("simulated reboot: booted"))
+	a.await(i, "reconnected", msgIs("twin synced"))
+	eventually(t, "lastReboot and bootCount reported", func() error {
+		r, _ := hubReported(t, h, "rb1")
+		rb, _ := r["reboot"].(map[string]any)
+		if r["bootCount"] != float64(1) || r["lastReboot"] == nil || rb["state"] != "done" {
+			return fmt.Errorf("reported %v", r)
+		}
+		return nil
+	})
+	// a second reboot after an agent restart counts on
+	if err := a.stop(); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+	a = startAgent(t, h, cs, cfg)
+	a.await(0, "twin synced", msgIs("twin synced"))
+	if r := invokeOK(t, h, "rb1", "reboot"); r.Status != 200 {
+		t.Fatalf("second reboot: %d", r.Status)
+	}
+	eventually(t, "bootCount 2", func() error {
+		if r, _ := hubReported(t, h, "rb1"); r["bootCount"] != float64(2) {
+			return fmt.Errorf("reported %v", r)
+		}
+		return nil
+	})
 }
