@@ -57,6 +57,8 @@ type Config struct {
 	// MethodTimeout is the deadline of every direct-method handler (default 30s, IoT Hub's
 	// default response timeout); a handler past it is not answered.
 	MethodTimeout time.Duration `yaml:"methodTimeout"`
+	// Firmware enables firmware updates (firmwareUpdate method, desired firmware property).
+	Firmware FirmwareConfig `yaml:"firmware"`
 	// Reboot enables the built-in reboot method.
 	Reboot RebootConfig `yaml:"reboot"`
 	// MaxConcurrentMethods bounds the handlers running at once (default 8); beyond it calls get 429.

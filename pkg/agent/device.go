@@ -21,6 +21,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/firmware"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
 	"github.com/iothubby/iothubby/pkg/twin"
@@ -90,6 +91,12 @@ type Device struct {
 	rebooting atomic.Bool
 	// bootTime reads the system boot time (a seam for tests).
 	bootTime func() (time.Time, bool)
+	// simReboot asks the running session for a simulated reboot; booted is closed (and
+	// replaced, under rbMu) when a simulated boot completes.
+	simReboot chan struct{}
+	booted    chan struct{}
+
+	fw *firmware.Updater // nil when firmware updates are off
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O.
@@ -139,6 +146,13 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		return nil, err
 	}
 	d.bootTime = bootTime
+	d.simReboot, d.booted = make(chan struct{}, 1), make(chan struct{})
+	if err := d.cfg.checkFirmware(); err != nil {
+		return nil, err
+	}
+	if d.fw, err = d.newUpdater(); err != nil {
+		return nil, err
+	}
 	d.hcfg = cfg.hubConfig(id)
 	// Validate the session configuration now, so config errors surface before Run. With DPS the
 	// hub is not known yet: a placeholder host stands in.
@@ -172,6 +186,15 @@ func (d *Device) Run(ctx context.Context) error {
 	if err := d.loadReboot(); err != nil {
 		return err
 	}
+	if d.fw != nil {
+		fctx, stopFW := context.WithCancel(context.Background())
+		fwDone := make(chan struct{})
+		go func() {
+			defer close(fwDone)
+			_ = d.fw.Run(fctx)
+		}()
+		defer func() { stopFW(); <-fwDone }()
+	}
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
@@ -196,7 +219,11 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	}
 	d.sync.Store(ts)
 	d.reportReboot(ts)
-	simReboot := make(chan struct{}, 1)
+	if d.fw != nil {
+		d.report(map[string]any{"firmwareVersion": d.fw.Status().Version})
+		d.fw.ReportPending(context.Background())
+	}
+	simReboot := d.simReboot
 	hc.Logger = d.log
 	hc.OnStatus = func(st hub.Status) {
 		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {

@@ -56,6 +56,9 @@ func (d *Device) newDispatcher(sess *atomic.Pointer[hub.Session], requestReprovi
 	for name, h := range d.scripts {
 		disp.Register(name, h)
 	}
+	if d.fw != nil {
+		disp.Register("firmwareUpdate", d.firmwareMethod(d.fw))
+	}
 	if d.cfg.Reboot.Mode != "" {
 		disp.Register("reboot", d.rebootHandler(requestSimulatedReboot))
 	}

@@ -241,6 +241,8 @@ func (d *Device) simulateBoot(ctx context.Context) bool {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
 	count := d.rb.BootCount
+	close(d.booted)
+	d.booted = make(chan struct{})
 	d.rbMu.Unlock()
 	d.rebooting.Store(false)
 	d.log.Info("simulated reboot: booted", zap.Int("boot_count", count))
