@@ -93,8 +93,9 @@ type Device struct {
 	bootTime func() (time.Time, bool)
 	// simReboot asks the running session for a simulated reboot; booted is closed (and
 	// replaced, under rbMu) when a simulated boot completes.
-	simReboot chan struct{}
-	booted    chan struct{}
+	simReboot  chan struct{}
+	booted     chan struct{}
+	justBooted bool // guarded by rbMu
 
 	fw *firmware.Updater // nil when firmware updates are off
 }
@@ -218,6 +219,7 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		return fmt.Errorf("device %s: %w", d.id.deviceID, err)
 	}
 	d.sync.Store(ts)
+	defer d.sync.CompareAndSwap(ts, nil) // reports after this session go to the next one
 	d.reportReboot(ts)
 	if d.fw != nil {
 		d.report(map[string]any{"firmwareVersion": d.fw.Status().Version})

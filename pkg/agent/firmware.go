@@ -214,9 +214,11 @@ func (d *Device) firmwareMethod(u *firmware.Updater) methods.Handler {
 			b, _ := json.Marshal(map[string]any{"message": "update accepted", "version": m.Version, "state": u.Status().State})
 			return methods.Response{Status: 202, Payload: b}
 		case errors.Is(err, firmware.ErrBusy), errors.Is(err, firmware.ErrDowngrade):
+			d.reportRefused(u, m, err)
 			b, _ := json.Marshal(map[string]string{"message": err.Error()})
 			return methods.Response{Status: 409, Payload: b}
 		default:
+			d.reportRefused(u, m, err)
 			b, _ := json.Marshal(map[string]string{"message": err.Error()})
 			return methods.Response{Status: 400, Payload: b}
 		}
@@ -237,7 +239,20 @@ func (d *Device) firmwareDesired(u *firmware.Updater) twin.Handler {
 		}
 		if err != nil {
 			d.log.Warn("desired firmware refused", zap.Int64("version", c.Version), zap.Error(err))
+			d.reportRefused(u, m, err)
 		}
 		return twin.Ack{}
 	}
+}
+
+// reportRefused puts a manifest the updater refused (invalid, badly signed, a downgrade) in the
+// reported firmware property as failed, with the running version kept; busy is not reported (the
+// update under way keeps reporting its own progress).
+func (d *Device) reportRefused(u *firmware.Updater, m firmware.Manifest, err error) {
+	if errors.Is(err, firmware.ErrBusy) {
+		return
+	}
+	st := u.Status()
+	st.State, st.TargetVersion, st.Percent, st.Error, st.Updated = firmware.Failed, m.Version, 0, err.Error(), time.Now().UTC()
+	d.report(map[string]any{"firmware": st})
 }

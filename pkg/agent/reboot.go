@@ -137,10 +137,17 @@ func (d *Device) saveRebootLocked() error {
 	return atomicfile.WriteFile(p, b, 0o600)
 }
 
-// reportReboot hands a pending reboot result to the twin sync (which persists and sends it).
+// reportReboot hands a pending reboot result to the new session's twin sync (which persists
+// and sends it), and wakes whoever waits for a simulated boot to finish (the firmware updater),
+// now that reports reach the new session.
 func (d *Device) reportReboot(ts interface{ Report(map[string]any) error }) {
 	d.rbMu.Lock()
 	defer d.rbMu.Unlock()
+	if d.justBooted {
+		d.justBooted = false
+		close(d.booted)
+		d.booted = make(chan struct{})
+	}
 	if d.rb.Report == nil {
 		return
 	}
@@ -241,8 +248,7 @@ func (d *Device) simulateBoot(ctx context.Context) bool {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
 	count := d.rb.BootCount
-	close(d.booted)
-	d.booted = make(chan struct{})
+	d.justBooted = true // the next session's start wakes those waiting for the boot
 	d.rbMu.Unlock()
 	d.rebooting.Store(false)
 	d.log.Info("simulated reboot: booted", zap.Int("boot_count", count))

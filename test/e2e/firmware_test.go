@@ -136,13 +136,27 @@ firmware:
 		t.Fatalf("failed status %v", fw)
 	}
 
-	// a bad signature is refused before anything is downloaded
+	// a bad signature is refused before anything is downloaded: by method (400) and by the
+	// desired property; both end in failed with 2.0.0 kept
 	forged := srv.manifest("3.0.1", ed25519.NewKeyFromSeed(bytes.Repeat([]byte{1}, ed25519.SeedSize)))
 	mf, _ := json.Marshal(forged)
 	if r := invokeOK(t, h, "fw1", "firmwareUpdate", "--payload", string(mf)); r.Status != 400 || !strings.Contains(string(r.Payload), "signature") {
 		t.Fatalf("forged manifest: %d %s", r.Status, r.Payload)
 	}
-	awaitFirmware(t, h, "fw1", "failed", "2.0.0")
+	if fw := awaitFirmware(t, h, "fw1", "failed", "2.0.0"); fw["targetVersion"] != "3.0.1" || !strings.Contains(fmt.Sprint(fw["error"]), "signature") {
+		t.Fatalf("forged manifest by method: %v", fw)
+	}
+	forged = srv.manifest("3.0.2", ed25519.NewKeyFromSeed(bytes.Repeat([]byte{2}, ed25519.SeedSize)))
+	if _, err := h.svc.UpdateTwin(ctxT(t), "fw1", map[string]any{"properties": map[string]any{"desired": map[string]any{"firmware": forged}}}, "*"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "forged desired manifest refused", func() error {
+		fw, fv := reportedFirmware(t, h, "fw1")
+		if fw["state"] != "failed" || fw["targetVersion"] != "3.0.2" || fv != "2.0.0" || !strings.Contains(fmt.Sprint(fw["error"]), "signature") {
+			return fmt.Errorf("reported firmware %v, firmwareVersion %v", fw, fv)
+		}
+		return nil
+	})
 
 	// killed halfway through a download: the restarted agent resumes it and completes
 	srv.hold.Store(true)
@@ -155,6 +169,17 @@ firmware:
 	case <-time.After(waitTimeout):
 		t.Fatal("the download did not start")
 	}
+	// the half that was sent is on the agent's disk before it is killed
+	eventually(t, "half the image in the inactive slot", func() error {
+		paths, _ := filepath.Glob(filepath.Join(state, "firmware-fw1", "slot-*", "image.bin"))
+		for _, p := range paths {
+			// the other slot holds the complete running image; the one being written is partial
+			if fi, err := os.Stat(p); err == nil && fi.Size() >= int64(len(srv.data)/2) && fi.Size() < int64(len(srv.data)) {
+				return nil
+			}
+		}
+		return fmt.Errorf("partial image not written yet (%v)", paths)
+	})
 	// drain the ranges seen so far; the restart must ask for the rest
 	for len(srv.ranges) > 0 {
 		<-srv.ranges
