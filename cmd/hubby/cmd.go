@@ -50,6 +50,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline for the whole command")
 	root.AddCommand(deviceCommand(g))
 	root.AddCommand(twinCommand(g))
+	root.AddCommand(methodCommand(g))
 	root.AddCommand(pkiCommand(g))
 	return root
 }

@@ -57,6 +57,15 @@ func TestParseConfigExample(t *testing.T) {
 		c.Twin.Properties["serialNumber"].Status != 400 || len(c.Twin.Properties["led"].Command) != 3 {
 		t.Errorf("twin section parsed as %+v (stateDir %q)", c.Twin, c.StateDir)
 	}
+	if m := c.Methods; len(m) != 4 || !m["echo"].Echo || m["flaky"].Delay != 500*time.Millisecond || m["flaky"].FailureStatus != 503 ||
+		len(m["diagnostics"].Command) != 3 || c.MethodTimeout != 30*time.Second || c.MaxConcurrentMethods != 8 {
+		t.Errorf("methods parsed as %+v", m)
+	}
+	for name, sc := range c.Methods {
+		if _, err := sc.Handler(nil); err != nil {
+			t.Errorf("methods.%s: %v", name, err)
+		}
+	}
 }
 
 func TestParseConfigErrors(t *testing.T) {

@@ -15,6 +15,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/connstr"
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/methods"
 )
 
 // ErrConfig wraps every configuration error.
@@ -49,6 +50,19 @@ type Config struct {
 	Telemetry  TelemetryConfig  `yaml:"telemetry"`
 	Twin       TwinConfig       `yaml:"twin"`
 	Log        LogConfig        `yaml:"log"`
+
+	// Methods are scripted direct methods by name (a fake device for testing cloud code): a
+	// static status and payload, echo, a delay, a failure rate, or a command.
+	Methods map[string]methods.Script `yaml:"methods"`
+	// MethodTimeout is the deadline of every direct-method handler (default 30s, IoT Hub's
+	// default response timeout); a handler past it is not answered.
+	MethodTimeout time.Duration `yaml:"methodTimeout"`
+	// Firmware enables firmware updates (firmwareUpdate method, desired firmware property).
+	Firmware FirmwareConfig `yaml:"firmware"`
+	// Reboot enables the built-in reboot method.
+	Reboot RebootConfig `yaml:"reboot"`
+	// MaxConcurrentMethods bounds the handlers running at once (default 8); beyond it calls get 429.
+	MaxConcurrentMethods int `yaml:"maxConcurrentMethods"`
 
 	// StateDir keeps what must survive a restart: twin-<deviceId>.json (the intended reported
 	// state and the last applied desired version) and the DPS provisioning result. Empty:

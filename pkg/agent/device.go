@@ -21,7 +21,9 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/firmware"
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/methods"
 	"github.com/iothubby/iothubby/pkg/twin"
 )
 
@@ -79,6 +81,23 @@ type Device struct {
 	running  sync.Mutex
 
 	rootCAs *x509.CertPool // the validated trust roots (for DPS)
+
+	// scripts are the configured direct methods, checked by New.
+	scripts map[string]methods.Handler
+
+	// reboot: rb is the persisted reboot state; rebooting is set while one is under way.
+	rbMu      sync.Mutex
+	rb        rebootState
+	rebooting atomic.Bool
+	// bootTime reads the system boot time (a seam for tests).
+	bootTime func() (time.Time, bool)
+	// simReboot asks the running session for a simulated reboot; booted is closed (and
+	// replaced, under rbMu) when a simulated boot completes.
+	simReboot  chan struct{}
+	booted     chan struct{}
+	justBooted bool // guarded by rbMu
+
+	fw *firmware.Updater // nil when firmware updates are off
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O.
@@ -121,6 +140,20 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		runID: hex.EncodeToString(rb[:]),
 		stop:  make(chan struct{}),
 	}
+	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
+		return nil, err
+	}
+	if err := d.cfg.Reboot.check(); err != nil {
+		return nil, err
+	}
+	d.bootTime = bootTime
+	d.simReboot, d.booted = make(chan struct{}, 1), make(chan struct{})
+	if err := d.cfg.checkFirmware(); err != nil {
+		return nil, err
+	}
+	if d.fw, err = d.newUpdater(); err != nil {
+		return nil, err
+	}
 	d.hcfg = cfg.hubConfig(id)
 	// Validate the session configuration now, so config errors surface before Run. With DPS the
 	// hub is not known yet: a placeholder host stands in.
@@ -151,10 +184,22 @@ func (d *Device) Run(ctx context.Context) error {
 		return errors.New("agent: device is already running")
 	}
 	defer d.running.Unlock()
+	if err := d.loadReboot(); err != nil {
+		return err
+	}
+	if d.fw != nil {
+		fctx, stopFW := context.WithCancel(context.Background())
+		fwDone := make(chan struct{})
+		go func() {
+			defer close(fwDone)
+			_ = d.fw.Run(fctx)
+		}()
+		defer func() { stopFW(); <-fwDone }()
+	}
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
-	return d.runSession(ctx, d.hcfg)
+	return d.runHub(ctx, d.hcfg)
 }
 
 // runSession runs one hub session with hc, and the twin sync over it, until ctx is done, Close
@@ -174,6 +219,13 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		return fmt.Errorf("device %s: %w", d.id.deviceID, err)
 	}
 	d.sync.Store(ts)
+	defer d.sync.CompareAndSwap(ts, nil) // reports after this session go to the next one
+	d.reportReboot(ts)
+	if d.fw != nil {
+		d.report(map[string]any{"firmwareVersion": d.fw.Status().Version})
+		d.fw.ReportPending(context.Background())
+	}
+	simReboot := d.simReboot
 	hc.Logger = d.log
 	hc.OnStatus = func(st hub.Status) {
 		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
@@ -188,23 +240,15 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		d.log.Debug("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
 		ts.Desired(p)
 	}
-	hc.OnMethod = func(ctx context.Context, r *hub.MethodRequest) {
-		sess := sessRef.Load()
-		if sess == nil {
-			return
+	disp := d.newDispatcher(&sessRef, requestReprovision, func() {
+		select {
+		case simReboot <- struct{}{}:
+		default:
 		}
-		if r.Name == "reprovision" && d.dpsEnabled() {
-			d.log.Info("reprovision requested by direct method", zap.String("rid", r.RequestID))
-			if err := sess.RespondMethod(ctx, r.RequestID, 200, []byte(`{"message":"provisioning again"}`)); err != nil {
-				d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
-			}
-			requestReprovision()
-			return
-		}
-		d.log.Info("direct method not implemented", zap.String("method", r.Name), zap.String("rid", r.RequestID))
-		if err := sess.RespondMethod(ctx, r.RequestID, 501, []byte(`{"message":"method not implemented"}`)); err != nil {
-			d.log.Warn("method response failed", zap.String("method", r.Name), zap.Error(err))
-		}
+	})
+	defer disp.Close()
+	hc.OnMethod = func(_ context.Context, r *hub.MethodRequest) {
+		disp.Dispatch(r.Name, r.RequestID, r.Payload)
 	}
 	sess, err := hub.New(hc)
 	if err != nil {
@@ -242,11 +286,16 @@ loop:
 		case <-reprovision:
 			runErr = errReprovision
 			break loop
+		case <-simReboot:
+			d.log.Info("simulated reboot: disconnecting")
+			runErr = errSimulatedReboot
+			break loop
 		case now := <-tick:
 			d.sendTelemetry(sess, now)
 		}
 	}
 	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
+	disp.Close()
 	stopSync()
 	<-syncDone
 	cctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout)

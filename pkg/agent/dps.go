@@ -223,7 +223,7 @@ func (d *Device) runDPS(ctx context.Context) error {
 			d.log.Error("provisioning failed", zap.Error(err))
 			return fmt.Errorf("device %s: %w", d.id.registrationID, err)
 		}
-		err = d.runSession(ctx, d.hubConfigFor(res))
+		err = d.runHub(ctx, d.hubConfigFor(res))
 		switch {
 		case errors.Is(err, errReprovision):
 			d.log.Info("provisioning again", zap.String("reason", "requested or too many failed connection attempts"))

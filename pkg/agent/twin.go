@@ -207,7 +207,9 @@ func (d *Device) facts() map[string]any {
 	}
 	f, _ := jsonDoc(d.cfg.Twin.Reported)
 	f["agentVersion"] = AgentVersion()
-	f["firmwareVersion"] = fw
+	if d.fw == nil { // with firmware updates the updater reports it (it changes while connected)
+		f["firmwareVersion"] = fw
+	}
 	if bt, ok := bootTime(); ok {
 		f["bootTime"] = bt.UTC().Format(time.RFC3339)
 	}
@@ -243,6 +245,9 @@ func (d *Device) newSync(ses twin.Session) (*twin.Sync, error) {
 	handlers := map[string]twin.Handler{}
 	for p, b := range d.cfg.Twin.Properties {
 		handlers[p] = d.handler(b)
+	}
+	if d.fw != nil {
+		handlers["firmware"] = d.firmwareDesired(d.fw)
 	}
 	return twin.NewSync(ses, twin.SyncConfig{
 		DeviceID: d.id.deviceID,

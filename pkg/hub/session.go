@@ -447,6 +447,9 @@ func (s *Session) RespondMethod(ctx context.Context, rid string, status int, pay
 	s.mu.Lock()
 	_, ok := c.methods[rid]
 	delete(c.methods, rid)
+	if ok {
+		c.rememberAnswered(rid)
+	}
 	draining := c.draining
 	s.mu.Unlock()
 	if !ok {
@@ -629,5 +632,19 @@ func (s *Session) handle(ev event) {
 		if err != nil {
 			s.log.Debug("method response failed", zap.String("method", ev.method.Name), zap.Error(err))
 		}
+	}
+}
+
+// rememberAnswered records an answered $rid, forgetting the oldest beyond maxPendingMethods.
+// Call with s.mu held.
+func (c *conn) rememberAnswered(rid string) {
+	if c.answered == nil {
+		c.answered = make(map[string]struct{})
+	}
+	c.answered[rid] = struct{}{}
+	c.answeredFIF = append(c.answeredFIF, rid)
+	if len(c.answeredFIF) > maxPendingMethods {
+		delete(c.answered, c.answeredFIF[0])
+		c.answeredFIF = c.answeredFIF[1:]
 	}
 }

@@ -40,6 +40,10 @@ type conn struct {
 	// Guarded by s.mu.
 	methods  map[string]struct{}
 	draining bool
+	// answered remembers the last maxPendingMethods $rids answered on this connection, so a
+	// request delivered again after its answer is not answered twice.
+	answered    map[string]struct{}
+	answeredFIF []string
 
 	expiry  time.Time // SAS token expiry; zero for X.509
 	renewAt time.Time
@@ -463,6 +467,9 @@ func (c *conn) onMessage(_ paho.Client, m paho.Message) {
 		s.mu.Lock()
 		dead := c.methods == nil
 		_, dup := c.methods[t.RequestID]
+		if _, done := c.answered[t.RequestID]; done {
+			dup = true
+		}
 		full := len(c.methods) >= maxPendingMethods
 		if !dead && !dup && !full {
 			c.methods[t.RequestID] = struct{}{}

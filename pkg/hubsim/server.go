@@ -31,6 +31,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
+	"github.com/iothubby/iothubby/pkg/hubsim/methods"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/hubsim/rest"
@@ -101,6 +102,7 @@ type Server struct {
 	ca        *pki.CA
 	reg       *registry.Registry
 	twins     *twins.Store
+	methods   *methods.Service
 	brk       *broker.Broker
 	api       *rest.Server
 	dps       *dps.Server
@@ -187,23 +189,29 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if cfg.Twins != nil {
 		twinHandler = cfg.Twins
 	}
+	s.methods = methods.New(log.Named("methods"))
+	var methodHandler broker.MethodResponseHandler = s.methods
+	if cfg.Methods != nil {
+		methodHandler = cfg.Methods
+	}
 	s.brk, err = broker.Start(broker.Config{
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
-		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twinHandler, Methods: cfg.Methods,
+		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twinHandler, Methods: methodHandler,
 		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
 	}, log.Named("mqtt"))
 	if err != nil {
 		return nil, err
 	}
 	s.twins.SetNotifier(s.brk)
+	s.methods.SetSender(s.brk)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	if _, port, err := net.SplitHostPort(s.brk.Addr().String()); err == nil && port != "8883" {
 		s.dps.SetAssignedHubSuffix(":" + port)
 	}
-	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins}, log.Named("rest"))
+	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
 	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, hub: h}, log.Named("https")); err != nil {
@@ -273,6 +281,9 @@ func (s *Server) Broker() *broker.Broker { return s.brk }
 
 // Twins is the twin store.
 func (s *Server) Twins() *twins.Store { return s.twins }
+
+// Methods is the direct-method service.
+func (s *Server) Methods() *methods.Service { return s.methods }
 
 // CA is the certificate authority that signed the server certificate.
 func (s *Server) CA() *pki.CA { return s.ca }

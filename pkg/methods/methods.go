@@ -46,6 +46,10 @@ type Request struct {
 type Response struct {
 	Status  int
 	Payload []byte
+	// Then, if set, runs after the answer was sent (sendErr nil) or could not be sent, on the
+	// call's goroutine: for work that must follow the answer, such as a reboot. It does not run
+	// when the handler overran its deadline (no answer is sent then).
+	Then func(sendErr error)
 }
 
 // Handler runs a method. ctx ends at the call's deadline and when the dispatcher closes.
@@ -181,7 +185,10 @@ func (d *Dispatcher) Dispatch(name, rid string, payload []byte) {
 			resp = Response{Status: StatusInternalError, Payload: errorBody("the handler returned an invalid payload")}
 		}
 		log.Info("direct method answered", zap.Int("status", resp.Status), zap.Duration("took", time.Since(start)))
-		d.answer(log, rid, resp.Status, resp.Payload)
+		err := d.answer(log, rid, resp.Status, resp.Payload)
+		if resp.Then != nil {
+			resp.Then(err)
+		}
 	}()
 }
 
@@ -194,12 +201,14 @@ func run(ctx context.Context, h Handler, req *Request) (resp Response, panicked 
 	return h.Handle(ctx, req), nil
 }
 
-func (d *Dispatcher) answer(log *zap.Logger, rid string, status int, payload []byte) {
+func (d *Dispatcher) answer(log *zap.Logger, rid string, status int, payload []byte) error {
 	ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
 	defer cancel()
-	if err := d.respond(ctx, rid, status, payload); err != nil {
+	err := d.respond(ctx, rid, status, payload)
+	if err != nil {
 		log.Warn("direct method answer not sent", zap.Error(err))
 	}
+	return err
 }
 
 // Close cancels running handlers' contexts and waits for them to return.

@@ -211,3 +211,28 @@ func FuzzValidatePayload(f *testing.F) {
 		}
 	})
 }
+
+// Then runs after the answer is out, never before it (a reboot must follow its 200).
+func TestThenRunsAfterTheAnswer(t *testing.T) {
+	rec := newRecorder()
+	d := New(Config{}, rec.respond)
+	defer d.Close()
+	done := make(chan int, 1)
+	d.Register("reboot", HandlerFunc(func(context.Context, *Request) Response {
+		return Response{Status: 200, Then: func(err error) {
+			if err != nil {
+				t.Errorf("send error %v", err)
+			}
+			done <- rec.count("r1")
+		}}
+	}))
+	d.Dispatch("reboot", "r1", nil)
+	select {
+	case n := <-done:
+		if n != 1 {
+			t.Fatalf("Then ran with %d answers sent, want 1", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Then did not run")
+	}
+}

@@ -140,6 +140,8 @@ type request struct {
 	body    any
 	ifMatch string
 	header  map[string]string
+	// timeout, when set, replaces the HTTP client's own timeout (long-running calls).
+	timeout time.Duration
 }
 
 // do performs r and decodes a JSON response into out (unless nil). Non-2xx statuses become
@@ -177,7 +179,13 @@ func (c *Client) do(ctx context.Context, r request, out any) (http.Header, error
 	for k, v := range r.header {
 		req.Header.Set(k, v)
 	}
-	resp, err := c.http.Do(req)
+	hc := c.http
+	if r.timeout > 0 {
+		long := *c.http
+		long.Timeout = r.timeout
+		hc = &long
+	}
+	resp, err := hc.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("service: %s %s: %w", r.method, r.path, err)
 	}

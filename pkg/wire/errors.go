@@ -80,6 +80,20 @@ func ParseServiceError(status int, body []byte) ServiceError {
 		return e
 	}
 	msg := b.Message
+	var nested struct {
+		ErrorCode int    `json:"errorCode"`
+		Message   string `json:"message"`
+	}
+	if strings.HasPrefix(msg, "{") && json.Unmarshal([]byte(msg), &nested) == nil && nested.ErrorCode != 0 {
+		// Direct-method errors nest a JSON document in Message, with no ErrorCode: prefix.
+		e.Number, e.Text = nested.ErrorCode, nested.Message
+		for _, k := range []ServiceError{ErrDeviceNotOnline, ErrMethodTimeout} {
+			if k.Number == nested.ErrorCode {
+				e.Code = k.Code
+			}
+		}
+		return e
+	}
 	if rest, ok := strings.CutPrefix(msg, "ErrorCode:"); ok {
 		code, text, _ := strings.Cut(rest, ";")
 		e.Code, e.Text = code, text

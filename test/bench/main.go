@@ -12,6 +12,10 @@
 //	         QoS 1 telemetry publish to its PUBACK on the same hubsim in the same run; p50 and
 //	         p99 compared. Target: p99 ratio <= 2 (the figure is at 1,000 devices:
 //	         -twin-n 1000).
+//	methods: direct-method round trip through hubsim's REST API (POST /twins/{id}/methods, the
+//	         device answering over MQTT) with N devices connected, against a QoS 1 publish to its
+//	         PUBACK on the same hubsim in the same run; p50 and p99 compared. Target: p99 ratio
+//	         <= 3 (the figure is at 1,000 devices: -methods-n 1000).
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
@@ -48,13 +52,15 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,twin,dps", "comma-separated benchmarks to run (sas, connect, memory, twin, dps)")
+	only := fs.String("only", "sas,connect,memory,twin,dps,methods", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods)")
 	dpsN := fs.Int("dps-n", 200, "devices per DPS round")
 	connectN := fs.Int("connect-n", 1000, "devices per connect round")
 	rounds := fs.Int("rounds", 2, "A/B pairs per comparison (the median is reported)")
 	memN := fs.Int("memory-n", 500, "devices held connected in the memory comparison")
 	twinN := fs.Int("twin-n", 200, "devices connected in the twin round-trip comparison")
 	twinSamples := fs.Int("twin-samples", 4000, "round trips of each kind in the twin comparison")
+	methodsN := fs.Int("methods-n", 200, "devices connected in the method round-trip comparison")
+	methodsSamples := fs.Int("methods-samples", 2000, "round trips of each kind in the method comparison")
 	binDir := fs.String("bin", os.Getenv("IOTHUBBY_BIN"), "folder with the hubsim binary (memory benchmark)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -98,6 +104,11 @@ func run(ctx context.Context, args []string) error {
 	if want["twin"] {
 		if err := benchTwin(ctx, *twinN, *twinSamples, report); err != nil {
 			return fmt.Errorf("twin: %w", err)
+		}
+	}
+	if want["methods"] {
+		if err := benchMethods(ctx, *methodsN, *methodsSamples, report); err != nil {
+			return fmt.Errorf("methods: %w", err)
 		}
 	}
 	if len(failed) > 0 {

@@ -88,6 +88,7 @@ type Hook struct {
 	Log             map[string][]string // per client id: "sub:<filter>", "pub:<topic>"
 	Telemetry       []wire.Topic
 	MethodResponses []wire.Topic
+	MethodBodies    []string // the bodies of MethodResponses, in the same order
 	Clients         map[string]*mqtt.Client
 	Timers          map[*mqtt.Client]*time.Timer
 	ExpiredDrops    int // connections closed because their token expired while connected
@@ -303,6 +304,7 @@ func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, nil
 	case wire.KindMethodResponse:
 		h.MethodResponses = append(h.MethodResponses, t)
+		h.MethodBodies = append(h.MethodBodies, string(pk.Payload))
 		h.mu.Unlock()
 		h.notify("method-response")
 		return pk, packets.ErrRejectPacket

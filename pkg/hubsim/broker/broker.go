@@ -124,6 +124,10 @@ type Broker struct {
 	devMu   sync.Mutex
 	devices map[string]*deviceState
 
+	// subCh is closed (and replaced) whenever a device's subscriptions change.
+	subMu sync.Mutex
+	subCh chan struct{}
+
 	closeOnce sync.Once
 }
 

@@ -106,6 +106,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 		return
 	}
 	s.established.Store(true)
+	h.b.signalSubscribed() // a takeover may have inherited subscriptions: waiters look again
 	s.log.Debug("device connected", zap.String("auth", s.authType))
 	h.b.emit(Event{Kind: EventConnected, DeviceID: s.deviceID, Remote: s.remote})
 	h.b.kick(s.ds)
@@ -238,6 +239,7 @@ func (h *hook) OnPacketProcessed(cl *mqtt.Client, pk packets.Packet, err error) 
 	if s := sessionOf(cl); s != nil && s.ds != nil {
 		h.b.kick(s.ds) // the SUBACK is out: queued cloud-to-device messages may flow now
 	}
+	h.b.signalSubscribed()
 }
 
 // willTopic is where a consumed will is "published": no device may subscribe to it.

@@ -48,6 +48,8 @@ type Config struct {
 	Devices  Devices
 	// Twins serves /twins/{id}; nil answers 404.
 	Twins Twins
+	// Methods serves POST /twins/{id}/methods; nil answers 404.
+	Methods Methods
 	// Now is the clock for token expiry; nil means time.Now.
 	Now func() time.Time
 }
@@ -195,6 +197,8 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	case len(seg) == 2 && seg[0] == "twins":
 		need, fn = h.twinRoute(r)
+	case seg[0] == "twins" && (len(seg) == 3 && seg[2] == "methods" || len(seg) == 5 && seg[2] == "modules" && seg[4] == "methods"):
+		need, fn = h.methodRoute(r, seg)
 	case len(seg) == 2 && seg[0] == "statistics" && seg[1] == "devices":
 		need, fn = registry.RegistryRead, onlyMethod(http.MethodGet, h.deviceStats)
 	case len(seg) == 2 && seg[0] == "statistics" && seg[1] == "service":

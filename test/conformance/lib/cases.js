@@ -29,6 +29,7 @@ const {
   truncate, uniqueId, withDeadline,
 } = require('./util');
 const twinCases = require('./twin-cases');
+const methodCases = require('./method-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -613,6 +614,8 @@ const CASES = [
   ['c2d-with-properties', c2dWithProperties],
   ['service-twin-with-agent', twinCases.serviceTwinWithAgent],
   ['device-twin-sdk', twinCases.deviceTwinSdk],
+  ['service-method-with-agent', methodCases.serviceMethodWithAgent],
+  ['device-method-sdk', methodCases.deviceMethodSdk],
   ['dps-service-crud', dpsServiceCrud],
   ['dps-symkey-individual-mqtt', symkeyCase('mqtt', false)],
   ['dps-symkey-group-mqtt', symkeyCase('mqtt', true)],

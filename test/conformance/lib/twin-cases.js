@@ -26,8 +26,8 @@ function agentBin() {
 }
 
 // startAgent runs our agent for a device with JSON logs; waitLog(pred) resolves with the first
-// log line (parsed) that satisfies pred.
-function startAgent(ctx, deviceId, key) {
+// log line (parsed) that satisfies pred. extra are more lines of agent YAML.
+function startAgent(ctx, deviceId, key, extra = []) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'conf-agent-'));
   const csFile = path.join(dir, 'cs');
   fs.writeFileSync(csFile, ctx.sasConnectionString(deviceId, key), { mode: 0o600 });
@@ -39,6 +39,7 @@ function startAgent(ctx, deviceId, key) {
     'telemetry:\n  interval: 0s',
     'log:\n  format: json\n  level: info',
     'twin:\n  firmwareVersion: conformance\n  properties:\n    locked:\n      action: reject\n      description: read-only',
+    ...extra,
     '',
   ].join('\n'), { mode: 0o600 });
   const child = spawn(agentBin(), ['run', '--config', cfgFile], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -203,4 +204,4 @@ async function deviceTwinSdk(ctx) {
   checkEqual(d.$version, upd.properties.desired.$version, 'desired $version on the device');
 }
 
-module.exports = { serviceTwinWithAgent, deviceTwinSdk };
+module.exports = { serviceTwinWithAgent, deviceTwinSdk, startAgent };

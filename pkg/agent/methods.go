@@ -1,0 +1,73 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/wire"
+)
+
+// checkMethods validates the method settings and builds the scripted handlers.
+func (c *Config) checkMethods(dps bool) (map[string]methods.Handler, error) {
+	if c.MethodTimeout < 0 || c.MaxConcurrentMethods < 0 {
+		return nil, fmt.Errorf("%w: methodTimeout and maxConcurrentMethods must not be negative", ErrConfig)
+	}
+	out := make(map[string]methods.Handler, len(c.Methods))
+	for name, s := range c.Methods {
+		if err := wire.ValidateMethodName(name); err != nil {
+			return nil, fmt.Errorf("%w: methods.%s: %w", ErrConfig, name, err)
+		}
+		if name == "reprovision" && dps {
+			return nil, fmt.Errorf("%w: methods.reprovision: the name is the built-in DPS method", ErrConfig)
+		}
+		if name == "reboot" && c.Reboot.Mode != "" {
+			return nil, fmt.Errorf("%w: methods.reboot: the name is the built-in reboot method (reboot.mode is set)", ErrConfig)
+		}
+		h, err := s.Handler(nil)
+		if err != nil {
+			return nil, fmt.Errorf("%w: methods.%s: %w", ErrConfig, name, err)
+		}
+		out[name] = h
+	}
+	return out, nil
+}
+
+// newDispatcher builds one session's method dispatcher: the scripted methods and the built-in
+// ones, answering through the session that delivered each call (hub.Session.RespondMethod
+// refuses a $rid from an earlier connection).
+func (d *Device) newDispatcher(sess *atomic.Pointer[hub.Session], requestReprovision, requestSimulatedReboot func()) *methods.Dispatcher {
+	respond := func(ctx context.Context, rid string, status int, payload []byte) error {
+		s := sess.Load()
+		if s == nil {
+			return hub.ErrClosed
+		}
+		return s.RespondMethod(ctx, rid, status, payload)
+	}
+	disp := methods.New(methods.Config{
+		MaxConcurrent: d.cfg.MaxConcurrentMethods,
+		Timeout:       d.cfg.MethodTimeout,
+		Logger:        d.log.Named("methods"),
+	}, respond)
+	for name, h := range d.scripts {
+		disp.Register(name, h)
+	}
+	if d.fw != nil {
+		disp.Register("firmwareUpdate", d.firmwareMethod(d.fw))
+	}
+	if d.cfg.Reboot.Mode != "" {
+		disp.Register("reboot", d.rebootHandler(requestSimulatedReboot))
+	}
+	if d.dpsEnabled() {
+		disp.Register("reprovision", methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {
+			d.log.Info("reprovision requested by direct method", zap.String("rid", r.RequestID))
+			return methods.Response{Status: 200, Payload: []byte(`{"message":"provisioning again"}`),
+				Then: func(error) { requestReprovision() }}
+		}))
+	}
+	return disp
+}

@@ -1,0 +1,282 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/internal/atomicfile"
+	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/methods"
+)
+
+// RebootConfig enables the built-in `reboot` direct method.
+type RebootConfig struct {
+	// Mode is "" (no reboot method), "exec" (run Command, report completion after the real
+	// reboot) or "simulate" (disconnect, wait BootDelay, reconnect).
+	Mode string `yaml:"mode"`
+	// Command is argv for exec mode, e.g. ["systemctl", "reboot"].
+	Command []string `yaml:"command"`
+	// BootDelay is how long a simulated reboot stays offline (default 5s).
+	BootDelay time.Duration `yaml:"bootDelay"`
+}
+
+// DefaultBootDelay is a simulated reboot's offline time when none is configured.
+const DefaultBootDelay = 5 * time.Second
+
+func (c *RebootConfig) check() error {
+	switch c.Mode {
+	case "":
+	case "simulate":
+		if c.BootDelay < 0 {
+			return fmt.Errorf("%w: reboot.bootDelay must not be negative", ErrConfig)
+		}
+		if c.BootDelay == 0 {
+			c.BootDelay = DefaultBootDelay
+		}
+	case "exec":
+		if len(c.Command) == 0 {
+			return fmt.Errorf("%w: reboot.mode exec needs reboot.command", ErrConfig)
+		}
+		if _, err := exec.LookPath(c.Command[0]); err != nil {
+			return fmt.Errorf("%w: reboot.command: %w", ErrConfig, err)
+		}
+	default:
+		return fmt.Errorf("%w: reboot.mode %q (simulate or exec)", ErrConfig, c.Mode)
+	}
+	return nil
+}
+
+// errSimulatedReboot is how runSession reports that a simulated reboot was requested.
+var errSimulatedReboot = errors.New("agent: simulated reboot")
+
+// rebootState is reboot-<deviceId>.json in the state directory.
+type rebootState struct {
+	BootCount  int       `json:"bootCount"`
+	LastReboot time.Time `json:"lastReboot,omitzero"`
+	// Pending is set between an exec reboot's request and the agent's next start.
+	Pending *pendingReboot `json:"pending,omitempty"`
+	// Report is a result not yet handed to the twin sync.
+	Report map[string]any `json:"report,omitempty"`
+}
+
+type pendingReboot struct {
+	RequestedAt time.Time `json:"requestedAt"`
+	// BootTime is the system boot time when the reboot was requested (zero when unknown).
+	BootTime time.Time `json:"bootTime,omitzero"`
+}
+
+func (d *Device) rebootPath() string {
+	if d.cfg.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(d.cfg.StateDir, "reboot-"+strings.ReplaceAll(d.id.deviceID, "/", "_")+".json")
+}
+
+// loadReboot reads the reboot state; an exec reboot still pending is settled here: the system
+// boot time moved (or is unknown) means the reboot happened.
+func (d *Device) loadReboot() error {
+	d.rbMu.Lock()
+	defer d.rbMu.Unlock()
+	if p := d.rebootPath(); p != "" {
+		b, err := os.ReadFile(p)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+		case err != nil:
+			return fmt.Errorf("agent: reboot state: %w", err)
+		default:
+			if err := json.Unmarshal(b, &d.rb); err != nil {
+				return fmt.Errorf("agent: reboot state %s is damaged: %w", p, err)
+			}
+		}
+	}
+	if pr := d.rb.Pending; pr != nil {
+		bt, ok := d.bootTime()
+		if !ok || pr.BootTime.IsZero() || !bt.Equal(pr.BootTime) {
+			when := time.Now().UTC()
+			if ok {
+				when = bt.UTC()
+			}
+			d.rb.BootCount++
+			d.rb.LastReboot = when
+			d.rb.Report = map[string]any{"reboot": map[string]any{"state": "done", "mode": "exec",
+				"requestedAt": pr.RequestedAt.UTC().Format(time.RFC3339Nano)},
+				"lastReboot": when.Format(time.RFC3339Nano), "bootCount": d.rb.BootCount}
+			d.log.Info("reboot completed", zap.Time("boot_time", when))
+		} else {
+			d.rb.Report = map[string]any{"reboot": map[string]any{"state": "failed", "mode": "exec",
+				"requestedAt": pr.RequestedAt.UTC().Format(time.RFC3339Nano), "error": "the agent restarted but the system did not reboot"}}
+			d.log.Warn("reboot requested but the system did not reboot")
+		}
+		d.rb.Pending = nil
+		return d.saveRebootLocked()
+	}
+	return nil
+}
+
+func (d *Device) saveRebootLocked() error {
+	p := d.rebootPath()
+	if p == "" {
+		return nil
+	}
+	b, err := json.Marshal(d.rb)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(p, b, 0o600)
+}
+
+// reportReboot hands a pending reboot result to the new session's twin sync (which persists
+// and sends it), and wakes whoever waits for a simulated boot to finish (the firmware updater),
+// now that reports reach the new session.
+func (d *Device) reportReboot(ts interface{ Report(map[string]any) error }) {
+	d.rbMu.Lock()
+	defer d.rbMu.Unlock()
+	if d.justBooted {
+		d.justBooted = false
+		close(d.booted)
+		d.booted = make(chan struct{})
+	}
+	if d.rb.Report == nil {
+		return
+	}
+	if err := ts.Report(d.rb.Report); err != nil {
+		d.log.Error("reboot result not reported", zap.Error(err))
+		return
+	}
+	d.rb.Report = nil
+	if err := d.saveRebootLocked(); err != nil {
+		d.log.Error("reboot state not saved", zap.Error(err))
+	}
+}
+
+// rebootHandler is the `reboot` direct method: it answers 200 and then reboots (exec: runs the
+// command; simulate: asks runSession to disconnect). A reboot already under way answers 409.
+func (d *Device) rebootHandler(requestSimulated func()) methods.Handler {
+	return methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {
+		if !d.rebooting.CompareAndSwap(false, true) {
+			return methods.Response{Status: 409, Payload: []byte(`{"message":"a reboot is already under way"}`)}
+		}
+		now := time.Now().UTC()
+		mode := d.cfg.Reboot.Mode
+		d.log.Info("reboot requested by direct method", zap.String("rid", r.RequestID), zap.String("mode", mode))
+		d.report(map[string]any{"reboot": map[string]any{"state": "rebooting", "mode": mode, "requestedAt": now.Format(time.RFC3339Nano)}})
+		if mode == "exec" {
+			bt, _ := d.bootTime()
+			d.rbMu.Lock()
+			d.rb.Pending = &pendingReboot{RequestedAt: now, BootTime: bt}
+			err := d.saveRebootLocked()
+			d.rbMu.Unlock()
+			if err != nil {
+				d.rebooting.Store(false)
+				d.log.Error("reboot state not saved", zap.Error(err))
+				return methods.Response{Status: 500, Payload: []byte(`{"message":"cannot record the pending reboot"}`)}
+			}
+		}
+		return methods.Response{Status: 200, Payload: []byte(`{"message":"rebooting"}`), Then: func(error) {
+			if mode == "simulate" {
+				requestSimulated()
+				return
+			}
+			d.execReboot(now)
+		}}
+	})
+}
+
+// execReboot runs the reboot command. On success the system takes the agent down; the pending
+// reboot recorded in the state directory is settled on the next start.
+func (d *Device) execReboot(requested time.Time) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := d.cfg.Reboot.Command
+	cmd := exec.CommandContext(ctx, c[0], c[1:]...)
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		d.log.Info("reboot command ran; waiting for the system to go down")
+		return
+	}
+	line := strings.TrimSpace(string(out))
+	if i := strings.LastIndexByte(line, '\n'); i >= 0 {
+		line = line[i+1:]
+	}
+	if len(line) > 200 {
+		line = line[:200]
+	}
+	d.log.Error("reboot command failed", zap.Error(err), zap.String("output", line))
+	d.rbMu.Lock()
+	d.rb.Pending = nil
+	if err := d.saveRebootLocked(); err != nil {
+		d.log.Error("reboot state not saved", zap.Error(err))
+	}
+	d.rbMu.Unlock()
+	d.report(map[string]any{"reboot": map[string]any{"state": "failed", "mode": "exec",
+		"requestedAt": requested.Format(time.RFC3339Nano), "error": fmt.Sprintf("reboot command: %v: %s", err, line)}})
+	d.rebooting.Store(false)
+}
+
+// simulateBoot is the offline part of a simulated reboot: it waits BootDelay (false if the
+// device is stopped meanwhile), then counts the boot and queues its report for the next session.
+func (d *Device) simulateBoot(ctx context.Context) bool {
+	d.log.Info("simulated reboot: offline", zap.Duration("boot_delay", d.cfg.Reboot.BootDelay))
+	t := time.NewTimer(d.cfg.Reboot.BootDelay)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-d.stop:
+		return false
+	case <-t.C:
+	}
+	now := time.Now().UTC()
+	d.rbMu.Lock()
+	d.rb.BootCount++
+	d.rb.LastReboot = now
+	d.rb.Report = map[string]any{"reboot": map[string]any{"state": "done", "mode": "simulate"},
+		"lastReboot": now.Format(time.RFC3339Nano), "bootCount": d.rb.BootCount}
+	if err := d.saveRebootLocked(); err != nil {
+		d.log.Error("reboot state not saved", zap.Error(err))
+	}
+	count := d.rb.BootCount
+	d.justBooted = true // the next session's start wakes those waiting for the boot
+	d.rbMu.Unlock()
+	d.rebooting.Store(false)
+	d.log.Info("simulated reboot: booted", zap.Int("boot_count", count))
+	return true
+}
+
+// runHub runs hub sessions with hc, with a simulated boot between them after each simulated
+// reboot.
+func (d *Device) runHub(ctx context.Context, hc hub.Config) error {
+	for {
+		err := d.runSession(ctx, hc)
+		if !errors.Is(err, errSimulatedReboot) {
+			return err
+		}
+		if !d.simulateBoot(ctx) {
+			return nil
+		}
+	}
+}
+
+// report hands reported properties to the current twin sync (best effort: the sync persists
+// and re-sends them).
+func (d *Device) report(patch map[string]any) {
+	s := d.sync.Load()
+	if s == nil {
+		return
+	}
+	if err := s.Report(patch); err != nil {
+		d.log.Error("reported properties refused", zap.Error(err))
+	}
+}
