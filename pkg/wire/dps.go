@@ -224,7 +224,29 @@ func ValidateRegistrationID(id string) error {
 // DPSRegistrationRequest is the body of a register request.
 type DPSRegistrationRequest struct {
 	RegistrationID string          `json:"registrationId"`
+	TPM            *DPSTPMKeys     `json:"tpm,omitempty"`
 	Payload        json.RawMessage `json:"payload,omitempty"`
+}
+
+// DPSTPMKeys is the tpm part of a register request over HTTPS: base64 of the marshalled
+// TPM2B_PUBLIC of the endorsement key and of the storage root key (protocol-device.md §4.2).
+type DPSTPMKeys struct {
+	EndorsementKey string `json:"endorsementKey"`
+	StorageRootKey string `json:"storageRootKey,omitempty"`
+}
+
+// DPSTPMChallenge is the body of the 401 that answers a TPM register request without an
+// Authorization header: an activation blob for the device's TPM (protocol-device.md §3.1).
+type DPSTPMChallenge struct {
+	Message           string `json:"message,omitempty"`
+	AuthenticationKey string `json:"authenticationKey"`
+	KeyName           string `json:"keyName,omitempty"`
+}
+
+// DPSTPMResult is the tpm part of a registration state: the activation blob carrying the key
+// the device signs its IoT Hub tokens with.
+type DPSTPMResult struct {
+	AuthenticationKey string `json:"authenticationKey,omitempty"`
 }
 
 // DPS registration statuses.
@@ -266,6 +288,7 @@ type DPSRegistrationState struct {
 	Payload                json.RawMessage `json:"payload,omitempty"`
 	SymmetricKey           *DPSGroupRef    `json:"symmetricKey,omitempty"`
 	X509                   *DPSX509Result  `json:"x509,omitempty"`
+	TPM                    *DPSTPMResult   `json:"tpm,omitempty"`
 }
 
 // DPSGroupRef names the enrollment group a device matched.
