@@ -5,7 +5,7 @@
 //
 // DPS attestation uses the same credentials: an individual key, a key derived from an enrollment
 // group key and the registration ID (FromGroupKey), or an X.509 chain whose leaf CN is the
-// registration ID. TPM-backed keys come later.
+// registration ID, or a key held in a TPM (FromTPM), which signs inside the TPM and never leaves it.
 package attest
 
 import (
@@ -26,6 +26,9 @@ type Kind uint8
 const (
 	SymmetricKey Kind = iota + 1
 	X509
+	// TPM is an HMAC key inside a TPM: it signs SAS tokens like a symmetric key, but the key
+	// never leaves the TPM.
+	TPM
 )
 
 func (k Kind) String() string {
@@ -34,6 +37,8 @@ func (k Kind) String() string {
 		return "symmetric-key"
 	case X509:
 		return "x509"
+	case TPM:
+		return "tpm"
 	}
 	return "unknown"
 }
@@ -50,20 +55,24 @@ type FileOptions struct {
 
 // Credential is a device's identity secret. Use Signer or Certificate according to Kind.
 type Credential struct {
-	kind Kind
-	key  sas.Key
-	cert *tls.Certificate
+	kind   Kind
+	key    sas.Key
+	cert   *tls.Certificate
+	signer sas.Signer
 }
 
 // Kind returns the credential's kind.
 func (c *Credential) Kind() Kind { return c.kind }
 
-// Signer returns the SAS signer of a symmetric-key credential, nil otherwise.
+// Signer returns the SAS signer of a symmetric-key or TPM credential, nil for X.509.
 func (c *Credential) Signer() sas.Signer {
-	if c.kind != SymmetricKey {
-		return nil
+	switch c.kind {
+	case SymmetricKey:
+		return c.key
+	case TPM:
+		return c.signer
 	}
-	return c.key
+	return nil
 }
 
 // Certificate returns the TLS client certificate of an X.509 credential, nil otherwise.
@@ -81,6 +90,14 @@ func FromKey(k sas.Key) (*Credential, error) {
 		return nil, errors.New("attest: empty symmetric key")
 	}
 	return &Credential{kind: SymmetricKey, key: k}, nil
+}
+
+// FromTPM wraps a signer that computes HMAC-SHA256 inside a TPM (pkg/tpm.Device).
+func FromTPM(s sas.Signer) (*Credential, error) {
+	if s == nil {
+		return nil, errors.New("attest: nil TPM signer")
+	}
+	return &Credential{kind: TPM, signer: s}, nil
 }
 
 // FromBase64Key decodes a symmetric key as Azure shows it (base64).

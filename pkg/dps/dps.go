@@ -3,12 +3,20 @@
 // polls the operation honouring retry-after (capped, jittered, 2 s when absent), retries 429 and
 // 5xx with backoff, fails clearly on other 4xx, and caches the result atomically in a state
 // directory so that a restart reuses it (protocol-device.md §2, §3, §5–§7).
+//
+// With a TPM (Config.TPM) it runs the two-round HTTPS flow of protocol-device.md §3.1: the
+// first request carries the endorsement and storage root keys and no Authorization, the 401
+// answer's activation blob is imported into the TPM, and every later request carries a SAS
+// token the TPM signs. The final result's blob is imported too: the key it carries is the one
+// the device signs its IoT Hub tokens with. DPS has no TPM attestation over MQTT, so a TPM with
+// the MQTT transport is refused before anything is sent.
 package dps
 
 import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -48,6 +56,20 @@ const (
 // ErrRefused wraps a permanent refusal: a 4xx other than 429, or a final failed/disabled status.
 var ErrRefused = errors.New("dps: registration refused")
 
+// ErrTPMOverMQTT is returned for a TPM registration configured with the MQTT transport.
+var ErrTPMOverMQTT = errors.New("dps: TPM attestation needs the HTTPS transport (DPS does not support TPM over MQTT)")
+
+// TPM is what TPM attestation needs from the device's TPM; pkg/tpm.Device implements it.
+type TPM interface {
+	// EndorsementKey and StorageRootKey return the marshalled TPM2B_PUBLIC of each key.
+	EndorsementKey() []byte
+	StorageRootKey() []byte
+	// ImportActivation imports the HMAC key an activation blob carries, replacing the old one.
+	ImportActivation(ctx context.Context, blob []byte) error
+	// Sign computes HMAC-SHA256 with the imported key, inside the TPM.
+	sas.Signer
+}
+
 // Config describes one registration.
 type Config struct {
 	// Endpoint is the DPS device endpoint host[:port]; default GlobalEndpoint (port 8883 for
@@ -63,8 +85,10 @@ type Config struct {
 	// Transport is MQTT (default) or HTTPS.
 	Transport string
 	// Credential is a symmetric key (individual, or already derived from a group key) or an
-	// X.509 certificate whose CN is the registration ID.
+	// X.509 certificate whose CN is the registration ID. Leave it nil when TPM is set.
 	Credential *attest.Credential
+	// TPM attests with the device's TPM over HTTPS (the default transport when TPM is set).
+	TPM TPM
 	// Payload is an optional JSON object sent with the request.
 	Payload json.RawMessage
 	// ClientVersion goes into the MQTT user name and the HTTPS User-Agent.
@@ -82,6 +106,9 @@ type Config struct {
 	TokenTTL time.Duration
 	// Logger receives progress (never secrets); nil discards.
 	Logger *zap.Logger
+
+	// tpmReady is set once the challenge's key is in the TPM: requests then carry SAS tokens.
+	tpmReady bool
 }
 
 // Result is a successful registration.
@@ -124,6 +151,16 @@ type transport interface {
 func (c *Config) defaults() error {
 	if c.Endpoint == "" {
 		c.Endpoint = GlobalEndpoint
+	}
+	if c.TPM != nil {
+		if c.Transport == MQTT {
+			return ErrTPMOverMQTT
+		}
+		c.Transport = HTTPS
+		if c.Credential != nil {
+			return errors.New("dps: set a credential or a TPM, not both")
+		}
+		c.Credential, _ = attest.FromTPM(c.TPM)
 	}
 	if c.Transport == "" {
 		c.Transport = MQTT
@@ -206,7 +243,7 @@ func (c *Config) tlsConfig() *tls.Config {
 // token builds the DPS SAS token of a symmetric-key credential ("" for X.509).
 func (c *Config) token(ctx context.Context) (string, error) {
 	s := c.Credential.Signer()
-	if s == nil {
+	if s == nil || (c.TPM != nil && !c.tpmReady) {
 		return "", nil
 	}
 	return sas.Build(ctx, s, sas.Params{
@@ -223,7 +260,14 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	log := cfg.Logger.With(zap.String("registration_id", cfg.RegistrationID), zap.String("transport", cfg.Transport))
-	body, _ := json.Marshal(wire.DPSRegistrationRequest{RegistrationID: cfg.RegistrationID, Payload: cfg.Payload})
+	req := wire.DPSRegistrationRequest{RegistrationID: cfg.RegistrationID, Payload: cfg.Payload}
+	if cfg.TPM != nil {
+		req.TPM = &wire.DPSTPMKeys{
+			EndorsementKey: base64.StdEncoding.EncodeToString(cfg.TPM.EndorsementKey()),
+			StorageRootKey: base64.StdEncoding.EncodeToString(cfg.TPM.StorageRootKey()),
+		}
+	}
+	body, _ := json.Marshal(req)
 	backoff := cfg.BackoffMin
 	var tr transport
 	defer func() {
@@ -277,6 +321,13 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 			}
 			continue
 		}
+		if cfg.TPM != nil && !cfg.tpmReady && ex.status == 401 {
+			if err := cfg.acceptChallenge(ctx, ex); err != nil {
+				return nil, err
+			}
+			log.Debug("TPM challenge imported; registering with TPM-signed tokens")
+			continue
+		}
 		op, err := wire.ParseDPSReply(ex.status, ex.body)
 		var de *wire.DPSError
 		if errors.As(err, &de) && de.Retryable() {
@@ -314,6 +365,11 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 		switch op.Status {
 		case wire.DPSStatusAssigned:
 			rs := op.RegistrationState
+			if cfg.TPM != nil {
+				if err := cfg.importFinal(ctx, rs); err != nil {
+					return nil, err
+				}
+			}
 			res := &Result{RegistrationID: cfg.RegistrationID, AssignedHub: rs.AssignedHub, DeviceID: rs.DeviceID,
 				Substatus: rs.Substatus, Payload: rs.Payload, IDScope: cfg.IDScope, Endpoint: cfg.Endpoint, Obtained: time.Now().UTC()}
 			log.Info("provisioned", zap.String("hub", res.AssignedHub), zap.String("assigned_device", res.DeviceID), zap.String("substatus", res.Substatus))
@@ -329,6 +385,44 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 			return nil, fmt.Errorf("dps: %w", err)
 		}
 	}
+}
+
+// acceptChallenge imports the activation blob of DPS's 401 answer to a TPM register request.
+// A 401 without one is a refusal (unknown registration, another endorsement key).
+func (c *Config) acceptChallenge(ctx context.Context, ex exchange) error {
+	var ch wire.DPSTPMChallenge
+	if json.Unmarshal(ex.body, &ch) != nil || ch.AuthenticationKey == "" {
+		_, err := wire.ParseDPSReply(ex.status, ex.body)
+		if err == nil {
+			err = errors.New("401 without an error body")
+		}
+		return fmt.Errorf("%w: %w", ErrRefused, err)
+	}
+	blob, err := base64.StdEncoding.DecodeString(ch.AuthenticationKey)
+	if err != nil {
+		return fmt.Errorf("%w: the TPM challenge's authenticationKey is not base64: %w", ErrRefused, err)
+	}
+	if err := c.TPM.ImportActivation(ctx, blob); err != nil {
+		return fmt.Errorf("%w: importing the TPM challenge: %w", ErrRefused, err)
+	}
+	c.tpmReady = true
+	return nil
+}
+
+// importFinal imports registrationState.tpm.authenticationKey: the key the device will sign
+// its IoT Hub tokens with.
+func (c *Config) importFinal(ctx context.Context, rs *wire.DPSRegistrationState) error {
+	if rs.TPM == nil || rs.TPM.AuthenticationKey == "" {
+		return fmt.Errorf("%w: DPS assigned the device but sent no registrationState.tpm.authenticationKey", ErrRefused)
+	}
+	blob, err := base64.StdEncoding.DecodeString(rs.TPM.AuthenticationKey)
+	if err != nil {
+		return fmt.Errorf("%w: registrationState.tpm.authenticationKey is not base64: %w", ErrRefused, err)
+	}
+	if err := c.TPM.ImportActivation(ctx, blob); err != nil {
+		return fmt.Errorf("%w: importing the device key from the registration result: %w", ErrRefused, err)
+	}
+	return nil
 }
 
 // pollWait is how long to wait before the next poll: the server's retry-after (2 s when absent),
