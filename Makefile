@@ -1,6 +1,6 @@
 # iothubby: device agent, local IoT Hub (hubsim) and fleet CLI (hubby).
 # `make run` and `make test` work on a fresh machine once .ci/run's installs are done
-# (Go toolchain, Node.js for the conformance harness, openssl).
+# (Go toolchain with cgo, Node.js for the conformance harness, openssl, swtpm, libssl-dev).
 
 GO        ?= go
 BIN       := bin
