@@ -96,6 +96,8 @@ type Server struct {
 	groups      map[string]*Enrollment
 	regs        map[string]*Registration
 	ops         map[string]*operation
+	// tpmChallenges holds the key (K1) of each registration's outstanding TPM challenge.
+	tpmChallenges map[string]*tpmChallenge
 
 	limMu     sync.Mutex
 	tokens    float64
@@ -175,7 +177,8 @@ func Open(cfg Config, log *zap.Logger) (*Server, error) {
 		cfg: cfg, log: log, db: db,
 		enrollments: map[string]*Enrollment{}, groups: map[string]*Enrollment{},
 		regs: map[string]*Registration{}, ops: map[string]*operation{}, placed: map[string]placement{},
-		tokens: float64(cfg.RegistrationBurst), tokenTime: cfg.Now(),
+		tpmChallenges: map[string]*tpmChallenge{},
+		tokens:        float64(cfg.RegistrationBurst), tokenTime: cfg.Now(),
 	}
 	if err := s.load(); err != nil {
 		_ = db.Close()
@@ -405,6 +408,9 @@ func normalizeEnrollment(e *Enrollment, group bool) *apiError {
 		if group {
 			return errf(400, 400004, "enrollment groups cannot use TPM attestation")
 		}
+		if err := normalizeTPM(a.TPM); err != nil {
+			return err
+		}
 		a.SymmetricKey, a.X509 = nil, nil
 	default:
 		return errf(400, 400004, "attestation type %q is not symmetricKey, x509 or tpm", a.Type)
@@ -622,6 +628,10 @@ type match struct {
 	// disabled: the credentials are good but the matched enrollment is disabled; registration
 	// ends with status "disabled".
 	disabled bool
+	// tpm: the device signed with the key of its TPM challenge. tpmAuthKey is the base64
+	// activation blob of the final result (it delivers key, the hub key, to the TPM).
+	tpm        bool
+	tpmAuthKey string
 }
 
 // Credentials are what a device presented: a SAS token, or TLS client certificates.
@@ -669,6 +679,9 @@ func (s *Server) authSAS(scope, regID, token string) (*match, *apiError) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e := s.enrollments[keyOf(regID)]; e != nil {
+		if e.Attestation.Type == AttestationTPM {
+			return s.authTPMLocked(regID, e, tok, now)
+		}
 		if e.Attestation.Type != AttestationSymmetricKey {
 			return nil, errf(401, 401002, "enrollment %s does not use symmetric keys", regID)
 		}
@@ -854,6 +867,11 @@ func (s *Server) register(m *match, body []byte) reply {
 			LastUpdatedDateTimeUTC: timestamp(now)}}
 	default:
 		s.registrations.Add(1)
+		if m.tpmAuthKey != "" {
+			// Only in the operation's result: the stored registration state (what the service
+			// API shows) has no tpm part, as in Azure.
+			st.TPM = &wire.DPSTPMResult{AuthenticationKey: m.tpmAuthKey}
+		}
 		op.result = wire.DPSOperationStatus{OperationID: op.id, Status: st.Status, RegistrationState: &st}
 	}
 	s.mu.Lock()

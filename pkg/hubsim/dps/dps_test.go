@@ -417,9 +417,16 @@ func FuzzDeviceHTTP(f *testing.F) {
 	f.Add("GET", "/0ne00000001/registrations/d1/operations/abc", ``)
 	f.Add("POST", "/enrollments/", `{"mode":"create","enrollments":[{"registrationId":"x","attestation":{"type":"symmetricKey"}}]}`)
 	f.Add("PUT", "/enrollmentGroups/g%2F1", `{"attestation":{"type":"x509","x509":{"signingCertificates":{"primary":{"certificate":"AAAA"}}}}}`)
+	d := softTPMs()[0]
+	f.Add("PUT", "/0ne00000001/registrations/t1/register", d.body("t1"))
+	f.Add("PUT", "/enrollments/t2", `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"`+d.ekB64()+`"}}}`)
 	s, _, _ := newServer(f, nil)
 	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
 		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+		f.Fatal(err)
+	}
+	if _, err := s.PutEnrollment(Enrollment{RegistrationID: "t1",
+		Attestation: &AttestationMechanism{Type: AttestationTPM, TPM: &TPMAttestation{EndorsementKey: d.ekB64()}}}, false, ""); err != nil {
 		f.Fatal(err)
 	}
 	devTok := deviceToken(f, s.IDScope(), "d1", deriveB64(testGroupKey, "d1"), true)
@@ -432,9 +439,12 @@ func FuzzDeviceHTTP(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if strings.Contains(path, "/registrations/d1/") {
+		switch {
+		case strings.Contains(path, "/registrations/d1/"):
 			r.Header.Set("Authorization", devTok)
-		} else {
+		case strings.Contains(path, "/registrations/t1/"):
+			// A TPM device's first request: no Authorization.
+		default:
 			r.Header.Set("Authorization", svcTok)
 		}
 		w := httptest.NewRecorder()

@@ -88,8 +88,11 @@ func (s *Server) writeReply(w http.ResponseWriter, rep reply) {
 	if rep.retryAfter >= 0 && (rep.status == 202 || rep.status == 429) {
 		w.Header().Set("Retry-After", strconv.Itoa(rep.retryAfter))
 	}
-	if de, ok := rep.body.(wire.DPSError); ok {
-		w.Header().Set("x-ms-error-code", strconv.Itoa(de.ErrorCode))
+	switch b := rep.body.(type) {
+	case wire.DPSError:
+		w.Header().Set("x-ms-error-code", strconv.Itoa(b.ErrorCode))
+	case tpmChallengeBody:
+		w.Header().Set("x-ms-error-code", strconv.Itoa(b.ErrorCode))
 	}
 	if rep.status == 204 {
 		w.WriteHeader(204)
@@ -348,6 +351,9 @@ func (s *Server) bulk(r *http.Request, group bool) reply {
 //	PUT  /{idScope}/registrations/{registrationId}/register
 //	GET  /{idScope}/registrations/{registrationId}/operations/{operationId}
 //	POST /{idScope}/registrations/{registrationId}
+//
+// A register request whose body has a tpm object, or whose registration ID has a TPM
+// enrollment, takes the TPM flow (registerTPM); its polls authenticate like any SAS token.
 func (s *Server) serveDevice(r *http.Request, seg []string) reply {
 	scope, regID := seg[0], seg[2]
 	cr := Credentials{Token: r.Header.Get("Authorization")}
@@ -365,6 +371,21 @@ func (s *Server) serveDevice(r *http.Request, seg []string) reply {
 	default:
 		return notFound(r)
 	}
+	var body []byte
+	if route == "register" {
+		var aerr *apiError
+		if body, aerr = readBody(r); aerr != nil {
+			return errorReply(aerr)
+		}
+		if s.wantsTPM(regID, body) {
+			rep := s.registerTPM(scope, regID, cr.Token, body)
+			if de, ok := rep.body.(wire.DPSError); ok {
+				s.log.Info("DPS registration refused", zap.String("registration_id", regID), zap.String("transport", "https"),
+					zap.String("attestation", AttestationTPM), zap.Int("status", rep.status), zap.String("reason", de.Message))
+			}
+			return rep
+		}
+	}
 	m, aerr := s.authenticate(scope, regID, cr)
 	if aerr != nil {
 		s.log.Info("DPS registration refused", zap.String("registration_id", regID), zap.String("transport", "https"), zap.String("reason", aerr.msg))
@@ -372,10 +393,6 @@ func (s *Server) serveDevice(r *http.Request, seg []string) reply {
 	}
 	switch route {
 	case "register":
-		body, aerr := readBody(r)
-		if aerr != nil {
-			return errorReply(aerr)
-		}
 		return s.register(m, body)
 	case "poll":
 		return s.poll(regID, seg[4])

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -27,17 +28,25 @@ var ErrPacket = errors.New("dps: malformed MQTT packet")
 // broker) is connect. It authenticates the CONNECT (CONNACK 5 on failure), then answers
 // SUBSCRIBE, register and poll PUBLISHes, UNSUBSCRIBE, PINGREQ and DISCONNECT until the client
 // leaves, the keep-alive lapses or conn is closed (the broker closes it on shutdown).
+//
+// TPM attestation needs HTTPS. A session for a registration ID whose enrollment is TPM is
+// accepted without credentials (it has none it could present) and every register and poll is
+// answered 400 400004 saying so; a register body with a tpm object gets the same answer.
 func (s *Server) ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect []byte, ci broker.ConnectInfo) {
 	log := s.log.With(zap.String("client_id", ci.ClientID), zap.String("remote", conn.RemoteAddr().String()))
 	defer conn.Close()
 	u, err := wire.ParseDPSUsername(ci.Username)
 	var m *match
 	var aerr *apiError
+	tpmOnly := false
 	switch {
 	case err != nil:
 		aerr = errf(401, 401002, "%v", err)
 	case u.RegistrationID != ci.ClientID:
 		aerr = errf(401, 401002, "client ID %q is not the registration ID %q", ci.ClientID, u.RegistrationID)
+	case strings.EqualFold(u.IDScope, s.cfg.IDScope) && wire.ValidateRegistrationID(u.RegistrationID) == nil &&
+		s.isTPMEnrollment(u.RegistrationID):
+		tpmOnly = true
 	default:
 		cr := Credentials{Token: string(broker.ConnectPassword(connect))}
 		if cr.Token == "" {
@@ -54,7 +63,11 @@ func (s *Server) ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect 
 	if _, err := conn.Write([]byte{0x20, 0x02, 0x00, 0x00}); err != nil {
 		return
 	}
-	log.Debug("DPS device connected", zap.String("registration_id", m.regID))
+	if tpmOnly {
+		log.Info("DPS MQTT session of a TPM enrollment: its requests will be refused (TPM needs HTTPS)", zap.String("registration_id", u.RegistrationID))
+	} else {
+		log.Debug("DPS device connected", zap.String("registration_id", m.regID))
+	}
 	idle := DeadlineFor(ci.KeepAlive)
 	r := bufio.NewReader(conn)
 	var granted byte = 0x80 // no subscription yet
@@ -154,9 +167,15 @@ func (s *Server) ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect 
 				return
 			}
 			var rep reply
-			if t.Kind == wire.DPSRegister {
+			switch {
+			case t.Kind == wire.DPSRegister && (tpmOnly || hasTPM(rest)):
+				s.registerRequests.Add(1)
+				rep = errorReply(errTPMOverMQTT())
+			case tpmOnly:
+				rep = errorReply(errTPMOverMQTT())
+			case t.Kind == wire.DPSRegister:
 				rep = s.register(m, rest)
-			} else {
+			default:
 				rep = s.poll(m.regID, t.OperationID)
 			}
 			if send(rep, t.RequestID) != nil {

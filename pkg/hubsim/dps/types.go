@@ -31,9 +31,17 @@ const (
 // AttestationMechanism is DPS's AttestationMechanism.
 type AttestationMechanism struct {
 	Type         string                   `json:"type"`
-	TPM          json.RawMessage          `json:"tpm,omitempty"`
+	TPM          *TPMAttestation          `json:"tpm,omitempty"`
 	X509         *X509Attestation         `json:"x509,omitempty"`
 	SymmetricKey *SymmetricKeyAttestation `json:"symmetricKey,omitempty"`
+}
+
+// TPMAttestation is a TPM individual enrollment's attestation: base64 of the marshalled
+// TPM2B_PUBLIC of the device's endorsement key, and optionally of its storage root key
+// (protocol-device.md §4.2). Both are public keys; nothing in it is secret.
+type TPMAttestation struct {
+	EndorsementKey string `json:"endorsementKey"`
+	StorageRootKey string `json:"storageRootKey,omitempty"`
 }
 
 // X509Attestation holds client certificates (individual) or signing certificates (group).
