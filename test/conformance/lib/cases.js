@@ -30,6 +30,7 @@ const {
 } = require('./util');
 const twinCases = require('./twin-cases');
 const methodCases = require('./method-cases');
+const tpmCases = require('./tpm-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -624,6 +625,7 @@ const CASES = [
   ['dps-x509-individual-mqtt', x509Case('mqtt', false)],
   ['dps-x509-group-http', x509Case('http', true)],
   ['dps-wrong-key', dpsWrongKey],
+  ['dps-tpm-http', tpmCases.dpsTpmHttp],
 ];
 
 // ---------------------------------------------------------------------------------------------
