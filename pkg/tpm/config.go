@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/url"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -110,13 +109,15 @@ func parseSwtpmAddress(s string) (network, addr string, err error) {
 		if strings.ContainsAny(rest, "/?#@") {
 			return bad("only host:port may follow tcp://")
 		}
-		u, err := url.Parse("tcp://" + rest)
+		host, port, err := net.SplitHostPort(rest)
 		if err != nil {
 			return bad("%v", err)
 		}
-		host, port := u.Hostname(), u.Port()
 		if host == "" {
 			return bad("no host")
+		}
+		if strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+			return bad("the host contains white space or control characters")
 		}
 		if port == "" {
 			return bad("no port")

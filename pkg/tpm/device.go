@@ -356,8 +356,8 @@ type ctxTPM struct {
 }
 
 func (c ctxTPM) Send(cmd []byte) ([]byte, error) {
-	if err := c.ctx.Err(); err != nil {
-		return nil, fmt.Errorf("tpm: %w", context.Cause(c.ctx))
+	if c.ctx.Err() != nil {
+		return nil, context.Cause(c.ctx)
 	}
 	if cs, ok := c.t.(contextSender); ok {
 		return cs.SendContext(c.ctx, cmd)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
 )
@@ -60,15 +61,32 @@ func (s *streamTPM) SendContext(ctx context.Context, cmd []byte) ([]byte, error)
 	if s.closed {
 		return nil, errTransportClosed
 	}
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	cc := binary.BigEndian.Uint32(cmd[6:10])
+	// fail explains an error: a deadline or cancellation says so, whichever timer fired first.
+	fail := func(err error) error {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			<-ctx.Done() // the connection's deadline is ctx's, or ctx was cancelled
+		}
+		if parent.Err() != nil {
+			return fmt.Errorf("swtpm command 0x%x: %w", cc, context.Cause(parent))
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("swtpm command 0x%x: no answer within %v: %w", cc, s.timeout, context.DeadlineExceeded)
+		}
+		return fmt.Errorf("swtpm command 0x%x: %w", cc, err)
+	}
 	for attempt := 0; ; attempt++ {
 		reused := s.conn != nil
 		if !reused {
 			conn, err := s.dialer.DialContext(ctx, s.network, s.addr)
 			if err != nil {
-				return nil, fmt.Errorf("tpm: connecting to swtpm at %s: %w", s, err)
+				if ctx.Err() != nil {
+					return nil, fail(err)
+				}
+				return nil, fmt.Errorf("connecting to swtpm at %s: %w", s, err)
 			}
 			s.conn = conn
 		}
@@ -80,13 +98,10 @@ func (s *streamTPM) SendContext(ctx context.Context, cmd []byte) ([]byte, error)
 			return rsp, nil
 		}
 		s.drop()
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("tpm: swtpm at %s, command 0x%x: %w", s, cc, context.Cause(ctx))
-		}
-		if reused && got == 0 && attempt == 0 {
+		if reused && got == 0 && attempt == 0 && ctx.Err() == nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 			continue
 		}
-		return nil, fmt.Errorf("tpm: swtpm at %s, command 0x%x: %w", s, cc, err)
+		return nil, fail(err)
 	}
 }
 

@@ -108,9 +108,10 @@ func signEquals(t *testing.T, d *Device, key, msg []byte) {
 }
 
 // runDeviceSuite runs the behaviour every backend must have, on a fresh TPM (no identity
-// key yet). The subtests share the TPM and run in order.
-func runDeviceSuite(t *testing.T, open opener) {
-	var ek, srk []byte
+// key yet). The subtests share the TPM and run in order. It returns the EK and the identity
+// key the TPM holds at the end.
+func runDeviceSuite(t *testing.T, open opener) (ek, key []byte) {
+	var srk []byte
 	var regID string
 	key1, key2 := testKey("identity key one"), testKey("identity key two")
 
@@ -151,7 +152,7 @@ func runDeviceSuite(t *testing.T, open opener) {
 		}
 	})
 	if t.Failed() {
-		return
+		return ek, nil
 	}
 
 	t.Run("reopen keeps the keys", func(t *testing.T) {
@@ -311,6 +312,7 @@ func runDeviceSuite(t *testing.T, open opener) {
 			t.Errorf("ImportActivation after Close: %v, want ErrClosed", err)
 		}
 	})
+	return ek, key2
 }
 
 // checkLogs fails if a log line carries the key or a MAC in any common encoding.
