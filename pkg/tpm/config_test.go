@@ -202,3 +202,14 @@ func TestOpenErrors(t *testing.T) {
 		t.Error("OpenTransport(nil) succeeded")
 	}
 }
+
+// /dev/null is a character device but not a TPM: Open reaches the TPM commands and fails.
+func TestOpenDeviceNotATPM(t *testing.T) {
+	if _, err := os.Stat("/dev/null"); err != nil {
+		t.Skip(err)
+	}
+	_, err := Open(testContext(t), Config{Backend: BackendDevice, Path: "/dev/null"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "device /dev/null") {
+		t.Errorf("Open(/dev/null): %v", err)
+	}
+}

@@ -5,6 +5,7 @@ package tpm
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/google/go-tpm-tools/simulator"
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 	"go.uber.org/zap"
 )
 
@@ -139,6 +143,68 @@ func BenchmarkSign(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+	}
+}
+
+// faultTPM answers TPM_RC_FAILURE to the first command with code failCC, without passing it
+// on.
+type faultTPM struct {
+	transport.TPMCloser
+	failCC tpm2.TPMCC
+	failed bool
+}
+
+func (f *faultTPM) Send(cmd []byte) ([]byte, error) {
+	if !f.failed && len(cmd) >= 10 && tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:10])) == f.failCC {
+		f.failed = true
+		return []byte{0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, 0x01}, nil
+	}
+	return f.TPMCloser.Send(cmd)
+}
+
+// OpenTransport takes any transport; a failure in the middle of a command sequence leaves
+// nothing loaded (the flushes on error paths).
+func TestOpenTransportFaults(t *testing.T) {
+	ctx := testContext(t)
+	for _, cc := range []tpm2.TPMCC{tpm2.TPMCCSequenceUpdate, tpm2.TPMCCSequenceComplete, tpm2.TPMCCImport, tpm2.TPMCCActivateCredential, tpm2.TPMCCEvictControl} {
+		t.Run(fmt.Sprintf("0x%x", uint32(cc)), func(t *testing.T) {
+			sim, err := simulator.GetWithFixedSeedInsecure(1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ft := &faultTPM{TPMCloser: transport.FromReadWriteCloser(sim)}
+			d, err := OpenTransport(ctx, ft, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			if len(d.EndorsementKey()) != 316 {
+				t.Fatalf("EK of %d bytes", len(d.EndorsementKey()))
+			}
+			ft.failCC = cc
+			key := testKey("fault")
+			err = d.ImportActivation(ctx, blobFor(t, d.EndorsementKey(), d.StorageRootKey(), key))
+			if cc == tpm2.TPMCCActivateCredential || cc == tpm2.TPMCCImport || cc == tpm2.TPMCCEvictControl {
+				if err == nil {
+					t.Fatal("ImportActivation succeeded through a failing command")
+				}
+				noLoadedHandles(t, d)
+				if err := d.ImportActivation(ctx, blobFor(t, d.EndorsementKey(), d.StorageRootKey(), key)); err != nil {
+					t.Fatal(err)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			long := bytes.Repeat([]byte("y"), 2500)
+			_, err = d.Sign(ctx, long)
+			if cc == tpm2.TPMCCSequenceUpdate || cc == tpm2.TPMCCSequenceComplete {
+				if err == nil {
+					t.Fatal("Sign succeeded through a failing command")
+				}
+				noLoadedHandles(t, d)
+			}
+			signEquals(t, d, key, long)
 		})
 	}
 }

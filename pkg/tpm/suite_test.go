@@ -186,6 +186,7 @@ func runDeviceSuite(t *testing.T, open opener) (ek, key []byte) {
 		}
 		mac, _ := d.Sign(testContext(t), []byte("hello"))
 		checkLogs(t, logs, key1, mac)
+		noLoadedHandles(t, d)
 	})
 
 	t.Run("reopen keeps the identity key", func(t *testing.T) {
@@ -250,8 +251,9 @@ func runDeviceSuite(t *testing.T, open opener) (ek, key []byte) {
 				t.Errorf("blob truncated to %d bytes: %v, want activation.ErrMalformed", n, err)
 			}
 		}
-		// None of that touched the key in place.
+		// None of that touched the key in place, or left a session or object loaded.
 		signEquals(t, d, key2, []byte("hello"))
+		noLoadedHandles(t, d)
 	})
 
 	t.Run("concurrent use", func(t *testing.T) {
@@ -313,6 +315,31 @@ func runDeviceSuite(t *testing.T, open opener) (ek, key []byte) {
 		}
 	})
 	return ek, key2
+}
+
+// noLoadedHandles fails if a transient object or a session is left in the TPM.
+func noLoadedHandles(t *testing.T, d *Device) {
+	t.Helper()
+	if err := d.acquire(testContext(t)); err != nil {
+		t.Fatal(err)
+	}
+	defer d.release()
+	tpm := d.with(testContext(t))
+	for _, first := range []tpm2.TPMHandle{0x80000000, 0x02000000, 0x03000000} { // transient, HMAC and policy sessions
+		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(first), PropertyCount: 64}.Execute(tpm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs, err := rsp.CapabilityData.Data.Handles()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, h := range hs.Handle {
+			if h>>24 == first>>24 {
+				t.Errorf("handle 0x%08x left loaded", uint32(h))
+			}
+		}
+	}
 }
 
 // checkLogs fails if a log line carries the key or a MAC in any common encoding.
