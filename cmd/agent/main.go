@@ -2,6 +2,7 @@
 // hubsim) over MQTT/TLS, sends periodic telemetry and logs what the cloud sends it.
 //
 //	agent run --config configs/agent.yaml [flags]
+//	agent tpm show --config configs/agent.yaml   (what a TPM enrollment needs)
 //
 // Identity comes from a device connection string — preferably from a file
 // (--connection-string-file) or the IOTHUBBY_CONNECTION_STRING environment variable, since
@@ -15,6 +16,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -88,8 +90,42 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newRunCmd(stderr))
+	root.AddCommand(newRunCmd(stderr), newTPMCmd(stdout, stderr))
 	return root
+}
+
+func newTPMCmd(stdout, stderr io.Writer) *cobra.Command {
+	t := &cobra.Command{Use: "tpm", Short: "Inspect the device's TPM"}
+	var f runFlags
+	show := &cobra.Command{
+		Use:   "show",
+		Short: "Print the TPM's registration ID, endorsement key and storage root key as JSON",
+		Long: `Print what an individual TPM enrollment needs: the registration ID the agent will use and
+the endorsement key (base64 TPM2B_PUBLIC, as DPS takes it). Keys missing from the TPM are
+created from the TCG default templates and persisted, as the agent would at first start.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(cmd, &f)
+			if err != nil {
+				return err
+			}
+			log, err := newLogger(cfg.Log, stderr)
+			if err != nil {
+				return err
+			}
+			defer func() { _ = log.Sync() }()
+			id, err := agent.ReadTPMIdentity(cfg, log)
+			if err != nil {
+				return err
+			}
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(id)
+		},
+	}
+	bindRunFlags(show, &f)
+	t.AddCommand(show)
+	return t
 }
 
 // runFlags are the command-line overrides of the config file.
@@ -137,6 +173,7 @@ Flags override the config file; the environment variable overrides the file's id
 			if err != nil {
 				return err
 			}
+			defer dev.Close()
 			return dev.Run(cmd.Context())
 		},
 	}

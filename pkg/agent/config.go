@@ -44,6 +44,7 @@ type Config struct {
 
 	Auth       AuthConfig       `yaml:"auth"`
 	DPS        DPSConfig        `yaml:"dps"`
+	TPM        TPMConfig        `yaml:"tpm"`
 	TLS        TLSConfig        `yaml:"tls"`
 	Connection ConnectionConfig `yaml:"connection"`
 	Queue      QueueConfig      `yaml:"queue"`
@@ -191,6 +192,8 @@ type identity struct {
 	// registrationID is set when the device provisions through DPS (host and deviceID then
 	// come from the provisioning result).
 	registrationID string
+	// tpm: the credential is the TPM of Config.TPM, opened by New.
+	tpm bool
 }
 
 // resolve checks the configuration and loads the credential. Errors name the field, never a

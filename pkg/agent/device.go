@@ -24,6 +24,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/firmware"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/tpm"
 	"github.com/iothubby/iothubby/pkg/twin"
 )
 
@@ -98,6 +99,10 @@ type Device struct {
 	justBooted bool // guarded by rbMu
 
 	fw *firmware.Updater // nil when firmware updates are off
+
+	// tpm holds the identity key when dps.attestation is tpm; closed by Close.
+	tpm     *tpm.Device
+	tpmOnce sync.Once
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O.
@@ -109,6 +114,19 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	id, err := cfg.resolve()
 	if err != nil {
 		return nil, err
+	}
+	var tpmDev *tpm.Device
+	ok := false
+	if id.tpm {
+		if tpmDev, err = openTPM(&cfg, &id, log); err != nil {
+			return nil, err
+		}
+		// Every later failure in New releases the TPM.
+		defer func() {
+			if !ok {
+				_ = tpmDev.Close()
+			}
+		}()
 	}
 	if cfg.Telemetry.Template == "" {
 		cfg.Telemetry.Template = DefaultTemplate
@@ -139,6 +157,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		tmpl:  tmpl,
 		runID: hex.EncodeToString(rb[:]),
 		stop:  make(chan struct{}),
+		tpm:   tpmDev,
 	}
 	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
 		return nil, err
@@ -170,6 +189,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if _, err := d.render(0, time.Now()); err != nil {
 		return nil, fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
 	}
+	ok = true
 	return d, nil
 }
 
@@ -312,11 +332,13 @@ loop:
 	return nil
 }
 
-// Close makes Run return (after its drain) and waits for it.
+// Close makes Run return (after its drain), waits for it, and releases the TPM if the device
+// has one: call it once the device is no longer needed, even after Run returned.
 func (d *Device) Close() {
 	d.stopOnce.Do(func() { close(d.stop) })
 	d.running.Lock()
 	d.running.Unlock() //nolint:staticcheck // wait for Run to finish
+	d.closeTPM()
 }
 
 // lazySession lets the twin sync exist before the session it talks through.

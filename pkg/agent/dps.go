@@ -17,7 +17,8 @@ import (
 // DPSConfig provisions the device through the Device Provisioning Service instead of a
 // connection string. The credential is auth.symmetricKey[File] (individual enrollment),
 // dps.groupKey[File] (enrollment group: the device key is derived from it and the registration
-// ID) or auth.certFile + auth.keyFile (X.509).
+// ID), auth.certFile + auth.keyFile (X.509), or the TPM of the tpm section
+// (dps.attestation: tpm, over HTTPS only).
 type DPSConfig struct {
 	// GlobalEndpoint is the DPS device endpoint, host[:port]. Default
 	// global.azure-devices-provisioning.net.
@@ -26,11 +27,12 @@ type DPSConfig struct {
 	ServerName string `yaml:"serverName"`
 	// IDScope is the DPS instance's ID scope (required for DPS).
 	IDScope string `yaml:"idScope"`
-	// RegistrationID defaults to deviceId, or to the certificate's CN for X.509.
+	// RegistrationID defaults to deviceId, or to the certificate's CN for X.509, or for a TPM
+	// to the lower-case base32 of SHA-256 over its endorsement key (as Microsoft's SDKs do).
 	RegistrationID string `yaml:"registrationId"`
-	// Transport is mqtt (default) or https.
+	// Transport is mqtt (default) or https (the default, and the only choice, with a TPM).
 	Transport string `yaml:"transport"`
-	// Attestation is symmetricKey or x509; default: what the configured credential is.
+	// Attestation is symmetricKey, x509 or tpm; default: what the configured credential is.
 	Attestation string `yaml:"attestation"`
 	// GroupKey / GroupKeyFile is an enrollment group's key (base64); prefer the file (mode 0600).
 	GroupKey     string `yaml:"groupKey"`
@@ -79,6 +81,28 @@ func (c *Config) resolveDPS(fileOpts attest.FileOptions) (identity, error) {
 	group := d.GroupKey != "" || d.GroupKeyFile != ""
 	key := c.Auth.SymmetricKey != "" || c.Auth.SymmetricKeyFile != ""
 	x509Files := c.Auth.CertFile != "" || c.Auth.KeyFile != ""
+	if d.Attestation == "tpm" {
+		if group || key || x509Files {
+			return id, fmt.Errorf("%w: dps.attestation is tpm: do not set auth keys, certificates or dps.groupKey", ErrConfig)
+		}
+		if d.Transport == dps.MQTT {
+			return id, fmt.Errorf("%w: %w", ErrConfig, dps.ErrTPMOverMQTT)
+		}
+		if err := c.TPM.check(c.StateDir); err != nil {
+			return id, err
+		}
+		id.tpm = true
+		id.registrationID = d.RegistrationID
+		if id.registrationID == "" {
+			id.registrationID = c.DeviceID
+		}
+		// An empty registration ID is filled from the TPM's endorsement key when it is opened.
+		id.deviceID = id.registrationID
+		return id, nil
+	}
+	if c.TPM != (TPMConfig{}) {
+		return id, fmt.Errorf("%w: a tpm section is set but dps.attestation is not tpm", ErrConfig)
+	}
 	n := 0
 	for _, b := range []bool{group, key, x509Files} {
 		if b {
@@ -86,7 +110,7 @@ func (c *Config) resolveDPS(fileOpts attest.FileOptions) (identity, error) {
 		}
 	}
 	if n != 1 {
-		return id, fmt.Errorf("%w: dps needs exactly one credential: auth.symmetricKey(File), dps.groupKey(File), or auth.certFile and auth.keyFile", ErrConfig)
+		return id, fmt.Errorf("%w: dps needs exactly one credential: auth.symmetricKey(File), dps.groupKey(File), auth.certFile and auth.keyFile, or dps.attestation tpm", ErrConfig)
 	}
 	if (group && d.GroupKey != "" && d.GroupKeyFile != "") || (key && c.Auth.SymmetricKey != "" && c.Auth.SymmetricKeyFile != "") {
 		return id, fmt.Errorf("%w: set a key or its file, not both", ErrConfig)
@@ -102,7 +126,7 @@ func (c *Config) resolveDPS(fileOpts attest.FileOptions) (identity, error) {
 			return id, fmt.Errorf("%w: dps.attestation is x509; set auth.certFile and auth.keyFile", ErrConfig)
 		}
 	default:
-		return id, fmt.Errorf("%w: dps.attestation must be symmetricKey or x509 (TPM comes later)", ErrConfig)
+		return id, fmt.Errorf("%w: dps.attestation must be symmetricKey, x509 or tpm", ErrConfig)
 	}
 	regID := d.RegistrationID
 	if regID == "" {
@@ -139,7 +163,7 @@ func (c *Config) resolveDPS(fileOpts attest.FileOptions) (identity, error) {
 	return id, nil
 }
 
-func (d *Device) dpsEnabled() bool { return d.id.registrationID != "" }
+func (d *Device) dpsEnabled() bool { return d.id.registrationID != "" || d.id.tpm }
 
 func (d *Device) dpsConfig() (dps.Config, error) {
 	c := d.cfg.DPS
@@ -159,6 +183,9 @@ func (d *Device) dpsConfig() (dps.Config, error) {
 		dc.Payload = b
 	}
 	dc.RootCAs = d.rootCAs
+	if d.tpm != nil {
+		dc.TPM, dc.Credential = d.tpm, nil
+	}
 	return dc, nil
 }
 
