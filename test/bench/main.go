@@ -52,7 +52,8 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,twin,dps,methods", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods)")
+	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm)")
+	tpmN := fs.Int("tpm-n", 20, "registrations of each kind in the TPM comparison")
 	dpsN := fs.Int("dps-n", 200, "devices per DPS round")
 	connectN := fs.Int("connect-n", 1000, "devices per connect round")
 	rounds := fs.Int("rounds", 2, "A/B pairs per comparison (the median is reported)")
@@ -109,6 +110,11 @@ func run(ctx context.Context, args []string) error {
 	if want["methods"] {
 		if err := benchMethods(ctx, *methodsN, *methodsSamples, report); err != nil {
 			return fmt.Errorf("methods: %w", err)
+		}
+	}
+	if want["tpm"] {
+		if err := benchTPM(ctx, *tpmN, report); err != nil {
+			return fmt.Errorf("tpm: %w", err)
 		}
 	}
 	if len(failed) > 0 {
