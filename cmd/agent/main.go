@@ -105,11 +105,7 @@ the endorsement key (base64 TPM2B_PUBLIC, as DPS takes it). Keys missing from th
 created from the TCG default templates and persisted, as the agent would at first start.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadConfig(cmd, &f)
-			if err != nil {
-				return err
-			}
-			log, err := newLogger(cfg.Log, stderr)
+			cfg, log, err := configAndLogger(cmd, &f, stderr)
 			if err != nil {
 				return err
 			}
@@ -160,11 +156,7 @@ $` + EnvConnectionString + ` or --connection-string (visible in ps; avoid), or
 Flags override the config file; the environment variable overrides the file's identity.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadConfig(cmd, &f)
-			if err != nil {
-				return err
-			}
-			log, err := newLogger(cfg.Log, stderr)
+			cfg, log, err := configAndLogger(cmd, &f, stderr)
 			if err != nil {
 				return err
 			}
@@ -204,6 +196,16 @@ func bindRunFlags(cmd *cobra.Command, f *runFlags) {
 	fl.StringVar(&f.logFormat, "log-format", "", "log format: console or json (default console)")
 	fl.StringVar(&f.stateDir, "state-dir", "", "directory for state that survives a restart (intended reported properties, last desired version, DPS result)")
 	fl.BoolVar(&f.reprovision, "reprovision", false, "with DPS: ignore the cached provisioning result and register again")
+}
+
+// configAndLogger loads the configuration of a command and the logger it asks for.
+func configAndLogger(cmd *cobra.Command, f *runFlags, stderr io.Writer) (agent.Config, *zap.Logger, error) {
+	cfg, err := loadConfig(cmd, f)
+	if err != nil {
+		return cfg, nil, err
+	}
+	log, err := newLogger(cfg.Log, stderr)
+	return cfg, log, err
 }
 
 // loadConfig reads the config file (if any) and applies the environment and flags.

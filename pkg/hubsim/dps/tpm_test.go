@@ -3,15 +3,8 @@ package dps
 import (
 	"bytes"
 	"context"
-	"crypto"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/rsa"
-	"crypto/sha256"
 	"encoding/base64"
-	"encoding/binary"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -27,50 +20,35 @@ import (
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/tpm/activation"
+	"github.com/iothubby/iothubby/pkg/tpm/activation/activationtest"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
-// softTPM is a TPM's endorsement key and storage root key made in software: RSA-2048 keys in
-// the TCG EK and SRK templates, marshalled as TPM2B_PUBLIC as a device sends them. With the
-// private keys a test can undo an activation blob without a TPM.
-type softTPM struct {
-	ekPriv, srkPriv *rsa.PrivateKey
-	ek, srk         []byte
-}
+// softTPM is a TPM's endorsement key and storage root key made in software (see
+// activationtest): with the private keys a test can undo an activation blob without a TPM.
+type softTPM struct{ *activationtest.SoftTPM }
 
 func newSoftTPM() *softTPM {
-	gen := func() *rsa.PrivateKey {
-		k, err := rsa.GenerateKey(rand.Reader, 2048)
-		if err != nil {
-			panic(err) // crypto/rand failing: nothing a test can do
-		}
-		return k
+	d, err := activationtest.New()
+	if err != nil {
+		panic(err) // crypto/rand failing: nothing a test can do
 	}
-	d := &softTPM{ekPriv: gen(), srkPriv: gen()}
-	d.ek = tpm2BPublic(tpm2.RSAEKTemplate, &d.ekPriv.PublicKey)
-	d.srk = tpm2BPublic(tpm2.RSASRKTemplate, &d.srkPriv.PublicKey)
-	return d
-}
-
-// tpm2BPublic wraps an RSA public key in a TPM2B_PUBLIC with tmpl's attributes, as a TPM would.
-func tpm2BPublic(tmpl tpm2.TPMTPublic, k *rsa.PublicKey) []byte {
-	tmpl.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: k.N.Bytes()})
-	return tpm2.Marshal(tpm2.New2B(tmpl))
+	return &softTPM{d}
 }
 
 // Two software TPMs shared by the tests of this file (RSA key generation is slow under -race).
 var softTPMs = sync.OnceValue(func() [2]*softTPM { return [2]*softTPM{newSoftTPM(), newSoftTPM()} })
 
-func (d *softTPM) ekB64() string  { return base64.StdEncoding.EncodeToString(d.ek) }
-func (d *softTPM) srkB64() string { return base64.StdEncoding.EncodeToString(d.srk) }
+func (d *softTPM) ekB64() string  { return base64.StdEncoding.EncodeToString(d.EK) }
+func (d *softTPM) srkB64() string { return base64.StdEncoding.EncodeToString(d.SRK) }
 
 // body is the register body the Node SDK sends for a TPM device.
 func (d *softTPM) body(regID string) string {
 	return `{"registrationId":"` + regID + `","tpm":{"endorsementKey":"` + d.ekB64() + `","storageRootKey":"` + d.srkB64() + `"}}`
 }
 
-// unwrap does in software what ActivateCredential and Import do in the TPM: it recovers the
-// HMAC key an activation blob (base64) delivers, checking every integrity value on the way.
+// unwrap recovers the HMAC key an activation blob (base64) delivers, checking every integrity
+// value on the way.
 func (d *softTPM) unwrap(t *testing.T, b64 string) []byte {
 	t.Helper()
 	raw, err := base64.StdEncoding.DecodeString(b64)
@@ -81,77 +59,11 @@ func (d *softTPM) unwrap(t *testing.T, b64 string) []byte {
 	if err != nil {
 		t.Fatalf("authenticationKey: %v", err)
 	}
-	srkPub, err := activation.ParsePublic(d.srk)
+	key, err := d.Unwrap(b)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("authenticationKey: %v", err)
 	}
-	srkName, _ := tpm2.ObjectName(srkPub)
-	// ActivateCredential: the seed from the EK; the credential is bound to Name(SRK).
-	seed, err := rsa.DecryptOAEP(sha256.New(), nil, d.ekPriv, b.Secret, []byte("IDENTITY\x00"))
-	if err != nil {
-		t.Fatalf("the credential secret is not encrypted to this EK: %v", err)
-	}
-	inner := unwrapOuter(t, seed, srkName.Buffer, b.CredentialBlob)
-	if len(inner) != 18 || binary.BigEndian.Uint16(inner) != 16 {
-		t.Fatalf("credential is not a 16-byte TPM2B_DIGEST: %x", inner)
-	}
-	// Import: the outer wrapper from the SRK's seed, then the inner wrapper with the credential.
-	idPub, err := tpm2.Unmarshal[tpm2.TPMTPublic](b.IDKeyPublic)
-	if err != nil {
-		t.Fatal(err)
-	}
-	idName, _ := tpm2.ObjectName(idPub)
-	dupSeed, err := rsa.DecryptOAEP(sha256.New(), nil, d.srkPriv, b.InSymSeed, []byte("DUPLICATE\x00"))
-	if err != nil {
-		t.Fatalf("the import seed is not encrypted to this SRK: %v", err)
-	}
-	plain := cfbDecrypt(t, inner[2:], unwrapOuter(t, dupSeed, idName.Buffer, b.Duplicate))
-	n := int(binary.BigEndian.Uint16(plain))
-	integrity, sensitive := plain[2:2+n], plain[2+n:]
-	h := sha256.New()
-	h.Write(sensitive)
-	h.Write(idName.Buffer)
-	if !hmac.Equal(h.Sum(nil), integrity) {
-		t.Fatal("inner integrity does not match")
-	}
-	s, err := tpm2.Unmarshal[tpm2.TPM2BSensitive](sensitive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc, err := s.Contents()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bits, err := sc.Sensitive.Bits()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return bits.Buffer
-}
-
-// unwrapOuter checks the HMAC of an outer wrapper (TPM2B_DIGEST(hmac) || enc) and decrypts enc.
-func unwrapOuter(t *testing.T, seed, name, wrapped []byte) []byte {
-	t.Helper()
-	n := int(binary.BigEndian.Uint16(wrapped))
-	mac, enc := wrapped[2:2+n], wrapped[2+n:]
-	m := hmac.New(sha256.New, tpm2.KDFa(crypto.SHA256, seed, "INTEGRITY", nil, nil, 256))
-	m.Write(enc)
-	m.Write(name)
-	if !hmac.Equal(m.Sum(nil), mac) {
-		t.Fatal("outer HMAC does not match")
-	}
-	return cfbDecrypt(t, tpm2.KDFa(crypto.SHA256, seed, "STORAGE", name, nil, 128), enc)
-}
-
-func cfbDecrypt(t *testing.T, key, enc []byte) []byte {
-	t.Helper()
-	c, err := aes.NewCipher(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := bytes.Clone(enc)
-	cipher.NewCFBDecrypter(c, make([]byte, 16)).XORKeyStream(out, out) //nolint:staticcheck // TPM 2.0 uses CFB
-	return out
+	return key
 }
 
 // tlsDPS serves s on a real TLS socket and returns a request helper.
@@ -277,8 +189,8 @@ func TestTPMEnrollmentServiceAPI(t *testing.T) {
 
 	signing := tpm2.RSASRKTemplate
 	signing.ObjectAttributes.Restricted, signing.ObjectAttributes.Decrypt, signing.ObjectAttributes.SignEncrypt = false, false, true
-	signingKey := base64.StdEncoding.EncodeToString(tpm2BPublic(signing, &d.ekPriv.PublicKey))
-	trailing := base64.StdEncoding.EncodeToString(append(bytes.Clone(d.ek), 0))
+	signingKey := base64.StdEncoding.EncodeToString(activationtest.RSAPublic(signing, &d.EKPrivate.PublicKey))
+	trailing := base64.StdEncoding.EncodeToString(append(bytes.Clone(d.EK), 0))
 	for _, tc := range []struct{ name, tpm, want string }{
 		{"no tpm object", ``, "endorsementKey is required"},
 		{"empty EK", `,"tpm":{"endorsementKey":""}`, "endorsementKey is required"},
@@ -574,7 +486,7 @@ func FuzzTPMRegisterBody(f *testing.F) {
 	f.Add([]byte(`{"registrationId":"t1","tpm":{"endorsementKey":"` + d.ekB64() + `"}}`))
 	f.Add([]byte(`{"tpm":{"endorsementKey":"AAA=","storageRootKey":"AAA="}}`))
 	f.Add([]byte(`{"tpm":null,"payload":{"a":1}}`))
-	f.Add([]byte(`{"tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(d.srk) + `","storageRootKey":"` + d.ekB64() + `"}}`))
+	f.Add([]byte(`{"tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(d.SRK) + `","storageRootKey":"` + d.ekB64() + `"}}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		_, ek, srk, aerr := parseTPMRequest(body)
 		if aerr != nil {

@@ -1,11 +1,7 @@
-package activation
+package activation_test
 
 import (
 	"bytes"
-	"crypto"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/hmac"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -21,6 +17,9 @@ import (
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/iothubby/iothubby/pkg/tpm/activation"
+	"github.com/iothubby/iothubby/pkg/tpm/activation/activationtest"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/golden.json (keys are kept if present)")
@@ -57,10 +56,14 @@ type golden struct {
 	Blob       string `json:"blob"`
 }
 
-// rsaPublic wraps an RSA key in a TPM2B_PUBLIC with tmpl's attributes, as a TPM would.
-func rsaPublic(tmpl tpm2.TPMTPublic, k *rsa.PublicKey) []byte {
-	tmpl.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: k.N.Bytes()})
-	return tpm2.Marshal(tpm2.New2B(tmpl))
+// softwareUnwrap undoes every layer of b with the private keys and returns the identity key.
+func softwareUnwrap(t *testing.T, b *activation.Blob, ekPriv, srkPriv *rsa.PrivateKey) []byte {
+	t.Helper()
+	key, err := activationtest.FromKeys(ekPriv, srkPriv).Unwrap(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key
 }
 
 func loadGolden(t *testing.T) (g golden, ekPriv, srkPriv *rsa.PrivateKey) {
@@ -98,8 +101,8 @@ func loadGolden(t *testing.T) (g golden, ekPriv, srkPriv *rsa.PrivateKey) {
 	} else {
 		ekPriv, srkPriv = parse(g.EKPrivate), parse(g.SRKPrivate)
 	}
-	g.EK = hex.EncodeToString(rsaPublic(tpm2.RSAEKTemplate, &ekPriv.PublicKey))
-	g.SRK = hex.EncodeToString(rsaPublic(tpm2.RSASRKTemplate, &srkPriv.PublicKey))
+	g.EK = hex.EncodeToString(activationtest.RSAPublic(tpm2.RSAEKTemplate, &ekPriv.PublicKey))
+	g.SRK = hex.EncodeToString(activationtest.RSAPublic(tpm2.RSASRKTemplate, &srkPriv.PublicKey))
 	if g.Key == "" {
 		g.Key = hex.EncodeToString(bytes.Repeat([]byte{0x5a}, 32))
 		g.Seed = hex.EncodeToString([]byte("iothubby activation golden vector"))
@@ -121,7 +124,7 @@ func mustDecodeHex(t *testing.T, s string) []byte {
 func TestGolden(t *testing.T) {
 	g, ekPriv, srkPriv := loadGolden(t)
 	ek, srk, key := mustDecodeHex(t, g.EK), mustDecodeHex(t, g.SRK), mustDecodeHex(t, g.Key)
-	blob, err := Build(&drbg{seed: mustDecodeHex(t, g.Seed)}, ek, srk, key)
+	blob, err := activation.Build(&drbg{seed: mustDecodeHex(t, g.Seed)}, ek, srk, key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,105 +144,16 @@ func TestGolden(t *testing.T) {
 	if len(want) != 54+258+144+258+82+10 {
 		t.Fatalf("blob is %d bytes, want 806", len(want))
 	}
-	parsed, err := Parse(want)
+	parsed, err := activation.Parse(want)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(parsed.Marshal(), want) {
 		t.Fatal("Parse then Marshal does not give the same bytes")
 	}
-	if gotKey := softwareUnwrap(t, parsed, ekPriv, srkPriv, ek, srk); !bytes.Equal(gotKey, key) {
+	if gotKey := softwareUnwrap(t, parsed, ekPriv, srkPriv); !bytes.Equal(gotKey, key) {
 		t.Fatalf("unwrapped key %x, want %x", gotKey, key)
 	}
-}
-
-// softwareUnwrap does in software what ActivateCredential + Import do in the TPM, checking
-// every integrity value on the way, and returns the identity key.
-func softwareUnwrap(t *testing.T, b *Blob, ekPriv, srkPriv *rsa.PrivateKey, ek, srk []byte) []byte {
-	t.Helper()
-	srkPub, err := ParsePublic(srk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srkName, _ := tpm2.ObjectName(srkPub)
-	// ActivateCredential: seed from the EK, integrity over encIdentity || Name(SRK).
-	seed, err := rsa.DecryptOAEP(sha256.New(), nil, ekPriv, b.Secret, []byte("IDENTITY\x00"))
-	if err != nil {
-		t.Fatalf("credential secret: %v", err)
-	}
-	inner := unwrapOuter(t, "credential", seed, srkName.Buffer, b.CredentialBlob)
-	if len(inner) < 2 || int(binary.BigEndian.Uint16(inner)) != len(inner)-2 || len(inner)-2 != 16 {
-		t.Fatalf("credential is not a 16-byte TPM2B_DIGEST: %x", inner)
-	}
-	inner = inner[2:]
-	// Import: outer wrapper from the SRK seed, then the inner wrapper with the credential.
-	idPub, err := tpm2.Unmarshal[tpm2.TPMTPublic](b.IDKeyPublic)
-	if err != nil {
-		t.Fatal(err)
-	}
-	idName, _ := tpm2.ObjectName(idPub)
-	dupSeed, err := rsa.DecryptOAEP(sha256.New(), nil, srkPriv, b.InSymSeed, []byte("DUPLICATE\x00"))
-	if err != nil {
-		t.Fatalf("import seed: %v", err)
-	}
-	encSensitive := unwrapOuter(t, "duplicate", dupSeed, idName.Buffer, b.Duplicate)
-	plain := cfb(t, inner, encSensitive)
-	n := int(binary.BigEndian.Uint16(plain))
-	innerIntegrity, sensitive := plain[2:2+n], plain[2+n:]
-	h := sha256.New()
-	h.Write(sensitive)
-	h.Write(idName.Buffer)
-	if !hmac.Equal(h.Sum(nil), innerIntegrity) {
-		t.Fatal("inner integrity does not match")
-	}
-	s, err := tpm2.Unmarshal[tpm2.TPM2BSensitive](sensitive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc, err := s.Contents()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bits, err := sc.Sensitive.Bits()
-	if err != nil {
-		t.Fatal(err)
-	}
-	unique, err := idPub.Unique.KeyedHash()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if want := sha256.Sum256(append(bytes.Clone(sc.SeedValue.Buffer), bits.Buffer...)); !bytes.Equal(unique.Buffer, want[:]) {
-		t.Fatal("identity key unique is not SHA-256(seedValue || key)")
-	}
-	if !bytes.Equal(idPub.AuthPolicy.Buffer, IdentityKeyPolicy) || idPub.ObjectAttributes.FixedTPM || idPub.ObjectAttributes.FixedParent {
-		t.Fatal("identity key public area has the wrong policy or attributes")
-	}
-	return bits.Buffer
-}
-
-// unwrapOuter checks the HMAC of an outer-wrapped TPM2B_DIGEST(hmac) || enc and decrypts enc.
-func unwrapOuter(t *testing.T, what string, seed, name, wrapped []byte) []byte {
-	t.Helper()
-	n := int(binary.BigEndian.Uint16(wrapped))
-	mac, enc := wrapped[2:2+n], wrapped[2+n:]
-	m := hmac.New(sha256.New, tpm2.KDFa(crypto.SHA256, seed, "INTEGRITY", nil, nil, 256))
-	m.Write(enc)
-	m.Write(name)
-	if !hmac.Equal(m.Sum(nil), mac) {
-		t.Fatalf("%s: outer HMAC does not match", what)
-	}
-	return cfb(t, tpm2.KDFa(crypto.SHA256, seed, "STORAGE", name, nil, 128), enc)
-}
-
-func cfb(t *testing.T, key, enc []byte) []byte {
-	t.Helper()
-	c, err := aes.NewCipher(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := bytes.Clone(enc)
-	cipher.NewCFBDecrypter(c, make([]byte, 16)).XORKeyStream(out, out) //nolint:staticcheck
-	return out
 }
 
 func TestBuildRandomised(t *testing.T) {
@@ -248,15 +162,15 @@ func TestBuildRandomised(t *testing.T) {
 	for _, n := range []int{1, 16, 32, 64} {
 		key := make([]byte, n)
 		rand.Read(key)
-		b, err := Build(rand.Reader, ek, srk, key)
+		b, err := activation.Build(rand.Reader, ek, srk, key)
 		if err != nil {
 			t.Fatal(err)
 		}
-		p, err := Parse(b.Marshal())
+		p, err := activation.Parse(b.Marshal())
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := softwareUnwrap(t, p, ekPriv, srkPriv, ek, srk); !bytes.Equal(got, key) {
+		if got := softwareUnwrap(t, p, ekPriv, srkPriv); !bytes.Equal(got, key) {
 			t.Fatalf("%d-byte key: unwrapped %x", n, got)
 		}
 	}
@@ -283,7 +197,7 @@ func TestBuildRefuses(t *testing.T) {
 		"SRK garbage":      {ek, []byte{0, 3, 1, 2, 3}, key},
 	}
 	for name, c := range cases {
-		if _, err := Build(rand.Reader, c.ek, c.srk, c.key); err == nil {
+		if _, err := activation.Build(rand.Reader, c.ek, c.srk, c.key); err == nil {
 			t.Errorf("%s: Build accepted it", name)
 		}
 	}
@@ -292,13 +206,13 @@ func TestBuildRefuses(t *testing.T) {
 func TestParseRejects(t *testing.T) {
 	g, _, _ := loadGolden(t)
 	good := mustDecodeHex(t, g.Blob)
-	if _, err := Parse(good); err != nil {
+	if _, err := activation.Parse(good); err != nil {
 		t.Fatal(err)
 	}
-	b, _ := Parse(good)
+	b, _ := activation.Parse(good)
 	noTrailer := good[:len(good)-2-len(b.EncURIData)]
 	emptyTrailer := append(bytes.Clone(noTrailer), 0, 0)
-	if _, err := Parse(emptyTrailer); err != nil {
+	if _, err := activation.Parse(emptyTrailer); err != nil {
 		t.Fatalf("an empty trailing field is valid: %v", err)
 	}
 	badPub := *b
@@ -321,12 +235,12 @@ func TestParseRejects(t *testing.T) {
 		"identity key is RSA":            rsaPub.Marshal(),
 		"empty credential":               emptyCred.Marshal(),
 		"bad duplicate HMAC size":        badHMAC.Marshal(),
-		"oversize":                       make([]byte, MaxBlobSize+1),
+		"oversize":                       make([]byte, activation.MaxBlobSize+1),
 	}
 	for name, in := range cases {
-		_, err := Parse(in)
-		if !errors.Is(err, ErrMalformed) {
-			t.Errorf("%s: got %v, want ErrMalformed", name, err)
+		_, err := activation.Parse(in)
+		if !errors.Is(err, activation.ErrMalformed) {
+			t.Errorf("%s: got %v, want activation.ErrMalformed", name, err)
 			continue
 		}
 		t.Logf("%s: %v", name, err)
@@ -345,10 +259,10 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, in []byte) {
-		b, err := Parse(in)
+		b, err := activation.Parse(in)
 		if err != nil {
-			if !errors.Is(err, ErrMalformed) {
-				t.Fatalf("error does not wrap ErrMalformed: %v", err)
+			if !errors.Is(err, activation.ErrMalformed) {
+				t.Fatalf("error does not wrap activation.ErrMalformed: %v", err)
 			}
 			return
 		}
@@ -371,7 +285,7 @@ func FuzzParsePublic(f *testing.F) {
 	}
 	f.Add([]byte{0, 2, 0, 1})
 	f.Fuzz(func(t *testing.T, in []byte) {
-		pub, err := ParsePublic(in)
+		pub, err := activation.ParsePublic(in)
 		if err != nil {
 			return
 		}

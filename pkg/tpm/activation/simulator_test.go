@@ -1,6 +1,6 @@
 //go:build cgo
 
-package activation
+package activation_test
 
 import (
 	"bytes"
@@ -12,6 +12,8 @@ import (
 	"github.com/google/go-tpm-tools/simulator"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/iothubby/iothubby/pkg/tpm/activation"
 )
 
 // TestReferenceTPM hands blobs from Build to Microsoft's reference TPM (the in-process
@@ -51,7 +53,7 @@ func TestReferenceTPM(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	activate := func(blob *Blob) ([]byte, error) {
+	activate := func(blob *activation.Blob) ([]byte, error) {
 		sess, cleanup, err := tpm2.PolicySession(tpm, tpm2.TPMAlgSHA256, 16)
 		if err != nil {
 			t.Fatal(err)
@@ -74,7 +76,7 @@ func TestReferenceTPM(t *testing.T) {
 		}
 		return rsp.CertInfo.Buffer, nil
 	}
-	importAndSign := func(blob *Blob, inner, msg []byte) ([]byte, error) {
+	importAndSign := func(blob *activation.Blob, inner, msg []byte) ([]byte, error) {
 		imp, err := tpm2.Import{
 			ParentHandle:  tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
 			EncryptionKey: tpm2.TPM2BData{Buffer: inner},
@@ -112,11 +114,11 @@ func TestReferenceTPM(t *testing.T) {
 
 	key := make([]byte, 32)
 	rand.Read(key)
-	built, err := Build(rand.Reader, ekPub, srkPub, key)
+	built, err := activation.Build(rand.Reader, ekPub, srkPub, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	blob, err := Parse(built.Marshal())
+	blob, err := activation.Parse(built.Marshal())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +146,7 @@ func TestReferenceTPM(t *testing.T) {
 	}
 	// A blob made for another SRK binds its credential to that SRK's Name, so the TPM's
 	// ActivateCredential (with its own SRK as the activated object) refuses it.
-	forOther, err := Build(rand.Reader, ekPub, otherSRKPub, key)
+	forOther, err := activation.Build(rand.Reader, ekPub, otherSRKPub, key)
 	if err != nil {
 		t.Fatal(err)
 	}
