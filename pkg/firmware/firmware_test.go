@@ -403,7 +403,7 @@ func TestRebootConfirmation(t *testing.T) {
 		s := e.rep.await(t, func(s Status) bool { return s.State.final() })
 		stop2()
 		if s.State != tc.want || s.Version != tc.version {
-			t.Fatalf("running %s after reboot: %+v", tc.running, s)
+			t.Fatalf("running %s after reboot: %+v (states %v)", tc.running, s, e.rep.states())
 		}
 	}
 }

@@ -285,6 +285,11 @@ func (u *Updater) report(ctx context.Context, s Status) {
 // accepts, until ctx ends. An update interrupted by ctx is resumed by the next Run.
 func (u *Updater) Run(ctx context.Context) error {
 	for {
+		// select picks at random between a pending kick and a cancelled ctx: check first, or a
+		// stopped updater could go on to confirm an interrupted reboot.
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		u.mu.Lock()
 		state, target := u.st.State, u.st.Target
 		u.mu.Unlock()
