@@ -105,7 +105,9 @@ type Device struct {
 	tpmOnce sync.Once
 }
 
-// New checks cfg, loads the credential and prepares the device; it does no network I/O.
+// New checks cfg, loads the credential and prepares the device; it does no network I/O, but
+// with dps.attestation tpm it opens the TPM (reading or creating its keys) so that a missing or
+// broken TPM is a configuration error at start.
 // log is scoped here with the device id.
 func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if log == nil {

@@ -17,9 +17,11 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hubsim"
 	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/tpm"
+	"github.com/iothubby/iothubby/pkg/tpm/activation"
 )
 
 // openSimTPM opens the in-process reference TPM (one per process: tests using it run one
@@ -34,9 +36,7 @@ func openSimTPM(t *testing.T) *tpm.Device {
 	return dev
 }
 
-func enrollTPM(t *testing.T, srv interface {
-	DPS() *hdps.Server
-}, regID string, ek []byte) {
+func enrollTPM(t *testing.T, srv *hubsim.Server, regID string, ek []byte) {
 	t.Helper()
 	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: regID,
 		Attestation: &hdps.AttestationMechanism{Type: "tpm", TPM: &hdps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}}, false, ""); err != nil {
@@ -58,6 +58,26 @@ func (r *recordingTPM) ImportActivation(ctx context.Context, blob []byte) error 
 		blob = r.alter(n, bytes.Clone(blob))
 	}
 	return r.TPM.ImportActivation(ctx, blob)
+}
+
+// reencode parses a blob, lets change alter its fields, and encodes it again. A blob that does
+// not parse is returned as it is (the import then refuses it, and the case's assertion fails).
+func reencode(b []byte, change func(*activation.Blob)) []byte {
+	p, err := activation.Parse(b)
+	if err != nil {
+		return b
+	}
+	change(p)
+	return p.Marshal()
+}
+
+// trailerLen is the length of a blob's trailing data field (0 if it does not parse).
+func trailerLen(b []byte) int {
+	p, err := activation.Parse(b)
+	if err != nil {
+		return 0
+	}
+	return len(p.EncURIData)
 }
 
 // The full TPM flow against hubsim over HTTPS with Microsoft's reference TPM: the 401
@@ -118,25 +138,13 @@ func TestTPMRegisterRefusesBadBlobs(t *testing.T) {
 		}, tpm.ErrActivateCredential},
 		{"tampered duplicate in the final blob", func(n int32, b []byte) []byte {
 			if n == 2 {
-				// Field 3 (TPM2B_PRIVATE) follows fields 1 and 2; flip its last byte.
-				f1 := 2 + int(b[0])<<8 | int(b[1])
-				f2 := f1 + 2 + (int(b[f1])<<8 | int(b[f1+1]))
-				f3 := f2 + 2 + (int(b[f2])<<8 | int(b[f2+1]))
-				b[f3-1] ^= 1
+				return reencode(b, func(p *activation.Blob) { p.Duplicate[len(p.Duplicate)-1] ^= 1 })
 			}
 			return b
 		}, tpm.ErrImport},
 		{"truncated challenge", func(n int32, b []byte) []byte { return b[:len(b)/2] }, nil},
 		{"challenge without its trailing field", func(n int32, b []byte) []byte {
-			// The trailing TPM2B_DATA is the last field: drop it whole.
-			end := len(b)
-			for i := 0; ; {
-				size := int(b[i])<<8 | int(b[i+1])
-				if i+2+size == end {
-					return b[:i]
-				}
-				i += 2 + size
-			}
+			return b[:len(b)-2-trailerLen(b)]
 		}, nil},
 	}
 	for _, c := range cases {

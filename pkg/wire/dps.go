@@ -238,6 +238,7 @@ type DPSTPMKeys struct {
 // DPSTPMChallenge is the body of the 401 that answers a TPM register request without an
 // Authorization header: an activation blob for the device's TPM (protocol-device.md §3.1).
 type DPSTPMChallenge struct {
+	ErrorCode         int    `json:"errorCode,omitempty"`
 	Message           string `json:"message,omitempty"`
 	AuthenticationKey string `json:"authenticationKey"`
 	KeyName           string `json:"keyName,omitempty"`

@@ -2,17 +2,14 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"encoding/base64"
-	"errors"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/internal/swtpm"
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim"
@@ -36,13 +33,7 @@ func benchTPM(ctx context.Context, n int, report func(string, float64, bool, str
 	}
 	defer stop()
 	ep := srv.Endpoints()
-	pool := x509.NewCertPool()
-	caPEM, err := os.ReadFile(ep.CAFile)
-	if err != nil {
-		return err
-	}
-	pool.AppendCertsFromPEM(caPEM)
-	base := dps.Config{Endpoint: ep.HTTPSAddress, ServerName: "localhost", RootCAs: pool, IDScope: ep.IDScope,
+	base := dps.Config{Endpoint: ep.HTTPSAddress, ServerName: "localhost", RootCAs: srv.CA().Pool(), IDScope: ep.IDScope,
 		Transport: dps.HTTPS, Logger: zap.NewNop()}
 
 	// Baseline: an individual symmetric-key enrollment, registered n times.
@@ -64,9 +55,14 @@ func benchTPM(ctx context.Context, n int, report func(string, float64, bool, str
 	fmt.Printf("tpm: symmetric-key provisioning over HTTPS: %v per registration (n=%d)\n", sym.Round(time.Microsecond), n)
 
 	backends := []tpm.Config{{Backend: tpm.BackendSimulator}}
-	if addr, stopSW, err := startBenchSWTPM(ctx); err == nil {
-		defer stopSW()
-		backends = append(backends, tpm.Config{Backend: tpm.BackendSwtpm, Path: "tcp://" + addr})
+	swDir, err := os.MkdirTemp("", "iothubby-bench-swtpm-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(swDir)
+	if sw, err := swtpm.Start(swtpm.Options{Network: "tcp", StateDir: swDir}); err == nil {
+		defer sw.Stop()
+		backends = append(backends, tpm.Config{Backend: tpm.BackendSwtpm, Path: sw.Addr})
 	} else {
 		fmt.Printf("tpm: swtpm skipped: %v\n", err)
 	}
@@ -113,45 +109,4 @@ func timeRegistrations(ctx context.Context, n int, c dps.Config) (time.Duration,
 		}
 	}
 	return time.Since(start) / time.Duration(n), nil
-}
-
-// startBenchSWTPM starts swtpm on a free loopback port pair.
-func startBenchSWTPM(ctx context.Context) (string, func(), error) {
-	bin, err := exec.LookPath("swtpm")
-	if err != nil {
-		return "", nil, errors.New("swtpm is not installed")
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", nil, err
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	dir, err := os.MkdirTemp("", "iothubby-bench-swtpm-")
-	if err != nil {
-		return "", nil, err
-	}
-	cmd := exec.CommandContext(ctx, bin, "socket", "--tpm2",
-		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port),
-		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port+1),
-		"--tpmstate", "dir="+dir, "--flags", "not-need-init,startup-clear")
-	if err := cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return "", nil, err
-	}
-	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); os.RemoveAll(dir) }
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.Close()
-			return addr, stop, nil
-		}
-		if time.Now().After(deadline) {
-			stop()
-			return "", nil, fmt.Errorf("swtpm did not listen on %s: %w", addr, err)
-		}
-		time.Sleep(20 * time.Millisecond) // polling a port that has no event to wait on
-	}
 }

@@ -39,9 +39,10 @@ func dpsStats(t *testing.T, c *service.Client) map[string]int64 {
 	return st
 }
 
-// startDPSAgent runs the agent with a DPS configuration (dps block and auth given in yaml) and
-// the state directory state.
-func startDPSAgent(t *testing.T, h *hub, state, transport, yaml string, args ...string) *proc {
+// writeDPSConfig writes an agent configuration that provisions through h's DPS over transport
+// with state directory state; yaml continues the dps block (indented keys) and may add
+// top-level sections after it.
+func writeDPSConfig(t *testing.T, h *hub, state, transport, yaml string) string {
 	t.Helper()
 	endpoint := h.ep.MQTTAddress
 	if transport == "https" {
@@ -66,7 +67,14 @@ dps:
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return startProc(t, "agent", append([]string{"run", "--config", cfgPath}, args...)...)
+	return cfgPath
+}
+
+// startDPSAgent runs the agent with a DPS configuration (dps block and auth given in yaml) and
+// the state directory state.
+func startDPSAgent(t *testing.T, h *hub, state, transport, yaml string, args ...string) *proc {
+	t.Helper()
+	return startProc(t, "agent", append([]string{"run", "--config", writeDPSConfig(t, h, state, transport, yaml)}, args...)...)
 }
 
 func groupEnrollment(t *testing.T, c *service.Client, id string, extra map[string]any) {

@@ -6,13 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/iothubby/iothubby/internal/swtpm"
 )
 
 // tpmIdentity is what `agent tpm show` prints.
@@ -22,27 +21,13 @@ type tpmIdentity struct {
 	StorageRootKey string `json:"storageRootKey"`
 }
 
-// tpmAgentConfig is a DPS-over-HTTPS configuration with the given tpm section.
-func tpmAgentConfig(t *testing.T, h *hub, state, tpmYAML, extra string) string {
+// tpmAgentConfig is a DPS configuration over transport with the given tpm section, a scripted
+// ping method and an accepted desired interval.
+func tpmAgentConfig(t *testing.T, h *hub, state, transport, tpmYAML, extra string) string {
 	t.Helper()
-	cfg := fmt.Sprintf(`log:
-  format: json
-  level: debug
-tls:
-  caFile: %q
-  serverName: localhost
-telemetry:
-  interval: 500ms
-stateDir: %q
-dps:
-  globalEndpoint: %q
-  idScope: %q
-  transport: https
-  attestation: tpm
-  hubAddress: %q
+	return writeDPSConfig(t, h, state, transport, `  attestation: tpm
 tpm:
-%s
-methods:
+`+tpmYAML+`methods:
   ping:
     status: 200
     payload: {"pong": true}
@@ -50,12 +35,7 @@ twin:
   properties:
     interval:
       action: accept
-%s`, h.ep.CAFile, state, h.ep.HTTPSAddress, h.ep.IDScope, h.ep.MQTTAddress, tpmYAML, extra)
-	p := filepath.Join(t.TempDir(), "agent.yaml")
-	if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
+`+extra)
 }
 
 // showTPM runs `agent tpm show` on a configuration.
@@ -72,52 +52,6 @@ func showTPM(t *testing.T, cfgPath string) tpmIdentity {
 	return id
 }
 
-// startSWTPM starts a real swtpm on a free loopback port with its state in a temporary
-// directory and returns its address; it is killed when the test ends.
-func startSWTPM(t *testing.T) string {
-	t.Helper()
-	bin, err := exec.LookPath("swtpm")
-	if err != nil {
-		if os.Getenv("IOTHUBBY_REQUIRE_SWTPM") == "1" {
-			t.Fatal("swtpm is not installed (apt-get install swtpm); IOTHUBBY_REQUIRE_SWTPM=1")
-		}
-		t.Skip("swtpm is not installed (apt-get install swtpm)")
-	}
-	var port int
-	for range 20 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port = l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		// swtpm needs a second port for its control channel.
-		if c, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port+1)); err == nil {
-			c.Close()
-			break
-		}
-	}
-	dir := t.TempDir()
-	cmd := exec.Command(bin, "socket", "--tpm2",
-		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port),
-		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port+1),
-		"--tpmstate", "dir="+dir, "--flags", "not-need-init,startup-clear")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	eventually(t, "swtpm listening on "+addr, func() error {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err != nil {
-			return err
-		}
-		return c.Close()
-	})
-	return addr
-}
-
 // The agent attests with a TPM, over HTTPS, through hubsim's DPS: the EK is enrolled through
 // the DPS service API, the agent answers the 401 challenge by importing the activation blob,
 // registers with TPM-signed tokens, imports the final key, connects to the hub with
@@ -131,9 +65,10 @@ func TestTPMProvisionAndRun(t *testing.T) {
 			state := t.TempDir()
 			tpmYAML := "  backend: simulator\n"
 			if backend == "swtpm" {
-				tpmYAML = fmt.Sprintf("  backend: swtpm\n  path: tcp://%s\n", startSWTPM(t))
+				sw := swtpm.StartT(t, swtpm.Options{Network: "tcp", StateDir: t.TempDir()})
+				tpmYAML = fmt.Sprintf("  backend: swtpm\n  path: %s\n", sw.Addr)
 			}
-			cfgPath := tpmAgentConfig(t, h, state, tpmYAML, "connection:\n  tokenTTL: 4s\n")
+			cfgPath := tpmAgentConfig(t, h, state, "https", tpmYAML, "connection:\n  tokenTTL: 4s\n")
 			id := showTPM(t, cfgPath)
 			if again := showTPM(t, cfgPath); again != id {
 				t.Fatalf("the TPM's identity changed between two reads: %+v vs %+v", id, again)
@@ -196,14 +131,7 @@ func TestTPMProvisionAndRun(t *testing.T) {
 // attestation over MQTT.
 func TestTPMOverMQTTRefusedAtStart(t *testing.T) {
 	h := newHub(t)
-	cfgPath := tpmAgentConfig(t, h, t.TempDir(), "  backend: simulator\n", "")
-	b, err := os.ReadFile(cfgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(cfgPath, []byte(strings.Replace(string(b), "transport: https", "transport: mqtt", 1)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfgPath := tpmAgentConfig(t, h, t.TempDir(), "mqtt", "  backend: simulator\n", "")
 	out, err := exec.CommandContext(ctxT(t), filepath.Join(binDir, "agent"), "run", "--config", cfgPath).CombinedOutput()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 2 {

@@ -91,7 +91,7 @@ func (s *Server) writeReply(w http.ResponseWriter, rep reply) {
 	switch b := rep.body.(type) {
 	case wire.DPSError:
 		w.Header().Set("x-ms-error-code", strconv.Itoa(b.ErrorCode))
-	case tpmChallengeBody:
+	case wire.DPSTPMChallenge:
 		w.Header().Set("x-ms-error-code", strconv.Itoa(b.ErrorCode))
 	}
 	if rep.status == 204 {

@@ -168,10 +168,10 @@ func (s *Server) ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect 
 			}
 			var rep reply
 			switch {
-			case t.Kind == wire.DPSRegister && (tpmOnly || hasTPM(rest)):
-				s.registerRequests.Add(1)
-				rep = errorReply(errTPMOverMQTT())
-			case tpmOnly:
+			case tpmOnly || (t.Kind == wire.DPSRegister && hasTPM(rest)):
+				if t.Kind == wire.DPSRegister {
+					s.registerRequests.Add(1)
+				}
 				rep = errorReply(errTPMOverMQTT())
 			case t.Kind == wire.DPSRegister:
 				rep = s.register(m, rest)

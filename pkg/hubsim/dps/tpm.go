@@ -48,15 +48,6 @@ type tpmChallenge struct {
 	expires time.Time
 }
 
-// tpmChallengeBody is the 401 that answers a TPM register request without Authorization: the
-// fields the SDKs read (authenticationKey and keyName; message), plus DPS's errorCode.
-type tpmChallengeBody struct {
-	ErrorCode         int    `json:"errorCode"`
-	Message           string `json:"message"`
-	AuthenticationKey string `json:"authenticationKey"`
-	KeyName           string `json:"keyName"`
-}
-
 // errTPMOverMQTT refuses a TPM registration over MQTT: DPS attests TPMs over HTTPS (and AMQP)
 // only, because the challenge needs an unauthenticated first request.
 func errTPMOverMQTT() *apiError {
@@ -160,12 +151,17 @@ func (s *Server) tpmEnrollment(regID string, ek []byte) (*Enrollment, *apiError)
 	if e.Attestation == nil || e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil {
 		return nil, errf(401, 401002, "enrollment %s does not use TPM attestation", regID)
 	}
-	enrolled, err := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
-	if err != nil || !bytes.Equal(enrolled, ek) {
+	if !enrolledEK(e, ek) {
 		return nil, errf(401, 401002, "the endorsement key is not the one enrolled for %s", regID)
 	}
 	c := *e
 	return &c, nil
+}
+
+// enrolledEK reports whether ek is the endorsement key of TPM enrollment e.
+func enrolledEK(e *Enrollment, ek []byte) bool {
+	enrolled, err := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
+	return err == nil && bytes.Equal(enrolled, ek)
 }
 
 // authTPMLocked verifies a TPM device's DPS token (skn and sr already checked) with the key of
@@ -175,8 +171,7 @@ func (s *Server) authTPMLocked(regID string, e *Enrollment, tok *sas.Token, now 
 	if ch == nil || !now.Before(ch.expires) {
 		return nil, errf(401, 401002, "no TPM challenge is outstanding for %s (they last %s): send the register request without Authorization first", regID, tpmChallengeTTL)
 	}
-	enrolled, err := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
-	if err != nil || !bytes.Equal(enrolled, ch.ek) {
+	if !enrolledEK(e, ch.ek) {
 		return nil, errf(401, 401002, "the endorsement key enrolled for %s changed since its TPM challenge: register again", regID)
 	}
 	if tok.Verify(ch.key, now) != nil {
@@ -263,7 +258,7 @@ func (s *Server) challengeTPM(regID string, e *Enrollment, ek, srk []byte) reply
 	s.tpmChallenges[keyOf(regID)] = &tpmChallenge{key: k1, ek: bytes.Clone(ek), expires: now.Add(tpmChallengeTTL)}
 	s.mu.Unlock()
 	s.log.Info("DPS TPM challenge issued", zap.String("registration_id", regID), zap.String("enrollment", e.id()))
-	return reply{status: 401, retryAfter: -1, body: tpmChallengeBody{
+	return reply{status: 401, retryAfter: -1, body: wire.DPSTPMChallenge{
 		ErrorCode: 401002,
 		Message: "TPM challenge: activate authenticationKey in the TPM, then repeat the request with a SAS token " +
 			"signed by the activated key (skn=" + tpmKeyName + ")",

@@ -132,7 +132,7 @@ func (c *tlsDPS) challenge(d *softTPM, regID string) []byte {
 	if want := []string{"authenticationKey", "errorCode", "keyName", "message"}; !slices.Equal(keys, want) {
 		c.t.Fatalf("401 fields %v, want %v: %s", keys, want, b)
 	}
-	var ch tpmChallengeBody
+	var ch wire.DPSTPMChallenge
 	_ = json.Unmarshal(b, &ch)
 	if ch.KeyName != "registration" || ch.ErrorCode != 401002 || !strings.Contains(ch.Message, "TPM") {
 		c.t.Fatalf("401 body %s", b)

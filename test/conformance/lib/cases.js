@@ -25,8 +25,8 @@ const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key
 const { X509Security } = require('azure-iot-security-x509');
 
 const {
-  AssertionError, HubsimAdmin, check, checkEqual, describeError, errName, loadEndpoints, poll,
-  truncate, uniqueId, withDeadline,
+  AssertionError, HubsimAdmin, check, checkEqual, deleteLater, describeError, errName, loadEndpoints,
+  poll, truncate, uniqueId, withDeadline,
 } = require('./util');
 const twinCases = require('./twin-cases');
 const methodCases = require('./method-cases');
@@ -420,15 +420,6 @@ async function provision(ctx, transport, regId, security, payload) {
   return res;
 }
 
-function deleteLater(ctx, what, fn) {
-  ctx.defer(what, async () => {
-    try {
-      await fn();
-    } catch (err) {
-      if (!(err && err.response && err.response.statusCode === 404)) throw err;
-    }
-  });
-}
 
 // The provisioned device connects to the assigned hub with Microsoft's device client and reads
 // the initial twin's desired properties.

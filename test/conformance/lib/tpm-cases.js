@@ -29,7 +29,8 @@ const { TpmSecurityClient, TpmAuthenticationProvider } = require('azure-iot-secu
 const { Tpm, TpmTcpDevice } = require('tss.js');
 
 const {
-  AssertionError, check, checkEqual, delay, describeError, poll, truncate, uniqueId, withDeadline,
+  AssertionError, check, checkEqual, delay, deleteLater, describeError, poll, truncate, uniqueId,
+  withDeadline,
 } = require('./util');
 
 const SWTPM_START_DEADLINE_MS = 10000;
@@ -122,15 +123,6 @@ async function startSwtpm(ctx) {
   return port;
 }
 
-function deleteLater(ctx, what, fn) {
-  ctx.defer(what, async () => {
-    try {
-      await fn();
-    } catch (err) {
-      if (!(err && err.response && err.response.statusCode === 404)) throw err;
-    }
-  });
-}
 
 async function dpsTpmHttp(ctx) {
   const startedAt = Date.now();

@@ -93,6 +93,18 @@ class AssertionError extends Error {
   }
 }
 
+// deleteLater defers a service-side delete to the end of the case; a 404 (already gone) is
+// fine.
+function deleteLater(ctx, what, fn) {
+  ctx.defer(what, async () => {
+    try {
+      await fn();
+    } catch (err) {
+      if (!(err && err.response && err.response.statusCode === 404)) throw err;
+    }
+  });
+}
+
 function check(cond, message) {
   if (!cond) throw new AssertionError(message);
 }
@@ -198,6 +210,7 @@ module.exports = {
   check,
   checkEqual,
   delay,
+  deleteLater,
   describeError,
   errName,
   loadEndpoints,
