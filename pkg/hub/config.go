@@ -15,6 +15,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/backoff"
+	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -144,31 +146,14 @@ type Config struct {
 	Rand func() float64
 }
 
-// Clock is the session's source of time; tests may replace it.
-type Clock interface {
-	Now() time.Time
-	NewTimer(d time.Duration) Timer
-}
+// Clock is the session's source of time (pkg/clock); tests may replace it.
+type Clock = clock.Clock
 
 // Timer is a resettable timer as returned by Clock.NewTimer.
-type Timer interface {
-	C() <-chan time.Time
-	Reset(d time.Duration)
-	Stop()
-}
+type Timer = clock.Timer
 
-type realClock struct{}
-
-func (realClock) Now() time.Time { return time.Now() }
-func (realClock) NewTimer(d time.Duration) Timer {
-	return realTimer{time.NewTimer(d)}
-}
-
-type realTimer struct{ t *time.Timer }
-
-func (r realTimer) C() <-chan time.Time   { return r.t.C }
-func (r realTimer) Reset(d time.Duration) { r.t.Reset(d) }
-func (r realTimer) Stop()                 { r.t.Stop() }
+// Backoff is the reconnect backoff policy (pkg/backoff).
+type Backoff = backoff.Policy
 
 // ClientID returns the MQTT client id: deviceId or deviceId/moduleId.
 func (c *Config) ClientID() string {
@@ -297,7 +282,7 @@ func (c Config) withDefaults() (Config, error) {
 		c.Dial = d.DialContext
 	}
 	if c.Clock == nil {
-		c.Clock = realClock{}
+		c.Clock = clock.Real()
 	}
 	if c.Rand == nil {
 		c.Rand = rand.Float64

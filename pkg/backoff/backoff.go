@@ -1,16 +1,18 @@
-package hub
+// Package backoff is the one retry policy used by the hub session's supervisor, the twin sync and
+// the DPS client: exponential backoff with full jitter and a floor.
+package backoff
 
 import "time"
 
-// Backoff is exponential backoff with full jitter and a floor: the wait before retry number
+// Policy is exponential backoff with full jitter and a floor: the wait before retry number
 // attempt (0-based) is uniform in [0, min(Max, Min·2^attempt)), raised to Min when below it, so
 // attempts are never closer than Min (no hot loop) and never further apart than Max.
-type Backoff struct {
+type Policy struct {
 	Min, Max time.Duration
 }
 
 // Delay returns the wait before attempt, given r uniform in [0, 1).
-func (b Backoff) Delay(attempt int, r float64) time.Duration {
+func (b Policy) Delay(attempt int, r float64) time.Duration {
 	ceil := b.Ceiling(attempt)
 	d := time.Duration(r * float64(ceil))
 	if d < b.Min {
@@ -23,7 +25,7 @@ func (b Backoff) Delay(attempt int, r float64) time.Duration {
 }
 
 // Ceiling returns min(Max, Min·2^attempt) without overflowing.
-func (b Backoff) Ceiling(attempt int) time.Duration {
+func (b Policy) Ceiling(attempt int) time.Duration {
 	if attempt < 0 {
 		attempt = 0
 	}

@@ -1,15 +1,15 @@
-package hub_test
+package backoff_test
 
 import (
 	"testing"
 	"time"
 
-	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/backoff"
 )
 
 func TestBackoffFullJitterBounds(t *testing.T) {
 	t.Parallel()
-	b := hub.Backoff{Min: time.Second, Max: 60 * time.Second}
+	b := backoff.Policy{Min: time.Second, Max: 60 * time.Second}
 	wantCeil := []time.Duration{1, 2, 4, 8, 16, 32, 60, 60, 60}
 	for n, w := range wantCeil {
 		if got := b.Ceiling(n); got != w*time.Second {
