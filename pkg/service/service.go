@@ -142,6 +142,9 @@ type request struct {
 	header  map[string]string
 	// timeout, when set, replaces the HTTP client's own timeout (long-running calls).
 	timeout time.Duration
+	// errOut, when set, also receives the JSON body of an error response (the bulk registry
+	// operation answers 400 with its result document).
+	errOut any
 }
 
 // do performs r and decodes a JSON response into out (unless nil). Non-2xx statuses become
@@ -195,6 +198,9 @@ func (c *Client) do(ctx context.Context, r request, out any) (http.Header, error
 		return nil, fmt.Errorf("service: %s %s: read body: %w", r.method, r.path, err)
 	}
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		if r.errOut != nil {
+			_ = json.Unmarshal(data, r.errOut)
+		}
 		return resp.Header, wire.ParseServiceError(resp.StatusCode, data)
 	}
 	if out != nil && len(bytes.TrimSpace(data)) > 0 {
