@@ -108,6 +108,7 @@ type Server struct {
 	dps       *dps.Server
 	endpoints Endpoints
 	tempDir   bool
+	lock      *os.File // held on the state directory from Start to Close
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -151,6 +152,9 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		return nil, fmt.Errorf("hubsim: %w", err)
 	}
 	s.cfg.StateDir = dir
+	if s.lock, err = lockStateDir(dir); err != nil {
+		return nil, err
+	}
 
 	if s.ca, err = pki.LoadOrCreateCA(dir); err != nil {
 		return nil, err
@@ -321,6 +325,9 @@ func (s *Server) Close() error {
 		}
 		if s.reg != nil {
 			errs = append(errs, s.reg.Close())
+		}
+		if s.lock != nil {
+			errs = append(errs, s.lock.Close()) // releases the flock
 		}
 		if s.tempDir {
 			errs = append(errs, os.RemoveAll(s.cfg.StateDir))

@@ -129,6 +129,9 @@ func (s *Server) authorize(r *http.Request) *apiError {
 }
 
 func readBody(r *http.Request) ([]byte, *apiError) {
+	if r.ContentLength > MaxBodySize { // refused at once, not after waiting for the body
+		return nil, errf(413, 413001, "body larger than %d bytes (Content-Length %d)", MaxBodySize, r.ContentLength)
+	}
 	b, err := io.ReadAll(io.LimitReader(r.Body, MaxBodySize+1))
 	if err != nil {
 		return nil, errf(400, 400004, "reading the body: %v", err)

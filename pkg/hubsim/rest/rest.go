@@ -20,6 +20,7 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
@@ -29,6 +30,9 @@ import (
 
 // MaxBodySize bounds request bodies.
 const MaxBodySize = 1 << 20
+
+// LogRequestRefused is the (sampled) log message for a request refused by authorization.
+const LogRequestRefused = "service request refused"
 
 // ContentType is the content type of every JSON response.
 const ContentType = "application/json; charset=utf-8"
@@ -57,7 +61,16 @@ type Config struct {
 type handler struct {
 	cfg Config
 	log *zap.Logger
+	// refusedLog logs refused requests, sampled: a flood of bad keys must not flood the log.
+	refusedLog *zap.Logger
 }
+
+// Refused requests are logged at most refusedFirst times a second per message, then one in
+// refusedThereafter.
+const (
+	refusedFirst      = 10
+	refusedThereafter = 1000
+)
 
 // NewHandler returns the API's HTTP handler.
 func NewHandler(cfg Config, log *zap.Logger) http.Handler {
@@ -67,7 +80,10 @@ func NewHandler(cfg Config, log *zap.Logger) http.Handler {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &handler{cfg: cfg, log: log}
+	sampled := log.WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
+		return zapcore.NewSamplerWithOptions(c, time.Second, refusedFirst, refusedThereafter)
+	}))
+	return &handler{cfg: cfg, log: log, refusedLog: sampled}
 }
 
 // Server serves the API over TLS.
@@ -211,7 +227,7 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if err := h.authorize(r, need); err != nil {
-		h.log.Info("service request refused", zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.Error(err))
+		h.refusedLog.Info(LogRequestRefused, zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.Error(err))
 		writeError(w, err)
 		return
 	}
@@ -305,6 +321,12 @@ func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
 }
 
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	if r.ContentLength > MaxBodySize {
+		// Refused before reading: the client may never send that much, and waiting for it would
+		// hold the connection until the read timeout. net/http closes the connection after the
+		// response, since the body is left unread.
+		return nil, wire.ErrArgumentInvalid.WithText("request body is larger than %d bytes (Content-Length %d)", MaxBodySize, r.ContentLength)
+	}
 	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBodySize))
 	if err != nil {
 		var mbe *http.MaxBytesError
