@@ -25,7 +25,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
 	"github.com/iothubby/iothubby/pkg/tpm"
-	"github.com/iothubby/iothubby/pkg/twin"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // TemplateData is what a telemetry template sees.
@@ -75,7 +75,7 @@ type Device struct {
 	delivered atomic.Uint64
 	failed    atomic.Uint64
 
-	sync atomic.Pointer[twin.Sync]
+	sync atomic.Pointer[twinsync.Sync]
 
 	stop     chan struct{}
 	stopOnce sync.Once

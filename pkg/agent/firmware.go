@@ -20,7 +20,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/firmware"
 	"github.com/iothubby/iothubby/pkg/methods"
-	"github.com/iothubby/iothubby/pkg/twin"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // FirmwareConfig enables firmware updates (pkg/firmware), started by the firmwareUpdate
@@ -227,10 +227,10 @@ func (d *Device) firmwareMethod(u *firmware.Updater) methods.Handler {
 
 // firmwareDesired handles the desired `firmware` property: a manifest, the twin-driven path.
 // It sends no Plug and Play ack: the reported `firmware` property carries progress instead.
-func (d *Device) firmwareDesired(u *firmware.Updater) twin.Handler {
-	return func(_ context.Context, c twin.Change) twin.Ack {
+func (d *Device) firmwareDesired(u *firmware.Updater) twinsync.Handler {
+	return func(_ context.Context, c twinsync.Change) twinsync.Ack {
 		if c.Deleted {
-			return twin.Ack{}
+			return twinsync.Ack{}
 		}
 		b, _ := json.Marshal(c.Value)
 		m, err := firmware.ParseManifest(b, d.cfg.Firmware.AllowHTTP)
@@ -241,7 +241,7 @@ func (d *Device) firmwareDesired(u *firmware.Updater) twin.Handler {
 			d.log.Warn("desired firmware refused", zap.Int64("version", c.Version), zap.Error(err))
 			d.reportRefused(u, m, err)
 		}
-		return twin.Ack{}
+		return twinsync.Ack{}
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/twin"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // TwinConfig is how the agent behaves towards its device twin: what it reports about itself,
@@ -111,18 +112,18 @@ func jsonDoc(m map[string]any) (map[string]any, error) {
 	return doc, twin.CheckPatch(doc)
 }
 
-// handler builds the twin.Handler for a behaviour.
-func (d *Device) handler(b TwinBehaviour) twin.Handler {
+// handler builds the twinsync.Handler for a behaviour.
+func (d *Device) handler(b TwinBehaviour) twinsync.Handler {
 	switch b.Action {
 	case "ignore":
-		return func(context.Context, twin.Change) twin.Ack { return twin.Ack{} }
+		return func(context.Context, twinsync.Change) twinsync.Ack { return twinsync.Ack{} }
 	case "delay":
-		return func(_ context.Context, c twin.Change) twin.Ack {
+		return func(_ context.Context, c twinsync.Change) twinsync.Ack {
 			if c.Deleted {
-				return twin.Ack{}
+				return twinsync.Ack{}
 			}
-			c.Later(b.Delay, twin.Ack{Status: 200, Description: b.Description})
-			return twin.Ack{Status: 202, Description: "in progress"}
+			c.Later(b.Delay, twinsync.Ack{Status: 200, Description: b.Description})
+			return twinsync.Ack{Status: 202, Description: "in progress"}
 		}
 	case "reject":
 		status := b.Status
@@ -133,15 +134,15 @@ func (d *Device) handler(b TwinBehaviour) twin.Handler {
 		if desc == "" {
 			desc = "rejected by configuration"
 		}
-		return func(_ context.Context, c twin.Change) twin.Ack {
+		return func(_ context.Context, c twinsync.Change) twinsync.Ack {
 			// report the value in use: the last one accepted, or nothing
-			return twin.Ack{Status: status, Description: desc, Value: d.inUse(c.Path)}
+			return twinsync.Ack{Status: status, Description: desc, Value: d.inUse(c.Path)}
 		}
 	case "command":
-		return func(ctx context.Context, c twin.Change) twin.Ack { return d.runCommand(ctx, b, c) }
+		return func(ctx context.Context, c twinsync.Change) twinsync.Ack { return d.runCommand(ctx, b, c) }
 	}
-	return func(_ context.Context, c twin.Change) twin.Ack {
-		return twin.Ack{Status: 200, Description: b.Description}
+	return func(_ context.Context, c twinsync.Change) twinsync.Ack {
+		return twinsync.Ack{Status: 200, Description: b.Description}
 	}
 }
 
@@ -165,7 +166,7 @@ func (d *Device) inUse(path string) any {
 	return map[string]any{} // an empty object: no value in use
 }
 
-func (d *Device) runCommand(ctx context.Context, b TwinBehaviour, c twin.Change) twin.Ack {
+func (d *Device) runCommand(ctx context.Context, b TwinBehaviour, c twinsync.Change) twinsync.Ack {
 	timeout := b.Timeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
@@ -194,9 +195,9 @@ func (d *Device) runCommand(ctx context.Context, b TwinBehaviour, c twin.Change)
 			desc = desc[:256]
 		}
 		d.log.Warn("twin command failed", zap.String("property", c.Path), zap.Error(err))
-		return twin.Ack{Status: 500, Description: desc}
+		return twinsync.Ack{Status: 500, Description: desc}
 	}
-	return twin.Ack{Status: 200, Description: b.Description}
+	return twinsync.Ack{Status: 200, Description: b.Description}
 }
 
 // facts are what the agent reports about itself on every connect.
@@ -241,15 +242,15 @@ func bootTime() (time.Time, bool) {
 }
 
 // newSync builds the device's twin sync.
-func (d *Device) newSync(ses twin.Session) (*twin.Sync, error) {
-	handlers := map[string]twin.Handler{}
+func (d *Device) newSync(ses twinsync.Session) (*twinsync.Sync, error) {
+	handlers := map[string]twinsync.Handler{}
 	for p, b := range d.cfg.Twin.Properties {
 		handlers[p] = d.handler(b)
 	}
 	if d.fw != nil {
 		handlers["firmware"] = d.firmwareDesired(d.fw)
 	}
-	return twin.NewSync(ses, twin.SyncConfig{
+	return twinsync.New(ses, twinsync.Config{
 		DeviceID: d.id.deviceID,
 		StateDir: d.cfg.StateDir,
 		Handlers: handlers,

@@ -5,7 +5,7 @@
 // sizes counted as Azure counts them.
 //
 // The agent's twin synchronisation (versions, resync, Plug and Play acknowledgements, persisted
-// intended reported state) is in sync.go and uses pkg/hub for I/O.
+// intended reported state) is in pkg/twinsync; this package does no I/O.
 package twin
 
 import (

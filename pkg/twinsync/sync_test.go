@@ -1,4 +1,4 @@
-package twin_test
+package twinsync_test
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/twin"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -108,7 +109,7 @@ func ackOf(r map[string]any, k string) (ac, av float64, value any) {
 	return a.AC, a.AV, a.Value
 }
 
-func run(t *testing.T, s *twin.Sync) func() {
+func run(t *testing.T, s *twinsync.Sync) func() {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); s.Run(ctx) }()
@@ -121,23 +122,25 @@ func TestSyncAppliesAcksAndPersists(t *testing.T) {
 	f.setDesired(`{"interval":5,"other":"x"}`) // made while offline: version 2
 	var mu sync.Mutex
 	applied := map[string]any{}
-	cfg := twin.SyncConfig{
+	cfg := twinsync.Config{
 		DeviceID: "d1", StateDir: dir, Logger: zaptest.NewLogger(t),
-		Handlers: map[string]twin.Handler{
-			"interval": func(_ context.Context, c twin.Change) twin.Ack {
+		Handlers: map[string]twinsync.Handler{
+			"interval": func(_ context.Context, c twinsync.Change) twinsync.Ack {
 				mu.Lock()
 				applied["interval"] = c.Value
 				mu.Unlock()
-				return twin.Ack{Status: 200}
+				return twinsync.Ack{Status: 200}
 			},
-			"net.mode": func(_ context.Context, c twin.Change) twin.Ack {
-				return twin.Ack{Status: 400, Description: "no", Value: "auto"}
+			"net.mode": func(_ context.Context, c twinsync.Change) twinsync.Ack {
+				return twinsync.Ack{Status: 400, Description: "no", Value: "auto"}
 			},
 		},
-		Default: func(context.Context, twin.Change) twin.Ack { return twin.Ack{Status: 200, Description: "default"} },
-		Facts:   map[string]any{"agentVersion": "t1"},
+		Default: func(context.Context, twinsync.Change) twinsync.Ack {
+			return twinsync.Ack{Status: 200, Description: "default"}
+		},
+		Facts: map[string]any{"agentVersion": "t1"},
 	}
-	s, err := twin.NewSync(f, cfg)
+	s, err := twinsync.New(f, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,7 +200,7 @@ func TestSyncAppliesAcksAndPersists(t *testing.T) {
 	// nothing already applied is applied again
 	f2 := newFakeHub()
 	f2.desired, f2.dv = f.desired, f.dv
-	s2, err := twin.NewSync(f2, cfg)
+	s2, err := twinsync.New(f2, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +224,7 @@ func TestSyncAppliesAcksAndPersists(t *testing.T) {
 func TestSyncRetriesThrottlingAndDropsRejected(t *testing.T) {
 	f := newFakeHub()
 	f.failNext = []int{429, 503}
-	s, err := twin.NewSync(f, twin.SyncConfig{DeviceID: "d2", RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond})
+	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d2", RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -268,19 +271,19 @@ func TestSyncDesiredVersionWentBack(t *testing.T) {
 	dir := t.TempDir()
 	var mu sync.Mutex
 	var seen []any
-	cfg := twin.SyncConfig{DeviceID: "d3", StateDir: dir, Handlers: map[string]twin.Handler{
-		"mode": func(_ context.Context, c twin.Change) twin.Ack {
+	cfg := twinsync.Config{DeviceID: "d3", StateDir: dir, Handlers: map[string]twinsync.Handler{
+		"mode": func(_ context.Context, c twinsync.Change) twinsync.Ack {
 			mu.Lock()
 			seen = append(seen, c.Value)
 			mu.Unlock()
-			return twin.Ack{Status: 200}
+			return twinsync.Ack{Status: 200}
 		},
 	}}
 	f := newFakeHub()
 	for i := 0; i < 5; i++ {
 		f.setDesired(`{"mode":"old"}`)
 	}
-	s, err := twin.NewSync(f, cfg)
+	s, err := twinsync.New(f, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -291,7 +294,7 @@ func TestSyncDesiredVersionWentBack(t *testing.T) {
 
 	f2 := newFakeHub() // the device was deleted and created again: desired starts at 1
 	f2.setDesired(`{"mode":"new"}`)
-	s2, err := twin.NewSync(f2, cfg)
+	s2, err := twinsync.New(f2, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

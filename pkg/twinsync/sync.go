@@ -1,4 +1,9 @@
-package twin
+// Package twinsync is the agent's device twin synchronisation: on every connect it GETs the twin,
+// applies desired changes newer than the last applied version to handlers, acknowledges them the
+// Plug and Play way, and keeps the intended reported state (persisted in a state directory) in
+// step with the hub. The document rules it applies are pkg/twin's; the I/O goes through a
+// Session (pkg/hub's in production).
+package twinsync
 
 import (
 	"context"
@@ -19,6 +24,7 @@ import (
 	"github.com/iothubby/iothubby/internal/atomicfile"
 
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/twin"
 )
 
 // Session is what the sync needs from a hub.Session.
@@ -65,8 +71,8 @@ type Ack struct {
 // the handler returns.
 type Handler func(ctx context.Context, c Change) Ack
 
-// SyncConfig configures a Sync.
-type SyncConfig struct {
+// Config configures a Sync.
+type Config struct {
 	// DeviceID names the device (state file and logs).
 	DeviceID string
 	// StateDir, when set, holds twin-<deviceId>.json: the last applied desired version and
@@ -104,10 +110,10 @@ type persisted struct {
 // Sync keeps a device's twin in step with its hub: on every connect it GETs the twin, applies
 // desired changes newer than the last applied version to the handlers, acknowledges them the
 // Plug and Play way, and sends the reported properties that differ from the agent's intended
-// state until the hub confirms them. Create it with NewSync, feed it Connected and Desired from
+// state until the hub confirms them. Create it with New, feed it Connected and Desired from
 // the session's callbacks (they never block), and run Run on a goroutine you own.
 type Sync struct {
-	cfg SyncConfig
+	cfg Config
 	log *zap.Logger
 	ses Session
 
@@ -135,8 +141,8 @@ type Sync struct {
 
 const maxQueuedPatches = 256
 
-// NewSync loads the persisted state (if any) and returns a Sync ready to Run.
-func NewSync(ses Session, cfg SyncConfig) (*Sync, error) {
+// New loads the persisted state (if any) and returns a Sync ready to Run.
+func New(ses Session, cfg Config) (*Sync, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
@@ -176,7 +182,7 @@ func renumber(m map[string]any) map[string]any {
 		return map[string]any{}
 	}
 	b, _ := json.Marshal(m)
-	out, err := Decode(b)
+	out, err := twin.Decode(b)
 	if err != nil {
 		return map[string]any{}
 	}
@@ -248,17 +254,17 @@ func (s *Sync) Report(patch map[string]any) error {
 	// normalise Go values (ints, structs) to decoded JSON, so comparisons with the hub's view hold
 	b, err := json.Marshal(patch)
 	if err != nil {
-		return &Error{Rule: RuleJSON, Detail: err.Error()}
+		return &twin.Error{Rule: twin.RuleJSON, Detail: err.Error()}
 	}
-	if patch, err = Decode(b); err != nil {
+	if patch, err = twin.Decode(b); err != nil {
 		return err
 	}
-	if err := CheckPatch(patch); err != nil {
+	if err := twin.CheckPatch(patch); err != nil {
 		return err
 	}
 	s.mu.Lock()
-	next := Merge(Clone(s.intended).(map[string]any), patch)
-	if err := CheckSize(Reported, next); err != nil {
+	next := twin.Merge(twin.Clone(s.intended).(map[string]any), patch)
+	if err := twin.CheckSize(twin.Reported, next); err != nil {
 		s.mu.Unlock()
 		return err
 	}
@@ -266,7 +272,7 @@ func (s *Sync) Report(patch map[string]any) error {
 	for k := range patch {
 		ov, had := s.intended[k]
 		nv, has := next[k]
-		if had != has || !Equal(ov, nv) {
+		if had != has || !twin.Equal(ov, nv) {
 			s.gen++
 			s.dirty[k] = s.gen
 			changed = true
@@ -287,7 +293,7 @@ func (s *Sync) Report(patch map[string]any) error {
 func (s *Sync) Intended() map[string]any {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Clone(s.intended).(map[string]any)
+	return twin.Clone(s.intended).(map[string]any)
 }
 
 // Run runs the sync until ctx is done.
@@ -388,8 +394,8 @@ func (s *Sync) fullGet(ctx context.Context) bool {
 		s.backoff("GET", fmt.Errorf("twin body: %w", err))
 		return false
 	}
-	desired, err1 := Decode(doc.Desired)
-	reported, err2 := Decode(doc.Reported)
+	desired, err1 := twin.Decode(doc.Desired)
+	reported, err2 := twin.Decode(doc.Reported)
 	if err := errors.Join(err1, err2); err != nil {
 		s.backoff("GET", fmt.Errorf("twin body: %w", err))
 		return false
@@ -397,8 +403,8 @@ func (s *Sync) fullGet(ctx context.Context) bool {
 	s.retryN = 0
 	version := versionOf(desired)
 	rv := versionOf(reported)
-	StripReserved(desired)
-	StripReserved(reported)
+	twin.StripReserved(desired)
+	twin.StripReserved(reported)
 	s.needGet = false
 	s.haveTwin = true
 	s.mu.Lock()
@@ -406,7 +412,7 @@ func (s *Sync) fullGet(ctx context.Context) bool {
 	s.patches = slices.DeleteFunc(s.patches, func(p *hub.DesiredPatch) bool { return p.Version <= version })
 	// reported keys that differ from the intended state are sent again
 	for k, v := range s.intended {
-		if hv, ok := reported[k]; !ok || !Equal(hv, v) {
+		if hv, ok := reported[k]; !ok || !twin.Equal(hv, v) {
 			if _, d := s.dirty[k]; !d {
 				s.gen++
 				s.dirty[k] = s.gen
@@ -457,7 +463,7 @@ func (s *Sync) applyPatches(ctx context.Context) {
 			}
 			return
 		default:
-			patch, err := Decode(p.Body)
+			patch, err := twin.Decode(p.Body)
 			if err != nil {
 				s.log.Warn("desired patch unreadable; getting the full twin", zap.Int64("version", p.Version), zap.Error(err))
 				s.needGet = true
@@ -466,8 +472,8 @@ func (s *Sync) applyPatches(ctx context.Context) {
 				}
 				return
 			}
-			StripReserved(patch)
-			next := Merge(Clone(s.desired).(map[string]any), patch)
+			twin.StripReserved(patch)
+			next := twin.Merge(twin.Clone(s.desired).(map[string]any), patch)
 			s.apply(ctx, next, p.Version, false)
 		}
 	}
@@ -488,7 +494,7 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 	for _, p := range paths {
 		old, oldOK := lookup(prev, p)
 		val, ok := lookup(next, p)
-		if oldOK == ok && Equal(old, val) {
+		if oldOK == ok && twin.Equal(old, val) {
 			continue
 		}
 		c := Change{Path: p, Value: val, Deleted: !ok, Version: version, s: s}
@@ -512,7 +518,7 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 		}
 		old, oldOK := prev[k]
 		val, ok := next[k]
-		if oldOK == ok && Equal(old, val) {
+		if oldOK == ok && twin.Equal(old, val) {
 			continue
 		}
 		c := Change{Path: k, Value: val, Deleted: !ok, Version: version, s: s}
@@ -615,7 +621,7 @@ func (s *Sync) runDeferred(ctx context.Context) {
 
 func (s *Sync) desiredUnchangedSince(d deferredAck) bool {
 	v, ok := lookup(s.desired, d.path)
-	return ok && Equal(v, d.value)
+	return ok && twin.Equal(v, d.value)
 }
 
 // flushReported sends the dirty reported keys in one PATCH and clears those the hub confirmed.
@@ -635,7 +641,7 @@ func (s *Sync) flushReported(ctx context.Context) {
 		if !ok {
 			v = nil
 		}
-		patch[k] = Clone(v)
+		patch[k] = twin.Clone(v)
 		sent[k] = g
 	}
 	s.mu.Unlock()
