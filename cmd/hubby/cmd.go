@@ -13,68 +13,152 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/iothubby/iothubby/pkg/connstr"
 	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 type globals struct {
-	connString  string
-	address     string
-	caFile      string
-	hubsimState string
-	output      string
-	timeout     time.Duration
-	stdout      io.Writer
+	connString    string
+	dpsConnString string
+	address       string
+	caFile        string
+	hubsimState   string
+	configPath    string
+	output        string
+	timeout       time.Duration
+	stdout        io.Writer
+	stderr        io.Writer
 
 	// mqttAddress is hubsim's device endpoint, known only with --hubsim-state.
 	mqttAddress string
+	// idScope is hubsim's DPS ID scope, known only with --hubsim-state.
+	idScope string
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
-	g := &globals{stdout: stdout}
+	g := &globals{stdout: stdout, stderr: stderr}
 	root := &cobra.Command{
-		Use:           "hubby",
-		Short:         "Fleet CLI for Azure IoT Hub and hubsim",
+		Use:   "hubby",
+		Short: "Fleet CLI for Azure IoT Hub and hubsim",
+		Long: `hubby manages a fleet on Azure IoT Hub or hubsim: device identities, twins, direct methods,
+queries, jobs, DPS enrollments, bulk operations and canary rollouts.
+
+The hub is taken from, in this order: --hubsim-state or --connection-string; the
+IOTHUB_CONNECTION_STRING environment variable; the config file (--config, default
+~/.config/hubby/config.yaml: keys connectionString, dpsConnectionString, address, caFile,
+hubsimState). DPS commands use --dps-connection-string, IOTHUB_DPS_CONNECTION_STRING or
+dpsConnectionString (or hubsim's, with --hubsim-state).
+
+Exit status: 0 every device succeeded; 1 the command failed; 2 usage error; 3 some devices
+failed (bulk operations, jobs, rollouts); 130 interrupted.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" {
+				return usageError{fmt.Errorf("--output must be table or json, not %q", g.output)}
+			}
+			return nil
+		},
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	pf := root.PersistentFlags()
-	pf.StringVar(&g.connString, "connection-string", "", "service connection string (default $IOTHUB_CONNECTION_STRING)")
+	pf.StringVar(&g.connString, "connection-string", "", "service connection string (default $IOTHUB_CONNECTION_STRING, then the config file)")
+	pf.StringVar(&g.dpsConnString, "dps-connection-string", "", "DPS service connection string (default $IOTHUB_DPS_CONNECTION_STRING, then the config file)")
 	pf.StringVar(&g.address, "address", "", "host:port to send requests to, if not the connection string's HostName on 443")
 	pf.StringVar(&g.caFile, "ca-file", "", "PEM file of the CA to trust for the hub's certificate")
-	pf.StringVar(&g.hubsimState, "hubsim-state", "", "hubsim state directory: take address, CA and connection string from its endpoints.json")
+	pf.StringVar(&g.hubsimState, "hubsim-state", "", "hubsim state directory: take address, CA and connection strings from its endpoints.json")
+	pf.StringVar(&g.configPath, "config", "", "config file (default ~/.config/hubby/config.yaml, if it exists)")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
-	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline for the whole command")
+	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline for each request (and for the whole of a single-device command)")
+
+	// One command per line, so that branches adding commands merge cleanly.
 	root.AddCommand(deviceCommand(g))
 	root.AddCommand(twinCommand(g))
 	root.AddCommand(methodCommand(g))
+	root.AddCommand(invokeCommand(g))
+	root.AddCommand(queryCommand(g))
+	root.AddCommand(jobCommand(g))
+	root.AddCommand(bulkCommand(g))
+	root.AddCommand(rolloutCommand(g))
+	root.AddCommand(dpsCommand(g))
 	root.AddCommand(pkiCommand(g))
+	groupsRejectUnknown(root)
 	return root
 }
 
+// groupsRejectUnknown makes every command that only groups others fail with a usage error on an
+// unknown subcommand (cobra would print help and succeed).
+func groupsRejectUnknown(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		groupsRejectUnknown(sub)
+	}
+	if c.HasParent() && c.HasSubCommands() && c.Run == nil && c.RunE == nil {
+		c.RunE = func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageError{fmt.Errorf("unknown command %q for %q", args[0], cmd.CommandPath())}
+			}
+			return cmd.Help()
+		}
+	}
+}
+
+// resolve fills the connection settings from the environment and the config file where the
+// flags left them empty (flag > environment > file).
+func (g *globals) resolve() error {
+	cfg, err := loadConfig(g.configPath)
+	if err != nil {
+		return err
+	}
+	if g.connString != "" && g.hubsimState != "" {
+		return usageError{errors.New("give --connection-string or --hubsim-state, not both")}
+	}
+	if g.connString == "" && g.hubsimState == "" {
+		switch env := os.Getenv("IOTHUB_CONNECTION_STRING"); {
+		case env != "":
+			g.connString = env
+		case cfg.ConnectionString != "":
+			g.connString = cfg.ConnectionString
+		case cfg.HubsimState != "":
+			g.hubsimState = cfg.HubsimState
+		}
+	}
+	if g.dpsConnString == "" {
+		g.dpsConnString = os.Getenv("IOTHUB_DPS_CONNECTION_STRING")
+		if g.dpsConnString == "" {
+			g.dpsConnString = cfg.DPSConnectionString
+		}
+	}
+	if g.address == "" {
+		g.address = cfg.Address
+	}
+	if g.caFile == "" {
+		g.caFile = cfg.CAFile
+	}
+	return nil
+}
+
 func (g *globals) client() (*service.Client, error) {
-	if g.output != "table" && g.output != "json" {
-		return nil, fmt.Errorf("--output must be table or json, not %q", g.output)
+	if err := g.resolve(); err != nil {
+		return nil, err
 	}
 	if g.hubsimState != "" {
 		c, e, err := service.ForHubsim(g.hubsimState)
 		if err != nil {
 			return nil, fmt.Errorf("hubsim state %s: %w", g.hubsimState, err)
 		}
-		g.mqttAddress = e.MQTTAddress
+		g.mqttAddress, g.idScope = e.MQTTAddress, e.IDScope
 		return c, nil
 	}
-	cs := g.connString
-	if cs == "" {
-		cs = os.Getenv("IOTHUB_CONNECTION_STRING")
+	if g.connString == "" {
+		return nil, errors.New("no hub given: use --connection-string, IOTHUB_CONNECTION_STRING, --hubsim-state or a config file (see hubby --help)")
 	}
-	if cs == "" {
-		return nil, errors.New("no hub given: use --connection-string, IOTHUB_CONNECTION_STRING or --hubsim-state")
+	c, err := service.New(service.Config{ConnectionString: g.connString, Address: g.address, CAFile: g.caFile})
+	if err != nil {
+		return nil, fmt.Errorf("connection string: %w", err)
 	}
-	return service.New(service.Config{ConnectionString: cs, Address: g.address, CAFile: g.caFile})
+	return c, nil
 }
 
 // with runs f with a client and a context bounded by --timeout.
@@ -89,149 +173,72 @@ func (g *globals) with(cmd *cobra.Command, f func(ctx context.Context, c *servic
 	return f(ctx, c)
 }
 
+// withLong runs f with a client and the command's context (no overall deadline): for commands
+// that run over many devices or wait; each request is bounded by reqCtx.
+func (g *globals) withLong(cmd *cobra.Command, f func(ctx context.Context, c *service.Client) error) error {
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return f(cmd.Context(), c)
+}
+
+// reqCtx bounds one request by --timeout.
+func (g *globals) reqCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, g.timeout)
+}
+
 func (g *globals) printJSON(v any) error {
 	enc := json.NewEncoder(g.stdout)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
 
-func deviceCommand(g *globals) *cobra.Command {
-	dev := &cobra.Command{Use: "device", Short: "Manage device identities"}
-
-	var ifMissing, disabled bool
-	var primary, secondary, thumb1, thumb2 string
-	create := &cobra.Command{
-		Use:   "create DEVICE_ID",
-		Short: "Create a device (symmetric keys generated unless given, or X.509 thumbprints)",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
-				d := service.Device{DeviceID: args[0], Status: "enabled"}
-				if disabled {
-					d.Status = "disabled"
-				}
-				switch {
-				case thumb1 != "":
-					d.Authentication = &service.Authentication{Type: "selfSigned",
-						X509Thumbprint: &service.X509Thumbprint{PrimaryThumbprint: thumb1, SecondaryThumbprint: thumb2}}
-				default:
-					d.Authentication = &service.Authentication{Type: "sas",
-						SymmetricKey: &service.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary}}
-				}
-				out, err := c.CreateDevice(ctx, d)
-				if ifMissing && errors.Is(err, wire.ErrDeviceAlreadyExists) {
-					out, err = c.GetDevice(ctx, args[0])
-				}
-				if err != nil {
-					return err
-				}
-				return g.printDevices([]service.Device{out})
-			})
-		},
-	}
-	create.Flags().BoolVar(&ifMissing, "if-missing", false, "succeed, showing the existing device, if it already exists")
-	create.Flags().BoolVar(&disabled, "disabled", false, "create the device disabled")
-	create.Flags().StringVar(&primary, "primary-key", "", "primary symmetric key (base64); generated when empty")
-	create.Flags().StringVar(&secondary, "secondary-key", "", "secondary symmetric key (base64); generated when empty")
-	create.Flags().StringVar(&thumb1, "primary-thumbprint", "", "X.509 self-signed: primary certificate thumbprint (SHA-1 or SHA-256 hex)")
-	create.Flags().StringVar(&thumb2, "secondary-thumbprint", "", "X.509 self-signed: secondary certificate thumbprint")
-
-	get := &cobra.Command{
-		Use:   "get DEVICE_ID",
-		Short: "Show a device",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
-				d, err := c.GetDevice(ctx, args[0])
-				if err != nil {
-					return err
-				}
-				return g.printDevices([]service.Device{d})
-			})
-		},
-	}
-
-	var top int
-	list := &cobra.Command{
-		Use:   "list",
-		Short: "List devices",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
-				ds, err := c.ListDevices(ctx, top)
-				if err != nil {
-					return err
-				}
-				return g.printDevices(ds)
-			})
-		},
-	}
-	list.Flags().IntVar(&top, "top", 0, "at most this many devices (0: the service's default)")
-
-	var etag string
-	del := &cobra.Command{
-		Use:   "delete DEVICE_ID",
-		Short: "Delete a device",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
-				return c.DeleteDevice(ctx, args[0], etag)
-			})
-		},
-	}
-	del.Flags().StringVar(&etag, "etag", "", "delete only if the device's etag matches (default: unconditional)")
-
-	var secondaryKey bool
-	cs := &cobra.Command{
-		Use:   "connection-string DEVICE_ID",
-		Short: "Print a device connection string (with GatewayHostName for hubsim's MQTT port)",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
-				d, err := c.GetDevice(ctx, args[0])
-				if err != nil {
-					return err
-				}
-				out := connstr.ConnectionString{HostName: c.HostName(), DeviceID: d.DeviceID, GatewayHostName: g.mqttAddress}
-				switch {
-				case d.Authentication != nil && d.Authentication.SymmetricKey != nil && d.Authentication.Type == "sas":
-					out.SharedAccessKey = d.Authentication.SymmetricKey.PrimaryKey
-					if secondaryKey {
-						out.SharedAccessKey = d.Authentication.SymmetricKey.SecondaryKey
-					}
-				default:
-					out.X509 = true
-				}
-				_, err = fmt.Fprintln(g.stdout, out.String())
-				return err
-			})
-		},
-	}
-	cs.Flags().BoolVar(&secondaryKey, "secondary", false, "use the secondary key")
-
-	dev.AddCommand(create, get, list, del, cs)
-	return dev
-}
-
-func (g *globals) printDevices(ds []service.Device) error {
-	if g.output == "json" {
-		if len(ds) == 1 {
-			return g.printJSON(ds[0])
-		}
-		return g.printJSON(ds)
-	}
+// table writes rows under a header, aligned.
+func (g *globals) table(header []string, rows [][]string) error {
 	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "DEVICE\tSTATUS\tCONNECTION\tAUTH\tLAST ACTIVITY")
-	for _, d := range ds {
-		auth := ""
-		if d.Authentication != nil {
-			auth = d.Authentication.Type
-		}
-		last := "-"
-		if d.LastActivityTime != nil && !d.LastActivityTime.IsZero() && d.LastActivityTime.Year() > 1 {
-			last = d.LastActivityTime.UTC().Format(time.RFC3339)
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.DeviceID, d.Status, strings.ToLower(d.ConnectionState), auth, last)
+	fmt.Fprintln(tw, strings.Join(header, "\t"))
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
 	}
 	return tw.Flush()
+}
+
+// explain adds what to do to errors whose service text alone does not say it.
+func explain(err error) error {
+	var se wire.ServiceError
+	if errors.As(err, &se) && se.Status == 401 {
+		return fmt.Errorf("not authorized: %s (this command needs a connection string whose policy has the right: iothubowner has all; registryRead/registryReadWrite for identities, service for twins, methods, queries and jobs)", se.Text)
+	}
+	if errors.As(err, &se) && se.Code == "" {
+		return fmt.Errorf("%d: %s", se.Status, se.Text)
+	}
+	return err
+}
+
+// Argument validators that report a usage error (exit 2).
+func exactArgs(n int) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := cobra.ExactArgs(n)(cmd, args); err != nil {
+			return usageError{fmt.Errorf("%s: %w (usage: %s)", cmd.CommandPath(), err, cmd.UseLine())}
+		}
+		return nil
+	}
+}
+
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usageError{fmt.Errorf("%s takes no arguments, got %q", cmd.CommandPath(), args)}
+	}
+	return nil
+}
+
+func rangeArgs(lo, hi int) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := cobra.RangeArgs(lo, hi)(cmd, args); err != nil {
+			return usageError{fmt.Errorf("%s: %w (usage: %s)", cmd.CommandPath(), err, cmd.UseLine())}
+		}
+		return nil
+	}
 }

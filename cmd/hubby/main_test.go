@@ -77,6 +77,7 @@ func TestDeviceCommandsAgainstHubsim(t *testing.T) {
 
 func TestNoHubIsAClearError(t *testing.T) {
 	t.Setenv("IOTHUB_CONNECTION_STRING", "")
+	t.Setenv("XDG_CONFIG_HOME", t.TempDir())
 	_, err := hubby(t, "device", "list")
 	if err == nil || !strings.Contains(err.Error(), "no hub given") {
 		t.Fatalf("err = %v", err)

@@ -11,38 +11,73 @@ import (
 	"github.com/iothubby/iothubby/pkg/service"
 )
 
+// methodCommand is the older spelling, `hubby method invoke`, kept working.
 func methodCommand(g *globals) *cobra.Command {
-	m := &cobra.Command{Use: "method", Short: "Call direct methods on devices"}
-	var payload string
-	var timeout, connectTimeout int
+	m := &cobra.Command{Use: "method", Short: "Call direct methods on devices (see also invoke-method)"}
+	m.AddCommand(newInvoke(g, "invoke DEVICE_ID METHOD"))
+	return m
+}
+
+// invokeCommand is `hubby invoke-method` (az iot hub invoke-device-method).
+func invokeCommand(g *globals) *cobra.Command {
+	c := newInvoke(g, "invoke-method DEVICE_ID METHOD")
+	c.Aliases = []string{"invoke-device-method", "invoke"}
+	return c
+}
+
+// methodFlags are a direct method's payload and timeouts.
+type methodFlags struct {
+	payload                 string
+	timeout, connectTimeout int
+}
+
+func (m *methodFlags) register(c *cobra.Command, prefix string) {
+	f := c.Flags()
+	f.StringVar(&m.payload, prefix+"payload", "", "request payload (JSON; default null)")
+	f.IntVar(&m.timeout, prefix+"timeout", 30, "seconds the hub waits for the device's answer (5 to 300)")
+	f.IntVar(&m.connectTimeout, prefix+"connect-timeout", 0, "seconds the hub waits for the device to connect (0 to 300)")
+}
+
+func (m *methodFlags) call(name string) (service.MethodCall, error) {
+	var p json.RawMessage
+	if m.payload != "" {
+		if !json.Valid([]byte(m.payload)) {
+			return service.MethodCall{}, fmt.Errorf("--payload is not valid JSON")
+		}
+		p = json.RawMessage(m.payload)
+	}
+	if m.timeout < 5 || m.timeout > 300 || m.connectTimeout < 0 || m.connectTimeout > 300 {
+		return service.MethodCall{}, fmt.Errorf("the method timeout must be 5 to 300 and the connect timeout 0 to 300 (seconds)")
+	}
+	return service.MethodCall{MethodName: name, Payload: p,
+		ResponseTimeout: time.Duration(m.timeout) * time.Second,
+		ConnectTimeout:  time.Duration(m.connectTimeout) * time.Second}, nil
+}
+
+// wait is how long one call may take: the hub's waits plus a margin.
+func (m *methodFlags) wait() time.Duration {
+	return time.Duration(m.timeout+m.connectTimeout)*time.Second + 30*time.Second
+}
+
+func newInvoke(g *globals, use string) *cobra.Command {
+	var mf methodFlags
 	invoke := &cobra.Command{
-		Use:   "invoke DEVICE_ID METHOD",
+		Use:   use,
 		Short: "Call a direct method and print the device's status and payload",
 		Long: "Call a direct method and print the device's status and payload. The command fails when\n" +
 			"the device is not connected (404103) or does not answer within --timeout (504101); a\n" +
 			"device's own error status is printed, and is not a failure of the command.",
-		Args: cobra.ExactArgs(2),
+		Args: exactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var p json.RawMessage
-			if payload != "" {
-				if !json.Valid([]byte(payload)) {
-					return fmt.Errorf("--payload is not valid JSON")
-				}
-				p = json.RawMessage(payload)
+			call, err := mf.call(args[1])
+			if err != nil {
+				return usageError{err}
 			}
-			if timeout < 5 || timeout > 300 || connectTimeout < 0 || connectTimeout > 300 {
-				return fmt.Errorf("--timeout must be 5 to 300 and --connect-timeout 0 to 300 (seconds)")
-			}
-			// The whole command gets the hub's waits plus a margin, beyond the global default.
-			if need := time.Duration(timeout+connectTimeout)*time.Second + 30*time.Second; g.timeout < need {
+			if need := mf.wait(); g.timeout < need {
 				g.timeout = need
 			}
 			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
-				res, err := c.InvokeMethod(ctx, args[0], service.MethodCall{
-					MethodName: args[1], Payload: p,
-					ResponseTimeout: time.Duration(timeout) * time.Second,
-					ConnectTimeout:  time.Duration(connectTimeout) * time.Second,
-				})
+				res, err := c.InvokeMethod(ctx, args[0], call)
 				if err != nil {
 					return err
 				}
@@ -54,10 +89,6 @@ func methodCommand(g *globals) *cobra.Command {
 			})
 		},
 	}
-	f := invoke.Flags()
-	f.StringVar(&payload, "payload", "", "request payload (JSON; default null)")
-	f.IntVar(&timeout, "timeout", 30, "seconds the hub waits for the device's answer (5 to 300)")
-	f.IntVar(&connectTimeout, "connect-timeout", 0, "seconds the hub waits for the device to connect (0 to 300)")
-	m.AddCommand(invoke)
-	return m
+	mf.register(invoke, "")
+	return invoke
 }

@@ -20,7 +20,7 @@ import (
 // pkiCommand is the test PKI helper: a root CA, an intermediate and device certificates, and
 // optionally an X.509 enrollment group on the root so the devices can provision through DPS.
 func pkiCommand(g *globals) *cobra.Command {
-	var dir, groupID, dpsCS string
+	var dir, groupID string
 	var devices []string
 	var enroll bool
 	var validity time.Duration
@@ -93,7 +93,7 @@ permissions.`,
 			if !enroll {
 				return nil
 			}
-			c, scope, err := g.dpsClient(dpsCS)
+			c, scope, err := g.dpsClient()
 			if err != nil {
 				return err
 			}
@@ -124,19 +124,25 @@ permissions.`,
 	f.StringSliceVar(&devices, "devices", []string{"x509-device-1"}, "device registration IDs (certificate CNs)")
 	f.BoolVar(&enroll, "enroll", false, "register an X.509 enrollment group for the root in DPS")
 	f.StringVar(&groupID, "group-id", "iothubby-test-pki", "enrollment group ID (with --enroll)")
-	f.StringVar(&dpsCS, "dps-connection-string", "", "DPS service connection string (default: hubsim's, with --hubsim-state)")
 	f.DurationVar(&validity, "validity", 30*24*time.Hour, "certificate validity")
 	return cmd
 }
 
-// dpsClient is a DPS service client from --hubsim-state or a DPS connection string.
-func (g *globals) dpsClient(cs string) (*service.Client, string, error) {
-	if cs != "" {
+// dpsClient is a DPS service client from --dps-connection-string (or its environment variable
+// or config key), or from --hubsim-state; it also returns hubsim's ID scope when known.
+func (g *globals) dpsClient() (*service.Client, string, error) {
+	if err := g.resolve(); err != nil {
+		return nil, "", err
+	}
+	if cs := g.dpsConnString; cs != "" {
 		c, err := service.New(service.Config{ConnectionString: cs, Address: g.address, CAFile: g.caFile})
-		return c, "", err
+		if err != nil {
+			return nil, "", fmt.Errorf("DPS connection string: %w", err)
+		}
+		return c, "", nil
 	}
 	if g.hubsimState == "" {
-		return nil, "", errors.New("--enroll needs --hubsim-state or --dps-connection-string")
+		return nil, "", errors.New("no DPS given: use --dps-connection-string, IOTHUB_DPS_CONNECTION_STRING, --hubsim-state or dpsConnectionString in the config file")
 	}
 	_, e, err := service.ForHubsim(g.hubsimState)
 	if err != nil {

@@ -16,12 +16,13 @@ import (
 )
 
 func twinCommand(g *globals) *cobra.Command {
-	tw := &cobra.Command{Use: "twin", Short: "Read and change device twins"}
+	tw := &cobra.Command{Use: "twin", Aliases: []string{"twins", "device-twin"}, Short: "Read and change device twins (az iot hub device-twin)"}
 
 	get := &cobra.Command{
-		Use:   "get DEVICE_ID",
-		Short: "Show a device twin (-o json for the whole document)",
-		Args:  cobra.ExactArgs(1),
+		Use:     "show DEVICE_ID",
+		Aliases: []string{"get"},
+		Short:   "Show a device twin (-o json for the whole document)",
+		Args:    exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
 				t, err := c.GetTwin(ctx, args[0])
@@ -33,83 +34,13 @@ func twinCommand(g *globals) *cobra.Command {
 		},
 	}
 
-	var patch, file, etag string
-	var desired, tags []string
-	body := func() (map[string]any, error) {
-		var doc map[string]any
-		switch {
-		case patch != "" && file != "":
-			return nil, fmt.Errorf("give --patch or --file, not both")
-		case patch != "" || file != "":
-			b := []byte(patch)
-			if file != "" {
-				var err error
-				if file == "-" {
-					b, err = io.ReadAll(io.LimitReader(os.Stdin, 1<<20))
-				} else {
-					b, err = os.ReadFile(file)
-				}
-				if err != nil {
-					return nil, err
-				}
-			}
-			d, err := twin.Decode(b)
-			if err != nil {
-				return nil, fmt.Errorf("patch: %w", err)
-			}
-			doc = d
-		default:
-			doc = map[string]any{}
-		}
-		set := func(section []string, kvs []string) error {
-			for _, kv := range kvs {
-				k, v, ok := strings.Cut(kv, "=")
-				if !ok || k == "" {
-					return fmt.Errorf("%q: want KEY=JSON (e.g. interval=5, mode='\"eco\"', gone=null)", kv)
-				}
-				val, err := twin.Decode([]byte(`{"v":` + v + `}`))
-				if err != nil {
-					// a bare word is a string
-					val = map[string]any{"v": v}
-				}
-				m := doc
-				for _, s := range section {
-					n, ok := m[s].(map[string]any)
-					if !ok {
-						n = map[string]any{}
-						m[s] = n
-					}
-					m = n
-				}
-				parts := strings.Split(k, ".")
-				for _, p := range parts[:len(parts)-1] {
-					n, ok := m[p].(map[string]any)
-					if !ok {
-						n = map[string]any{}
-						m[p] = n
-					}
-					m = n
-				}
-				m[parts[len(parts)-1]] = val["v"]
-			}
-			return nil
-		}
-		if err := set([]string{"properties", "desired"}, desired); err != nil {
-			return nil, err
-		}
-		if err := set([]string{"tags"}, tags); err != nil {
-			return nil, err
-		}
-		if len(doc) == 0 {
-			return nil, fmt.Errorf("nothing to change: give --patch, --file, --desired or --tag")
-		}
-		return doc, nil
-	}
+	var pf patchFlags
+	var etag string
 	change := func(replace bool) func(cmd *cobra.Command, args []string) error {
 		return func(cmd *cobra.Command, args []string) error {
-			doc, err := body()
+			doc, err := pf.doc()
 			if err != nil {
-				return err
+				return usageError{err}
 			}
 			return g.with(cmd, func(ctx context.Context, c *service.Client) error {
 				var t service.Twin
@@ -128,22 +59,18 @@ func twinCommand(g *globals) *cobra.Command {
 	update := &cobra.Command{
 		Use:   "update DEVICE_ID",
 		Short: "Merge tags and desired properties into a twin (null deletes)",
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs(1),
 		RunE:  change(false),
 	}
 	replace := &cobra.Command{
 		Use:   "replace DEVICE_ID",
 		Short: "Replace a twin's tags and desired properties wholesale",
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs(1),
 		RunE:  change(true),
 	}
 	for _, c := range []*cobra.Command{update, replace} {
-		f := c.Flags()
-		f.StringVar(&patch, "patch", "", `JSON: {"tags":{...},"properties":{"desired":{...}}}`)
-		f.StringVar(&file, "file", "", "file with the JSON patch (- for stdin)")
-		f.StringArrayVar(&desired, "desired", nil, "KEY=JSON desired property (dots for nesting; repeatable)")
-		f.StringArrayVar(&tags, "tag", nil, "KEY=JSON tag (dots for nesting; repeatable)")
-		f.StringVar(&etag, "etag", "", "change only if the twin's etag matches (default: unconditional)")
+		pf.register(c)
+		c.Flags().StringVar(&etag, "etag", "", "change only if the twin's etag matches (default: unconditional)")
 	}
 	tw.AddCommand(get, update, replace)
 	return tw
@@ -178,4 +105,140 @@ func strip(m map[string]any) map[string]any {
 		}
 	}
 	return out
+}
+
+// decodePatch decodes a twin patch, which must be a JSON object.
+func decodePatch(b []byte) (map[string]any, error) {
+	var probe any
+	if err := json.Unmarshal(b, &probe); err != nil {
+		return nil, fmt.Errorf("patch is not valid JSON: %v", err)
+	}
+	if _, ok := probe.(map[string]any); !ok {
+		return nil, fmt.Errorf("patch must be a JSON object, not %s", jsonKind(probe))
+	}
+	d, err := twin.Decode(b)
+	if err != nil {
+		return nil, fmt.Errorf("patch: %w", err)
+	}
+	return d, nil
+}
+
+func jsonKind(v any) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case []any:
+		return "an array"
+	case string:
+		return "a string"
+	case float64:
+		return "a number"
+	case bool:
+		return "a boolean"
+	}
+	return "an object"
+}
+
+// patchFlags are the flags that build a twin patch: --patch/--file and --desired/--tag.
+type patchFlags struct {
+	patch, file   string
+	desired, tags []string
+}
+
+func (p *patchFlags) register(c *cobra.Command) {
+	f := c.Flags()
+	f.StringVar(&p.patch, "patch", "", `JSON object: {"tags":{...},"properties":{"desired":{...}}}`)
+	f.StringVar(&p.file, "file", "", "file with the JSON patch (- for stdin)")
+	f.StringArrayVar(&p.desired, "desired", nil, "KEY=JSON desired property (dots for nesting; repeatable)")
+	f.StringArrayVar(&p.tags, "tag", nil, "KEY=JSON tag (dots for nesting; repeatable)")
+}
+
+// doc builds the patch; it is never empty.
+func (p *patchFlags) doc() (map[string]any, error) {
+	var doc map[string]any
+	switch {
+	case p.patch != "" && p.file != "":
+		return nil, fmt.Errorf("give --patch or --file, not both")
+	case p.patch != "" || p.file != "":
+		b := []byte(p.patch)
+		if p.file != "" {
+			var err error
+			if p.file == "-" {
+				b, err = io.ReadAll(io.LimitReader(os.Stdin, 1<<20))
+			} else {
+				b, err = readFileLimited(p.file, 1<<20)
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		d, err := decodePatch(b)
+		if err != nil {
+			return nil, err
+		}
+		doc = d
+	default:
+		doc = map[string]any{}
+	}
+	if err := setPaths(doc, []string{"properties", "desired"}, p.desired); err != nil {
+		return nil, err
+	}
+	if err := setPaths(doc, []string{"tags"}, p.tags); err != nil {
+		return nil, err
+	}
+	if len(doc) == 0 {
+		return nil, fmt.Errorf("nothing to change: give --patch, --file, --desired or --tag")
+	}
+	return doc, nil
+}
+
+// setPaths sets KEY=JSON pairs (dotted keys nest) under section of doc. A value that is not
+// JSON is a string.
+func setPaths(doc map[string]any, section []string, kvs []string) error {
+	for _, kv := range kvs {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("%q: want KEY=JSON (e.g. interval=5, mode='\"eco\"', gone=null)", kv)
+		}
+		val, err := twin.Decode([]byte(`{"v":` + v + `}`))
+		if err != nil {
+			val = map[string]any{"v": v} // a bare word is a string
+		}
+		m := doc
+		for _, s := range section {
+			m = child(m, s)
+		}
+		parts := strings.Split(k, ".")
+		for _, p := range parts[:len(parts)-1] {
+			m = child(m, p)
+		}
+		m[parts[len(parts)-1]] = val["v"]
+	}
+	return nil
+}
+
+func child(m map[string]any, k string) map[string]any {
+	n, ok := m[k].(map[string]any)
+	if !ok {
+		n = map[string]any{}
+		m[k] = n
+	}
+	return n
+}
+
+// readFileLimited reads a file of at most limit bytes.
+func readFileLimited(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%s: larger than %d bytes", path, limit)
+	}
+	return b, nil
 }

@@ -1,0 +1,63 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/iothubby/iothubby/pkg/clock"
+)
+
+// The limiter spaces calls 1/rate apart, from the first call on, and gives up when the context ends.
+func TestLimiterSpacesCalls(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := newLimiter(clock.Real(), 10)
+		start := time.Now()
+		for range 5 {
+			if err := l.wait(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := time.Since(start); got != 400*time.Millisecond {
+			t.Fatalf("5 calls at 10/s took %v, want 400ms", got)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		if err := l.wait(ctx); err == nil {
+			t.Fatal("wait with a cancelled context succeeded")
+		}
+		if err := newLimiter(clock.Real(), 0).wait(context.Background()); err != nil || time.Since(start) != 400*time.Millisecond {
+			t.Fatalf("unlimited: %v after %v", err, time.Since(start))
+		}
+	})
+}
+
+// Without a terminal, progress is a line at every tenth of the way and at the end.
+func TestProgressLines(t *testing.T) {
+	var buf bytes.Buffer
+	g := &globals{stderr: &buf}
+	p := g.newProgress("work", 25)
+	for i := range 25 {
+		p.add(i%10 != 0)
+	}
+	p.finish()
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 13 || lines[0] != "work: 2/25 done, 1 failed" || lines[12] != "work: 25/25 done, 3 failed" {
+		t.Fatalf("progress lines:\n%s", buf.String())
+	}
+}
+
+func TestReadIDs(t *testing.T) {
+	ids, err := readIDs(strings.NewReader("# c\na\n\n {\"deviceId\":\"b\"}\n{\"id\":\"c\"}\n"))
+	if err != nil || strings.Join(ids, ",") != "a,b,c" {
+		t.Fatalf("%v %v", ids, err)
+	}
+	for _, bad := range []string{"a b\n", "{\"x\":1}\n", "{nope\n", strings.Repeat("x", 129)} {
+		if _, err := readIDs(strings.NewReader(bad)); err == nil {
+			t.Errorf("readIDs(%q) accepted", bad)
+		}
+	}
+}
