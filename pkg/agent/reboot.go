@@ -16,6 +16,7 @@ import (
 	"github.com/iothubby/iothubby/internal/atomicfile"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // RebootConfig enables the built-in `reboot` direct method.
@@ -152,7 +153,10 @@ func (d *Device) reportReboot(ts interface{ Report(map[string]any) error }) {
 		return
 	}
 	if err := ts.Report(d.rb.Report); err != nil {
-		d.log.Error("reboot result not reported", zap.Error(err))
+		// Not saved by the twin sync (it still sends it) or refused: keep it for the next session.
+		if !errors.Is(err, twinsync.ErrNotPersisted) {
+			d.log.Error("reboot result not reported", zap.Error(err))
+		}
 		return
 	}
 	d.rb.Report = nil
@@ -276,7 +280,8 @@ func (d *Device) report(patch map[string]any) {
 	if s == nil {
 		return
 	}
-	if err := s.Report(patch); err != nil {
+	if err := s.Report(patch); err != nil && !errors.Is(err, twinsync.ErrNotPersisted) {
+		// (not persisted: the sync logged it and sends the patch anyway)
 		d.log.Error("reported properties refused", zap.Error(err))
 	}
 }

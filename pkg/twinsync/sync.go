@@ -22,7 +22,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/internal/atomicfile"
-
+	"github.com/iothubby/iothubby/pkg/backoff"
+	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/twin"
 )
@@ -51,7 +52,7 @@ type Change struct {
 // and the property's desired version is still Version, ack is recorded. Call it from the
 // Handler and return a 202 Ack.
 func (c Change) Later(d time.Duration, ack Ack) {
-	c.s.deferred = append(c.s.deferred, deferredAck{due: time.Now().Add(d), path: c.Path, version: c.Version, value: c.Value, ack: ack})
+	c.s.deferred = append(c.s.deferred, deferredAck{due: c.s.clock.Now().Add(d), path: c.Path, version: c.Version, value: c.Value, ack: ack})
 }
 
 // Ack is a Plug and Play writable-property acknowledgement: reported as
@@ -76,8 +77,12 @@ type Config struct {
 	// DeviceID names the device (state file and logs).
 	DeviceID string
 	// StateDir, when set, holds twin-<deviceId>.json: the last applied desired version and
-	// document and the intended reported state, written atomically on every change.
+	// document and the intended reported state, written atomically on every change (see
+	// Sync.Report for what happens when it cannot be written).
 	StateDir string
+	// WriteFile writes the state file (default: create the directory, then write atomically
+	// with internal/atomicfile). A seam for tests.
+	WriteFile func(path string, data []byte) error
 	// Handlers by desired property path ("interval", "network.mode").
 	Handlers map[string]Handler
 	// Default handles desired top-level properties that no handler covers; nil records them
@@ -85,9 +90,13 @@ type Config struct {
 	Default Handler
 	// Facts are reported on every connect (agent version, firmware, boot time, static properties).
 	Facts map[string]any
-	// RetryMin and RetryMax bound the backoff after a 429, a 5xx or a lost connection.
-	// Defaults 1 s and 30 s.
-	RetryMin, RetryMax time.Duration
+	// Backoff spaces the retries after a 429, a 5xx or a lost connection (default Min 1 s,
+	// Max 30 s).
+	Backoff backoff.Policy
+	// Clock is what every timer and reading of the time in the sync uses (default clock.Real()).
+	Clock clock.Clock
+	// Rand returns the backoff's jitter, uniform in [0, 1) (default math/rand/v2.Float64).
+	Rand func() float64
 	// Logger receives the sync's logs; nil discards them.
 	Logger *zap.Logger
 }
@@ -113,18 +122,29 @@ type persisted struct {
 // state until the hub confirms them. Create it with New, feed it Connected and Desired from
 // the session's callbacks (they never block), and run Run on a goroutine you own.
 type Sync struct {
-	cfg Config
-	log *zap.Logger
-	ses Session
+	cfg   Config
+	log   *zap.Logger
+	ses   Session
+	clock clock.Clock
 
-	mu        sync.Mutex // guards the inbox below and intended/dirty (Report may be called anywhere)
+	// mu guards the inbox below, intended/dirty (Report may be called anywhere), and the writes
+	// of desired/applied. It is never held across I/O: Connected, Desired and Intended, which
+	// the session's delivery paths call, only ever wait for memory operations.
+	mu        sync.Mutex
 	connected bool
 	patches   []*hub.DesiredPatch
 	overflow  bool
 	intended  map[string]any
 	dirty     map[string]uint64 // top-level reported keys to send, with the generation of their last change
 	gen       uint64
+	stateSeq  uint64 // counts changes to the persisted state (intended, desired, applied)
 	wake      chan struct{}
+
+	// wmu orders the state file's writes; taken before mu, never under it.
+	wmu       sync.Mutex
+	savedSeq  uint64 // the state as of stateSeq savedSeq is on disk
+	failedSeq uint64 // the last write that failed covered changes up to failedSeq
+	failErr   error
 
 	// owned by Run
 	online      bool // a connect has been seen: twin requests can be answered
@@ -146,14 +166,23 @@ func New(ses Session, cfg Config) (*Sync, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	if cfg.RetryMin <= 0 {
-		cfg.RetryMin = time.Second
+	if cfg.Backoff.Min <= 0 {
+		cfg.Backoff.Min = time.Second
 	}
-	if cfg.RetryMax < cfg.RetryMin {
-		cfg.RetryMax = max(30*time.Second, cfg.RetryMin)
+	if cfg.Backoff.Max < cfg.Backoff.Min {
+		cfg.Backoff.Max = max(30*time.Second, cfg.Backoff.Min)
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.Real()
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Float64
+	}
+	if cfg.WriteFile == nil {
+		cfg.WriteFile = writeAtomic
 	}
 	s := &Sync{
-		cfg: cfg, log: cfg.Logger, ses: ses,
+		cfg: cfg, log: cfg.Logger, ses: ses, clock: cfg.Clock,
 		intended: map[string]any{}, dirty: map[string]uint64{}, desired: map[string]any{},
 		wake: make(chan struct{}, 1), needGet: true,
 	}
@@ -196,19 +225,43 @@ func (s *Sync) statePath() string {
 	return filepath.Join(s.cfg.StateDir, "twin-"+strings.ReplaceAll(s.cfg.DeviceID, "/", "_")+".json")
 }
 
-// save writes the state atomically (temporary file, fsync, rename). Call with s.mu held.
-func (s *Sync) saveLocked() {
+// ErrNotPersisted means a change was taken (it is applied, and sent to the hub) but the state
+// file could not be written, so it would not survive a restart.
+var ErrNotPersisted = errors.New("twinsync: state not saved")
+
+// persist makes sure the state as of change seq is on disk. The snapshot is taken under mu and
+// written outside it, under wmu, which orders the writes: each writes the newest snapshot, and
+// a caller whose change an earlier write already covered returns at once, so a later snapshot
+// is never overwritten by an earlier one. A failed write is logged and returned; the next
+// change writes the whole state again.
+func (s *Sync) persist(seq uint64) error {
 	p := s.statePath()
 	if p == "" {
-		return
+		return nil
 	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	switch {
+	case s.savedSeq >= seq:
+		return nil
+	case s.failedSeq >= seq:
+		return s.failErr
+	}
+	s.mu.Lock()
+	at := s.stateSeq
 	b, err := json.Marshal(persisted{DesiredVersion: s.applied, Desired: s.desired, Reported: s.intended})
+	s.mu.Unlock()
 	if err == nil {
-		err = writeAtomic(p, b)
+		err = s.cfg.WriteFile(p, b)
 	}
 	if err != nil {
-		s.log.Error("twin state not saved", zap.String("path", p), zap.Error(err))
+		s.failedSeq, s.failErr = at, fmt.Errorf("%w: %s: %w", ErrNotPersisted, p, err)
+		s.log.Error("twin state not saved; the sync goes on from memory", zap.String("path", p),
+			zap.Uint64("change", at), zap.Error(err))
+		return s.failErr
 	}
+	s.savedSeq = at
+	return nil
 }
 
 func writeAtomic(path string, b []byte) error {
@@ -250,6 +303,13 @@ func (s *Sync) Desired(p *hub.DesiredPatch) {
 // persists it, and has the top-level members that changed sent. Members equal to the intended
 // state are not sent again (a reconnect's GET re-sends whatever the hub lacks). The patch must
 // pass the document rules.
+//
+// Report returns once the change is on disk, so a caller may forget what it reported. The
+// write happens outside the lock that Connected, Desired and Intended take. When the state
+// directory cannot be written, the sync keeps going from memory (the patch is taken and sent;
+// desired properties are still applied and acknowledged): Report returns an error matching
+// ErrNotPersisted, the failure is logged with the path, and the next change tries to write the
+// whole state again. Only what a restart would remember is lost.
 func (s *Sync) Report(patch map[string]any) error {
 	// normalise Go values (ints, structs) to decoded JSON, so comparisons with the hub's view hold
 	b, err := json.Marshal(patch)
@@ -279,14 +339,17 @@ func (s *Sync) Report(patch map[string]any) error {
 		}
 	}
 	s.intended = next
+	var seq uint64
 	if changed {
-		s.saveLocked()
+		s.stateSeq++
+		seq = s.stateSeq
 	}
 	s.mu.Unlock()
-	if changed {
-		s.poke()
+	if !changed {
+		return nil
 	}
-	return nil
+	s.poke()
+	return s.persist(seq)
 }
 
 // Intended returns a copy of the intended reported state.
@@ -298,7 +361,7 @@ func (s *Sync) Intended() map[string]any {
 
 // Run runs the sync until ctx is done.
 func (s *Sync) Run(ctx context.Context) {
-	timer := time.NewTimer(time.Hour)
+	timer := s.clock.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
 		s.step(ctx)
@@ -306,7 +369,7 @@ func (s *Sync) Run(ctx context.Context) {
 			return
 		}
 		wait := time.Hour
-		now := time.Now()
+		now := s.clock.Now()
 		if !s.retryAt.IsZero() {
 			wait = min(wait, max(0, s.retryAt.Sub(now)))
 		}
@@ -318,30 +381,20 @@ func (s *Sync) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-s.wake:
-		case <-timer.C:
-		}
-		if !timer.Stop() {
-			select {
-			case <-timer.C:
-			default:
-			}
+		case <-timer.C():
 		}
 	}
 }
 
 func (s *Sync) backoff(what string, err error) {
+	d := s.cfg.Backoff.Delay(s.retryN, s.cfg.Rand())
 	s.retryN++
-	d := s.cfg.RetryMin << min(s.retryN-1, 10)
-	if d > s.cfg.RetryMax || d <= 0 {
-		d = s.cfg.RetryMax
-	}
-	d = d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
-	s.retryAt = time.Now().Add(d)
+	s.retryAt = s.clock.Now().Add(d)
 	s.log.Warn("twin "+what+" failed, retrying", zap.Error(err), zap.Duration("retry_in", d), zap.Int("attempt", s.retryN))
 }
 
 func (s *Sync) step(ctx context.Context) {
-	if !s.retryAt.IsZero() && time.Now().Before(s.retryAt) {
+	if !s.retryAt.IsZero() && s.clock.Now().Before(s.retryAt) {
 		s.runDeferred(ctx)
 		return
 	}
@@ -353,7 +406,7 @@ func (s *Sync) step(ctx context.Context) {
 		s.online = true
 		if len(s.cfg.Facts) > 0 {
 			s.mu.Unlock()
-			if err := s.Report(s.cfg.Facts); err != nil {
+			if err := s.Report(s.cfg.Facts); err != nil && !errors.Is(err, ErrNotPersisted) {
 				s.log.Error("agent facts not reported", zap.Error(err))
 			}
 			s.mu.Lock()
@@ -533,17 +586,17 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 	s.mu.Lock()
 	s.desired = next
 	s.applied = version
-	s.saveLocked()
+	s.stateSeq++
+	seq := s.stateSeq
 	s.mu.Unlock()
 	if len(acks) > 0 {
-		if err := s.Report(acks); err != nil {
+		if err := s.Report(acks); err != nil && !errors.Is(err, ErrNotPersisted) {
 			s.log.Error("acknowledgement not reported", zap.Error(err))
 		}
-	} else {
-		s.mu.Lock()
-		s.saveLocked()
-		s.mu.Unlock()
 	}
+	// Usually a no-op: Report wrote this change too. A failure is logged by persist; the
+	// handlers ran and the acks go out, so the sync carries on from memory.
+	_ = s.persist(seq)
 	s.log.Info("desired version applied", zap.Int64("version", version), zap.Bool("full", full))
 }
 
@@ -596,7 +649,7 @@ func setAck(patch map[string]any, path string, c Change, a Ack) {
 }
 
 func (s *Sync) runDeferred(ctx context.Context) {
-	now := time.Now()
+	now := s.clock.Now()
 	acks := map[string]any{}
 	keep := s.deferred[:0]
 	for _, d := range s.deferred {
@@ -612,7 +665,7 @@ func (s *Sync) runDeferred(ctx context.Context) {
 	}
 	s.deferred = keep
 	if len(acks) > 0 {
-		if err := s.Report(acks); err != nil {
+		if err := s.Report(acks); err != nil && !errors.Is(err, ErrNotPersisted) {
 			s.log.Error("acknowledgement not reported", zap.Error(err))
 		}
 	}

@@ -3,14 +3,22 @@ package twinsync_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/iothubby/iothubby/pkg/backoff"
+	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/twin"
 	"github.com/iothubby/iothubby/pkg/twinsync"
@@ -221,10 +229,29 @@ func TestSyncAppliesAcksAndPersists(t *testing.T) {
 	}
 }
 
+// waitTimer waits (with a deadline) until the sync has armed its timer for at.
+func waitTimer(t *testing.T, fc *clock.Fake, at time.Time) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := fc.WaitTimer(ctx, at); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *fakeHub) patchCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.patches)
+}
+
 func TestSyncRetriesThrottlingAndDropsRejected(t *testing.T) {
 	f := newFakeHub()
 	f.failNext = []int{429, 503}
-	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d2", RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond})
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fc := clock.NewFake(t0)
+	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d2", Clock: fc, Rand: func() float64 { return 0.75 },
+		Backoff: backoff.Policy{Min: time.Second, Max: 30 * time.Second}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,6 +261,19 @@ func TestSyncRetriesThrottlingAndDropsRejected(t *testing.T) {
 	if err := s.Report(map[string]any{"a": json.Number("1")}); err != nil {
 		t.Fatal(err)
 	}
+	// the 429 arms the retry at the policy's first delay (0.75 of 1 s, raised to the 1 s floor)
+	// and nothing is sent again until the clock gets there
+	waitTimer(t, fc, t0.Add(time.Second))
+	if n := f.patchCount(); n != 1 {
+		t.Fatalf("%d PATCHes before the retry was due, want 1", n)
+	}
+	fc.Advance(time.Second)
+	// the 503 doubles the ceiling: 0.75 of 2 s
+	waitTimer(t, fc, t0.Add(time.Second+1500*time.Millisecond))
+	if n := f.patchCount(); n != 2 {
+		t.Fatalf("%d PATCHes before the second retry was due, want 2", n)
+	}
+	fc.Advance(1500 * time.Millisecond)
 	f.waitReported(t, "a after 429 and 503", func(r map[string]any) bool { return r["a"] == 1.0 })
 	f.mu.Lock()
 	f.failNext = []int{400}
@@ -263,6 +303,172 @@ func TestSyncRetriesThrottlingAndDropsRejected(t *testing.T) {
 	// the document rules apply to Report too
 	if err := s.Report(map[string]any{"bad.key": 1}); err == nil {
 		t.Fatal("bad key accepted")
+	}
+}
+
+// A deferred acknowledgement (Change.Later) is sent when the clock reaches it, not before, and
+// one that a newer desired version superseded is not sent at all.
+func TestSyncDeferredAckOnFakeClock(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fc := clock.NewFake(t0)
+	f := newFakeHub()
+	f.setDesired(`{"mode":"a"}`) // version 2
+	cfg := twinsync.Config{DeviceID: "d4", Clock: fc, Logger: zaptest.NewLogger(t), Handlers: map[string]twinsync.Handler{
+		"mode": func(_ context.Context, c twinsync.Change) twinsync.Ack {
+			c.Later(10*time.Minute, twinsync.Ack{Status: 200, Description: "done"})
+			return twinsync.Ack{Status: 202}
+		},
+	}}
+	s, err := twinsync.New(f, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	defer stop()
+	s.Connected()
+	f.waitReported(t, "202 for version 2", func(r map[string]any) bool { ac, av, _ := ackOf(r, "mode"); return ac == 202 && av == 2 })
+	waitTimer(t, fc, t0.Add(10*time.Minute))
+	fc.Advance(10 * time.Minute)
+	r := f.waitReported(t, "200 for version 2", func(r map[string]any) bool { ac, av, _ := ackOf(r, "mode"); return ac == 200 && av == 2 })
+	if m := r["mode"].(map[string]any); m["ad"] != "done" || m["value"] != "a" {
+		t.Fatalf("final ack %v", m)
+	}
+
+	// version 3 is superseded by version 4 before its ack is due: only 4 is acknowledged 200
+	t1 := fc.Now()
+	s.Desired(f.setDesired(`{"mode":"b"}`))
+	f.waitReported(t, "202 for version 3", func(r map[string]any) bool { ac, av, _ := ackOf(r, "mode"); return ac == 202 && av == 3 })
+	waitTimer(t, fc, t1.Add(10*time.Minute))
+	fc.Advance(time.Minute)
+	s.Desired(f.setDesired(`{"mode":"c"}`))
+	f.waitReported(t, "202 for version 4", func(r map[string]any) bool { ac, av, _ := ackOf(r, "mode"); return ac == 202 && av == 4 })
+	fc.Advance(9 * time.Minute) // version 3's ack is due now, version 4's in a minute
+	waitTimer(t, fc, t1.Add(11*time.Minute))
+	fc.Advance(time.Minute)
+	f.waitReported(t, "200 for version 4", func(r map[string]any) bool { ac, av, _ := ackOf(r, "mode"); return ac == 200 && av == 4 })
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, p := range f.patches {
+		if ac, av, _ := ackOf(p, "mode"); ac == 200 && av == 3 {
+			t.Fatalf("superseded version 3 acknowledged: %v", p)
+		}
+	}
+}
+
+// blockingWriter is a state writer whose writes wait for release; it records what was written.
+type blockingWriter struct {
+	entered chan struct{}
+	release chan struct{}
+	mu      sync.Mutex
+	writes  []map[string]any // the reported section of each write, in order
+}
+
+func (w *blockingWriter) write(_ string, b []byte) error {
+	w.entered <- struct{}{}
+	<-w.release
+	var st struct{ Reported map[string]any }
+	if err := json.Unmarshal(b, &st); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	w.writes = append(w.writes, st.Reported)
+	w.mu.Unlock()
+	return nil
+}
+
+func within(t *testing.T, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { defer close(done); f() }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s did not complete while a state write was blocked", what)
+	}
+}
+
+// The state file is written outside the lock that the session's delivery paths take: with a
+// write stuck on the disk, Connected, Desired and Intended still complete, and writes queued
+// behind it never put an older snapshot over a newer one.
+func TestSyncStateWriteDoesNotBlockDelivery(t *testing.T) {
+	w := &blockingWriter{entered: make(chan struct{}, 16), release: make(chan struct{})}
+	f := newFakeHub()
+	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d5", StateDir: t.TempDir(), WriteFile: w.write})
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 3)
+	go func() { errs <- s.Report(map[string]any{"a": "1"}) }()
+	select {
+	case <-w.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first write never started")
+	}
+	// the write of {a} is stuck; the delivery paths go on
+	within(t, "Connected", s.Connected)
+	within(t, "Desired", func() { s.Desired(&hub.DesiredPatch{Version: 2, Body: []byte(`{"x":1,"$version":2}`)}) })
+	within(t, "Intended", func() { _ = s.Intended() })
+	// two more reports queue behind the stuck write; their changes are in memory at once
+	go func() { errs <- s.Report(map[string]any{"b": "2"}) }()
+	go func() { errs <- s.Report(map[string]any{"c": "3"}) }()
+	close(w.release)
+	for range 3 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.writes) < 2 || len(w.writes) > 3 {
+		t.Fatalf("%d writes, want 2 or 3: %v", len(w.writes), w.writes)
+	}
+	for i := 1; i < len(w.writes); i++ {
+		if len(w.writes[i]) < len(w.writes[i-1]) {
+			t.Fatalf("write %d (%v) is older than write %d (%v)", i, w.writes[i], i-1, w.writes[i-1])
+		}
+	}
+	if last := w.writes[len(w.writes)-1]; fmt.Sprint(last) != "map[a:1 b:2 c:3]" {
+		t.Fatalf("last write %v, want a, b and c", last)
+	}
+}
+
+// With an unwritable state directory the sync goes on from memory: Report says the change was
+// not saved (and still sends it), desired properties are applied and acknowledged, and the
+// failure is logged with the path.
+func TestSyncUnwritableStateDir(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	core, logs := observer.New(zap.ErrorLevel)
+	f := newFakeHub()
+	f.setDesired(`{"interval":5}`)
+	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d6", StateDir: stateDir, Logger: zap.New(core),
+		Default: func(context.Context, twinsync.Change) twinsync.Ack { return twinsync.Ack{Status: 200} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// the state directory's name is taken by a regular file: no write can succeed, even as root
+	if err := os.WriteFile(stateDir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	defer stop()
+	err = s.Report(map[string]any{"a": "1"})
+	if !errors.Is(err, twinsync.ErrNotPersisted) || !strings.Contains(err.Error(), stateDir) {
+		t.Fatalf("Report: %v, want ErrNotPersisted naming %s", err, stateDir)
+	}
+	s.Connected()
+	f.waitReported(t, "a and the ack of interval", func(r map[string]any) bool {
+		ac, av, _ := ackOf(r, "interval")
+		return r["a"] == "1" && ac == 200 && av == 2
+	})
+	stop()
+	found := false
+	for _, e := range logs.FilterMessageSnippet("twin state not saved").All() {
+		if strings.Contains(fmt.Sprint(e.ContextMap()["path"]), stateDir) {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("no error logged naming the state path; logs: %v", logs.All())
 	}
 }
 
