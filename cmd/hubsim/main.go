@@ -2,7 +2,8 @@
 //
 //	hubsim serve --state DIR [--hostname localhost] [--mqtt-addr 127.0.0.1:8883]
 //	             [--https-addr 127.0.0.1:8443] [--token-grace 0s] [--log-level info]
-//	             [--log-format console|json]
+//	             [--log-format console|json] [--image-max-total 1073741824]
+//	             [--image-max-upload 268435456]
 //
 // serve writes DIR/endpoints.json once both listeners accept connections and removes it on a
 // clean stop. SIGINT and SIGTERM stop it cleanly (exit status 0).
@@ -86,6 +87,8 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.IntVar(&cfg.DPSRetryAfter, "dps-retry-after", 1, "retry-after seconds of DPS 202 replies (0: poll at once)")
 	f.Float64Var(&cfg.DPSRegistrationRate, "dps-rate", 0, "DPS register requests per second before 429 (0: no limit)")
 	f.IntVar(&cfg.DPSRegistrationBurst, "dps-burst", 1, "DPS register requests allowed in a burst under --dps-rate")
+	f.Int64Var(&cfg.ImagesMaxTotal, "image-max-total", 1<<30, "bytes all firmware images in the store (/hubsim/images) may hold together")
+	f.Int64Var(&cfg.ImagesMaxUpload, "image-max-upload", 256<<20, "bytes one uploaded firmware image may hold")
 	f.StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&format, "log-format", "console", "log format: console or json")
 	_ = cmd.MarkFlagRequired("state")

@@ -31,6 +31,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
+	"github.com/iothubby/iothubby/pkg/hubsim/images"
 	"github.com/iothubby/iothubby/pkg/hubsim/methods"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
@@ -90,6 +91,12 @@ type Config struct {
 	// DPSRegistrationBurst (default 1).
 	DPSRegistrationRate  float64
 	DPSRegistrationBurst int
+
+	// ImagesMaxTotal bounds the firmware image store (StateDir/images, served under
+	// /hubsim/images) in bytes (default images.DefaultMaxTotal); ImagesMaxUpload one image
+	// (default images.DefaultMaxUpload).
+	ImagesMaxTotal  int64
+	ImagesMaxUpload int64
 }
 
 // Endpoints is what endpoints.json holds.
@@ -106,6 +113,7 @@ type Server struct {
 	brk       *broker.Broker
 	api       *rest.Server
 	dps       *dps.Server
+	images    *images.Store
 	endpoints Endpoints
 	tempDir   bool
 	lock      *os.File // held on the state directory from Start to Close
@@ -215,10 +223,16 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if _, port, err := net.SplitHostPort(s.brk.Addr().String()); err == nil && port != "8883" {
 		s.dps.SetAssignedHubSuffix(":" + port)
 	}
-	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods}, log.Named("rest"))
+	s.images, err = images.Open(images.Config{Dir: filepath.Join(dir, "images"), MaxTotal: cfg.ImagesMaxTotal,
+		MaxUpload: cfg.ImagesMaxUpload, Logger: log.Named("images")})
+	if err != nil {
+		return nil, err
+	}
+	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods,
+		Images: s.images.ServeAdmin}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
-	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, hub: h}, log.Named("https")); err != nil {
+	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: h}, log.Named("https")); err != nil {
 		return nil, err
 	}
 	owner, ok := s.reg.Policy("iothubowner")
@@ -262,14 +276,20 @@ func (s *Server) applyInitialTwin(deviceID string, initial json.RawMessage) erro
 	return err
 }
 
-// dpsMux sends DPS paths (service API, device registration, /hubsim/dps) to DPS and everything
-// else to the hub's API.
+// dpsMux sends DPS paths (service API, device registration, /hubsim/dps) to DPS, image
+// downloads (authorised by their URL's token, not a service token) to the image store, and
+// everything else to the hub's API.
 type dpsMux struct {
-	dps *dps.Server
-	hub http.Handler
+	dps    *dps.Server
+	images *images.Store
+	hub    http.Handler
 }
 
 func (m dpsMux) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if images.IsDownload(r) {
+		m.images.ServeDownload(w, r)
+		return
+	}
 	if seg, ok := dps.Segments(r); ok && dps.Owns(seg) {
 		m.dps.ServeHTTP(w, r)
 		return
@@ -288,6 +308,9 @@ func (s *Server) Twins() *twins.Store { return s.twins }
 
 // Methods is the direct-method service.
 func (s *Server) Methods() *methods.Service { return s.methods }
+
+// Images is the firmware image store (served under /hubsim/images).
+func (s *Server) Images() *images.Store { return s.images }
 
 // CA is the certificate authority that signed the server certificate.
 func (s *Server) CA() *pki.CA { return s.ca }

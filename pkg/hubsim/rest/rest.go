@@ -54,6 +54,9 @@ type Config struct {
 	Twins Twins
 	// Methods serves POST /twins/{id}/methods; nil answers 404.
 	Methods Methods
+	// Images serves /hubsim/images/... once the service token is checked (the path is split as
+	// for every handler); nil answers 404.
+	Images func(w http.ResponseWriter, r *http.Request, seg []string)
 	// Now is the clock for token expiry; nil means time.Now.
 	Now func() time.Time
 }
