@@ -213,6 +213,11 @@ func (d *Device) firmwareMethod(u *firmware.Updater) methods.Handler {
 		case err == nil:
 			b, _ := json.Marshal(map[string]any{"message": "update accepted", "version": m.Version, "state": u.Status().State})
 			return methods.Response{Status: 202, Payload: b}
+		case errors.Is(err, firmware.ErrNotPersisted):
+			// the device's fault, not the manifest's: the update can be sent again later
+			d.log.Error("firmware update refused: state not saved", zap.Error(err))
+			b, _ := json.Marshal(map[string]string{"message": err.Error()})
+			return methods.Response{Status: 500, Payload: b}
 		case errors.Is(err, firmware.ErrBusy), errors.Is(err, firmware.ErrDowngrade):
 			d.reportRefused(u, m, err)
 			b, _ := json.Marshal(map[string]string{"message": err.Error()})

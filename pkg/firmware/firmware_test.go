@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -498,4 +500,84 @@ func FuzzParseManifest(f *testing.F) {
 			t.Fatalf("accepted %+v", m)
 		}
 	})
+}
+
+// state.json is written outside the updater's lock: with Start's write stuck on the disk,
+// Status (which the agent's method and twin paths call) still answers.
+func TestStateWriteDoesNotHoldStatus(t *testing.T) {
+	data := image(1000)
+	e := newEnv(t, data)
+	entered, release := make(chan struct{}, 4), make(chan struct{})
+	u := e.updater(t, func(c *Config) {
+		c.WriteFile = func(path string, b []byte) error {
+			entered <- struct{}{}
+			<-release
+			return os.WriteFile(path, b, 0o600)
+		}
+	})
+	started := make(chan error, 1)
+	go func() { started <- u.Start(manifestFor(data, "1.0.1", e.srv.URL+"/fw")) }()
+	select {
+	case <-entered:
+	case <-time.After(wait):
+		t.Fatal("Start did not write its state")
+	}
+	got := make(chan Status, 1)
+	go func() { got <- u.Status() }()
+	select {
+	case s := <-got:
+		if s.State != Downloading || s.TargetVersion != "1.0.1" {
+			t.Fatalf("status during the write %+v", s)
+		}
+	case <-time.After(wait):
+		t.Fatal("Status blocked behind the state write")
+	}
+	close(release)
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A state write that fails is never dropped: Start refuses the update (it would not survive a
+// restart) and keeps the old state, and a failure to record a delivered status is logged.
+func TestStateWriteErrors(t *testing.T) {
+	data := image(1000)
+	e := newEnv(t, data)
+	var failing atomic.Bool
+	failing.Store(true)
+	// from the reboot on, writes fail: the confirmation's and the delivered status's
+	e.reboot = func(context.Context) error { failing.Store(true); return nil }
+	core, logs := observer.New(zap.ErrorLevel)
+	u := e.updater(t, func(c *Config) {
+		c.Logger = zap.New(core)
+		c.WriteFile = func(path string, b []byte) error {
+			if failing.Load() {
+				return errors.New("disk full")
+			}
+			return os.WriteFile(path, b, 0o600)
+		}
+	})
+	err := u.Start(manifestFor(data, "1.0.1", e.srv.URL+"/fw"))
+	if !errors.Is(err, ErrNotPersisted) || !strings.Contains(err.Error(), "disk full") || !strings.Contains(err.Error(), stateFile) {
+		t.Fatalf("Start with an unwritable state: %v", err)
+	}
+	if s := u.Status(); s.State != Current || s.Version != "1.0.0" || s.TargetVersion != "" {
+		t.Fatalf("refused update left state %+v", s)
+	}
+	// The update goes through once the disk takes writes; then recording that the final status
+	// was delivered fails, and that is logged.
+	failing.Store(false)
+	stop := run(u)
+	defer stop()
+	if err := u.Start(manifestFor(data, "1.0.1", e.srv.URL+"/fw")); err != nil {
+		t.Fatal(err)
+	}
+	s := e.rep.await(t, func(s Status) bool { return s.State.final() })
+	stop()
+	if s.State != Current {
+		t.Fatalf("final status %+v", s)
+	}
+	if n := logs.FilterMessageSnippet("firmware state not saved").Len(); n == 0 {
+		t.Fatalf("failed writes not logged; logs: %v", logs.All())
+	}
 }

@@ -67,6 +67,8 @@ var (
 	ErrBusy = errors.New("firmware: another update is in progress")
 	// ErrDowngrade means the manifest's version is older than the running one.
 	ErrDowngrade = errors.New("firmware: downgrade refused")
+	// ErrNotPersisted means state.json could not be written (Start refuses the update then).
+	ErrNotPersisted = errors.New("firmware: state not saved")
 )
 
 // Config configures an Updater.
@@ -97,6 +99,9 @@ type Config struct {
 	Logger         *zap.Logger
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// WriteFile writes state.json (default: atomically with internal/atomicfile). A seam for
+	// tests.
+	WriteFile func(path string, data []byte) error
 }
 
 // persisted is state.json.
@@ -113,13 +118,23 @@ type persisted struct {
 }
 
 // Updater runs firmware updates one at a time. Run owns its only goroutine.
+//
+// The state is changed under mu and written outside it (persist), so Status and Start never
+// wait for the disk behind another path's write.
 type Updater struct {
 	cfg  Config
 	log  *zap.Logger
 	kick chan struct{}
 
-	mu sync.Mutex
-	st persisted
+	mu  sync.Mutex
+	st  persisted
+	seq uint64 // counts changes to st that must reach the disk
+
+	// wmu orders the writes of state.json; taken before mu, never under it.
+	wmu       sync.Mutex
+	savedSeq  uint64
+	failedSeq uint64
+	failErr   error
 }
 
 const stateFile = "state.json"
@@ -134,6 +149,9 @@ func New(cfg Config) (*Updater, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.WriteFile == nil {
+		cfg.WriteFile = func(path string, data []byte) error { return atomicfile.WriteFile(path, data, 0o600) }
 	}
 	if cfg.DownloadTimeout <= 0 {
 		cfg.DownloadTimeout = 30 * time.Minute
@@ -208,24 +226,38 @@ func (u *Updater) Start(m Manifest) error {
 		return err
 	}
 	u.mu.Lock()
-	defer u.mu.Unlock()
 	if !u.st.State.final() {
+		defer u.mu.Unlock()
 		if u.st.Target != nil && u.st.Target.Same(m) {
 			return nil
 		}
 		return ErrBusy
 	}
 	if m.Version == u.st.Version {
+		u.mu.Unlock()
 		return nil
 	}
 	if !u.cfg.AllowDowngrade && CompareVersions(m.Version, u.st.Version) < 0 {
+		defer u.mu.Unlock()
 		return fmt.Errorf("%w: %s is older than the running %s", ErrDowngrade, m.Version, u.st.Version)
 	}
 	if u.st.State == Failed && u.st.Target != nil && u.st.Target.Same(m) {
+		u.mu.Unlock()
 		return nil // the same failed update is not retried on its own; send a new manifest
 	}
+	prev := u.st
 	u.st.Target = &m
-	if err := u.setLocked(Downloading, 0, ""); err != nil {
+	seq := u.setLocked(Downloading, 0, "")
+	u.mu.Unlock()
+	// The update is accepted only once it is on disk: if the write fails it is refused, and the
+	// state goes back to what it was (unless something changed it meanwhile, which only Run's
+	// own reporting could, and Run has not been kicked yet).
+	if err := u.persist(seq); err != nil {
+		u.mu.Lock()
+		if u.seq == seq {
+			u.st = prev
+		}
+		u.mu.Unlock()
 		return err
 	}
 	select {
@@ -235,24 +267,51 @@ func (u *Updater) Start(m Manifest) error {
 	return nil
 }
 
-// setLocked moves to a state and persists it before anything else happens.
-func (u *Updater) setLocked(s State, percent int, errText string) error {
+// setLocked moves to a state in memory and returns the change's number; persist(seq) writes it,
+// after u.mu is released, before anything else happens.
+func (u *Updater) setLocked(s State, percent int, errText string) uint64 {
 	u.st.State, u.st.Percent, u.st.Error, u.st.Updated = s, percent, errText, u.cfg.Now()
 	u.st.Unreported = true
-	b, err := json.MarshalIndent(u.st, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.WriteFile(filepath.Join(u.cfg.Dir, stateFile), b, 0o600); err != nil {
-		return fmt.Errorf("firmware: persist state: %w", err)
-	}
-	return nil
+	u.seq++
+	return u.seq
 }
 
+// set moves to a state and persists it.
 func (u *Updater) set(s State, percent int, errText string) error {
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.setLocked(s, percent, errText)
+	seq := u.setLocked(s, percent, errText)
+	u.mu.Unlock()
+	return u.persist(seq)
+}
+
+// persist makes sure the state as of change seq is in state.json. The snapshot is taken under
+// u.mu and written outside it, under u.wmu, which orders the writes: each writes the newest
+// snapshot, and a change an earlier write already covered returns at once, so a later state is
+// never overwritten by an earlier one. A failed write is returned (callers log it with their
+// context); the next change writes the whole state again.
+func (u *Updater) persist(seq uint64) error {
+	u.wmu.Lock()
+	defer u.wmu.Unlock()
+	switch {
+	case u.savedSeq >= seq:
+		return nil
+	case u.failedSeq >= seq:
+		return u.failErr
+	}
+	u.mu.Lock()
+	at := u.seq
+	b, err := json.MarshalIndent(u.st, "", "  ")
+	u.mu.Unlock()
+	path := filepath.Join(u.cfg.Dir, stateFile)
+	if err == nil {
+		err = u.cfg.WriteFile(path, b)
+	}
+	if err != nil {
+		u.failedSeq, u.failErr = at, fmt.Errorf("%w: %s: %w", ErrNotPersisted, path, err)
+		return u.failErr
+	}
+	u.savedSeq = at
+	return nil
 }
 
 // ReportPending sends the current status if it has not been delivered (call it on every
@@ -266,18 +325,26 @@ func (u *Updater) ReportPending(ctx context.Context) {
 	}
 }
 
+// report delivers s and, once delivered, records that it was (so a restart does not send it
+// again). Failing to record that is logged: its only cost is the status sent again after a
+// restart.
 func (u *Updater) report(ctx context.Context, s Status) {
 	if err := u.cfg.Reporter.Report(ctx, s); err != nil {
 		u.log.Info("firmware status not reported; will re-send", zap.String("state", string(s.State)), zap.Error(err))
 		return
 	}
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.st.State == s.State && u.st.Percent == s.Percent && u.st.Updated.Equal(s.Updated) && u.st.Unreported {
-		u.st.Unreported = false
-		if b, err := json.MarshalIndent(u.st, "", "  "); err == nil {
-			_ = atomicfile.WriteFile(filepath.Join(u.cfg.Dir, stateFile), b, 0o600)
-		}
+	if !(u.st.State == s.State && u.st.Percent == s.Percent && u.st.Updated.Equal(s.Updated) && u.st.Unreported) {
+		u.mu.Unlock()
+		return
+	}
+	u.st.Unreported = false
+	u.seq++
+	seq := u.seq
+	u.mu.Unlock()
+	if err := u.persist(seq); err != nil {
+		u.log.Error("firmware state not saved: the delivered status will be sent again after a restart",
+			zap.String("state", string(s.State)), zap.Error(err))
 	}
 }
 
@@ -391,10 +458,10 @@ func (u *Updater) confirm(ctx context.Context, m Manifest, slot string, log *zap
 	}
 	u.mu.Lock()
 	u.st.ActiveSlot, u.st.Version = slot, m.Version
-	err := u.setLocked(Current, 0, "")
+	seq := u.setLocked(Current, 0, "")
 	s := u.statusLocked()
 	u.mu.Unlock()
-	if err != nil {
+	if err := u.persist(seq); err != nil {
 		log.Error("firmware state not saved", zap.Error(err))
 	}
 	log.Info("firmware update complete", zap.String("version", m.Version))
