@@ -76,6 +76,11 @@ type Config struct {
 	// TwinRateLimit, when positive, limits device twin GETs and PATCHes to this many per second
 	// across the hub; requests over it are answered 429. Default 0: unlimited.
 	TwinRateLimit float64
+	// DeviceOutboundBytes and DeviceWriteTimeout bound what the hub sends a device that does
+	// not read: past either, the device is disconnected (broker.DefaultOutboundBytes, 4 MiB, and
+	// broker.DefaultWriteTimeout, 10 s, when zero).
+	DeviceOutboundBytes int
+	DeviceWriteTimeout  time.Duration
 	// OnEvent observes the device endpoint (connections, refusals, telemetry, ...); it is
 	// called synchronously and must not block.
 	OnEvent func(broker.Event)
@@ -210,6 +215,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
 		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twinHandler, Methods: methodHandler,
+		OutboundBytes: cfg.DeviceOutboundBytes, WriteTimeout: cfg.DeviceWriteTimeout,
 		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
 	}, log.Named("mqtt"))
 	if err != nil {

@@ -11,7 +11,9 @@
 //     telemetry over 256 KB closes the connection.
 //   - Nothing a device publishes goes through mochi's topic tree: telemetry is recorded, twin and
 //     method traffic goes to pluggable handlers, and every hub-to-device packet (twin responses,
-//     cloud-to-device messages, later method requests) is written to the one target connection.
+//     desired notifications, method requests, cloud-to-device messages) goes to the one target
+//     connection through its bounded outbound queue (outbound.go): callers never block on the
+//     network, and a device that does not read is disconnected.
 //
 // Telemetry records and cloud-to-device queues are kept in memory only.
 package broker
@@ -73,6 +75,12 @@ type Config struct {
 	Methods MethodResponseHandler
 	// MaximumClientWritesPending sizes mochi's per-client outbound queue. Default 128.
 	MaximumClientWritesPending int32
+	// OutboundBytes bounds the hub-to-device packets waiting to be written to one connection;
+	// past it the device is disconnected as not reading. Default DefaultOutboundBytes.
+	OutboundBytes int
+	// WriteTimeout bounds each write to a device's connection; a write that does not complete
+	// in time disconnects the device. Default DefaultWriteTimeout.
+	WriteTimeout time.Duration
 	// OnEvent, if set, is called for every Event, synchronously on the goroutine where it
 	// happens; it must not block.
 	OnEvent func(Event)
@@ -150,6 +158,12 @@ func Start(cfg Config, log *zap.Logger) (*Broker, error) {
 	}
 	if cfg.MaximumClientWritesPending <= 0 {
 		cfg.MaximumClientWritesPending = 128
+	}
+	if cfg.OutboundBytes <= 0 {
+		cfg.OutboundBytes = DefaultOutboundBytes
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = DefaultWriteTimeout
 	}
 	b := &Broker{
 		cfg: cfg, log: log, reg: cfg.Registry,

@@ -168,7 +168,7 @@ func (b *Broker) pump(ds *deviceState) {
 		}
 		ds.mu.Unlock()
 		for _, o := range batch {
-			err := s.cl.WritePacket(packets.Packet{
+			err := s.send(packets.Packet{
 				FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
 				TopicName:   o.topic,
 				Payload:     o.body,
@@ -176,7 +176,7 @@ func (b *Broker) pump(ds *deviceState) {
 			})
 			if err != nil {
 				// The connection is ending; its disconnect returns the messages to the queue.
-				b.log.Debug("cloud-to-device write failed", zap.String("device", ds.id), zap.Error(err))
+				b.log.Debug("cloud-to-device message not sent", zap.String("device", ds.id), zap.Error(err))
 				break
 			}
 		}

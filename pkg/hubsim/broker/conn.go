@@ -81,10 +81,15 @@ func (c *devConn) Read(p []byte) (int, error) {
 	return tc.Read(p)
 }
 
+// Write writes with a deadline of WriteTimeout, so that no writer (mochi's or the outbound
+// queue's) waits forever on a device that does not read.
 func (c *devConn) Write(p []byte) (int, error) {
 	tc := c.tc.Load()
 	if tc == nil {
 		return 0, net.ErrClosed
+	}
+	if err := c.raw.SetWriteDeadline(time.Now().Add(c.b.cfg.WriteTimeout)); err != nil {
+		return 0, err
 	}
 	return tc.Write(p)
 }

@@ -223,12 +223,12 @@ func (s *session) respondTwin(rid string, r TwinResponse) {
 		s.log.Debug("twin response dropped: not subscribed to " + wire.TwinResponseFilter)
 		return
 	}
-	if err := s.cl.WritePacket(packets.Packet{
+	if err := s.send(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish},
 		TopicName:   wire.TwinResponse(r.Status, rid, r.Version),
 		Payload:     r.Body,
 	}); err != nil {
-		s.log.Debug("twin response not written", zap.Error(err))
+		s.log.Debug("twin response not sent", zap.Error(err))
 	}
 }
 

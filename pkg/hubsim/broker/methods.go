@@ -11,7 +11,7 @@ import (
 // ErrNotSubscribed means the device has no connection subscribed to direct methods.
 var ErrNotSubscribed = errors.New("broker: device is not connected and subscribed to methods")
 
-// SendMethodRequest writes a direct-method request ($iothub/methods/POST/{method}/?$rid={rid},
+// SendMethodRequest queues a direct-method request ($iothub/methods/POST/{method}/?$rid={rid},
 // QoS 0, as IoT Hub sends it) to the device's current connection, if that connection is
 // subscribed to $iothub/methods/POST/#. It does not block.
 func (b *Broker) SendMethodRequest(deviceID, method, rid string, payload []byte) error {
@@ -28,7 +28,7 @@ func (b *Broker) SendMethodRequest(deviceID, method, rid string, payload []byte)
 	if !s.subscribed(wire.MethodsFilter) {
 		return ErrNotSubscribed
 	}
-	return s.cl.WritePacket(packets.Packet{
+	return s.send(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish},
 		TopicName:   wire.MethodRequest(method, rid),
 		Payload:     payload,

@@ -43,6 +43,8 @@ type session struct {
 
 	pid uint16 // last hub-to-device packet ID; guarded by ds.mu
 
+	out outbound // hub-to-device packets waiting to be written
+
 	// established is set once the CONNACK has gone out. The session becomes the device's
 	// current one (and, on a takeover, inherits the old subscriptions) before that, so nothing
 	// the hub sends on its own may be written to it until then: a client reads the CONNACK first.
@@ -238,6 +240,7 @@ func (b *Broker) verifyCert(id *registry.Identity, chain []*x509.Certificate) au
 func (s *session) end(err error) {
 	s.endOnce.Do(func() {
 		s.stopTimer()
+		s.endOutbound()
 		ds := s.ds
 		if ds == nil {
 			return

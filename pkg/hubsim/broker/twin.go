@@ -7,11 +7,11 @@ import (
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
-// NotifyDesired writes a desired-properties notification
+// NotifyDesired queues a desired-properties notification
 // ($iothub/twin/PATCH/properties/desired/?$version=N, QoS 0) to the device's current connection
 // when it is subscribed to $iothub/twin/PATCH/properties/desired/#, as IoT Hub does: nothing is
-// queued for a device that is offline or not subscribed. It reports whether it was written. It
-// does not block.
+// kept for a device that is offline or not subscribed. It reports whether it was queued for the
+// connection. It does not block (the twin store calls it under its lock).
 func (b *Broker) NotifyDesired(deviceID string, version int64, body []byte) bool {
 	ds := b.existingState(deviceID)
 	if ds == nil {
@@ -26,13 +26,13 @@ func (b *Broker) NotifyDesired(deviceID string, version int64, body []byte) bool
 	if !s.subscribed(wire.TwinDesiredFilter) {
 		return false
 	}
-	err := s.cl.WritePacket(packets.Packet{
+	err := s.send(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish},
 		TopicName:   wire.TwinDesired(version),
 		Payload:     body,
 	})
 	if err != nil {
-		s.log.Debug("desired notification not written", zap.Int64("version", version), zap.Error(err))
+		s.log.Debug("desired notification not sent", zap.Int64("version", version), zap.Error(err))
 		return false
 	}
 	return true
