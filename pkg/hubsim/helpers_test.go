@@ -222,7 +222,7 @@ func (e *env) do(method, path string, body []byte, auth string, hdr ...string) r
 
 type rawConn struct {
 	t *testing.T
-	c *tls.Conn
+	c net.Conn // TLS, or a WebSocket (ws_test.go)
 	r *bufio.Reader
 }
 

@@ -317,7 +317,7 @@ func TestMQTT5AndGarbageAreRejected(t *testing.T) {
 			mark := e.ev.mark()
 			rc := e.dial()
 			rc.send(c.data)
-			_ = rc.c.CloseWrite()
+			_ = rc.c.(*tls.Conn).CloseWrite()
 			p, err := rc.read()
 			if c.connack {
 				if err != nil || p.typ != 2 || !bytes.Equal(p.body, []byte{0, 1}) {

@@ -238,7 +238,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		Images: s.images.ServeAdmin}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
-	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: h}, log.Named("https")); err != nil {
+	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: h, ws: s.brk}, log.Named("https")); err != nil {
 		return nil, err
 	}
 	owner, ok := s.reg.Policy("iothubowner")
@@ -283,15 +283,21 @@ func (s *Server) applyInitialTwin(deviceID string, initial json.RawMessage) erro
 }
 
 // dpsMux sends DPS paths (service API, device registration, /hubsim/dps) to DPS, image
-// downloads (authorised by their URL's token, not a service token) to the image store, and
-// everything else to the hub's API.
+// downloads (authorised by their URL's token, not a service token) to the image store, device
+// MQTT over WebSockets (any path ending in /$iothub/websocket) to the broker, and everything
+// else to the hub's API.
 type dpsMux struct {
 	dps    *dps.Server
 	images *images.Store
 	hub    http.Handler
+	ws     *broker.Broker
 }
 
 func (m dpsMux) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if broker.IsWebSocketPath(r.URL.Path) {
+		m.ws.ServeWebSocket(w, r)
+		return
+	}
 	if images.IsDownload(r) {
 		m.images.ServeDownload(w, r)
 		return

@@ -321,11 +321,13 @@ func (b *Broker) Disconnect(deviceID string) bool {
 
 // ConnectionInfo describes one connected device.
 type ConnectionInfo struct {
-	DeviceID      string    `json:"deviceId"`
-	ModuleID      string    `json:"moduleId,omitempty"`
-	ClientID      string    `json:"clientId"`
-	RemoteAddr    string    `json:"remoteAddr"`
-	AuthType      string    `json:"authType"`
+	DeviceID   string `json:"deviceId"`
+	ModuleID   string `json:"moduleId,omitempty"`
+	ClientID   string `json:"clientId"`
+	RemoteAddr string `json:"remoteAddr"`
+	AuthType   string `json:"authType"`
+	// Transport is "mqtt" (the TLS listener) or "mqtt-ws" (WebSocket on the HTTPS listener).
+	Transport     string    `json:"transport"`
 	ModelID       string    `json:"modelId,omitempty"`
 	ConnectedAt   time.Time `json:"connectedAt"`
 	Subscriptions []string  `json:"subscriptions"`
@@ -358,7 +360,7 @@ func (b *Broker) Connections() []ConnectionInfo {
 		}
 		out = append(out, ConnectionInfo{
 			DeviceID: s.deviceID, ModuleID: s.moduleID, ClientID: clientID, RemoteAddr: s.remote,
-			AuthType: s.authType, ModelID: s.modelID, ConnectedAt: s.connectedAt.UTC(), Subscriptions: subs,
+			AuthType: s.authType, Transport: s.transport(), ModelID: s.modelID, ConnectedAt: s.connectedAt.UTC(), Subscriptions: subs,
 		})
 	}
 	slices.SortFunc(out, func(a, b ConnectionInfo) int { return strings.Compare(a.DeviceID, b.DeviceID) })

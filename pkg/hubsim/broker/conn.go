@@ -16,18 +16,21 @@ import (
 )
 
 // devConn is one device's network connection as mochi sees it: TLS over the accepted TCP
-// connection, with the first packet read and checked by readConnect before mochi may read it.
-// mochi reads from a single goroutine, so the sniff state needs no lock.
+// connection (or a WebSocket over the HTTPS listener's TLS, see ws.go), with the first packet
+// read and checked by readConnect before mochi may read it. mochi reads from a single goroutine,
+// so the sniff state needs no lock.
 //
 // mochi keeps a client with CleanSession 0 after it disconnects (its session lives on), and with
-// it this connection; release drops the TLS state then, so a disconnected device costs a few
+// it this connection; release drops the stream then, so a disconnected device costs a few
 // kilobytes rather than a TLS connection's buffers. Every method is safe after release.
 type devConn struct {
-	tc     atomic.Pointer[tls.Conn]
+	tc     atomic.Pointer[streamRef]
 	raw    net.Conn
 	local  net.Addr
 	remote net.Addr
 	b      *Broker
+
+	ws bool // over a WebSocket
 
 	sniffed   bool
 	replay    []byte
@@ -37,10 +40,38 @@ type devConn struct {
 	closed atomic.Bool
 }
 
+// stream is what a device's MQTT bytes travel over: a *tls.Conn, or a wsStream.
+type stream interface {
+	net.Conn
+	ConnectionState() tls.ConnectionState
+	// CloseWrite ends the stream's sending side (TLS close_notify, WebSocket close frame).
+	CloseWrite() error
+}
+
+// streamRef lets a devConn swap its stream atomically.
+type streamRef struct{ stream }
+
+// handshaker is a stream with a handshake still to run (TLS).
+type handshaker interface{ Handshake() error }
+
 func newDevConn(b *Broker, raw net.Conn) *devConn {
-	c := &devConn{raw: raw, local: raw.LocalAddr(), remote: raw.RemoteAddr(), b: b}
-	c.tc.Store(tls.Server(raw, b.tlsConf))
+	return newDevConnOver(b, raw, tls.Server(raw, b.tlsConf))
+}
+
+// newDevConnOver wraps st, carried by the TCP connection raw (closed and given deadlines
+// directly).
+func newDevConnOver(b *Broker, raw net.Conn, st stream) *devConn {
+	_, ws := st.(*wsStream)
+	c := &devConn{raw: raw, local: raw.LocalAddr(), remote: raw.RemoteAddr(), b: b, ws: ws}
+	c.tc.Store(&streamRef{st})
 	return c
+}
+
+func (c *devConn) stream() stream {
+	if r := c.tc.Load(); r != nil {
+		return r.stream
+	}
+	return nil
 }
 
 var errRefused = errors.New("connection refused before MQTT")
@@ -51,7 +82,7 @@ var errDPSDone = errors.New("DPS session ended")
 // Read runs the CONNECT check on the first call, then replays the checked packet, then reads
 // the connection.
 func (c *devConn) Read(p []byte) (int, error) {
-	tc := c.tc.Load()
+	tc := c.stream()
 	if tc == nil {
 		return 0, net.ErrClosed
 	}
@@ -84,7 +115,7 @@ func (c *devConn) Read(p []byte) (int, error) {
 // Write writes with a deadline of WriteTimeout, so that no writer (mochi's or the outbound
 // queue's) waits forever on a device that does not read.
 func (c *devConn) Write(p []byte) (int, error) {
-	tc := c.tc.Load()
+	tc := c.stream()
 	if tc == nil {
 		return 0, net.ErrClosed
 	}
@@ -103,23 +134,25 @@ func (c *devConn) SetWriteDeadline(t time.Time) error { return c.raw.SetWriteDea
 
 // ConnectionState is the TLS state (peer certificates); zero after release.
 func (c *devConn) ConnectionState() tls.ConnectionState {
-	if tc := c.tc.Load(); tc != nil {
+	if tc := c.stream(); tc != nil {
 		return tc.ConnectionState()
 	}
 	return tls.ConnectionState{}
 }
 
-// release drops the TLS state of a finished connection.
+// release drops the stream (TLS state) of a finished connection.
 func (c *devConn) release() {
 	_ = c.Close()
 	c.tc.Store(nil)
 }
 
-func (c *devConn) sniff(tc *tls.Conn) error {
+func (c *devConn) sniff(tc stream) error {
 	log := c.b.log.With(zap.String("remote", c.remote.String()))
-	if err := tc.Handshake(); err != nil {
-		log.Debug("TLS handshake failed", zap.Error(err))
-		return err
+	if h, ok := tc.(handshaker); ok {
+		if err := h.Handshake(); err != nil {
+			log.Debug("TLS handshake failed", zap.Error(err))
+			return err
+		}
 	}
 	pkt, remaining, err := readConnect(tc, maxPacketSize)
 	var ve *VersionError
@@ -154,7 +187,7 @@ func (c *devConn) sniff(tc *tls.Conn) error {
 // lingerAfter writes msg, half-closes, and reads what the peer still sends (up to the rest of its
 // packet and a bounded time) so that closing does not reset the connection before the peer has
 // read msg.
-func lingerAfter(tc *tls.Conn, msg string, remaining int) {
+func lingerAfter(tc stream, msg string, remaining int) {
 	_ = tc.SetDeadline(time.Now().Add(2 * time.Second))
 	if _, err := io.WriteString(tc, msg); err != nil {
 		return
@@ -224,27 +257,32 @@ func (b *Broker) acceptLoop(ctx context.Context) {
 		}
 		delay = 0
 		_ = raw.SetDeadline(time.Now().Add(b.cfg.ConnectTimeout))
-		dc := newDevConn(b, raw)
-		if !b.track(dc) {
-			_ = raw.Close()
-			continue
+		b.serve(newDevConn(b, raw))
+	}
+}
+
+// serve hands dc to mochi on a goroutine of the broker's group; it returns at once. dc is closed
+// if the broker is closing.
+func (b *Broker) serve(dc *devConn) {
+	if !b.track(dc) {
+		_ = dc.raw.Close()
+		return
+	}
+	if !b.grp.Go(func() {
+		defer b.untrack(dc)
+		err := b.mqtt.EstablishConnection(listenerID, dc)
+		if s := dc.sess.Load(); s != nil {
+			// mochi skips OnDisconnect when it fails between authentication and the
+			// read loop (e.g. the CONNACK cannot be written); end is idempotent.
+			s.end(err)
 		}
-		if !b.grp.Go(func() {
-			defer b.untrack(dc)
-			err := b.mqtt.EstablishConnection(listenerID, dc)
-			if s := dc.sess.Load(); s != nil {
-				// mochi skips OnDisconnect when it fails between authentication and the
-				// read loop (e.g. the CONNACK cannot be written); end is idempotent.
-				s.end(err)
-			}
-			dc.release()
-			if err != nil {
-				b.log.Debug("connection ended", zap.String("remote", raw.RemoteAddr().String()), zap.Error(err))
-			}
-		}) {
-			b.untrack(dc)
-			_ = raw.Close()
+		dc.release()
+		if err != nil {
+			b.log.Debug("connection ended", zap.String("remote", dc.remote.String()), zap.Error(err))
 		}
+	}) {
+		b.untrack(dc)
+		_ = dc.raw.Close()
 	}
 }
 
