@@ -47,7 +47,7 @@ func TestParseConfigExample(t *testing.T) {
 	}
 	if c.Connection.TokenTTL != time.Hour || c.Connection.KeepAlive != 120*time.Second || c.Telemetry.Interval != 10*time.Second ||
 		c.ShutdownTimeout != 5*time.Second || c.Queue.Capacity != 1000 || c.Telemetry.Properties["source"] != "iothubby" ||
-		c.Log.Format != "console" {
+		c.Log.Format != "console" || c.Transport != "mqtt" {
 		t.Errorf("parsed %+v", c)
 	}
 	if _, err := agent.ParseTemplate(c.Telemetry.Template); err != nil {
@@ -115,6 +115,9 @@ func TestIdentityErrors(t *testing.T) {
 		},
 		"missing string file": func(c *agent.Config) { c.ConnectionStringFile = "/nonexistent/cs" },
 		"invalid device id":   func(c *agent.Config) { c.Host, c.DeviceID, c.Auth.SymmetricKey = "h", "bad/id", secretKey },
+		"unknown transport": func(c *agent.Config) {
+			c.Host, c.DeviceID, c.Auth.SymmetricKey, c.Transport = "h", "d", secretKey, "amqp-ws"
+		},
 	}
 	for name, mutate := range cases {
 		c := agent.Default()

@@ -33,8 +33,13 @@ type Config struct {
 
 	// Host is the hub's host name (when no connection string is given).
 	Host string `yaml:"host"`
-	// Address is the TCP dial target host:port; default host:8883 (or GatewayHostName:8883).
+	// Address is the TCP dial target host:port; default host:8883 (or GatewayHostName:8883), or
+	// port 443 with transport mqtt-ws.
 	Address string `yaml:"address"`
+	// Transport is mqtt (MQTT over TLS, port 8883; the default) or mqtt-ws (MQTT over a
+	// WebSocket on port 443, through the HTTP CONNECT proxy HTTPS_PROXY names unless NO_PROXY
+	// covers the hub).
+	Transport string `yaml:"transport"`
 	// DeviceID is the device identity.
 	DeviceID string `yaml:"deviceId"`
 	// ModuleID makes this a module identity.
@@ -237,8 +242,10 @@ func (c *Config) resolve() (identity, error) {
 			// A gateway name may carry its own port (hubsim's connection strings do).
 			if _, _, err := net.SplitHostPort(gw); err == nil {
 				id.address = gw
+			} else if c.Transport == hub.TransportMQTTWS {
+				id.address = net.JoinHostPort(gw, fmt.Sprint(hub.DefaultWSPort))
 			} else {
-				id.address = net.JoinHostPort(gw, "8883")
+				id.address = net.JoinHostPort(gw, fmt.Sprint(hub.DefaultPort))
 			}
 		}
 		switch {
@@ -300,6 +307,7 @@ func (c *Config) hubConfig(id identity) hub.Config {
 	h := hub.Config{
 		Host:             id.host,
 		Address:          id.address,
+		Transport:        c.Transport,
 		ServerName:       c.TLS.ServerName,
 		DeviceID:         id.deviceID,
 		ModuleID:         id.moduleID,

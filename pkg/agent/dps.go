@@ -222,6 +222,9 @@ func (d *Device) provision(ctx context.Context, force bool) (*dps.Result, bool, 
 func (d *Device) hubConfigFor(res *dps.Result) hub.Config {
 	hc := d.hcfg
 	hc.Host, hc.Address = res.HubHostAndAddress()
+	if hc.Transport == hub.TransportMQTTWS {
+		hc.Address = "" // the assigned hub's HTTPS port, not its MQTT one
+	}
 	if d.cfg.DPS.HubAddress != "" {
 		hc.Address = d.cfg.DPS.HubAddress
 	}

@@ -55,9 +55,15 @@ type Config struct {
 	// Host is the hub's host name (the connection string's HostName). It is used in the MQTT
 	// username, in the SAS token's resource and, by default, as the TLS server name.
 	Host string
-	// Address is the TCP dial target "host:port". Default: Host on port 8883. Set it to reach a
-	// gateway or a local hubsim on another port while Host stays the hub's name.
+	// Address is the TCP dial target "host:port". Default: Host on port 8883 (443 for mqtt-ws).
+	// Set it to reach a gateway or a local hubsim on another port while Host stays the hub's name.
 	Address string
+	// Transport is TransportMQTT (MQTT over TLS; the default) or TransportMQTTWS (MQTT over a
+	// WebSocket on the HTTPS port, through Proxy if it names one).
+	Transport string
+	// Proxy picks the HTTP CONNECT proxy of a mqtt-ws connection, given https://Address; nil
+	// URL: connect directly. Default: ProxyFromEnvironment (HTTPS_PROXY, NO_PROXY).
+	Proxy func(*url.URL) (*url.URL, error)
 	// ServerName is the name the server certificate must carry. Default: the host part of Host.
 	ServerName string
 	// DeviceID is the device identity; required.
@@ -206,11 +212,24 @@ func (c Config) withDefaults() (Config, error) {
 	case c.Signer != nil && c.Certificate != nil:
 		bad("set only one credential: Signer or Certificate")
 	}
+	port := DefaultPort
+	switch c.Transport {
+	case "":
+		c.Transport = TransportMQTT
+	case TransportMQTT:
+	case TransportMQTTWS:
+		port = DefaultWSPort
+		if c.Proxy == nil {
+			c.Proxy = ProxyFromEnvironment()
+		}
+	default:
+		bad("Transport %q: want %s or %s", c.Transport, TransportMQTT, TransportMQTTWS)
+	}
 	if c.Address == "" {
 		if _, _, err := net.SplitHostPort(c.Host); err == nil {
 			c.Address = c.Host
 		} else {
-			c.Address = net.JoinHostPort(c.Host, fmt.Sprint(DefaultPort))
+			c.Address = net.JoinHostPort(c.Host, fmt.Sprint(port))
 		}
 	}
 	if h, p, err := net.SplitHostPort(c.Address); err != nil || h == "" || p == "" || strings.ContainsAny(h, ":/") && net.ParseIP(h) == nil {

@@ -357,10 +357,15 @@ func (s *Session) connect() (*conn, error) {
 	return c, nil
 }
 
-// open dials TCP and completes the TLS handshake (paho's CustomOpenConnectionFn).
+// open dials TCP and completes the TLS handshake, and for mqtt-ws the WebSocket upgrade
+// (paho's CustomOpenConnectionFn).
 func (c *conn) open(ctx context.Context) (net.Conn, error) {
 	s := c.s
-	raw, err := s.cfg.Dial(ctx, "tcp", s.cfg.Address)
+	dial := s.cfg.Dial
+	if s.cfg.Transport == TransportMQTTWS {
+		dial = func(ctx context.Context, _, addr string) (net.Conn, error) { return s.cfg.dialTunnel(ctx, addr) }
+	}
+	raw, err := dial(ctx, "tcp", s.cfg.Address)
 	if err != nil {
 		err = &dialError{fmt.Errorf("hub: dial %s: %w", s.cfg.Address, err)}
 		c.setDialErr(err)
@@ -379,6 +384,16 @@ func (c *conn) open(ctx context.Context) (net.Conn, error) {
 		}
 		c.setDialErr(err)
 		return nil, err
+	}
+	if s.cfg.Transport == TransportMQTTWS {
+		ws, err := s.cfg.upgradeWS(ctx, tc)
+		if err != nil {
+			_ = raw.Close()
+			err = &dialError{fmt.Errorf("hub: %w", err)}
+			c.setDialErr(err)
+			return nil, err
+		}
+		return ws, nil
 	}
 	return tc, nil
 }
