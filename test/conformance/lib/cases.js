@@ -31,6 +31,7 @@ const {
 const twinCases = require('./twin-cases');
 const methodCases = require('./method-cases');
 const tpmCases = require('./tpm-cases');
+const wsCases = require('./ws-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -617,6 +618,8 @@ const CASES = [
   ['dps-x509-group-http', x509Case('http', true)],
   ['dps-wrong-key', dpsWrongKey],
   ['dps-tpm-http', tpmCases.dpsTpmHttp],
+  ['device-mqtt-ws', wsCases.deviceMqttWs],
+  ['device-mqtt-ws-wrong-key', wsCases.deviceMqttWsWrongKey],
 ];
 
 // ---------------------------------------------------------------------------------------------
