@@ -92,7 +92,25 @@ type Dispatcher struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
+
+	// refusals (501, 400, 429) waiting to be sent, guarded by mu, and whether a sender
+	// goroutine is draining them: it exists only while there are refusals to send.
+	refusals []refusal
+	refusing bool
 }
+
+// refusal is an answer the dispatcher gives on its own, without running a handler.
+type refusal struct {
+	log     *zap.Logger
+	rid     string
+	status  int
+	payload []byte
+}
+
+// MaxQueuedRefusals bounds the refusals waiting to be sent. Beyond it a refusal is dropped
+// (logged): the caller gets IoT Hub's 504 at its timeout instead, and a flood of bad calls
+// cannot grow the device's memory.
+const MaxQueuedRefusals = 64
 
 // New makes a dispatcher that answers through respond.
 func New(cfg Config, respond Responder) *Dispatcher {
@@ -119,8 +137,9 @@ func (d *Dispatcher) Register(name string, h Handler) {
 }
 
 // Dispatch starts a call and returns at once; the answer is sent from a goroutine the
-// dispatcher owns. It never blocks on a handler, so it may be called from the session's
-// delivery goroutine.
+// dispatcher owns. It never blocks on a handler or on sending an answer (refusals included), so
+// it may be called from the session's delivery goroutine: a slow or lost connection never holds
+// up the cloud-to-device messages and desired patches delivered after the call.
 func (d *Dispatcher) Dispatch(name, rid string, payload []byte) {
 	d.mu.RLock()
 	h, ok := d.handlers[name]
@@ -132,19 +151,19 @@ func (d *Dispatcher) Dispatch(name, rid string, payload []byte) {
 	}
 	if !ok {
 		log.Info("direct method not implemented")
-		d.answer(log, rid, StatusNotImplemented, errorBody("method %q is not implemented", name))
+		d.refuse(log, rid, StatusNotImplemented, errorBody("method %q is not implemented", name))
 		return
 	}
 	if err := ValidatePayload(payload, d.cfg.MaxPayload, d.cfg.MaxDepth); err != nil {
 		log.Info("direct method payload refused", zap.Error(err))
-		d.answer(log, rid, StatusBadRequest, errorBody("%v", err))
+		d.refuse(log, rid, StatusBadRequest, errorBody("%v", err))
 		return
 	}
 	select {
 	case d.sem <- struct{}{}:
 	default:
 		log.Warn("direct method refused: too many calls running", zap.Int("limit", cap(d.sem)))
-		d.answer(log, rid, StatusTooManyRequests, errorBody("too many method calls running"))
+		d.refuse(log, rid, StatusTooManyRequests, errorBody("too many method calls running"))
 		return
 	}
 	timeout := d.cfg.Timeout
@@ -199,6 +218,55 @@ func run(ctx context.Context, h Handler, req *Request) (resp Response, panicked 
 		}
 	}()
 	return h.Handle(ctx, req), nil
+}
+
+// refuse queues a refusal for the sender goroutine, starting it when none is running.
+func (d *Dispatcher) refuse(log *zap.Logger, rid string, status int, payload []byte) {
+	d.mu.Lock()
+	switch {
+	case d.ctx.Err() != nil:
+		d.mu.Unlock()
+		log.Info("direct method refusal dropped: dispatcher closed", zap.Int("status", status))
+		return
+	case len(d.refusals) >= MaxQueuedRefusals:
+		d.mu.Unlock()
+		log.Warn("direct method refusal dropped: too many refusals waiting to be sent",
+			zap.Int("status", status), zap.Int("limit", MaxQueuedRefusals))
+		return
+	}
+	d.refusals = append(d.refusals, refusal{log: log, rid: rid, status: status, payload: payload})
+	start := !d.refusing
+	if start {
+		d.refusing = true
+		d.wg.Add(1) // under mu: ordered against Close's Wait
+	}
+	d.mu.Unlock()
+	if start {
+		go d.sendRefusals()
+	}
+}
+
+// sendRefusals sends the queued refusals in order and exits when none is left (or the
+// dispatcher closes), so an idle dispatcher runs no goroutine.
+func (d *Dispatcher) sendRefusals() {
+	defer d.wg.Done()
+	for {
+		d.mu.Lock()
+		if len(d.refusals) == 0 || d.ctx.Err() != nil {
+			n := len(d.refusals)
+			d.refusals, d.refusing = nil, false
+			d.mu.Unlock()
+			if n > 0 {
+				d.log.Info("direct method refusals dropped: dispatcher closed", zap.Int("count", n))
+			}
+			return
+		}
+		r := d.refusals[0]
+		d.refusals[0] = refusal{}
+		d.refusals = d.refusals[1:]
+		d.mu.Unlock()
+		_ = d.answer(r.log, r.rid, r.status, r.payload) // logged by answer
+	}
 }
 
 func (d *Dispatcher) answer(log *zap.Logger, rid string, status int, payload []byte) error {

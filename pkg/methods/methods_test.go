@@ -236,3 +236,68 @@ func TestThenRunsAfterTheAnswer(t *testing.T) {
 		t.Fatal("Then did not run")
 	}
 }
+
+// With the connection gone (every answer waits until its context ends, as an answer waiting for
+// a reconnect does), refusals never hold the caller of Dispatch, the session's delivery
+// goroutine: a burst of unknown, invalid and over-limit calls returns at once, the refusals
+// queued beyond MaxQueuedRefusals are dropped rather than kept, and Close ends the wait.
+func TestRefusalsNeverBlockDispatch(t *testing.T) {
+	waiting := make(chan string, 2*MaxQueuedRefusals)
+	gone := func(ctx context.Context, rid string, _ int, _ []byte) error {
+		waiting <- rid
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	d := New(Config{MaxConcurrent: 1}, gone)
+	block := make(chan struct{})
+	defer close(block)
+	d.Register("slow", HandlerFunc(func(ctx context.Context, _ *Request) Response {
+		select {
+		case <-block:
+		case <-ctx.Done():
+		}
+		return Response{Status: 200}
+	}))
+	d.Dispatch("slow", "s0", nil) // takes the only slot: further slow calls get 429
+	burst := make(chan struct{})
+	go func() {
+		defer close(burst)
+		for i := range 3 * MaxQueuedRefusals {
+			switch i % 3 {
+			case 0:
+				d.Dispatch("nope", fmt.Sprint("n", i), nil)
+			case 1:
+				d.Dispatch("slow", fmt.Sprint("b", i), []byte(`{"a":1,"a":2}`))
+			default:
+				d.Dispatch("slow", fmt.Sprint("t", i), nil)
+			}
+		}
+	}()
+	select {
+	case <-burst:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Dispatch blocked on sending a refusal over a lost connection")
+	}
+	// the first refusal is being sent (and waits); the rest are queued, at most the limit
+	select {
+	case rid := <-waiting:
+		if rid != "n0" {
+			t.Fatalf("first refusal sent is %s, want n0", rid)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no refusal sent")
+	}
+	d.mu.RLock()
+	queued := len(d.refusals)
+	d.mu.RUnlock()
+	if queued > MaxQueuedRefusals {
+		t.Fatalf("%d refusals queued, limit %d", queued, MaxQueuedRefusals)
+	}
+	closed := make(chan struct{})
+	go func() { d.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not end the refusals' wait")
+	}
+}
