@@ -317,8 +317,15 @@ func parseVersion(s string) (int64, error) {
 	return n, nil
 }
 
+// DeviceIDSpecials are the characters besides ASCII letters and digits that IoT Hub's identity
+// registry documentation allows in device and module IDs (current revision; the 2018 one lacked
+// ':'). '+' and '#' are listed as not supported (MQTT wildcards: the device SDKs cannot use them,
+// and they must never appear raw in a topic name); ';' separates connection-string fields and
+// '/' path segments, so neither is ever allowed.
+const DeviceIDSpecials = "-.%_*?!(),:=@$'"
+
 // ValidateDeviceID checks a device or module ID against IoT Hub's rules: 1 to 128 characters,
-// ASCII letters and digits and - . + % _ # * ? ! ( ) , = @ $ '.
+// ASCII letters and digits and DeviceIDSpecials.
 func ValidateDeviceID(id string) error {
 	if id == "" || len(id) > 128 {
 		return fmt.Errorf("wire: device id must be 1 to 128 characters, got %d", len(id))
@@ -326,10 +333,13 @@ func ValidateDeviceID(id string) error {
 	for i := 0; i < len(id); i++ {
 		c := id[i]
 		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
-			strings.IndexByte("-.+%_#*?!(),=@$'", c) >= 0 {
+			strings.IndexByte(DeviceIDSpecials, c) >= 0 {
 			continue
 		}
-		return fmt.Errorf("wire: device id has invalid character %q", c)
+		if c == '+' || c == '#' {
+			return fmt.Errorf("wire: device id has %q, which IoT Hub does not support (an MQTT wildcard)", c)
+		}
+		return fmt.Errorf("wire: device id has invalid character %q (allowed: letters, digits and %s)", c, DeviceIDSpecials)
 	}
 	return nil
 }
@@ -351,7 +361,8 @@ func ValidateMethodName(name string) error {
 	}
 	for i := 0; i < len(name); i++ {
 		c := name[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte(`$()<>@,;:\"/[]?={}`, c) >= 0 {
+		// HTTP token separators, and the MQTT wildcards: the name goes raw into a topic name.
+		if c <= ' ' || c >= 0x7f || strings.IndexByte(`$()<>@,;:\"/[]?={}+#`, c) >= 0 {
 			return fmt.Errorf("%w: method name has invalid character %q", ErrTopic, c)
 		}
 	}

@@ -138,17 +138,21 @@ func TestParseFilter(t *testing.T) {
 }
 
 func TestValidate(t *testing.T) {
-	for _, id := range []string{"a", "dev-1.x+y%_#*?!(),=@$'", longID[:128]} {
+	for _, id := range []string{"a", "dev-1.x%_*?!(),=@$'", "site:a:dev-1", longID[:128]} {
 		if err := ValidateDeviceID(id); err != nil {
 			t.Errorf("%q: %v", id, err)
 		}
 	}
-	for _, id := range []string{"", longID + "x", "a/b", "a b", "é"} {
-		if ValidateDeviceID(id) == nil {
-			t.Errorf("%q accepted", id)
+	for _, tc := range []struct{ id, why string }{
+		{"", "1 to 128"}, {longID + "x", "1 to 128"}, {"a/b", "invalid character '/'"}, {"a b", "invalid character ' '"},
+		{"é", "invalid character"}, {"a;b", "invalid character ';'"},
+		{"a+b", "'+', which IoT Hub does not support"}, {"a#b", "'#', which IoT Hub does not support"},
+	} {
+		if err := ValidateDeviceID(tc.id); err == nil || !strings.Contains(err.Error(), tc.why) {
+			t.Errorf("ValidateDeviceID(%q) = %v, want an error saying %q", tc.id, err, tc.why)
 		}
 	}
-	for _, m := range []string{"", "a b", "a$", "x{", "\x7f"} {
+	for _, m := range []string{"", "a b", "a$", "x{", "\x7f", "a#", "a+b", "a/b"} {
 		if ValidateMethodName(m) == nil {
 			t.Errorf("method %q accepted", m)
 		}
