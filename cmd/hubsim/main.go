@@ -66,6 +66,7 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 			if cfg.DPSRetryAfter == 0 {
 				cfg.DPSRetryAfter = -1 // Config's zero means the default
 			}
+			cfg.AMQPFallback = !cmd.Flags().Changed("amqp-addr")
 			srv, err := hubsim.Start(cmd.Context(), cfg, log)
 			if err != nil {
 				return err
@@ -80,6 +81,7 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.StringVar(&cfg.HostName, "hostname", "localhost", "hub host name, without a port")
 	f.StringVar(&cfg.MQTTAddr, "mqtt-addr", "127.0.0.1:8883", "device MQTT/TLS listen address (port 0: any free port)")
 	f.StringVar(&cfg.HTTPSAddr, "https-addr", "127.0.0.1:8443", "service HTTPS listen address (port 0: any free port)")
+	f.StringVar(&cfg.AMQPAddr, "amqp-addr", "127.0.0.1:5671", "service AMQP/TLS listen address (port 0: any free port; empty: none; the default moves to a free port when 5671 is taken)")
 	f.DurationVar(&cfg.TokenGrace, "token-grace", 0, "how long past a device SAS token's expiry its connection stays open")
 	f.Float64Var(&cfg.TwinRateLimit, "twin-rate-limit", 0, "device twin GETs and PATCHes per second across the hub; over it, 429 (0: unlimited)")
 	f.StringVar(&cfg.IDScope, "id-scope", "0ne00000001", "DPS ID scope")

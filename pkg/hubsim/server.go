@@ -23,11 +23,13 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/connstr"
+	hubamqp "github.com/iothubby/iothubby/pkg/hubsim/amqp"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
@@ -58,6 +60,10 @@ type Config struct {
 	// MQTTAddr and HTTPSAddr are listen addresses; port 0 picks a free port.
 	MQTTAddr  string
 	HTTPSAddr string
+	// AMQPAddr is the service AMQP (amqps) listen address; empty: no AMQP endpoint. With
+	// AMQPFallback, an address in use is replaced by a free port (the binary's default).
+	AMQPAddr     string
+	AMQPFallback bool
 	// ConnectTimeout bounds a device's TLS handshake and CONNECT. Default 30 s.
 	ConnectTimeout time.Duration
 	// TokenGrace is added to a device SAS token's expiry before its connection is closed.
@@ -116,6 +122,7 @@ type Server struct {
 	twins     *twins.Store
 	methods   *methods.Service
 	brk       *broker.Broker
+	amqp      *hubamqp.Server
 	api       *rest.Server
 	dps       *dps.Server
 	images    *images.Store
@@ -234,6 +241,9 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err != nil {
 		return nil, err
 	}
+	if s.amqp, err = startAMQP(cfg, tlsConf, s.reg, s.brk, log.Named("amqp")); err != nil {
+		return nil, err
+	}
 	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods,
 		Images: s.images.ServeAdmin}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
@@ -256,6 +266,9 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		PID:                 os.Getpid(),
 		IDScope:             s.dps.IDScope(),
 		DPSConnectionString: s.dps.ConnectionString(),
+	}
+	if s.amqp != nil {
+		s.endpoints.AMQPAddress = s.amqp.Addr().String()
 	}
 	b, _ := json.MarshalIndent(s.endpoints, "", "  ")
 	if err := pki.WriteFileAtomic(filepath.Join(dir, EndpointsFile), append(b, '\n'), 0o600); err != nil {
@@ -309,6 +322,25 @@ func (m dpsMux) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	m.hub.ServeHTTP(w, r)
 }
 
+// AMQP is the service AMQP endpoint (nil when Config.AMQPAddr is empty); register further
+// nodes on it with Handle.
+func (s *Server) AMQP() *hubamqp.Server { return s.amqp }
+
+func startAMQP(cfg Config, tlsConf *tls.Config, reg *registry.Registry, brk *broker.Broker, log *zap.Logger) (*hubamqp.Server, error) {
+	if cfg.AMQPAddr == "" {
+		return nil, nil
+	}
+	ac := hubamqp.Config{Addr: cfg.AMQPAddr, TLS: tlsConf, HostName: cfg.HostName, HostNames: cfg.HubHostNames, Policies: reg, C2D: brk}
+	srv, err := hubamqp.Start(ac, log)
+	if err != nil && cfg.AMQPFallback && errors.Is(err, syscall.EADDRINUSE) {
+		host, _, _ := net.SplitHostPort(cfg.AMQPAddr)
+		log.Warn("AMQP address in use; listening on a free port (see amqpAddress in endpoints.json)", zap.String("addr", cfg.AMQPAddr))
+		ac.Addr = net.JoinHostPort(host, "0")
+		srv, err = hubamqp.Start(ac, log)
+	}
+	return srv, err
+}
+
 // Registry is the device registry (create devices through it in tests and benchmarks).
 func (s *Server) Registry() *registry.Registry { return s.reg }
 
@@ -348,6 +380,9 @@ func (s *Server) Close() error {
 		}
 		if s.api != nil {
 			errs = append(errs, s.api.Close())
+		}
+		if s.amqp != nil {
+			errs = append(errs, s.amqp.Close())
 		}
 		if s.brk != nil {
 			errs = append(errs, s.brk.Close())

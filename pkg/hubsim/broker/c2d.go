@@ -32,7 +32,20 @@ type C2DMessage struct {
 	// Properties are application properties.
 	Properties wire.Properties
 	Body       []byte
+	// OnOutcome, when set, learns once what became of the message: FeedbackSuccess when the
+	// device completed it, FeedbackExpired when it expired undelivered. It is called without
+	// broker locks held and must not block.
+	OnOutcome func(status string)
 }
+
+// Feedback status codes, as IoT Hub's feedback records spell them.
+const (
+	FeedbackSuccess               = "Success"
+	FeedbackExpired               = "Expired"
+	FeedbackDeliveryCountExceeded = "DeliveryCountExceeded"
+	FeedbackRejected              = "Rejected"
+	FeedbackPurged                = "Purged"
+)
 
 type c2dEntry struct {
 	msg      C2DMessage
@@ -103,24 +116,41 @@ func (b *Broker) SendC2D(deviceID string, m C2DMessage) (string, error) {
 	now := time.Now()
 	ds := b.state(deviceID, id.GenerationID)
 	ds.mu.Lock()
-	ds.dropExpired(now)
+	expired := ds.dropExpired(now)
 	if len(ds.queue) >= MaxC2DQueue {
 		ds.mu.Unlock()
+		notifyExpired(expired)
 		return "", wire.ErrQueueDepthExceeded.WithText("Device %s has %d messages pending, the maximum", deviceID, MaxC2DQueue)
 	}
 	ds.queue = append(ds.queue, &c2dEntry{msg: m, enqueued: now})
 	n := len(ds.queue)
 	ds.mu.Unlock()
+	notifyExpired(expired)
 	b.reg.SetCloudToDeviceMessageCount(deviceID, id.GenerationID, n)
 	b.kick(ds)
 	return m.MessageID, nil
 }
 
-// dropExpired removes undelivered expired messages. Call with ds.mu held.
-func (ds *deviceState) dropExpired(now time.Time) {
+// dropExpired removes undelivered expired messages and returns them. Call with ds.mu held, and
+// notifyExpired after releasing it.
+func (ds *deviceState) dropExpired(now time.Time) []*c2dEntry {
+	var expired []*c2dEntry
 	ds.queue = slices.DeleteFunc(ds.queue, func(e *c2dEntry) bool {
-		return e.sess == nil && !e.msg.ExpiryTime.IsZero() && now.After(e.msg.ExpiryTime)
+		if e.sess == nil && !e.msg.ExpiryTime.IsZero() && now.After(e.msg.ExpiryTime) {
+			expired = append(expired, e)
+			return true
+		}
+		return false
 	})
+	return expired
+}
+
+func notifyExpired(expired []*c2dEntry) {
+	for _, e := range expired {
+		if e.msg.OnOutcome != nil {
+			e.msg.OnOutcome(FeedbackExpired)
+		}
+	}
 }
 
 // kick makes sure a delivery pump runs for ds. The pump is a goroutine owned by the broker that
@@ -151,8 +181,9 @@ func (b *Broker) pump(ds *deviceState) {
 		ds.mu.Lock()
 		s := ds.current
 		var batch []outgoing
+		var expired []*c2dEntry
 		if s != nil && s.subscribedC2D() {
-			ds.dropExpired(time.Now())
+			expired = ds.dropExpired(time.Now())
 			for _, e := range ds.queue {
 				if e.sess != nil {
 					continue
@@ -164,9 +195,11 @@ func (b *Broker) pump(ds *deviceState) {
 		if len(batch) == 0 {
 			ds.pumping = false
 			ds.mu.Unlock()
+			notifyExpired(expired)
 			return
 		}
 		ds.mu.Unlock()
+		notifyExpired(expired)
 		for _, o := range batch {
 			err := s.send(packets.Packet{
 				FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
@@ -213,10 +246,13 @@ func (b *Broker) acked(s *session, pid uint16) {
 		ds.mu.Unlock()
 		return
 	}
-	mid := ds.queue[i].msg.MessageID
+	mid, onOutcome := ds.queue[i].msg.MessageID, ds.queue[i].msg.OnOutcome
 	ds.queue = slices.Delete(ds.queue, i, i+1)
 	n := len(ds.queue)
 	ds.mu.Unlock()
+	if onOutcome != nil {
+		onOutcome(FeedbackSuccess)
+	}
 	b.reg.SetCloudToDeviceMessageCount(ds.id, ds.generationID, n)
 	b.emit(Event{Kind: EventC2DCompleted, DeviceID: ds.id, Remote: s.remote, MessageID: mid})
 }

@@ -17,9 +17,11 @@ const File = "endpoints.json"
 // Endpoints is what endpoints.json holds. The connection string includes a key: the file is
 // written mode 0600.
 type Endpoints struct {
-	HubHostName             string `json:"hubHostName"`
-	MQTTAddress             string `json:"mqttAddress"`
-	HTTPSAddress            string `json:"httpsAddress"`
+	HubHostName  string `json:"hubHostName"`
+	MQTTAddress  string `json:"mqttAddress"`
+	HTTPSAddress string `json:"httpsAddress"`
+	// AMQPAddress is the service AMQP (amqps) endpoint: C2D send, feedback.
+	AMQPAddress             string `json:"amqpAddress,omitempty"`
 	ServiceConnectionString string `json:"serviceConnectionString"`
 	CAFile                  string `json:"caFile"`
 	// IDScope and DPSConnectionString describe hubsim's DPS (device endpoint on the same MQTT and
