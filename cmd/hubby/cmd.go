@@ -84,6 +84,7 @@ failed (bulk operations, jobs, rollouts); 130 interrupted.`,
 	root.AddCommand(rolloutCommand(g))
 	root.AddCommand(dpsCommand(g))
 	root.AddCommand(pkiCommand(g))
+	root.AddCommand(firmwareCommand(g))
 	groupsRejectUnknown(root)
 	return root
 }

@@ -162,7 +162,15 @@ func (r fwReporter) Report(_ context.Context, s firmware.Status) error {
 	if ts == nil {
 		return errors.New("no twin sync yet")
 	}
-	return ts.Report(map[string]any{"firmware": s, "firmwareVersion": s.Version})
+	return ts.Report(map[string]any{"firmware": fwReported(s), "firmwareVersion": s.Version})
+}
+
+// fwReported is a status as a reported patch. Reported properties merge into the object already
+// there, so every field is sent, empty ones as "" or 0: left out, a current status would keep
+// the error and percent of an earlier one.
+func fwReported(s firmware.Status) map[string]any {
+	return map[string]any{"state": s.State, "version": s.Version, "targetVersion": s.TargetVersion,
+		"percent": s.Percent, "error": s.Error, "lastUpdated": s.Updated}
 }
 
 // firmwareReboot is the updater's Rebooter: the reboot method's logic. Simulate: a simulated
@@ -259,5 +267,5 @@ func (d *Device) reportRefused(u *firmware.Updater, m firmware.Manifest, err err
 	}
 	st := u.Status()
 	st.State, st.TargetVersion, st.Percent, st.Error, st.Updated = firmware.Failed, m.Version, 0, err.Error(), time.Now().UTC()
-	d.report(map[string]any{"firmware": st})
+	d.report(map[string]any{"firmware": fwReported(st)})
 }
