@@ -175,6 +175,9 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if s.lock, err = lockStateDir(dir); err != nil {
 		return nil, err
 	}
+	if err := tightenModes(dir, log); err != nil {
+		return nil, err
+	}
 
 	if s.ca, err = pki.LoadOrCreateCA(dir); err != nil {
 		return nil, err

@@ -8,11 +8,48 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 )
 
 // LockFile is the file in the state directory that one running hubsim holds an exclusive lock
 // on for its lifetime; its content is that hubsim's PID.
 const LockFile = "hubsim.lock"
+
+// privateFiles are the state files that hold secrets (keys, the databases with device keys and
+// policies, endpoints.json with the service connection string).
+var privateFiles = []string{pki.CAKeyFile, pki.ServerKeyFile, DatabaseFile, DPSDatabaseFile, EndpointsFile}
+
+// tightenModes makes private state files that exist with group or other permission bits mode
+// 0600, and says so: files copied or restored with a loose umask are fixed, not kept silently.
+func tightenModes(dir string, log *zap.Logger) error {
+	for _, name := range privateFiles {
+		path := filepath.Join(dir, name)
+		fi, err := os.Lstat(path)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("hubsim: %w", err)
+		}
+		if !fi.Mode().IsRegular() {
+			return fmt.Errorf("hubsim: state file %s is not a regular file (%s)", path, fi.Mode().Type())
+		}
+		if fi.Mode().Perm()&0o077 == 0 {
+			continue
+		}
+		if err := os.Chmod(path, 0o600); err != nil {
+			return fmt.Errorf("hubsim: state file %s has loose mode %#o and could not be made 0600: %w", path, fi.Mode().Perm(), err)
+		}
+		log.Warn(LogModeTightened, zap.String("file", path), zap.String("was", fmt.Sprintf("%#o", fi.Mode().Perm())))
+	}
+	return nil
+}
+
+// LogModeTightened is logged for each private state file whose loose mode was fixed.
+const LogModeTightened = "state file readable by others: mode set to 0600"
 
 // ErrStateDirInUse is returned by Start when another hubsim holds the state directory.
 var ErrStateDirInUse = errors.New("hubsim: state directory in use by another hubsim")

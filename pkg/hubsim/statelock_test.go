@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/iothubby/iothubby/pkg/hubsim"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
@@ -108,5 +109,49 @@ func verifyServerCert(t *testing.T, dir string) {
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, DNSName: "localhost"}); err != nil {
 		t.Fatalf("server.pem is not signed by ca.pem: %v", err)
+	}
+}
+
+// Private state files found with group or other permissions are made 0600 at start, each with a
+// warning; public ones (the certificates) are left as they are.
+func TestLooseStateFileModesTightened(t *testing.T) {
+	dir := t.TempDir()
+	srv, err := hubsim.Start(context.Background(), hubsim.Config{StateDir: dir, MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0"}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	private := []string{pki.CAKeyFile, pki.ServerKeyFile, hubsim.DatabaseFile, hubsim.DPSDatabaseFile}
+	for _, f := range append(private, pki.CACertFile) {
+		if err := os.Chmod(filepath.Join(dir, f), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	core, logs := observer.New(zap.WarnLevel)
+	srv, err = hubsim.Start(context.Background(), hubsim.Config{StateDir: dir, MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0"}, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	warned := map[string]bool{}
+	for _, e := range logs.FilterMessage(hubsim.LogModeTightened).All() {
+		if e.ContextMap()["was"] != "0644" {
+			t.Errorf("warning for %v names the old mode %v, want 0644", e.ContextMap()["file"], e.ContextMap()["was"])
+		}
+		warned[filepath.Base(e.ContextMap()["file"].(string))] = true
+	}
+	for _, f := range private {
+		fi, err := os.Stat(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 || !warned[f] {
+			t.Errorf("%s: mode %#o, warned %v; want 0600 and a warning", f, fi.Mode().Perm(), warned[f])
+		}
+	}
+	if fi, _ := os.Stat(filepath.Join(dir, pki.CACertFile)); fi.Mode().Perm() != 0o644 || warned[pki.CACertFile] {
+		t.Errorf("ca.pem is public: mode %#o (want 0644 kept), warned %v", fi.Mode().Perm(), warned[pki.CACertFile])
 	}
 }
