@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -91,6 +92,10 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.IntVar(&cfg.DPSRegistrationBurst, "dps-burst", 1, "DPS register requests allowed in a burst under --dps-rate")
 	f.Int64Var(&cfg.ImagesMaxTotal, "image-max-total", 1<<30, "bytes all firmware images in the store (/hubsim/images) may hold together")
 	f.Int64Var(&cfg.ImagesMaxUpload, "image-max-upload", 256<<20, "bytes one uploaded firmware image may hold")
+	f.IntVar(&cfg.Events.Partitions, "partitions", 4, "partitions of the Event Hubs-compatible endpoint (1-32; fixed once the state directory has events)")
+	f.DurationVar(&cfg.Events.Retention, "event-retention", 24*time.Hour, "how long the Event Hubs-compatible endpoint keeps events")
+	f.IntVar(&cfg.Events.MaxEvents, "event-max", 100000, "events kept per partition of the Event Hubs-compatible endpoint")
+	f.StringSliceVar(&cfg.Events.ConsumerGroups, "consumer-groups", nil, "consumer groups to create besides $Default (comma-separated)")
 	f.StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&format, "log-format", "console", "log format: console or json")
 	_ = cmd.MarkFlagRequired("state")

@@ -33,6 +33,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
+	"github.com/iothubby/iothubby/pkg/hubsim/eventhubs"
 	"github.com/iothubby/iothubby/pkg/hubsim/images"
 	"github.com/iothubby/iothubby/pkg/hubsim/methods"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
@@ -108,6 +109,10 @@ type Config struct {
 	// (default images.DefaultMaxUpload).
 	ImagesMaxTotal  int64
 	ImagesMaxUpload int64
+
+	// Events configures the Event Hubs-compatible endpoint's store (StateDir/eventhubs.db):
+	// partitions, retention, consumer groups.
+	Events EventsConfig
 }
 
 // Endpoints is what endpoints.json holds.
@@ -126,6 +131,7 @@ type Server struct {
 	api       *rest.Server
 	dps       *dps.Server
 	images    *images.Store
+	events    *eventhubs.Store
 	endpoints Endpoints
 	tempDir   bool
 	lock      *os.File // held on the state directory from Start to Close
@@ -221,12 +227,16 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if cfg.Methods != nil {
 		methodHandler = cfg.Methods
 	}
+	if err := s.openEvents(); err != nil {
+		return nil, err
+	}
 	s.brk, err = broker.Start(broker.Config{
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
 		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twinHandler, Methods: methodHandler,
 		OutboundBytes: cfg.DeviceOutboundBytes, WriteTimeout: cfg.DeviceWriteTimeout,
 		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
+		OnTelemetry: s.recordEvent,
 	}, log.Named("mqtt"))
 	if err != nil {
 		return nil, err
@@ -389,6 +399,9 @@ func (s *Server) Close() error {
 		}
 		if s.brk != nil {
 			errs = append(errs, s.brk.Close())
+		}
+		if s.events != nil {
+			errs = append(errs, s.events.Close())
 		}
 		if s.dps != nil {
 			errs = append(errs, s.dps.Close())

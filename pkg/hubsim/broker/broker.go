@@ -84,6 +84,9 @@ type Config struct {
 	// OnEvent, if set, is called for every Event, synchronously on the goroutine where it
 	// happens; it must not block.
 	OnEvent func(Event)
+	// OnTelemetry, if set, is given every recorded device-to-cloud message (the Event Hubs-
+	// compatible endpoint's feed), synchronously before the PUBACK; it must not block.
+	OnTelemetry func(deviceID string, m Message)
 	// DPS, if set, takes over connections whose CONNECT user name has the DPS shape
 	// ({idScope}/registrations/{registrationId}/...): DPS shares the hub's TLS listener.
 	DPS DPSHandler

@@ -204,6 +204,9 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		s.ds.mu.Lock()
 		s.ds.telemetry.add(m)
 		s.ds.mu.Unlock()
+		if f := h.b.cfg.OnTelemetry; f != nil {
+			f(s.deviceID, m)
+		}
 		h.b.emit(Event{Kind: EventTelemetry, DeviceID: s.deviceID, Remote: s.remote, MessageID: m.SystemProperties["message-id"]})
 	case wire.KindTwinGet:
 		s.respondTwin(t.RequestID, h.b.twins.GetTwin(s.caller()))
@@ -256,6 +259,9 @@ func (h *hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
 			s.ds.mu.Lock()
 			s.ds.telemetry.add(m)
 			s.ds.mu.Unlock()
+			if f := h.b.cfg.OnTelemetry; f != nil {
+				f(s.deviceID, m)
+			}
 		}
 	}
 	will.TopicName, will.Retain = willTopic, false
