@@ -146,7 +146,9 @@ type Config struct {
 	Logger *zap.Logger
 	// Dial opens the TCP connection. Default: a net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
-	// Clock drives the supervisor's timer (renewal, backoff, expiry). Default: the real clock.
+	// Clock drives every timer of the session: token renewal, reconnect backoff, RetryTimeout,
+	// the SUBACK and PUBACK timeouts and message expiry (MessageTimeout, Message.Deadline and
+	// Send's context deadline, carried over as a remaining duration). Default: the real clock.
 	Clock Clock
 	// Rand returns a uniform float in [0, 1) for backoff jitter. Default: math/rand/v2.
 	Rand func() float64

@@ -16,11 +16,26 @@
 // [ErrConnectionLost] and are never answered from a later connection. Cloud-to-device messages,
 // desired-property patches and method requests are delivered to handlers from a session-owned
 // dispatcher goroutine; [Session.RespondMethod] answers a method only on the connection that
-// received it.
+// received it, never waits for a connection (a method does not outlive the connection that
+// delivered it: without one it fails at once with [ErrNotConnected]), and is published by the
+// supervisor, so it blocks only its caller. [Session.RespondMethodAsync] does not wait at all:
+// handlers running on the dispatcher (which also delivers C2D messages and desired patches) use
+// it for refusals such as 501, 400 or 429.
+//
+// Inside, each mechanism has one owner, in its own file: conn.go is one MQTT connection (its
+// net.Conn and paho client, Done/Err, the method requests it delivered) and knows nothing of the
+// session; queue.go is the telemetry queue; requests.go is the $rid correlation; supervisor.go
+// stays connected (backoff, renewal, retry expiry) and drives the queue; inbound.go routes
+// paho's deliveries and runs the dispatcher. Every timer of the session (renewal, backoff,
+// retry expiry, the SUBACK and PUBACK timeouts, message expiry) is the supervisor's one timer
+// from [Config.Clock], so tests run them on pkg/clock's fake clock; only the network's
+// own deadlines (dial, TLS, paho's CONNACK and ping waits) are on the wall clock.
 //
 // Goroutines: a session runs one of its own (the supervisor) on top of paho's per-connection
-// ones, plus a dispatcher that exists only while handler events are waiting, so an idle device in
-// a fleet costs one goroutine beyond paho's. No paho callback blocks: callbacks only hand events
-// over through bounded, non-blocking queues. [Session.Close] drains the telemetry queue within a
-// deadline, fails what is left, sends MQTT DISCONNECT and waits for every goroutine it started.
+// ones, plus a dispatcher that exists only while handler events are waiting and a dial
+// goroutine that exists only while a connection is being opened, so an idle device in a fleet
+// costs one goroutine beyond paho's. No paho callback blocks or waits on a token: callbacks only
+// hand events over through bounded, non-blocking queues. [Session.Close] drains the telemetry
+// queue within a deadline, fails what is left, sends MQTT DISCONNECT and waits for every
+// goroutine it started.
 package hub

@@ -4,8 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,31 +45,22 @@ type Session struct {
 	handlerCtx    context.Context
 	handlerCancel context.CancelFunc
 
-	wake chan struct{} // cap 1: telemetry or request state changed
+	wake chan struct{} // cap 1: telemetry, request or method-answer state changed
+
+	q    *queue    // the telemetry queue
+	reqs *requests // the $rid correlation of twin requests
 
 	mu          sync.Mutex
 	cur         *conn // connected and subscribed; nil otherwise
 	upCh        chan struct{}
 	upClosed    bool
-	pending     map[string]*pendingReq
-	incoming    []*outMsg
-	closing     bool
 	stopped     bool
 	err         error // terminal error (nil after Close)
 	status      Status
 	undelivered int // messages failed by Close
 
-	qlen atomic.Int64
-	rid  atomic.Uint64
-
-	// Owned by the supervisor goroutine.
-	out        []*outMsg // head: in flight on the current connection (inflight of them)
-	inflight   int
-	nextExpiry time.Time
-	timer      Timer
-	epoch      uint64
-	// cancelPending asks the supervisor to withdraw canceled messages.
-	cancelPending atomic.Bool
+	timer   Timer     // the supervisor's one timer
+	armedAt time.Time // when timer is set to fire; zero when stopped or fired
 
 	// Dispatcher queue. The dispatcher goroutine runs only while events are waiting: an idle
 	// device (the common case in a fleet) costs no goroutine for it.
@@ -111,27 +102,6 @@ type event struct {
 	method  *MethodRequest
 }
 
-type outMsg struct {
-	topic    string
-	body     []byte
-	deadline time.Time
-	done     func(error)
-	canceled atomic.Bool
-	// Supervisor-owned.
-	tok    paho.Token
-	sentAt time.Time
-}
-
-type pendingReq struct {
-	c  *conn
-	ch chan reqResult // cap 1; exactly one send
-}
-
-type reqResult struct {
-	resp Response
-	err  error
-}
-
 // New validates cfg, fills defaults and starts the session. It does no I/O itself: the first
 // connection is made in the background (use WaitConnected to wait for it).
 func New(cfg Config) (*Session, error) {
@@ -150,8 +120,9 @@ func New(cfg Config) (*Session, error) {
 		done:    make(chan struct{}),
 		wake:    make(chan struct{}, 1),
 		upCh:    make(chan struct{}),
-		pending: make(map[string]*pendingReq),
+		reqs:    newRequests(),
 	}
+	s.q = newQueue(cfg.QueueCapacity, cfg.MaxInFlight, &s.stats)
 	s.handlerCtx, s.handlerCancel = context.WithCancel(context.Background())
 	s.timer = s.clock.NewTimer(time.Hour)
 	s.timer.Stop()
@@ -191,7 +162,7 @@ func (s *Session) Stats() Stats {
 		Sent:             s.stats.sent.Load(),
 		Failed:           s.stats.failed.Load(),
 		Rejected:         s.stats.rejected.Load(),
-		Queued:           int(s.qlen.Load()),
+		Queued:           s.q.len(),
 		UnknownResponses: s.stats.unknownResponses.Load(),
 		DroppedInbound:   s.stats.droppedInbound.Load(),
 		BadTopics:        s.stats.badTopics.Load(),
@@ -223,7 +194,7 @@ func (s *Session) waitConn(ctx context.Context, forRequest bool) (*conn, error) 
 			s.mu.Unlock()
 			return nil, err
 		}
-		if c := s.cur; c != nil && (!forRequest || !c.draining) {
+		if c := s.cur; c != nil && (!forRequest || !c.draining.Load()) {
 			s.mu.Unlock()
 			return c, nil
 		}
@@ -247,8 +218,11 @@ func (s *Session) Send(ctx context.Context, m *Message) error {
 	if err != nil {
 		return err
 	}
-	if dl, ok := ctx.Deadline(); ok && m.Deadline.IsZero() && (om.deadline.IsZero() || dl.Before(om.deadline)) {
-		om.deadline = dl
+	if dl, ok := ctx.Deadline(); ok && m.Deadline.IsZero() {
+		// ctx's deadline is on the wall clock; the queue's deadlines are on the session's Clock.
+		if at := s.clock.Now().Add(time.Until(dl)); om.deadline.IsZero() || at.Before(om.deadline) {
+			om.deadline = at
+		}
 	}
 	ch := make(chan error, 1)
 	om.done = func(err error) { ch <- err }
@@ -259,8 +233,7 @@ func (s *Session) Send(ctx context.Context, m *Message) error {
 	case err := <-ch:
 		return err
 	case <-ctx.Done():
-		om.canceled.Store(true)
-		s.cancelPending.Store(true)
+		s.q.cancel(om)
 		s.poke()
 		return fmt.Errorf("hub: send: %w", ctx.Err())
 	}
@@ -305,25 +278,9 @@ func (s *Session) prepare(m *Message) (*outMsg, error) {
 }
 
 func (s *Session) enqueue(om *outMsg) error {
-	s.mu.Lock()
-	switch {
-	case s.stopped:
-		err := s.stopErrLocked()
-		s.mu.Unlock()
-		s.stats.rejected.Add(1)
+	if err := s.q.push(om); err != nil {
 		return err
-	case s.closing:
-		s.mu.Unlock()
-		s.stats.rejected.Add(1)
-		return ErrClosed
-	case s.qlen.Load() >= int64(s.cfg.QueueCapacity):
-		s.mu.Unlock()
-		s.stats.rejected.Add(1)
-		return fmt.Errorf("%w (%d messages)", ErrQueueFull, s.cfg.QueueCapacity)
 	}
-	s.qlen.Add(1)
-	s.incoming = append(s.incoming, om)
-	s.mu.Unlock()
 	s.poke()
 	return nil
 }
@@ -358,19 +315,21 @@ func (s *Session) Request(ctx context.Context, req Request) (Response, error) {
 		if c, err = s.waitConn(ctx, true); err != nil {
 			return Response{}, err
 		}
-		rid = strconv.FormatUint(s.rid.Add(1), 10)
-		p = &pendingReq{c: c, ch: make(chan reqResult, 1)}
-		s.mu.Lock()
-		if s.cur != c || c.draining {
+		rid, p, err = s.reqs.add(c)
+		if errors.Is(err, errConnGone) {
+			// c ended between waitConn and add: as for a request already pending on it, unless
+			// the supervisor has moved on, in which case the next connection takes it.
+			s.mu.Lock()
+			still := s.cur == c
 			s.mu.Unlock()
+			if still {
+				return Response{}, ErrConnectionLost
+			}
 			continue
 		}
-		if len(s.pending) >= maxPendingRequests {
-			s.mu.Unlock()
-			return Response{}, ErrTooManyRequests
+		if err != nil {
+			return Response{}, err
 		}
-		s.pending[rid] = p
-		s.mu.Unlock()
 		break
 	}
 	tok := c.client.Publish(req.Topic(rid), 0, false, req.Body)
@@ -382,23 +341,19 @@ func (s *Session) Request(ctx context.Context, req Request) (Response, error) {
 		case <-tokDone:
 			tokDone = nil
 			if err := tok.Error(); err != nil {
-				s.dropPending(rid)
+				s.dropPending(c, rid)
 				return Response{}, fmt.Errorf("hub: publish request $rid=%s: %w", rid, err)
 			}
 		case <-ctx.Done():
-			s.dropPending(rid)
+			s.dropPending(c, rid)
 			return Response{}, fmt.Errorf("hub: no response to request $rid=%s: %w", rid, ctx.Err())
 		}
 	}
 }
 
-func (s *Session) dropPending(rid string) {
-	s.mu.Lock()
-	p := s.pending[rid]
-	delete(s.pending, rid)
-	draining := p != nil && p.c.draining
-	s.mu.Unlock()
-	if draining {
+func (s *Session) dropPending(c *conn, rid string) {
+	s.reqs.drop(rid)
+	if c.draining.Load() {
 		s.poke()
 	}
 }
@@ -429,45 +384,85 @@ func checkStatus(r Response, err error) (Response, error) {
 }
 
 // RespondMethod answers the direct-method request rid with an integer status and a JSON
-// payload (or none). It succeeds only once per request and only on the connection that
-// delivered the request; otherwise the error matches ErrStaleRequest.
+// payload (or none) and waits until the answer is written to the connection. It succeeds only
+// once per request and only on the connection that delivered the request; otherwise the error
+// matches ErrStaleRequest (and ErrNotConnected when there is no connection at all). It never
+// waits for a connection: a method request does not outlive the connection that delivered it,
+// so when that connection drops while the answer waits to be written the error matches
+// ErrConnectionLost at once. Without a deadline on ctx, Config.OperationTimeout bounds the
+// write.
+//
+// The answer is published by the session's supervisor, so RespondMethod blocks only its
+// caller. A caller that must not wait at all (the goroutine delivering C2D messages and desired
+// patches, sending a refusal such as 501, 400 or 429) uses RespondMethodAsync.
 func (s *Session) RespondMethod(ctx context.Context, rid string, status int, payload []byte) error {
-	if len(payload) > MaxMethodPayload {
-		return fmt.Errorf("%w: method payload of %d bytes, limit %d", ErrMessageTooLarge, len(payload), MaxMethodPayload)
+	r := &methodResponse{tok: make(chan paho.Token, 1)}
+	c, err := s.respond(rid, status, payload, r)
+	if err != nil {
+		return err
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, s.cfg.OperationTimeout)
 		defer cancel()
 	}
-	c, err := s.waitConn(ctx, false)
-	if err != nil {
-		return err
+	var tok paho.Token
+	select {
+	case tok = <-r.tok:
+	case <-c.Done():
+		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ErrConnectionLost)
+	case <-ctx.Done():
+		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ctx.Err())
 	}
-	s.mu.Lock()
-	_, ok := c.methods[rid]
-	delete(c.methods, rid)
-	if ok {
-		c.rememberAnswered(rid)
-	}
-	draining := c.draining
-	s.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("%w: $rid=%s", ErrStaleRequest, rid)
-	}
-	if draining {
-		defer s.poke()
-	}
-	tok := c.client.Publish(wire.MethodResponse(status, rid), 0, false, payload)
 	select {
 	case <-tok.Done():
 		if err := tok.Error(); err != nil {
 			return fmt.Errorf("hub: method response $rid=%s: %w", rid, err)
 		}
 		return nil
+	case <-c.Done():
+		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ErrConnectionLost)
 	case <-ctx.Done():
 		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ctx.Err())
 	}
+}
+
+// RespondMethodAsync answers the direct-method request rid like RespondMethod but returns as
+// soon as the answer is queued for the connection that delivered the request; it never blocks
+// on the network or on a connection. It fails at once, as RespondMethod does, when rid is not
+// pending on the current connection or the session is not connected. An answer still queued
+// when its connection drops is discarded (the hub's caller gets its timeout, as it would for
+// any answer lost with a connection). Use it for refusals sent from a handler that must not
+// wait, such as OnMethod running on the goroutine that also delivers C2D and desired patches.
+func (s *Session) RespondMethodAsync(rid string, status int, payload []byte) error {
+	_, err := s.respond(rid, status, payload, &methodResponse{})
+	return err
+}
+
+// respond claims rid on the current connection and queues r for the supervisor to publish.
+func (s *Session) respond(rid string, status int, payload []byte, r *methodResponse) (*conn, error) {
+	if len(payload) > MaxMethodPayload {
+		return nil, fmt.Errorf("%w: method payload of %d bytes, limit %d", ErrMessageTooLarge, len(payload), MaxMethodPayload)
+	}
+	s.mu.Lock()
+	c, stopped := s.cur, s.stopped
+	var stopErr error
+	if stopped {
+		stopErr = s.stopErrLocked()
+	}
+	s.mu.Unlock()
+	switch {
+	case stopped:
+		return nil, stopErr
+	case c == nil:
+		return nil, fmt.Errorf("%w: $rid=%s: %w", ErrStaleRequest, rid, ErrNotConnected)
+	}
+	r.topic, r.payload = wire.MethodResponse(status, rid), payload
+	if !c.answerMethod(rid, r) {
+		return nil, fmt.Errorf("%w: $rid=%s", ErrStaleRequest, rid)
+	}
+	s.poke()
+	return c, nil
 }
 
 // Close drains the telemetry queue until ctx's deadline (Config.DrainTimeout when ctx has
@@ -481,9 +476,7 @@ func (s *Session) Close(ctx context.Context) error {
 		defer cancel()
 	}
 	s.closeOnce.Do(func() {
-		s.mu.Lock()
-		s.closing = true
-		s.mu.Unlock()
+		s.q.refuse(ErrClosed)
 		close(s.closeCh)
 	})
 	select {
@@ -500,151 +493,4 @@ func (s *Session) Close(ctx context.Context) error {
 		return fmt.Errorf("%w: %d telemetry messages not delivered before the deadline", ErrClosed, n)
 	}
 	return nil
-}
-
-// setStatus records, logs and reports a status change.
-func (s *Session) setStatus(st Status) {
-	st.At = s.clock.Now()
-	s.mu.Lock()
-	s.status = st
-	s.mu.Unlock()
-	fields := []zap.Field{zap.Stringer("status", st.State), zap.Stringer("reason", st.Reason)}
-	if st.Err != nil {
-		fields = append(fields, zap.Error(st.Err))
-	}
-	switch st.State {
-	case Connected:
-		s.log.Info("connected", fields...)
-	case DisconnectedRetrying:
-		if st.Attempt > 0 {
-			fields = append(fields, zap.Int("attempt", st.Attempt), zap.Duration("retry_in", st.RetryIn))
-		}
-		if st.Reason == ExpiredSASToken {
-			s.log.Info("disconnected, retrying", fields...)
-		} else {
-			s.log.Warn("disconnected, retrying", fields...)
-		}
-	case Disconnected:
-		s.log.Error("disconnected", fields...)
-	case Disabled:
-		s.log.Info("closed", fields...)
-	}
-	if s.cfg.OnStatus == nil {
-		return
-	}
-	s.evMu.Lock()
-	if s.statusN >= maxStatusEvents {
-		for i, ev := range s.events {
-			if ev.status != nil {
-				s.events = append(s.events[:i], s.events[i+1:]...)
-				s.statusN--
-				s.stats.droppedStatus.Add(1)
-				break
-			}
-		}
-	}
-	if s.evStopped {
-		s.evMu.Unlock()
-		return
-	}
-	s.statusN++
-	s.events = append(s.events, event{status: &st})
-	s.startDispatcherLocked()
-}
-
-// pushInbound hands an inbound event to the dispatcher without blocking; false when full.
-func (s *Session) pushInbound(ev event) bool {
-	s.evMu.Lock()
-	if s.evStopped || s.inboundN >= s.cfg.InboundQueue {
-		s.evMu.Unlock()
-		s.stats.droppedInbound.Add(1)
-		return false
-	}
-	s.inboundN++
-	s.events = append(s.events, ev)
-	s.startDispatcherLocked()
-	return true
-}
-
-// startDispatcherLocked starts the dispatcher goroutine if none is running, and unlocks evMu.
-// The supervisor is still running whenever events are taken (finish sets evStopped before it
-// returns), so the WaitGroup count is above zero here and Add does not race with Close's Wait.
-func (s *Session) startDispatcherLocked() {
-	start := !s.dispRunning
-	if start {
-		s.dispRunning = true
-		s.wg.Add(1)
-	}
-	s.evMu.Unlock()
-	if start {
-		go s.dispatch()
-	}
-}
-
-// dispatch runs handlers for queued events, one at a time and in order, and exits when the
-// queue is empty.
-func (s *Session) dispatch() {
-	defer s.wg.Done()
-	for {
-		s.evMu.Lock()
-		if len(s.events) == 0 {
-			s.events = nil
-			s.dispRunning = false
-			s.evMu.Unlock()
-			return
-		}
-		ev := s.events[0]
-		s.events[0] = event{}
-		s.events = s.events[1:]
-		if ev.status != nil {
-			s.statusN--
-		} else {
-			s.inboundN--
-		}
-		s.evMu.Unlock()
-		s.handle(ev)
-	}
-}
-
-func (s *Session) handle(ev event) {
-	ctx := s.handlerCtx
-	switch {
-	case ev.status != nil:
-		s.cfg.OnStatus(*ev.status)
-	case ev.c2d != nil:
-		if s.cfg.OnC2D != nil {
-			s.cfg.OnC2D(ctx, ev.c2d)
-		} else {
-			s.log.Debug("cloud-to-device message dropped: no handler", zap.String("message_id", ev.c2d.MessageID))
-		}
-	case ev.desired != nil:
-		if s.cfg.OnDesired != nil {
-			s.cfg.OnDesired(ctx, ev.desired)
-		}
-	case ev.method != nil:
-		if s.cfg.OnMethod != nil {
-			s.cfg.OnMethod(ctx, ev.method)
-			return
-		}
-		// Without a handler, answer at once rather than let the caller time out.
-		err := s.RespondMethod(ctx, ev.method.RequestID, 501,
-			[]byte(`{"message":"method not implemented"}`))
-		if err != nil {
-			s.log.Debug("method response failed", zap.String("method", ev.method.Name), zap.Error(err))
-		}
-	}
-}
-
-// rememberAnswered records an answered $rid, forgetting the oldest beyond maxPendingMethods.
-// Call with s.mu held.
-func (c *conn) rememberAnswered(rid string) {
-	if c.answered == nil {
-		c.answered = make(map[string]struct{})
-	}
-	c.answered[rid] = struct{}{}
-	c.answeredFIF = append(c.answeredFIF, rid)
-	if len(c.answeredFIF) > maxPendingMethods {
-		delete(c.answered, c.answeredFIF[0])
-		c.answeredFIF = c.answeredFIF[1:]
-	}
 }

@@ -268,7 +268,7 @@ func TestPendingRequestsFailOnDisconnect(t *testing.T) {
 	t.Parallel()
 	b := hubtest.NewBroker(t)
 	b.With(func(h *hubtest.Hook) { h.Twin = hubtest.TwinHold })
-	f := start(t, b, nil)
+	f, clk := startFake(t, b, nil)
 	ctx := ctxT(t)
 	if err := f.s.WaitConnected(ctx); err != nil {
 		t.Fatal(err)
@@ -285,6 +285,7 @@ func TestPendingRequestsFailOnDisconnect(t *testing.T) {
 	}
 	// After the reconnect, an answer to the old $rid on the new connection is dropped.
 	f.status.wait(t, hub.Connected, hub.ConnectionOK) // first connection
+	retry(t, clk, f.status.wait(t, hub.DisconnectedRetrying, hub.CommunicationError))
 	f.status.wait(t, hub.Connected, hub.ConnectionOK) // reconnection
 	var old []hubtest.HeldRequest
 	b.With(func(h *hubtest.Hook) { old, h.Held = h.Held, nil })
@@ -298,7 +299,7 @@ func TestPendingRequestsFailOnDisconnect(t *testing.T) {
 func TestReconnectAfterDropWithBackoff(t *testing.T) {
 	t.Parallel()
 	b := hubtest.NewBroker(t)
-	f := start(t, b, nil)
+	f, clk := startFake(t, b, nil)
 	f.status.wait(t, hub.Connected, hub.ConnectionOK)
 	b.Drop("dev1")
 	st := f.status.wait(t, hub.DisconnectedRetrying, hub.CommunicationError)
@@ -308,37 +309,13 @@ func TestReconnectAfterDropWithBackoff(t *testing.T) {
 	if st.Err == nil {
 		t.Error("no error on an unplanned disconnect")
 	}
+	retry(t, clk, st)
 	f.status.wait(t, hub.Connected, hub.ConnectionOK)
 	if n := len(b.ConnectRecords()); n != 2 {
 		t.Errorf("connects = %d, want 2", n)
 	}
 	if got := f.s.Stats(); got.Connects != 2 || got.ConnectionsLost != 1 {
 		t.Errorf("stats %+v", got)
-	}
-}
-
-func TestServerUnavailableIsRetried(t *testing.T) {
-	t.Parallel()
-	b := hubtest.NewBroker(t)
-	b.With(func(h *hubtest.Hook) { h.Refuse = []byte{3} })
-	var rolls atomic.Int32
-	f := start(t, b, func(c *hub.Config) {
-		c.Rand = func() float64 { rolls.Add(1); return 0 } // jitter source is injectable
-	})
-	st := f.status.wait(t, hub.DisconnectedRetrying, hub.CommunicationError)
-	var ce *hub.ConnackError
-	if !errors.As(st.Err, &ce) || ce.Code != 3 {
-		t.Errorf("err = %v, want CONNACK 3", st.Err)
-	}
-	if st.RetryIn != time.Second || st.Attempt != 1 {
-		t.Errorf("retry in %v attempt %d, want the 1s floor on attempt 1", st.RetryIn, st.Attempt)
-	}
-	f.status.wait(t, hub.Connected, hub.ConnectionOK)
-	if n := len(b.ConnectRecords()); n != 2 {
-		t.Errorf("connects = %d, want 2", n)
-	}
-	if rolls.Load() != 1 {
-		t.Errorf("jitter rolled %d times, want 1", rolls.Load())
 	}
 }
 
@@ -399,45 +376,6 @@ func TestTLSVerifyFailure(t *testing.T) {
 			}
 			f.status.wait(t, hub.Disconnected, hub.CommunicationError)
 		})
-	}
-}
-
-func TestTokenRenewal(t *testing.T) {
-	t.Parallel()
-	b := hubtest.NewBroker(t)
-	f := start(t, b, func(c *hub.Config) { c.TokenTTL = 3 * time.Second })
-	ctx := ctxT(t)
-	f.status.wait(t, hub.Connected, hub.ConnectionOK)
-	var sent atomic.Int32
-	for i := range 3 {
-		f.status.wait(t, hub.DisconnectedRetrying, hub.ExpiredSASToken)
-		f.status.wait(t, hub.Connected, hub.ConnectionOK)
-		if err := f.s.Send(ctx, &hub.Message{Body: []byte("x"), MessageID: fmt.Sprint("r", i)}); err != nil {
-			t.Fatal(err)
-		}
-		sent.Add(1)
-	}
-	if _, err := f.s.TwinGet(ctx); err != nil {
-		t.Fatal(err)
-	}
-	b.With(func(h *hubtest.Hook) {
-		if h.ExpiredDrops != 0 {
-			t.Errorf("%d connections outlived their token", h.ExpiredDrops)
-		}
-		if h.CleanDisconnect < 3 {
-			t.Errorf("clean disconnects = %d, want >= 3", h.CleanDisconnect)
-		}
-		for i, r := range h.Connects {
-			if r.Refused != 0 {
-				t.Errorf("connect %d refused with %d", i, r.Refused)
-			}
-			if r.Token == nil || !r.Token.Expiry.After(r.At) {
-				t.Errorf("connect %d presented an expired token", i)
-			}
-		}
-	})
-	if f.s.Stats().Renewals < 3 {
-		t.Errorf("renewals %d", f.s.Stats().Renewals)
 	}
 }
 
@@ -696,7 +634,7 @@ func TestDesiredAndMethods(t *testing.T) {
 	b := hubtest.NewBroker(t)
 	desired := make(chan *hub.DesiredPatch, 1)
 	methods := make(chan *hub.MethodRequest, 4)
-	f := start(t, b, func(c *hub.Config) {
+	f, clk := startFake(t, b, func(c *hub.Config) {
 		c.OnDesired = func(_ context.Context, p *hub.DesiredPatch) { desired <- p }
 		c.OnMethod = func(_ context.Context, r *hub.MethodRequest) { methods <- r }
 	})
@@ -724,7 +662,7 @@ func TestDesiredAndMethods(t *testing.T) {
 	b.Publish(wire.MethodRequest("reboot", "a2"), nil, 0)
 	<-methods
 	b.Drop("dev1")
-	f.status.wait(t, hub.DisconnectedRetrying, hub.CommunicationError)
+	retry(t, clk, f.status.wait(t, hub.DisconnectedRetrying, hub.CommunicationError))
 	f.status.wait(t, hub.Connected, hub.ConnectionOK)
 	if err := f.s.RespondMethod(ctx, "a2", 200, nil); !errors.Is(err, hub.ErrStaleRequest) {
 		t.Errorf("response on a later connection: %v, want ErrStaleRequest", err)
@@ -739,9 +677,10 @@ func TestDesiredAndMethods(t *testing.T) {
 func TestStatusSequence(t *testing.T) {
 	t.Parallel()
 	b := hubtest.NewBroker(t)
-	f := start(t, b, nil)
+	f, clk := startFake(t, b, nil)
 	f.status.wait(t, hub.Connected, hub.ConnectionOK)
 	b.Drop("dev1")
+	retry(t, clk, f.status.wait(t, hub.DisconnectedRetrying, hub.CommunicationError))
 	f.status.wait(t, hub.Connected, hub.ConnectionOK)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

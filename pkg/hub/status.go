@@ -105,6 +105,9 @@ var (
 	// ErrStaleRequest means a method $rid is not pending on the current connection (it came on
 	// an earlier connection, or was already answered).
 	ErrStaleRequest = errors.New("hub: method request is not pending on the current connection")
+	// ErrNotConnected means the session has no live connection at the moment (a method answer
+	// cannot wait for one: its request died with the connection that delivered it).
+	ErrNotConnected = errors.New("hub: not connected")
 	// ErrTooManyRequests means too many twin requests are already waiting for answers.
 	ErrTooManyRequests = errors.New("hub: too many pending requests")
 )

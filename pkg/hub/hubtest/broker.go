@@ -93,6 +93,10 @@ type Hook struct {
 	Timers          map[*mqtt.Client]*time.Timer
 	ExpiredDrops    int // connections closed because their token expired while connected
 	CleanDisconnect int
+	// TakenOver counts connections closed because the same client id connected again: a
+	// DISCONNECT still unread when the next CONNECT is handled ends up here, not in
+	// CleanDisconnect.
+	TakenOver       int
 	Twin            TwinMode
 	Held            []HeldRequest
 	DropOnMID       map[string]bool // drop the connection (no PUBACK) when this $.mid first arrives
@@ -268,8 +272,11 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	if h.Clients[cl.ID] == cl {
 		delete(h.Clients, cl.ID)
 	}
-	if errors.Is(cl.StopCause(), packets.CodeDisconnect) {
+	switch cause := cl.StopCause(); {
+	case errors.Is(cause, packets.CodeDisconnect):
 		h.CleanDisconnect++
+	case errors.Is(cause, packets.ErrSessionTakenOver):
+		h.TakenOver++
 	}
 	h.Log[cl.ID] = append(h.Log[cl.ID], "disconnect")
 	h.mu.Unlock()
