@@ -123,6 +123,8 @@ func TestConfigErrorsExit2(t *testing.T) {
 		"unknown flag":   {"run", "--colour"},
 		"insecure key file": {"run", "--host", "h", "--device-id", "d",
 			"--key-file", write(t, "key", keyB64, 0o644)},
+		"two YAML documents": {"run", "--host", "h", "--device-id", "d", "--key", keyB64,
+			"--config", write(t, "agent.yaml", "telemetry: {interval: 5s}\n---\ntelemetry: {interval: 1s}\n", 0o600)},
 	} {
 		var stderr syncBuffer
 		err := run(context.Background(), args, &bytes.Buffer{}, &stderr)

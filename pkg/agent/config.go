@@ -165,13 +165,21 @@ func Default() Config {
 	}
 }
 
-// ParseConfig reads YAML over Default(). Unknown fields are errors, so a typo does not silently
-// drop a setting.
+// ParseConfig reads YAML over Default(). Unknown fields and a second YAML document are errors,
+// so a typo does not silently drop a setting.
 func ParseConfig(data []byte) (Config, error) {
 	c := Default()
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return c, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	// A second document would be ignored by the decode above: refuse it rather than run with
+	// half the configuration the user wrote.
+	var next yaml.Node
+	if err := dec.Decode(&next); err == nil {
+		return c, fmt.Errorf("%w: a second YAML document starts at line %d; the configuration must be one document (remove the '---' or merge the documents)", ErrConfig, next.Line)
+	} else if !errors.Is(err, io.EOF) {
 		return c, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	return c, nil
