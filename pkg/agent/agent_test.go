@@ -267,6 +267,29 @@ func TestDeviceClose(t *testing.T) {
 	}
 }
 
+// Close needs no Run: it returns at once, and a Run after it refuses to start (the done channel
+// Close waits on is closed by whichever of Run and Close comes first).
+func TestDeviceCloseWithoutRun(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	d, err := agent.New(deviceConfig(t, b), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	go func() { d.Close(); d.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close without Run did not return")
+	}
+	if err := d.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Fatalf("Run after Close: %v", err)
+	}
+	if n := len(b.ConnectRecords()); n != 0 {
+		t.Fatalf("%d connects after Close", n)
+	}
+}
+
 func waitLog(t *testing.T, logs *observer.ObservedLogs, msg string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)

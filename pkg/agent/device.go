@@ -2,6 +2,12 @@
 // (pkg/hub), periodic telemetry rendered from a template, and logging of cloud-to-device
 // messages, desired patches and connection status. A Device keeps no package-level state and
 // takes its logger from the caller, so many devices can run in one process.
+//
+// A Device is made of components: the TPM (tpm.go, opened by New, closed by Close), the
+// scripted and built-in direct methods (methods.go), reboot (reboot.go), firmware updates
+// (firmware.go) and the twin sync (twin.go, pkg/twinsync). Those with work of their own have a
+// Run(ctx) that Device.Run starts and stops; goroutines are kept few, since a fleet runs
+// thousands of devices in one process (TestGoroutinesPerDevice counts them).
 package agent
 
 import (
@@ -21,7 +27,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/iothubby/iothubby/pkg/firmware"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
 	"github.com/iothubby/iothubby/pkg/tpm"
@@ -77,28 +82,21 @@ type Device struct {
 
 	sync atomic.Pointer[twinsync.Sync]
 
-	stop     chan struct{}
-	stopOnce sync.Once
-	running  sync.Mutex
+	// stopped is cancelled by Close; Run's context ends with it (context.AfterFunc: no
+	// goroutine waits for it). started is set by the first Run or Close; done is closed when
+	// that Run returns (by Close when no Run came first).
+	stopped context.Context
+	stop    context.CancelFunc
+	started atomic.Bool
+	done    chan struct{}
 
 	rootCAs *x509.CertPool // the validated trust roots (for DPS)
 
 	// scripts are the configured direct methods, checked by New.
 	scripts map[string]methods.Handler
 
-	// reboot: rb is the persisted reboot state; rebooting is set while one is under way.
-	rbMu      sync.Mutex
-	rb        rebootState
-	rebooting atomic.Bool
-	// bootTime reads the system boot time (a seam for tests).
-	bootTime func() (time.Time, bool)
-	// simReboot asks the running session for a simulated reboot; booted is closed (and
-	// replaced, under rbMu) when a simulated boot completes.
-	simReboot  chan struct{}
-	booted     chan struct{}
-	justBooted bool // guarded by rbMu
-
-	fw *firmware.Updater // nil when firmware updates are off
+	reboot *rebooter
+	fw     *firmwareUpdates // nil when firmware updates are off
 
 	// tpm holds the identity key when dps.attestation is tpm; closed by Close.
 	tpm     *tpm.Device
@@ -158,7 +156,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		log:   log.With(fields...),
 		tmpl:  tmpl,
 		runID: hex.EncodeToString(rb[:]),
-		stop:  make(chan struct{}),
+		done:  make(chan struct{}),
 		tpm:   tpmDev,
 	}
 	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
@@ -167,13 +165,16 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if err := d.cfg.Reboot.check(); err != nil {
 		return nil, err
 	}
-	d.bootTime = bootTime
-	d.simReboot, d.booted = make(chan struct{}, 1), make(chan struct{})
+	d.reboot = newRebooter(d.cfg.Reboot, d.cfg.StateDir, id.deviceID, d.log, d.report)
 	if err := d.cfg.checkFirmware(); err != nil {
 		return nil, err
 	}
-	if d.fw, err = d.newUpdater(); err != nil {
+	u, err := d.newUpdater()
+	if err != nil {
 		return nil, err
+	}
+	if u != nil {
+		d.fw = &firmwareUpdates{u: u}
 	}
 	d.hcfg = cfg.hubConfig(id)
 	// Validate the session configuration now, so config errors surface before Run. With DPS the
@@ -191,6 +192,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if _, err := d.render(0, time.Now()); err != nil {
 		return nil, fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
 	}
+	d.stopped, d.stop = context.WithCancel(context.Background())
 	ok = true
 	return d, nil
 }
@@ -200,28 +202,56 @@ func (d *Device) DeviceID() string { return d.id.deviceID }
 
 // Run connects the device and runs it until ctx is done or Close is called; it then drains
 // queued telemetry within ShutdownTimeout and disconnects. It returns nil on such a shutdown and
-// an error if the session stops by itself (e.g. matching hub.ErrNotAuthorized).
+// an error if the session stops by itself (e.g. matching hub.ErrNotAuthorized). A Device runs
+// once: a second Run, or a Run after Close, returns an error at once.
 func (d *Device) Run(ctx context.Context) error {
-	if !d.running.TryLock() {
-		return errors.New("agent: device is already running")
+	if !d.started.CompareAndSwap(false, true) {
+		return errors.New("agent: device is already running, has run, or was closed")
 	}
-	defer d.running.Unlock()
-	if err := d.loadReboot(); err != nil {
+	defer close(d.done)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(d.stopped, cancel)()
+	if err := d.reboot.load(); err != nil {
 		return err
 	}
+	// Components with work of their own run until Run returns (after the session's drain);
+	// each on one goroutine, stopped and waited for here.
+	var comps []component
 	if d.fw != nil {
-		fctx, stopFW := context.WithCancel(context.Background())
-		fwDone := make(chan struct{})
-		go func() {
-			defer close(fwDone)
-			_ = d.fw.Run(fctx)
-		}()
-		defer func() { stopFW(); <-fwDone }()
+		comps = append(comps, d.fw)
 	}
+	defer runComponents(d.log, comps...)()
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
 	return d.runHub(ctx, d.hcfg)
+}
+
+// component is a part of a device with work of its own, run while the device runs.
+type component interface {
+	// Run works until ctx ends.
+	Run(ctx context.Context) error
+}
+
+// runComponents starts each component on a goroutine and returns the function that stops them
+// and waits for them to return.
+func runComponents(log *zap.Logger, comps ...component) (stop func()) {
+	if len(comps) == 0 {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for _, c := range comps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := c.Run(ctx); err != nil && ctx.Err() == nil {
+				log.Error("device component stopped", zap.String("component", fmt.Sprintf("%T", c)), zap.Error(err))
+			}
+		}()
+	}
+	return func() { cancel(); wg.Wait() }
 }
 
 // runSession runs one hub session with hc, and the twin sync over it, until ctx is done, Close
@@ -242,12 +272,12 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	}
 	d.sync.Store(ts)
 	defer d.sync.CompareAndSwap(ts, nil) // reports after this session go to the next one
-	d.reportReboot(ts)
+	d.reboot.reportTo(ts)
 	if d.fw != nil {
-		d.report(map[string]any{"firmwareVersion": d.fw.Status().Version})
-		d.fw.ReportPending(context.Background())
+		d.report(map[string]any{"firmwareVersion": d.fw.u.Status().Version})
+		d.fw.u.ReportPending(context.Background())
 	}
-	simReboot := d.simReboot
+	simReboot := d.reboot.simReboot
 	hc.Logger = d.log
 	hc.OnStatus = func(st hub.Status) {
 		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
@@ -257,21 +287,14 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 			ts.Connected()
 		}
 	}
-	hc.OnC2D = d.onC2D
-	hc.OnDesired = func(_ context.Context, p *hub.DesiredPatch) {
-		d.log.Debug("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
-		ts.Desired(p)
-	}
-	disp := d.newDispatcher(&sessRef, requestReprovision, func() {
+	disp := d.newDispatcher(sessionResponder(&sessRef), requestReprovision, func() {
 		select {
 		case simReboot <- struct{}{}:
 		default:
 		}
 	})
 	defer disp.Close()
-	hc.OnMethod = func(_ context.Context, r *hub.MethodRequest) {
-		disp.Dispatch(r.Name, r.RequestID, r.Payload)
-	}
+	d.deliverTo(&hc, ts, disp)
 	sess, err := hub.New(hc)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrConfig, err)
@@ -299,8 +322,6 @@ loop:
 	for {
 		select {
 		case <-ctx.Done():
-			break loop
-		case <-d.stop:
 			break loop
 		case <-sess.Done():
 			runErr = sess.Err()
@@ -334,12 +355,30 @@ loop:
 	return nil
 }
 
+// deliverTo sets the session's delivery callbacks: cloud-to-device messages are logged, desired
+// patches go to the twin sync and method calls to the dispatcher. The session calls them one at
+// a time from its delivery goroutine; none of them waits for I/O (Desired and Dispatch only
+// queue), so a method answer stuck on a lost connection never delays the patches after it.
+func (d *Device) deliverTo(hc *hub.Config, ts *twinsync.Sync, disp *methods.Dispatcher) {
+	hc.OnC2D = d.onC2D
+	hc.OnDesired = func(_ context.Context, p *hub.DesiredPatch) {
+		d.log.Debug("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
+		ts.Desired(p)
+	}
+	hc.OnMethod = func(_ context.Context, r *hub.MethodRequest) {
+		disp.Dispatch(r.Name, r.RequestID, r.Payload)
+	}
+}
+
 // Close makes Run return (after its drain), waits for it, and releases the TPM if the device
-// has one: call it once the device is no longer needed, even after Run returned.
+// has one: call it once the device is no longer needed, even after Run returned, or when Run
+// never ran (Run then refuses to start). Calling it again waits again.
 func (d *Device) Close() {
-	d.stopOnce.Do(func() { close(d.stop) })
-	d.running.Lock()
-	d.running.Unlock() //nolint:staticcheck // wait for Run to finish
+	d.stop()
+	if d.started.CompareAndSwap(false, true) {
+		close(d.done) // no Run came first, and none will
+	}
+	<-d.done
 	d.closeTPM()
 }
 

@@ -269,8 +269,6 @@ func (d *Device) runDPS(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-d.stop:
-			return nil
 		default:
 		}
 	}

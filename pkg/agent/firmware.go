@@ -147,11 +147,18 @@ func (d *Device) newUpdater() (*firmware.Updater, error) {
 		HTTPClient:      &http.Client{Transport: tr},
 		DownloadTimeout: f.DownloadTimeout,
 		Applier:         applier,
-		Rebooter:        firmware.RebootFunc(d.firmwareReboot),
+		Rebooter:        firmware.RebootFunc(d.reboot.forFirmware),
 		Reporter:        fwReporter{d},
 		Logger:          d.log.Named("firmware"),
 	})
 }
+
+// firmwareUpdates is the firmware component: the updater, run while the device runs.
+type firmwareUpdates struct{ u *firmware.Updater }
+
+// Run resumes an update a restart interrupted and carries out those the firmwareUpdate method
+// and the desired firmware property start, until ctx ends.
+func (f *firmwareUpdates) Run(ctx context.Context) error { return f.u.Run(ctx) }
 
 // fwReporter puts the updater's status in the reported `firmware` property (the twin sync
 // persists it and re-sends it after a reconnect).
@@ -176,12 +183,12 @@ func fwReported(s firmware.Status) map[string]any {
 // firmwareReboot is the updater's Rebooter: the reboot method's logic. Simulate: a simulated
 // reboot, returning once the device is back. Exec: the reboot command, then wait to be stopped
 // (the update is confirmed on the next start). Without a reboot mode, nothing to do.
-func (d *Device) firmwareReboot(ctx context.Context) error {
-	switch d.cfg.Reboot.Mode {
+func (d *rebooter) forFirmware(ctx context.Context) error {
+	switch d.cfg.Mode {
 	case "simulate":
-		d.rbMu.Lock()
+		d.mu.Lock()
 		booted := d.booted
-		d.rbMu.Unlock()
+		d.mu.Unlock()
 		select {
 		case d.simReboot <- struct{}{}:
 		default:
@@ -195,10 +202,10 @@ func (d *Device) firmwareReboot(ctx context.Context) error {
 	case "exec":
 		now := time.Now().UTC()
 		bt, _ := d.bootTime()
-		d.rbMu.Lock()
+		d.mu.Lock()
 		d.rb.Pending = &pendingReboot{RequestedAt: now, BootTime: bt}
-		err := d.saveRebootLocked()
-		d.rbMu.Unlock()
+		err := d.saveLocked()
+		d.mu.Unlock()
 		if err != nil {
 			return err
 		}

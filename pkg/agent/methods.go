@@ -37,17 +37,21 @@ func (c *Config) checkMethods(dps bool) (map[string]methods.Handler, error) {
 	return out, nil
 }
 
-// newDispatcher builds one session's method dispatcher: the scripted methods and the built-in
-// ones, answering through the session that delivered each call (hub.Session.RespondMethod
-// refuses a $rid from an earlier connection).
-func (d *Device) newDispatcher(sess *atomic.Pointer[hub.Session], requestReprovision, requestSimulatedReboot func()) *methods.Dispatcher {
-	respond := func(ctx context.Context, rid string, status int, payload []byte) error {
+// sessionResponder answers through the session that delivered each call
+// (hub.Session.RespondMethod refuses a $rid from an earlier connection).
+func sessionResponder(sess *atomic.Pointer[hub.Session]) methods.Responder {
+	return func(ctx context.Context, rid string, status int, payload []byte) error {
 		s := sess.Load()
 		if s == nil {
 			return hub.ErrClosed
 		}
 		return s.RespondMethod(ctx, rid, status, payload)
 	}
+}
+
+// newDispatcher builds one session's method dispatcher: the scripted methods and the built-in
+// ones, answering through respond.
+func (d *Device) newDispatcher(respond methods.Responder, requestReprovision, requestSimulatedReboot func()) *methods.Dispatcher {
 	disp := methods.New(methods.Config{
 		MaxConcurrent: d.cfg.MaxConcurrentMethods,
 		Timeout:       d.cfg.MethodTimeout,
@@ -57,10 +61,10 @@ func (d *Device) newDispatcher(sess *atomic.Pointer[hub.Session], requestReprovi
 		disp.Register(name, h)
 	}
 	if d.fw != nil {
-		disp.Register("firmwareUpdate", d.firmwareMethod(d.fw))
+		disp.Register("firmwareUpdate", d.firmwareMethod(d.fw.u))
 	}
 	if d.cfg.Reboot.Mode != "" {
-		disp.Register("reboot", d.rebootHandler(requestSimulatedReboot))
+		disp.Register("reboot", d.reboot.handler(requestSimulatedReboot))
 	}
 	if d.dpsEnabled() {
 		disp.Register("reprovision", methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {

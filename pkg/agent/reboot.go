@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -75,19 +77,45 @@ type pendingReboot struct {
 	BootTime time.Time `json:"bootTime,omitzero"`
 }
 
-func (d *Device) rebootPath() string {
-	if d.cfg.StateDir == "" {
-		return ""
+// rebooter is the device's reboot component: the persisted reboot state, the `reboot` direct
+// method, the reboot the firmware updater asks for, and the simulated boot between two
+// sessions. It has no goroutine of its own.
+type rebooter struct {
+	cfg  RebootConfig
+	path string // reboot-<deviceId>.json in the state directory; "" without one
+	log  *zap.Logger
+	// report hands reported properties to the current twin sync.
+	report func(map[string]any)
+	// bootTime reads the system boot time (a seam for tests).
+	bootTime func() (time.Time, bool)
+
+	// mu guards rb, justBooted and booted. rb is the persisted reboot state; rebooting is set
+	// while a reboot is under way.
+	mu        sync.Mutex
+	rb        rebootState
+	rebooting atomic.Bool
+	// simReboot asks the running session for a simulated reboot; booted is closed (and
+	// replaced) when a simulated boot completes.
+	simReboot  chan struct{}
+	booted     chan struct{}
+	justBooted bool
+}
+
+func newRebooter(cfg RebootConfig, stateDir, deviceID string, log *zap.Logger, report func(map[string]any)) *rebooter {
+	r := &rebooter{cfg: cfg, log: log, report: report, bootTime: bootTime,
+		simReboot: make(chan struct{}, 1), booted: make(chan struct{})}
+	if stateDir != "" {
+		r.path = filepath.Join(stateDir, "reboot-"+strings.ReplaceAll(deviceID, "/", "_")+".json")
 	}
-	return filepath.Join(d.cfg.StateDir, "reboot-"+strings.ReplaceAll(d.id.deviceID, "/", "_")+".json")
+	return r
 }
 
 // loadReboot reads the reboot state; an exec reboot still pending is settled here: the system
 // boot time moved (or is unknown) means the reboot happened.
-func (d *Device) loadReboot() error {
-	d.rbMu.Lock()
-	defer d.rbMu.Unlock()
-	if p := d.rebootPath(); p != "" {
+func (d *rebooter) load() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if p := d.path; p != "" {
 		b, err := os.ReadFile(p)
 		switch {
 		case errors.Is(err, os.ErrNotExist):
@@ -118,13 +146,13 @@ func (d *Device) loadReboot() error {
 			d.log.Warn("reboot requested but the system did not reboot")
 		}
 		d.rb.Pending = nil
-		return d.saveRebootLocked()
+		return d.saveLocked()
 	}
 	return nil
 }
 
-func (d *Device) saveRebootLocked() error {
-	p := d.rebootPath()
+func (d *rebooter) saveLocked() error {
+	p := d.path
 	if p == "" {
 		return nil
 	}
@@ -141,9 +169,9 @@ func (d *Device) saveRebootLocked() error {
 // reportReboot hands a pending reboot result to the new session's twin sync (which persists
 // and sends it), and wakes whoever waits for a simulated boot to finish (the firmware updater),
 // now that reports reach the new session.
-func (d *Device) reportReboot(ts interface{ Report(map[string]any) error }) {
-	d.rbMu.Lock()
-	defer d.rbMu.Unlock()
+func (d *rebooter) reportTo(ts interface{ Report(map[string]any) error }) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if d.justBooted {
 		d.justBooted = false
 		close(d.booted)
@@ -160,28 +188,28 @@ func (d *Device) reportReboot(ts interface{ Report(map[string]any) error }) {
 		return
 	}
 	d.rb.Report = nil
-	if err := d.saveRebootLocked(); err != nil {
+	if err := d.saveLocked(); err != nil {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
 }
 
 // rebootHandler is the `reboot` direct method: it answers 200 and then reboots (exec: runs the
 // command; simulate: asks runSession to disconnect). A reboot already under way answers 409.
-func (d *Device) rebootHandler(requestSimulated func()) methods.Handler {
+func (d *rebooter) handler(requestSimulated func()) methods.Handler {
 	return methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {
 		if !d.rebooting.CompareAndSwap(false, true) {
 			return methods.Response{Status: 409, Payload: []byte(`{"message":"a reboot is already under way"}`)}
 		}
 		now := time.Now().UTC()
-		mode := d.cfg.Reboot.Mode
+		mode := d.cfg.Mode
 		d.log.Info("reboot requested by direct method", zap.String("rid", r.RequestID), zap.String("mode", mode))
 		d.report(map[string]any{"reboot": map[string]any{"state": "rebooting", "mode": mode, "requestedAt": now.Format(time.RFC3339Nano)}})
 		if mode == "exec" {
 			bt, _ := d.bootTime()
-			d.rbMu.Lock()
+			d.mu.Lock()
 			d.rb.Pending = &pendingReboot{RequestedAt: now, BootTime: bt}
-			err := d.saveRebootLocked()
-			d.rbMu.Unlock()
+			err := d.saveLocked()
+			d.mu.Unlock()
 			if err != nil {
 				d.rebooting.Store(false)
 				d.log.Error("reboot state not saved", zap.Error(err))
@@ -200,10 +228,10 @@ func (d *Device) rebootHandler(requestSimulated func()) methods.Handler {
 
 // execReboot runs the reboot command. On success the system takes the agent down; the pending
 // reboot recorded in the state directory is settled on the next start.
-func (d *Device) execReboot(requested time.Time) {
+func (d *rebooter) execReboot(requested time.Time) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	c := d.cfg.Reboot.Command
+	c := d.cfg.Command
 	cmd := exec.CommandContext(ctx, c[0], c[1:]...)
 	out, err := cmd.CombinedOutput()
 	if err == nil {
@@ -218,12 +246,12 @@ func (d *Device) execReboot(requested time.Time) {
 		line = line[:200]
 	}
 	d.log.Error("reboot command failed", zap.Error(err), zap.String("output", line))
-	d.rbMu.Lock()
+	d.mu.Lock()
 	d.rb.Pending = nil
-	if err := d.saveRebootLocked(); err != nil {
+	if err := d.saveLocked(); err != nil {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
-	d.rbMu.Unlock()
+	d.mu.Unlock()
 	d.report(map[string]any{"reboot": map[string]any{"state": "failed", "mode": "exec",
 		"requestedAt": requested.Format(time.RFC3339Nano), "error": fmt.Sprintf("reboot command: %v: %s", err, line)}})
 	d.rebooting.Store(false)
@@ -231,29 +259,27 @@ func (d *Device) execReboot(requested time.Time) {
 
 // simulateBoot is the offline part of a simulated reboot: it waits BootDelay (false if the
 // device is stopped meanwhile), then counts the boot and queues its report for the next session.
-func (d *Device) simulateBoot(ctx context.Context) bool {
-	d.log.Info("simulated reboot: offline", zap.Duration("boot_delay", d.cfg.Reboot.BootDelay))
-	t := time.NewTimer(d.cfg.Reboot.BootDelay)
+func (d *rebooter) simulateBoot(ctx context.Context) bool {
+	d.log.Info("simulated reboot: offline", zap.Duration("boot_delay", d.cfg.BootDelay))
+	t := time.NewTimer(d.cfg.BootDelay)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
 		return false
-	case <-d.stop:
-		return false
 	case <-t.C:
 	}
 	now := time.Now().UTC()
-	d.rbMu.Lock()
+	d.mu.Lock()
 	d.rb.BootCount++
 	d.rb.LastReboot = now
 	d.rb.Report = map[string]any{"reboot": map[string]any{"state": "done", "mode": "simulate"},
 		"lastReboot": now.Format(time.RFC3339Nano), "bootCount": d.rb.BootCount}
-	if err := d.saveRebootLocked(); err != nil {
+	if err := d.saveLocked(); err != nil {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
 	count := d.rb.BootCount
 	d.justBooted = true // the next session's start wakes those waiting for the boot
-	d.rbMu.Unlock()
+	d.mu.Unlock()
 	d.rebooting.Store(false)
 	d.log.Info("simulated reboot: booted", zap.Int("boot_count", count))
 	return true
@@ -267,7 +293,7 @@ func (d *Device) runHub(ctx context.Context, hc hub.Config) error {
 		if !errors.Is(err, errSimulatedReboot) {
 			return err
 		}
-		if !d.simulateBoot(ctx) {
+		if !d.reboot.simulateBoot(ctx) {
 			return nil
 		}
 	}
