@@ -85,6 +85,8 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.StringVar(&cfg.AMQPAddr, "amqp-addr", "127.0.0.1:5671", "service AMQP/TLS listen address (port 0: any free port; empty: none; the default moves to a free port when 5671 is taken)")
 	f.DurationVar(&cfg.TokenGrace, "token-grace", 0, "how long past a device SAS token's expiry its connection stays open")
 	f.Float64Var(&cfg.TwinRateLimit, "twin-rate-limit", 0, "device twin GETs and PATCHes per second across the hub; over it, 429 (0: unlimited)")
+	f.IntVar(&cfg.MaxConcurrentJobs, "max-concurrent-jobs", 1, "jobs v2 that run at once; the others wait, queued (1: IoT Hub S1 and Free, 5: S2, 10: S3)")
+	f.IntVar(&cfg.JobParallelism, "job-parallelism", 16, "devices one job works on at once")
 	f.StringVar(&cfg.IDScope, "id-scope", "0ne00000001", "DPS ID scope")
 	f.StringSliceVar(&cfg.HubHostNames, "hub-hostnames", nil, "further linked hub host names DPS may assign devices to (comma-separated)")
 	f.IntVar(&cfg.DPSRetryAfter, "dps-retry-after", 1, "retry-after seconds of DPS 202 replies (0: poll at once)")

@@ -35,6 +35,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/hubsim/eventhubs"
 	"github.com/iothubby/iothubby/pkg/hubsim/images"
+	"github.com/iothubby/iothubby/pkg/hubsim/jobs"
 	"github.com/iothubby/iothubby/pkg/hubsim/methods"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
@@ -99,6 +100,12 @@ type Config struct {
 	HubHostNames []string
 	// DPSRetryAfter is the retry-after (seconds) of DPS 202 replies (default 1; negative: 0).
 	DPSRetryAfter int
+	// MaxConcurrentJobs is how many jobs v2 run at once; the others wait, queued (0: one, as
+	// IoT Hub's S1 tier).
+	MaxConcurrentJobs int
+	// JobParallelism is how many devices one job works on at once (0: jobs.DefaultParallelism).
+	JobParallelism int
+
 	// DPSRegistrationRate limits DPS register requests per second (0: unlimited), with
 	// DPSRegistrationBurst (default 1).
 	DPSRegistrationRate  float64
@@ -126,6 +133,7 @@ type Server struct {
 	reg       *registry.Registry
 	twins     *twins.Store
 	methods   *methods.Service
+	jobs      *jobs.Runner
 	brk       *broker.Broker
 	amqp      *hubamqp.Server
 	api       *rest.Server
@@ -257,8 +265,15 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if s.amqp, err = startAMQP(cfg, tlsConf, s.reg, s.brk, log.Named("amqp")); err != nil {
 		return nil, err
 	}
+	s.jobs, err = jobs.Open(jobs.Config{
+		Store: s.reg, Devices: jobDevices{s.reg, s.twins}, Methods: s.methods,
+		MaxConcurrent: cfg.MaxConcurrentJobs, Parallelism: cfg.JobParallelism,
+	}, log.Named("jobs"))
+	if err != nil {
+		return nil, err
+	}
 	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods,
-		Images: s.images.ServeAdmin}, log.Named("rest"))
+		Images: s.images.ServeAdmin, Jobs: s.jobs}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
 	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: h, ws: s.brk}, log.Named("https")); err != nil {
@@ -354,6 +369,30 @@ func startAMQP(cfg Config, tlsConf *tls.Config, reg *registry.Registry, brk *bro
 	return srv, err
 }
 
+// jobDevices gives the job runner the devices and their twins.
+type jobDevices struct {
+	reg   *registry.Registry
+	twins *twins.Store
+}
+
+func (d jobDevices) IDs() []string {
+	devs := d.reg.List(0)
+	ids := make([]string, len(devs))
+	for i, dv := range devs {
+		ids[i] = dv.DeviceID
+	}
+	return ids
+}
+
+func (d jobDevices) Get(id string) (twins.Twin, error) { return d.twins.Get(id) }
+
+func (d jobDevices) Update(id, ifMatch string, body []byte) (twins.Twin, error) {
+	return d.twins.Update(id, ifMatch, body)
+}
+
+// Jobs is the jobs v2 runner.
+func (s *Server) Jobs() *jobs.Runner { return s.jobs }
+
 // Registry is the device registry (create devices through it in tests and benchmarks).
 func (s *Server) Registry() *registry.Registry { return s.reg }
 
@@ -396,6 +435,9 @@ func (s *Server) Close() error {
 		}
 		if s.amqp != nil {
 			errs = append(errs, s.amqp.Close())
+		}
+		if s.jobs != nil {
+			errs = append(errs, s.jobs.Close())
 		}
 		if s.brk != nil {
 			errs = append(errs, s.brk.Close())

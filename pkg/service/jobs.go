@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // Job types of jobs v2 (JobRequest.Type).
@@ -37,6 +39,12 @@ const (
 	DeviceJobCompleted = "completed"
 	DeviceJobFailed    = "failed"
 	DeviceJobCanceled  = "canceled"
+)
+
+// Job errors, matchable with errors.Is.
+var (
+	ErrJobNotFound      = wire.ServiceError{Status: 404, Code: "JobNotFound", Number: 404002}
+	ErrJobAlreadyExists = wire.ServiceError{Status: 409, Code: "JobAlreadyExists", Number: 409002}
 )
 
 // DefaultMaxExecutionTime is the maxExecutionTimeInSeconds a job gets when none is given, as

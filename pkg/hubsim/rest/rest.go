@@ -57,6 +57,8 @@ type Config struct {
 	// Images serves /hubsim/images/... once the service token is checked (the path is split as
 	// for every handler); nil answers 404.
 	Images func(w http.ResponseWriter, r *http.Request, seg []string)
+	// Jobs serves /jobs/v2 and devices.jobs queries; nil answers 404.
+	Jobs Jobs
 	// Now is the clock for token expiry; nil means time.Now.
 	Now func() time.Time
 }
@@ -201,8 +203,14 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request) {
 	var need registry.Rights
 	var fn func(http.ResponseWriter, *http.Request, []string)
 	switch {
+	case len(seg) == 1 && seg[0] == "devices" && r.Method == http.MethodPost:
+		need, fn = registry.RegistryWrite, h.bulkDevices
 	case len(seg) == 1 && seg[0] == "devices":
 		need, fn = registry.RegistryRead, onlyMethod(http.MethodGet, h.listDevices)
+	case len(seg) == 2 && seg[0] == "devices" && seg[1] == "query" && r.Method == http.MethodPost:
+		need, fn = registry.RegistryRead, h.queryDevices
+	case len(seg) >= 3 && seg[0] == "jobs" && seg[1] == "v2":
+		need, fn = h.jobRoute(r, seg)
 	case len(seg) == 2 && seg[0] == "devices":
 		switch r.Method {
 		case http.MethodGet:
