@@ -39,7 +39,7 @@ func benchMemory(ctx context.Context, binDir string, n int, report func(string, 
 	}
 	defer os.RemoveAll(state)
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "hubsim"), "serve", "--state", state,
-		"--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--log-level", "warn")
+		"--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--amqp-addr", "127.0.0.1:0", "--log-level", "warn")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		return err

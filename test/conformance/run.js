@@ -45,7 +45,10 @@ function tail(file, lines) {
 // startHubsim launches `HUBSIM_BIN serve` on a fresh state dir, logging to <state>/hubsim.log.
 function startHubsim(bin, stateDir) {
   const httpsAddr = process.env.HUBSIM_HTTPS_ADDR || '127.0.0.1:443';
-  const args = ['serve', '--state', stateDir, '--https-addr', httpsAddr, '--mqtt-addr', '127.0.0.1:0'];
+  // azure-iothub dials amqps://<HostName>:5671, so AMQP must be there (an explicit address fails
+  // loudly when taken instead of moving to a free port).
+  const amqpAddr = process.env.HUBSIM_AMQP_ADDR || '127.0.0.1:5671';
+  const args = ['serve', '--state', stateDir, '--https-addr', httpsAddr, '--mqtt-addr', '127.0.0.1:0', '--amqp-addr', amqpAddr];
   const logFile = path.join(stateDir, 'hubsim.log');
   const fd = fs.openSync(logFile, 'a');
   log(`starting ${bin} ${args.join(' ')}`);

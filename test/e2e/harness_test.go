@@ -251,7 +251,7 @@ func startHub(t *testing.T, state, mqttAddr, httpsAddr string, extra ...string) 
 	t.Helper()
 	_ = os.Remove(filepath.Join(state, "endpoints.json"))
 	args := append([]string{"serve", "--state", state, "--mqtt-addr", mqttAddr, "--https-addr", httpsAddr,
-		"--log-format", "json", "--log-level", "debug"}, extra...)
+		"--amqp-addr", "127.0.0.1:0", "--log-format", "json", "--log-level", "debug"}, extra...)
 	p := startProc(t, "hubsim", args...)
 	deadline := time.Now().Add(waitTimeout)
 	for {

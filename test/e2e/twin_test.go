@@ -240,7 +240,7 @@ func startHubWith(t *testing.T, extra ...string) *hub {
 	t.Helper()
 	state := t.TempDir()
 	args := append([]string{"serve", "--state", state, "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0",
-		"--log-format", "json", "--log-level", "debug"}, extra...)
+		"--amqp-addr", "127.0.0.1:0", "--log-format", "json", "--log-level", "debug"}, extra...)
 	p := startProc(t, "hubsim", args...)
 	p.await(0, "hubsim ready", msgIs("hubsim ready"))
 	ep, err := endpoints.Read(state)

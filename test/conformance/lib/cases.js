@@ -32,6 +32,7 @@ const twinCases = require('./twin-cases');
 const methodCases = require('./method-cases');
 const tpmCases = require('./tpm-cases');
 const wsCases = require('./ws-cases');
+const amqpCases = require('./amqp-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -605,6 +606,7 @@ const CASES = [
   ['device-x509-telemetry', deviceX509Telemetry],
   ['device-wrong-key', deviceWrongKey],
   ['c2d-with-properties', c2dWithProperties],
+  ['c2d-amqp-feedback', amqpCases.c2dAmqpFeedback],
   ['service-twin-with-agent', twinCases.serviceTwinWithAgent],
   ['device-twin-sdk', twinCases.deviceTwinSdk],
   ['service-method-with-agent', methodCases.serviceMethodWithAgent],
