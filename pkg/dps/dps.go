@@ -1,7 +1,7 @@
 // Package dps is the agent's Device Provisioning Service client: it registers a device over MQTT
 // or HTTPS with a symmetric key (SAS token) or an X.509 certificate (TLS client certificate),
 // polls the operation honouring retry-after (capped, jittered, 2 s when absent), retries 429 and
-// 5xx with backoff, fails clearly on other 4xx, and caches the result atomically in a state
+// 5xx with backoff (pkg/backoff, the policy the hub session uses), fails clearly on other 4xx, and caches the result atomically in a state
 // directory so that a restart reuses it (protocol-device.md §2, §3, §5–§7).
 //
 // With a TPM (Config.TPM) it runs the two-round HTTPS flow of protocol-device.md §3.1: the
@@ -28,6 +28,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/attest"
+	"github.com/iothubby/iothubby/pkg/backoff"
+	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -100,12 +102,18 @@ type Config struct {
 	// RequestTimeout bounds one exchange. Default 30 s.
 	RequestTimeout time.Duration
 	// BackoffMin and BackoffMax bound the backoff between retries of 429, 5xx and transport
-	// errors. Defaults 1 s and 30 s.
+	// errors (backoff.Policy: exponential with full jitter, never below BackoffMin). Defaults
+	// 1 s and 30 s.
 	BackoffMin, BackoffMax time.Duration
 	// TokenTTL is the SAS token lifetime. Default 1 h.
 	TokenTTL time.Duration
 	// Logger receives progress (never secrets); nil discards.
 	Logger *zap.Logger
+	// Clock drives the waits between polls and retries and dates tokens and results. Default:
+	// the real clock. (Timeout and RequestTimeout are context deadlines on the wall clock.)
+	Clock clock.Clock
+	// Rand returns a uniform float in [0, 1) for jitter. Default: math/rand/v2.
+	Rand func() float64
 
 	// tpmReady is set once the challenge's key is in the TPM: requests then carry SAS tokens.
 	tpmReady bool
@@ -213,6 +221,12 @@ func (c *Config) defaults() error {
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
+	if c.Clock == nil {
+		c.Clock = clock.Real()
+	}
+	if c.Rand == nil {
+		c.Rand = rand.Float64
+	}
 	return nil
 }
 
@@ -248,7 +262,7 @@ func (c *Config) token(ctx context.Context) (string, error) {
 	}
 	return sas.Build(ctx, s, sas.Params{
 		Resource: sas.DPSResource(c.IDScope, c.RegistrationID), KeyName: "registration",
-		Expiry: time.Now().Add(c.TokenTTL),
+		Expiry: c.Clock.Now().Add(c.TokenTTL),
 	})
 }
 
@@ -268,7 +282,8 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	body, _ := json.Marshal(req)
-	backoff := cfg.BackoffMin
+	policy := backoff.Policy{Min: cfg.BackoffMin, Max: cfg.BackoffMax}
+	attempt := 0
 	var tr transport
 	defer func() {
 		if tr != nil {
@@ -276,18 +291,14 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}()
 	retry := func(what string, err error, ra int) error {
-		d := backoff
-		if ra > 0 {
-			d = max(d, time.Duration(ra)*time.Second)
-		}
-		d = min(d, max(cfg.MaxWait, cfg.BackoffMax))
-		backoff = min(backoff*2, cfg.BackoffMax)
+		d := cfg.retryWait(policy, attempt, ra)
+		attempt++
 		log.Warn("DPS "+what+" failed; retrying", zap.Error(err), zap.Duration("retry_in", d))
 		if tr != nil {
 			tr.close()
 			tr = nil
 		}
-		return sleep(ctx, jitter(d))
+		return cfg.sleep(ctx, d)
 	}
 	for {
 		if tr == nil {
@@ -342,7 +353,7 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 		log.Debug("DPS registration accepted", zap.String("operation_id", op.OperationID), zap.String("status", op.Status))
 		for op.Status == wire.DPSStatusAssigning || op.Status == wire.DPSStatusUnassigned {
 			wait := cfg.pollWait(ex)
-			if err := sleep(ctx, wait); err != nil {
+			if err := cfg.sleep(ctx, wait); err != nil {
 				return nil, fmt.Errorf("dps: waiting for operation %s: %w", op.OperationID, err)
 			}
 			ex, err = tr.poll(ctx, op.OperationID)
@@ -371,7 +382,7 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 				}
 			}
 			res := &Result{RegistrationID: cfg.RegistrationID, AssignedHub: rs.AssignedHub, DeviceID: rs.DeviceID,
-				Substatus: rs.Substatus, Payload: rs.Payload, IDScope: cfg.IDScope, Endpoint: cfg.Endpoint, Obtained: time.Now().UTC()}
+				Substatus: rs.Substatus, Payload: rs.Payload, IDScope: cfg.IDScope, Endpoint: cfg.Endpoint, Obtained: cfg.Clock.Now().UTC()}
 			log.Info("provisioned", zap.String("hub", res.AssignedHub), zap.String("assigned_device", res.DeviceID), zap.String("substatus", res.Substatus))
 			return res, nil
 		case wire.DPSStatusFailed, wire.DPSStatusDisabled:
@@ -427,31 +438,38 @@ func (c *Config) importFinal(ctx context.Context, rs *wire.DPSRegistrationState)
 
 // pollWait is how long to wait before the next poll: the server's retry-after (2 s when absent),
 // capped at MaxWait, plus up to 10 % jitter (never less than retry-after, so polls are not early).
+// Polling is not backoff: an operation in progress is asked again at the interval DPS names.
 func (c *Config) pollWait(ex exchange) time.Duration {
 	d := DefaultPollInterval
 	if ex.hasRA {
 		d = time.Duration(ex.retryAfter) * time.Second
 	}
-	return jitter(min(d, c.MaxWait))
+	d = min(d, c.MaxWait)
+	return d + time.Duration(c.Rand()*float64(d)/10)
 }
 
-func jitter(d time.Duration) time.Duration {
-	if d <= 0 {
-		return 0
+// retryWait is the wait before retry number attempt (0-based) after a failure: the backoff
+// policy's delay, never less than the server's retry-after (ra seconds, when positive), and at
+// most max(MaxWait, BackoffMax).
+func (c *Config) retryWait(p backoff.Policy, attempt, ra int) time.Duration {
+	d := p.Delay(attempt, c.Rand())
+	if ra > 0 {
+		d = max(d, time.Duration(ra)*time.Second)
 	}
-	return d + time.Duration(rand.Int64N(int64(d)/10+1))
+	return min(d, max(c.MaxWait, c.BackoffMax))
 }
 
-func sleep(ctx context.Context, d time.Duration) error {
+// sleep waits d on the configured clock, or until ctx ends.
+func (c *Config) sleep(ctx context.Context, d time.Duration) error {
 	if d <= 0 {
 		return ctx.Err()
 	}
-	t := time.NewTimer(d)
+	t := c.Clock.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-t.C:
+	case <-t.C():
 		return nil
 	}
 }
