@@ -271,6 +271,11 @@ func (s *Session) prepare(m *Message) (*outMsg, error) {
 	} else {
 		om.topic = wire.Telemetry(s.cfg.DeviceID, props)
 	}
+	if len(om.topic) > wire.MaxTopicLength {
+		// Refused here, not re-sent after every reconnect: no MQTT broker can take it.
+		s.stats.rejected.Add(1)
+		return nil, fmt.Errorf("%w: properties encode to a %d-byte topic, over MQTT's %d-byte limit", ErrMessageTooLarge, len(om.topic), wire.MaxTopicLength)
+	}
 	if om.deadline.IsZero() && s.cfg.MessageTimeout > 0 {
 		om.deadline = s.clock.Now().Add(s.cfg.MessageTimeout)
 	}

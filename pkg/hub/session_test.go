@@ -440,6 +440,12 @@ func TestTelemetryRefusals(t *testing.T) {
 	if err := f.s.Send(ctxT(t), big); !errors.Is(err, hub.ErrMessageTooLarge) {
 		t.Errorf("oversize: %v", err)
 	}
+	// 22,000 bytes of properties, well under 256 KB, but percent-encoded to a 66 KB topic: no
+	// MQTT broker can take it, so it is refused at once instead of re-sent after each reconnect.
+	wide := &hub.Message{Properties: map[string]string{"p": strings.Repeat("%", 22_000)}}
+	if err := f.s.Enqueue(wide, nil); !errors.Is(err, hub.ErrMessageTooLarge) || !strings.Contains(err.Error(), "65535-byte limit") {
+		t.Errorf("over-long topic: %v", err)
+	}
 	bad := &hub.Message{Properties: map[string]string{"$.mid": "x"}}
 	if err := f.s.Enqueue(bad, nil); !errors.Is(err, hub.ErrInvalidMessage) {
 		t.Errorf("system-named property: %v", err)

@@ -27,9 +27,11 @@ const (
 	PropSchema          = "$.schema"
 )
 
-// MaxPropertyBagLength bounds a property bag's encoded length. MQTT topics are at most 64 KiB;
-// IoT Hub's own limit on properties is far below that.
-const MaxPropertyBagLength = 32 * 1024
+// MaxPropertyBagLength bounds a property bag's encoded length: what is left of MQTT's topic-name
+// limit after the longest telemetry prefix ("devices/{128}/modules/{128}/messages/events/").
+// IoT Hub documents no separate limit on properties: they count toward the 256 KB message size
+// (application property names and values, system property values), which is checked apart.
+const MaxPropertyBagLength = MaxTopicLength - (len("devices/") + 128 + len("/modules/") + 128 + len("/messages/events/"))
 
 // ErrPropertyBag is wrapped by every property-bag decoding error.
 var ErrPropertyBag = errors.New("wire: malformed property bag")

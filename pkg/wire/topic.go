@@ -19,8 +19,9 @@ const (
 	MethodsFilter      = "$iothub/methods/POST/#"
 )
 
-// MaxTopicLength bounds the topics Parse accepts (MQTT's own limit is 65535 bytes).
-const MaxTopicLength = 64 * 1024
+// MaxTopicLength is MQTT's limit on a topic name (a length-prefixed string of at most 65,535
+// bytes), the only limit on a topic IoT Hub applies; Parse refuses longer ones.
+const MaxTopicLength = 65535
 
 // ErrTopic is wrapped by every topic and filter parsing error.
 var ErrTopic = errors.New("wire: unknown or malformed topic")

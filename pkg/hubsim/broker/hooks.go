@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"errors"
 	"slices"
 	"strings"
 	"time"
@@ -143,6 +144,9 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 			return s.violation("wildcard in a topic name", pk.TopicName)
 		}
 		t, err := wire.Parse(pk.TopicName)
+		if errors.Is(err, wire.ErrPropertyBag) {
+			return s.violation("telemetry with a malformed property bag ("+err.Error()+")", pk.TopicName)
+		}
 		if err != nil || !t.Kind.FromDevice() {
 			return s.violation("publish to a topic devices may not publish to", pk.TopicName)
 		}
