@@ -442,6 +442,9 @@ func (u *Updater) process(ctx context.Context, m Manifest, from State) {
 // confirm runs after the reboot: the new slot becomes active unless the running version says
 // the device came back on the old one.
 func (u *Updater) confirm(ctx context.Context, m Manifest, slot string, log *zap.Logger) {
+	// The downloaded image has been installed (or rolled back): it goes, or the update after
+	// next, which downloads into this slot again, would resume from it or take it as complete.
+	defer func() { _ = os.Remove(filepath.Join(slotDir(u.cfg.Dir, slot), "image.bin")) }()
 	if u.cfg.RunningVersion != nil {
 		v, err := u.cfg.RunningVersion()
 		if err != nil || v != m.Version {
