@@ -2,7 +2,6 @@ package firmware
 
 import "testing"
 
-
 // Slots alternate, so the third update downloads into the slot the first one used. What the
 // first left there is not a partial download of the third: it must not be resumed (a larger
 // third image would be its bytes plus the rest, and fail verification) nor taken as complete
@@ -33,7 +32,9 @@ func TestLaterUpdateDoesNotResumeALeftoverImage(t *testing.T) {
 		if err := u.Start(manifestFor(c.data, c.version, srv.URL+"/fw")); err != nil {
 			t.Fatal(err)
 		}
-		s := e.rep.await(t, func(s Status) bool { return s.State.final() && (s.Version == c.version || s.TargetVersion == c.version) })
+		s := e.rep.await(t, func(s Status) bool {
+			return s.State.final() && (s.Version == c.version || s.TargetVersion == c.version)
+		})
 		if s.State != Current || s.Version != c.version {
 			t.Fatalf("update %d (%s): %+v", i+1, c.version, s)
 		}
