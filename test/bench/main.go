@@ -16,6 +16,9 @@
 //	         device answering over MQTT) with N devices connected, against a QoS 1 publish to its
 //	         PUBACK on the same hubsim in the same run; p50 and p99 compared. Target: p99 ratio
 //	         <= 3 (the figure is at 1,000 devices: -methods-n 1000).
+//	c2d:     cloud-to-device round trip (service send to the device's MQTT delivery) over hubsim's
+//	         AMQP endpoint against the /hubsim/ REST send in the same run; p99 compared.
+//	         Target: AMQP/REST p99 <= 2.
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
@@ -52,7 +55,9 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm)")
+	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm,c2d", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm, c2d)")
+	c2dN := fs.Int("c2d-n", 16, "devices (one worker each) in the C2D round-trip comparison")
+	c2dSamples := fs.Int("c2d-samples", 2000, "round trips in all in the C2D comparison")
 	tpmN := fs.Int("tpm-n", 20, "registrations of each kind in the TPM comparison")
 	dpsN := fs.Int("dps-n", 200, "devices per DPS round")
 	connectN := fs.Int("connect-n", 1000, "devices per connect round")
@@ -110,6 +115,11 @@ func run(ctx context.Context, args []string) error {
 	if want["methods"] {
 		if err := benchMethods(ctx, *methodsN, *methodsSamples, report); err != nil {
 			return fmt.Errorf("methods: %w", err)
+		}
+	}
+	if want["c2d"] {
+		if err := benchC2D(ctx, *c2dN, *c2dSamples/2, report); err != nil {
+			return fmt.Errorf("c2d: %w", err)
 		}
 	}
 	if want["tpm"] {
