@@ -1,10 +1,13 @@
 package hubsim
 
 import (
+	"fmt"
+	"net"
 	"path/filepath"
 	"strings"
 	"time"
 
+	hubamqp "github.com/iothubby/iothubby/pkg/hubsim/amqp"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/eventhubs"
 )
@@ -80,4 +83,18 @@ func (s *Server) recordEvent(deviceID string, m broker.Message) {
 	}
 	e.Annotations["iothub-message-source"] = "Telemetry"
 	s.events.Append(deviceID, e)
+}
+
+// serveEventHubs plugs the built-in endpoint into the AMQP server and puts its connection
+// string (with the given policy) into the endpoints.
+func (s *Server) serveEventHubs(keyName, key string) error {
+	name := s.EventHubName()
+	if err := s.amqp.ServeEventHubs(hubamqp.EventHubsConfig{Store: s.events, Name: name, CreatedAt: s.events.CreatedAt()}); err != nil {
+		return err
+	}
+	_, port, _ := net.SplitHostPort(s.amqp.Addr().String())
+	s.endpoints.EventHubsCompatibleName = name
+	s.endpoints.EventHubsCompatibleConnectionString = fmt.Sprintf("Endpoint=sb://%s/;SharedAccessKeyName=%s;SharedAccessKey=%s;EntityPath=%s",
+		net.JoinHostPort(s.cfg.HostName, port), keyName, key, name)
+	return nil
 }

@@ -297,6 +297,9 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	}
 	if s.amqp != nil {
 		s.endpoints.AMQPAddress = s.amqp.Addr().String()
+		if err := s.serveEventHubs(owner.KeyName, owner.PrimaryKey); err != nil {
+			return nil, err
+		}
 	}
 	b, _ := json.MarshalIndent(s.endpoints, "", "  ")
 	if err := pki.WriteFileAtomic(filepath.Join(dir, EndpointsFile), append(b, '\n'), 0o600); err != nil {

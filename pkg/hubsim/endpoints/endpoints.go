@@ -23,7 +23,12 @@ type Endpoints struct {
 	// AMQPAddress is the service AMQP (amqps) endpoint: C2D send, feedback.
 	AMQPAddress             string `json:"amqpAddress,omitempty"`
 	ServiceConnectionString string `json:"serviceConnectionString"`
-	CAFile                  string `json:"caFile"`
+	// EventHubsCompatibleConnectionString reaches the built-in endpoint (telemetry) with an
+	// Event Hubs client: Endpoint=sb://host:port/;SharedAccessKeyName=...;SharedAccessKey=...;
+	// EntityPath=<EventHubsCompatibleName>, on the AMQP address.
+	EventHubsCompatibleConnectionString string `json:"eventHubsCompatibleConnectionString,omitempty"`
+	EventHubsCompatibleName             string `json:"eventHubsCompatibleName,omitempty"`
+	CAFile                              string `json:"caFile"`
 	// IDScope and DPSConnectionString describe hubsim's DPS (device endpoint on the same MQTT and
 	// HTTPS addresses; service API on the HTTPS address).
 	IDScope             string `json:"idScope,omitempty"`

@@ -144,10 +144,11 @@ type Store struct {
 	log *zap.Logger
 	db  *bolt.DB
 
-	mu     sync.Mutex
-	parts  []*partition
-	groups map[string]string // lower-case name → name as created
-	closed bool
+	mu      sync.Mutex
+	parts   []*partition
+	groups  map[string]string // lower-case name → name as created
+	closed  bool
+	created time.Time
 
 	flushMu sync.Mutex
 	stop    chan struct{}
@@ -159,6 +160,7 @@ var (
 	metaBucket   = []byte("meta")
 	groupsBucket = []byte("consumergroups")
 	keyCount     = []byte("partitions")
+	keyCreated   = []byte("created")
 )
 
 func partBucket(p int) []byte { return []byte(fmt.Sprintf("partition-%d", p)) }
@@ -191,6 +193,7 @@ func Open(cfg Config) (*Store, error) {
 	}
 	s := &Store{cfg: cfg, log: cfg.Logger, groups: map[string]string{strings.ToLower(DefaultConsumerGroup): DefaultConsumerGroup},
 		stop: make(chan struct{}), done: make(chan struct{})}
+	s.created = cfg.Clock.Now().UTC().Truncate(time.Millisecond)
 	s.parts = make([]*partition, cfg.Partitions)
 	for i := range s.parts {
 		s.parts[i] = &partition{wake: make(chan struct{})}
@@ -227,6 +230,11 @@ func (s *Store) load() error {
 					s.cfg.Path, n, s.cfg.Partitions)
 			}
 		} else if err := meta.Put(keyCount, binary.BigEndian.AppendUint32(nil, uint32(s.cfg.Partitions))); err != nil {
+			return err
+		}
+		if v := meta.Get(keyCreated); len(v) == 8 {
+			s.created = time.UnixMilli(int64(binary.BigEndian.Uint64(v))).UTC()
+		} else if err := meta.Put(keyCreated, binary.BigEndian.AppendUint64(nil, uint64(s.created.UnixMilli()))); err != nil {
 			return err
 		}
 		groups, err := tx.CreateBucketIfNotExists(groupsBucket)
@@ -280,6 +288,9 @@ func (s *Store) load() error {
 }
 
 func nextKey(p int) []byte { return []byte(fmt.Sprintf("next-%d", p)) }
+
+// CreatedAt is when the store was first created (kept across restarts).
+func (s *Store) CreatedAt() time.Time { return s.created }
 
 // Partitions is the partition count.
 func (s *Store) Partitions() int { return s.cfg.Partitions }
