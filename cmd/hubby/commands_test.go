@@ -290,3 +290,23 @@ func TestConnectionPrecedence(t *testing.T) {
 		t.Fatalf("malformed --config: %v", err)
 	}
 }
+
+func TestExitCodes(t *testing.T) {
+	for _, c := range []struct {
+		err         error
+		interrupted bool
+		want        int
+	}{
+		{nil, false, exitOK},
+		{fmt.Errorf("boom"), false, exitError},
+		{usageError{fmt.Errorf("bad flag")}, false, exitUsage},
+		{fmt.Errorf("wrapped: %w", partialError{failed: 1, total: 2}), false, exitPartial},
+		{context.Canceled, false, exitSignal},
+		{fmt.Errorf("request: %w", context.DeadlineExceeded), true, exitSignal},
+		{fmt.Errorf("request: %w", context.DeadlineExceeded), false, exitError},
+	} {
+		if got := exitCode(c.err, c.interrupted); got != c.want {
+			t.Errorf("exitCode(%v, %v) = %d, want %d", c.err, c.interrupted, got, c.want)
+		}
+	}
+}
