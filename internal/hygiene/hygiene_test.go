@@ -52,6 +52,32 @@ func goDirs(t *testing.T, root string) []string {
 	return dirs
 }
 
+// parsePackages parses the non-test Go files of dir, grouped by package name and keyed by
+// file name (go/parser.ParseDir, deprecated, did the same).
+func parsePackages(t *testing.T, dir string, mode parser.Mode) map[string]map[string]*ast.File {
+	t.Helper()
+	names, err := filepath.Glob(filepath.Join(dir, "*.go"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fset := token.NewFileSet()
+	pkgs := map[string]map[string]*ast.File{}
+	for _, name := range names {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, name, nil, mode)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pkgs[f.Name.Name] == nil {
+			pkgs[f.Name.Name] = map[string]*ast.File{}
+		}
+		pkgs[f.Name.Name][name] = f
+	}
+	return pkgs
+}
+
 func TestEveryPackageHasADocComment(t *testing.T) {
 	root := moduleRoot(t)
 	dirs := goDirs(t, root)
@@ -59,14 +85,10 @@ func TestEveryPackageHasADocComment(t *testing.T) {
 		t.Fatalf("found only %d packages under %s", len(dirs), root)
 	}
 	for _, dir := range dirs {
-		fset := token.NewFileSet()
-		pkgs, err := parser.ParseDir(fset, dir, func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, parser.ParseComments|parser.PackageClauseOnly)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for name, p := range pkgs {
+		pkgs := parsePackages(t, dir, parser.ParseComments|parser.PackageClauseOnly)
+		for name, files := range pkgs {
 			documented := false
-			for _, f := range p.Files {
+			for _, f := range files {
 				if f.Doc != nil && strings.TrimSpace(f.Doc.Text()) != "" {
 					documented = true
 				}
@@ -88,13 +110,8 @@ func TestNoInitInLibraries(t *testing.T) {
 		if !strings.HasPrefix(rel, "pkg"+string(filepath.Separator)) && !strings.HasPrefix(rel, "internal"+string(filepath.Separator)) {
 			continue
 		}
-		fset := token.NewFileSet()
-		pkgs, err := parser.ParseDir(fset, dir, func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range pkgs {
-			for fname, f := range p.Files {
+		for _, files := range parsePackages(t, dir, 0) {
+			for fname, f := range files {
 				for _, d := range f.Decls {
 					if fn, ok := d.(*ast.FuncDecl); ok && fn.Recv == nil && fn.Name.Name == "init" {
 						t.Errorf("%s: func init in a library package", filepath.Join(rel, filepath.Base(fname)))

@@ -11,7 +11,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -446,14 +445,6 @@ func parsePublish(t *testing.T, p packet) publish {
 	}
 	pub.payload = rest
 	return pub
-}
-
-// writeFile is os.WriteFile that fails the test.
-func writeFile(t *testing.T, path string, b []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
 }
 
 func deviceTokenWithPolicy(t *testing.T, host, id string, p *registry.Policy) string {

@@ -147,16 +147,15 @@ type Sync struct {
 	failErr   error
 
 	// owned by Run
-	online      bool // a connect has been seen: twin requests can be answered
-	applied     int64
-	desired     map[string]any
-	needGet     bool
-	haveTwin    bool
-	deferred    []deferredAck
-	retryAt     time.Time
-	retryN      int
-	hubReported map[string]any
-	confirmed   int64
+	online    bool // a connect has been seen: twin requests can be answered
+	applied   int64
+	desired   map[string]any
+	needGet   bool
+	haveTwin  bool
+	deferred  []deferredAck
+	retryAt   time.Time
+	retryN    int
+	confirmed int64
 }
 
 const maxQueuedPatches = 256

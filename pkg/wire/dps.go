@@ -170,7 +170,7 @@ func ParseDPSUsername(u string) (DPSUsername, error) {
 	var d DPSUsername
 	parts := strings.SplitN(u, "/", 4)
 	if len(parts) != 4 || parts[1] != "registrations" {
-		return d, fmt.Errorf("%w: want {idScope}/registrations/{registrationId}/api-version=...", ErrDPSUsername)
+		return d, fmt.Errorf("%w: want {idScope}/registrations/{registrationId}/api-version={version}", ErrDPSUsername)
 	}
 	d.IDScope, d.RegistrationID = parts[0], parts[2]
 	if d.IDScope == "" {
@@ -216,7 +216,7 @@ func ValidateRegistrationID(id string) error {
 			}
 			continue
 		}
-		return fmt.Errorf("registration ID %q has a character outside letters, digits and -._:", clip(id))
+		return fmt.Errorf("registration ID %q has %q: only letters, digits, '-', '.', '_' and ':' are allowed", clip(id), c)
 	}
 	return nil
 }

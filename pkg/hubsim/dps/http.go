@@ -307,11 +307,9 @@ func (s *Server) bulk(r *http.Request, group bool) reply {
 	res := BulkResult{IsSuccessful: true, Errors: []BulkError{}}
 	for _, e := range items {
 		var err error
-		id := e.id()
+		id := e.RegistrationID
 		if group {
 			id = e.EnrollmentGroupID
-		} else {
-			id = e.RegistrationID
 		}
 		switch mode {
 		case "create":
