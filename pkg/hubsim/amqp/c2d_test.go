@@ -57,17 +57,6 @@ func (h *hub) service() *goamqp.Session {
 	return s
 }
 
-// device connects a device over MQTT with paho and subscribes to its cloud-to-device topic.
-func (h *hub) device(id string) chan paho.Message {
-	t := h.t
-	t.Helper()
-	d, err := h.srv.Registry().Create(registry.Device{DeviceID: id})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return h.connect(d)
-}
-
 func (h *hub) connect(d registry.Device) chan paho.Message {
 	t := h.t
 	t.Helper()

@@ -28,8 +28,6 @@ const handleMax = 1023
 // maxPending bounds the messages waiting for credit on one link.
 const maxPending = 1000
 
-var errConnClosed = errors.New("hubsim amqp: connection closed")
-
 // Conn is one client connection. Handlers reach it through Link.Conn.
 type Conn struct {
 	s      *Server
