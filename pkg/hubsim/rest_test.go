@@ -47,15 +47,15 @@ func TestRegistryCRUD(t *testing.T) {
 	if r.status != 400 {
 		t.Fatalf("a space in the ID must be refused: %d %s", r.status, r.body)
 	}
-	create = bytes.ReplaceAll(create, []byte("dev 1"), []byte("dev+1(a)"))
-	path = "/devices/dev%2B1%28a%29?api-version=2021-04-12"
+	create = bytes.ReplaceAll(create, []byte("dev 1"), []byte("dev:1(a)"))
+	path = "/devices/dev%3A1%28a%29?api-version=2021-04-12"
 	r = e.do("PUT", path, create, "")
 	if r.status != 200 || r.header.Get("Content-Type") != "application/json; charset=utf-8" {
 		t.Fatalf("create: %d %s", r.status, r.body)
 	}
 	var d deviceJSON
 	r.json(t, &d)
-	if d.DeviceID != "dev+1(a)" || d.ETag == "" || d.GenerationID == "" || d.ConnectionState != "Disconnected" || d.Status != "enabled" ||
+	if d.DeviceID != "dev:1(a)" || d.ETag == "" || d.GenerationID == "" || d.ConnectionState != "Disconnected" || d.Status != "enabled" ||
 		d.StatusReason != nil || d.Authentication.Type != "sas" || d.Authentication.SymmetricKey.PrimaryKey == nil ||
 		len(*d.Authentication.SymmetricKey.PrimaryKey) != 44 || d.Authentication.X509Thumbprint.PrimaryThumbprint != nil ||
 		d.LastActivityTime != "0001-01-01T00:00:00Z" {
@@ -81,7 +81,7 @@ func TestRegistryCRUD(t *testing.T) {
 		}
 		return e.do("PUT", path, []byte(body), "", "If-Match", ifMatch)
 	}
-	disable := `{"deviceId":"dev+1(a)","status":"disabled","statusReason":"maintenance","authentication":{"type":"sas","symmetricKey":{"primaryKey":"","secondaryKey":""}}}`
+	disable := `{"deviceId":"dev:1(a)","status":"disabled","statusReason":"maintenance","authentication":{"type":"sas","symmetricKey":{"primaryKey":"","secondaryKey":""}}}`
 	if r := upd(`"stale"`, disable); r.status != 412 || r.errorCode(t) != "PreconditionFailed" {
 		t.Fatalf("stale etag: %d %s", r.status, r.body)
 	}
@@ -107,7 +107,7 @@ func TestRegistryCRUD(t *testing.T) {
 	if r := e.do("PUT", "/devices/never?api-version=2021-04-12", []byte(`{"deviceId":"never"}`), "", "If-Match", "*"); r.status != 404 {
 		t.Fatalf("update of a missing device: %d", r.status)
 	}
-	if r := upd(`*`, `{"deviceId":"dev+1(a)","authentication":{"type":"sas","symmetricKey":{"primaryKey":"short","secondaryKey":""}}}`); r.status != 400 {
+	if r := upd(`*`, `{"deviceId":"dev:1(a)","authentication":{"type":"sas","symmetricKey":{"primaryKey":"short","secondaryKey":""}}}`); r.status != 400 {
 		t.Fatalf("bad key: %d %s", r.status, r.body)
 	}
 
@@ -120,7 +120,7 @@ func TestRegistryCRUD(t *testing.T) {
 	// List, with and without the trailing slash, and top.
 	var list []deviceJSON
 	e.do("GET", "/devices/?api-version=2021-04-12", nil, "").json(t, &list)
-	if len(list) != 2 || list[0].DeviceID != "dev+1(a)" || list[1].DeviceID != "x1" {
+	if len(list) != 2 || list[0].DeviceID != "dev:1(a)" || list[1].DeviceID != "x1" {
 		t.Fatalf("list: %+v", list)
 	}
 	e.do("GET", "/devices?top=1", nil, "").json(t, &list)
