@@ -204,8 +204,8 @@ func (d *rebooter) forFirmware(ctx context.Context) error {
 		bt, _ := d.bootTime()
 		d.mu.Lock()
 		d.rb.Pending = &pendingReboot{RequestedAt: now, BootTime: bt}
-		err := d.saveLocked()
 		d.mu.Unlock()
+		err := d.save()
 		if err != nil {
 			return err
 		}

@@ -89,11 +89,15 @@ type rebooter struct {
 	// bootTime reads the system boot time (a seam for tests).
 	bootTime func() (time.Time, bool)
 
-	// mu guards rb, justBooted and booted. rb is the persisted reboot state; rebooting is set
+	// mu guards rb, reportGen, justBooted and booted; it is never held across I/O. rb is the
+	// persisted reboot state (reportGen counts the results put in rb.Report); rebooting is set
 	// while a reboot is under way.
 	mu        sync.Mutex
 	rb        rebootState
+	reportGen uint64
 	rebooting atomic.Bool
+	// wmu orders the writes of the state file; taken before mu, never under it.
+	wmu sync.Mutex
 	// simReboot asks the running session for a simulated reboot; booted is closed (and
 	// replaced) when a simulated boot completes.
 	simReboot  chan struct{}
@@ -110,9 +114,19 @@ func newRebooter(cfg RebootConfig, stateDir, deviceID string, log *zap.Logger, r
 	return r
 }
 
-// loadReboot reads the reboot state; an exec reboot still pending is settled here: the system
+// load reads the reboot state; an exec reboot still pending is settled here: the system
 // boot time moved (or is unknown) means the reboot happened.
 func (d *rebooter) load() error {
+	settled, err := d.loadState()
+	if err != nil || !settled {
+		return err
+	}
+	return d.save()
+}
+
+// loadState reads the state file and settles a pending exec reboot in memory (settled: it must
+// be saved).
+func (d *rebooter) loadState() (settled bool, _ error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if p := d.path; p != "" {
@@ -120,10 +134,10 @@ func (d *rebooter) load() error {
 		switch {
 		case errors.Is(err, os.ErrNotExist):
 		case err != nil:
-			return fmt.Errorf("agent: reboot state: %w", err)
+			return false, fmt.Errorf("agent: reboot state: %w", err)
 		default:
 			if err := json.Unmarshal(b, &d.rb); err != nil {
-				return fmt.Errorf("agent: reboot state %s is damaged: %w", p, err)
+				return false, fmt.Errorf("agent: reboot state %s is damaged: %w", p, err)
 			}
 		}
 	}
@@ -146,17 +160,25 @@ func (d *rebooter) load() error {
 			d.log.Warn("reboot requested but the system did not reboot")
 		}
 		d.rb.Pending = nil
-		return d.saveLocked()
+		d.reportGen++
+		return true, nil
 	}
-	return nil
+	return false, nil
 }
 
-func (d *rebooter) saveLocked() error {
+// save writes the reboot state as it is now. The snapshot is taken under mu and written
+// outside it, under wmu: each write takes the newest state, so a later state is never
+// overwritten by an earlier one.
+func (d *rebooter) save() error {
 	p := d.path
 	if p == "" {
 		return nil
 	}
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
+	d.mu.Lock()
 	b, err := json.Marshal(d.rb)
+	d.mu.Unlock()
 	if err != nil {
 		return err
 	}
@@ -166,34 +188,39 @@ func (d *rebooter) saveLocked() error {
 	return atomicfile.WriteFile(p, b, 0o600)
 }
 
-// reportReboot hands a pending reboot result to the new session's twin sync (which persists
+// reportTo hands a pending reboot result to the new session's twin sync (which persists
 // and sends it), and wakes whoever waits for a simulated boot to finish (the firmware updater),
 // now that reports reach the new session.
 func (d *rebooter) reportTo(ts interface{ Report(map[string]any) error }) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	if d.justBooted {
 		d.justBooted = false
 		close(d.booted)
 		d.booted = make(chan struct{})
 	}
-	if d.rb.Report == nil {
+	result, gen := d.rb.Report, d.reportGen
+	d.mu.Unlock()
+	if result == nil {
 		return
 	}
-	if err := ts.Report(d.rb.Report); err != nil {
+	if err := ts.Report(result); err != nil {
 		// Not saved by the twin sync (it still sends it) or refused: keep it for the next session.
 		if !errors.Is(err, twinsync.ErrNotPersisted) {
 			d.log.Error("reboot result not reported", zap.Error(err))
 		}
 		return
 	}
-	d.rb.Report = nil
-	if err := d.saveLocked(); err != nil {
+	d.mu.Lock()
+	if d.reportGen == gen { // not replaced by a newer result meanwhile
+		d.rb.Report = nil
+	}
+	d.mu.Unlock()
+	if err := d.save(); err != nil {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
 }
 
-// rebootHandler is the `reboot` direct method: it answers 200 and then reboots (exec: runs the
+// handler is the `reboot` direct method: it answers 200 and then reboots (exec: runs the
 // command; simulate: asks runSession to disconnect). A reboot already under way answers 409.
 func (d *rebooter) handler(requestSimulated func()) methods.Handler {
 	return methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {
@@ -208,8 +235,8 @@ func (d *rebooter) handler(requestSimulated func()) methods.Handler {
 			bt, _ := d.bootTime()
 			d.mu.Lock()
 			d.rb.Pending = &pendingReboot{RequestedAt: now, BootTime: bt}
-			err := d.saveLocked()
 			d.mu.Unlock()
+			err := d.save()
 			if err != nil {
 				d.rebooting.Store(false)
 				d.log.Error("reboot state not saved", zap.Error(err))
@@ -248,10 +275,10 @@ func (d *rebooter) execReboot(requested time.Time) {
 	d.log.Error("reboot command failed", zap.Error(err), zap.String("output", line))
 	d.mu.Lock()
 	d.rb.Pending = nil
-	if err := d.saveLocked(); err != nil {
+	d.mu.Unlock()
+	if err := d.save(); err != nil {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
-	d.mu.Unlock()
 	d.report(map[string]any{"reboot": map[string]any{"state": "failed", "mode": "exec",
 		"requestedAt": requested.Format(time.RFC3339Nano), "error": fmt.Sprintf("reboot command: %v: %s", err, line)}})
 	d.rebooting.Store(false)
@@ -274,12 +301,13 @@ func (d *rebooter) simulateBoot(ctx context.Context) bool {
 	d.rb.LastReboot = now
 	d.rb.Report = map[string]any{"reboot": map[string]any{"state": "done", "mode": "simulate"},
 		"lastReboot": now.Format(time.RFC3339Nano), "bootCount": d.rb.BootCount}
-	if err := d.saveLocked(); err != nil {
-		d.log.Error("reboot state not saved", zap.Error(err))
-	}
+	d.reportGen++
 	count := d.rb.BootCount
 	d.justBooted = true // the next session's start wakes those waiting for the boot
 	d.mu.Unlock()
+	if err := d.save(); err != nil {
+		d.log.Error("reboot state not saved", zap.Error(err))
+	}
 	d.rebooting.Store(false)
 	d.log.Info("simulated reboot: booted", zap.Int("boot_count", count))
 	return true
