@@ -33,6 +33,7 @@ const methodCases = require('./method-cases');
 const tpmCases = require('./tpm-cases');
 const wsCases = require('./ws-cases');
 const amqpCases = require('./amqp-cases');
+const jobCases = require('./job-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -622,6 +623,8 @@ const CASES = [
   ['dps-tpm-http', tpmCases.dpsTpmHttp],
   ['device-mqtt-ws', wsCases.deviceMqttWs],
   ['device-mqtt-ws-wrong-key', wsCases.deviceMqttWsWrongKey],
+  ['service-query-paging', jobCases.serviceQueryPaging],
+  ['job-client-twin-and-method', jobCases.jobClientWithDevices],
 ];
 
 // ---------------------------------------------------------------------------------------------
