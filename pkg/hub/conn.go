@@ -31,7 +31,8 @@ var errConnClosed = errors.New("hub: connection closed")
 // a method is answered only on the connection that received it. It knows nothing of the session
 // that uses it: inbound messages go to the handler it was dialled with.
 type conn struct {
-	client paho.Client
+	client    paho.Client
+	onMessage func(*conn, paho.Message)
 
 	// SAS token expiry and the time to renew it; zero for X.509. Set before dial returns.
 	expiry  time.Time
@@ -84,7 +85,7 @@ type dialParams struct {
 // the attempt. It does not subscribe.
 func dial(ctx context.Context, p dialParams) (*conn, error) {
 	cfg := p.cfg
-	c := &conn{done: make(chan struct{}), methods: make(map[string]struct{})}
+	c := &conn{done: make(chan struct{}), methods: make(map[string]struct{}), onMessage: p.onMessage}
 	opts := paho.NewClientOptions()
 	opts.AddBroker("ssl://" + cfg.Address)
 	opts.SetClientID(cfg.ClientID())
@@ -121,18 +122,23 @@ func dial(ctx context.Context, p dialParams) (*conn, error) {
 	opts.SetWriteTimeout(cfg.OperationTimeout)
 	opts.SetOrderMatters(true) // handlers run inline in paho's router; ours never block
 	opts.SetAutoAckDisabled(true)
-	opts.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { p.onMessage(c, m) })
-	opts.SetConnectionLostHandler(func(_ paho.Client, err error) {
-		c.end(fmt.Errorf("hub: connection lost: %w", err))
-	})
+	opts.SetDefaultPublishHandler(c.deliver)
+	opts.SetConnectionLostHandler(c.lost)
 	dialCtx, dialCancel := context.WithTimeout(ctx, cfg.OperationTimeout)
 	defer dialCancel()
+	// paho keeps this function for the client's life; openCtx is cleared once the connect is
+	// over, so the dial's contexts are not kept with it.
+	openCtx, tlsConf := dialCtx, p.tlsConf
 	opts.SetCustomOpenConnectionFn(func(*url.URL, paho.ClientOptions) (net.Conn, error) {
-		return c.open(dialCtx, cfg, p.tlsConf)
+		return c.open(openCtx, cfg, tlsConf)
 	})
 	c.client = paho.NewClient(opts)
 
 	tok := c.client.Connect()
+	defer func() {
+		<-tok.Done()
+		openCtx = nil
+	}()
 	select {
 	case <-tok.Done():
 	case <-ctx.Done():
@@ -157,6 +163,12 @@ func dial(ctx context.Context, p dialParams) (*conn, error) {
 	}
 	return c, nil
 }
+
+// deliver is paho's handler for every inbound publish (on paho's router goroutine).
+func (c *conn) deliver(_ paho.Client, m paho.Message) { c.onMessage(c, m) }
+
+// lost is paho's connection-lost callback.
+func (c *conn) lost(_ paho.Client, err error) { c.end(fmt.Errorf("hub: connection lost: %w", err)) }
 
 // subscribe sends one SUBSCRIBE for every topic the session needs: twin responses, desired
 // properties, methods and, for a device, cloud-to-device messages.

@@ -43,8 +43,8 @@ type outMsg struct {
 	sentAt time.Time
 }
 
-func newQueue(capacity, maxInFlight int, st *stats) *queue {
-	return &queue{capacity: capacity, maxInFlight: maxInFlight, stats: st}
+func (q *queue) init(capacity, maxInFlight int, st *stats) {
+	q.capacity, q.maxInFlight, q.stats = capacity, maxInFlight, st
 }
 
 // push accepts m, or refuses it when the queue is full or no longer takes messages.

@@ -31,7 +31,7 @@ type reqResult struct {
 	err  error
 }
 
-func newRequests() *requests { return &requests{pending: make(map[string]*pendingReq)} }
+func (r *requests) init() { r.pending = make(map[string]*pendingReq) }
 
 // add registers a request on c under a fresh $rid. It fails with errConnGone when c has ended
 // (or the session has stopped), so a request is never left on a connection whose pending

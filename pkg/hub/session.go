@@ -47,8 +47,8 @@ type Session struct {
 
 	wake chan struct{} // cap 1: telemetry, request or method-answer state changed
 
-	q    *queue    // the telemetry queue
-	reqs *requests // the $rid correlation of twin requests
+	q    queue    // the telemetry queue
+	reqs requests // the $rid correlation of twin requests
 
 	mu          sync.Mutex
 	cur         *conn // connected and subscribed; nil otherwise
@@ -120,9 +120,9 @@ func New(cfg Config) (*Session, error) {
 		done:    make(chan struct{}),
 		wake:    make(chan struct{}, 1),
 		upCh:    make(chan struct{}),
-		reqs:    newRequests(),
 	}
-	s.q = newQueue(cfg.QueueCapacity, cfg.MaxInFlight, &s.stats)
+	s.q.init(cfg.QueueCapacity, cfg.MaxInFlight, &s.stats)
+	s.reqs.init()
 	s.handlerCtx, s.handlerCancel = context.WithCancel(context.Background())
 	s.timer = s.clock.NewTimer(time.Hour)
 	s.timer.Stop()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"go.uber.org/zap"
 )
 
@@ -200,16 +201,18 @@ func (s *Session) fired() { s.armedAt = time.Time{} }
 
 type dialResult struct {
 	c   *conn
+	sub paho.Token // the SUBSCRIBE, sent once connected
 	err error
 }
 
 // connect makes one connection attempt: dial, TLS, CONNECT/CONNACK, then SUBSCRIBE/SUBACK. On
 // success the connection is current and ready for publishing.
 //
-// The dial runs on a short-lived goroutine that owns nothing of the session: a connect goes deep
-// (SAS signing, paho set-up, TLS, the CONNACK wait) and would leave the supervisor's stack grown
-// for the life of the connection; in a fleet of thousands of idle devices that is most of a
-// session's memory beyond paho's own. The supervisor meanwhile watches Close.
+// The dial and the SUBSCRIBE run on a short-lived goroutine that owns nothing of the session: a
+// connect goes deep (SAS signing, paho set-up, TLS, the CONNACK wait, building the SUBSCRIBE)
+// and would leave the supervisor's stack grown for the life of the connection; in a fleet of
+// thousands of idle devices that is most of a session's memory beyond paho's own. The
+// supervisor meanwhile watches Close, then waits for the SUBACK on its own timer.
 func (s *Session) connect() (*conn, error) {
 	ctx, cancel := context.WithCancel(s.handlerCtx)
 	defer cancel()
@@ -217,7 +220,11 @@ func (s *Session) connect() (*conn, error) {
 	ch := make(chan dialResult, 1)
 	go func() {
 		c, err := dial(ctx, p)
-		ch <- dialResult{c, err}
+		var sub paho.Token
+		if err == nil {
+			sub = c.subscribe(p.cfg) // here too, not on the supervisor's stack
+		}
+		ch <- dialResult{c, sub, err}
 	}()
 	s.log.Debug("connecting", zap.String("address", s.cfg.Address), zap.String("username", s.cfg.Username()))
 	var r dialResult
@@ -239,8 +246,7 @@ func (s *Session) connect() (*conn, error) {
 	if r.err != nil {
 		return nil, r.err
 	}
-	c := r.c
-	st := c.subscribe(&s.cfg)
+	c, st := r.c, r.sub
 	var serr error
 	select {
 	case <-st.Done():
