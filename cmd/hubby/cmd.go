@@ -25,6 +25,7 @@ type globals struct {
 	hubsimState   string
 	configPath    string
 	output        string
+	progress      string
 	timeout       time.Duration
 	stdout        io.Writer
 	stderr        io.Writer
@@ -57,6 +58,11 @@ failed (bulk operations, jobs, rollouts); 130 interrupted.`,
 			if g.output != "table" && g.output != "json" {
 				return usageError{fmt.Errorf("--output must be table or json, not %q", g.output)}
 			}
+			switch g.progress {
+			case "auto", "bar", "plain", "none":
+			default:
+				return usageError{fmt.Errorf("--progress must be auto, bar, plain or none, not %q", g.progress)}
+			}
 			return nil
 		},
 	}
@@ -71,6 +77,7 @@ failed (bulk operations, jobs, rollouts); 130 interrupted.`,
 	pf.StringVar(&g.hubsimState, "hubsim-state", "", "hubsim state directory: take address, CA and connection strings from its endpoints.json")
 	pf.StringVar(&g.configPath, "config", "", "config file (default ~/.config/hubby/config.yaml, if it exists)")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	pf.StringVar(&g.progress, "progress", "auto", "progress of commands over many devices, on stderr: auto (a bar on a terminal, else plain), bar, plain (a line every tenth) or none")
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline for each request (and for the whole of a single-device command)")
 
 	// One command per line, so that branches adding commands merge cleanly.

@@ -100,6 +100,9 @@ func TestGoldenRollout(t *testing.T) {
 		s.exec("twin", "update", id, "--tag", "ring=prod", "--desired", "fw=\"1.0\"")
 	}
 	s.exec("twin", "update", "c4", "--tag", "canary=true")
+	s.golden("rollout-dry-run", 0, "rollout", "start", "plan", "-q", "tags.ring = 'prod'", "--canary", "tags.canary = true", "--desired", "fw=\"2.0\"", "--steps", "1,50%,100%", "--dry-run")
+	s.golden("rollout-dry-run-json", 0, "rollout", "start", "plan", "-q", "*", "--desired", "fw=\"2.0\"", "--steps", "2,100%", "--dry-run", "-o", "json")
+	s.golden("rollout-dry-run-left-nothing", 1, "rollout", "status", "plan")
 	// nobody is connected, so nobody acknowledges: timeouts tolerated up to --max-failure
 	s.golden("rollout-start-tolerated", 0, "rollout", "start", "tol", "-q", "tags.ring = 'prod'", "--canary", "tags.canary = true", "--desired", "fw=\"2.0\"",
 		"--steps", "1,100%", "--max-failure", "100%", "--ack-timeout", "300ms", "--poll", "100ms", "--parallel", "1")

@@ -29,9 +29,19 @@ type progress struct {
 
 func (g *globals) newProgress(label string, total int) *progress {
 	p := &progress{w: g.stderr, label: label, total: total}
-	if f, ok := g.stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+	mode := g.progress
+	if mode == "" || mode == "auto" {
+		mode = "plain"
+		if f, ok := g.stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+			mode = "bar"
+		}
+	}
+	switch mode {
+	case "none":
+		p.w = io.Discard
+	case "bar":
 		p.bar = progressbar.NewOptions(total,
-			progressbar.OptionSetWriter(f),
+			progressbar.OptionSetWriter(g.stderr),
 			progressbar.OptionSetDescription(label),
 			progressbar.OptionShowCount(),
 			progressbar.OptionSetPredictTime(true),

@@ -61,3 +61,26 @@ func TestReadIDs(t *testing.T) {
 		}
 	}
 }
+
+// --progress bar draws schollz/progressbar's bar (what a terminal gets); none prints nothing.
+func TestProgressBarAndNone(t *testing.T) {
+	var buf bytes.Buffer
+	g := &globals{stderr: &buf, progress: "bar"}
+	p := g.newProgress("work", 3)
+	p.add(true)
+	p.add(false)
+	p.add(true)
+	p.finish()
+	// the bar throttles redraws and clears itself at the end: its first frame is what is certain
+	if out := buf.String(); !strings.Contains(out, "work  33% |█") || !strings.Contains(out, "(1/3)") {
+		t.Fatalf("bar output %q", out)
+	}
+	buf.Reset()
+	g.progress = "none"
+	p = g.newProgress("work", 3)
+	p.add(true)
+	p.finish()
+	if buf.Len() != 0 {
+		t.Fatalf("--progress none printed %q", buf.String())
+	}
+}

@@ -754,7 +754,7 @@ Exit status 3 when the rollout stops.`,
 		query, canary, steps, maxFail, expectS string
 		desired, expect                        []string
 		timeout, poll                          time.Duration
-		revert                                 bool
+		revert, dryRun                         bool
 		parallel                               int
 	}
 	start := &cobra.Command{
@@ -803,6 +803,9 @@ Exit status 3 when the rollout stops.`,
 				} else if found {
 					return fmt.Errorf("rollout %s already exists (%s): use hubby rollout resume or status, or another name", name, old.State)
 				}
+				if pf.dryRun {
+					return r.printPlan(ctx)
+				}
 				_, err := c.CreateDevice(rctx, service.Device{DeviceID: recordID(name), Status: "disabled", StatusReason: "hubby rollout record"})
 				if err != nil {
 					return fmt.Errorf("create the rollout record %s: %w", recordID(name), err)
@@ -823,6 +826,7 @@ Exit status 3 when the rollout stops.`,
 	f.StringVar(&pf.maxFail, "max-failure", "10%", "stop when more devices than this (count or percentage of those patched) failed or timed out")
 	f.DurationVar(&pf.timeout, "ack-timeout", 10*time.Minute, "how long a step waits for its devices")
 	f.BoolVar(&pf.revert, "revert", false, "when the rollout stops, put back the previous desired values")
+	f.BoolVar(&pf.dryRun, "dry-run", false, "list the devices of each step, change nothing")
 
 	var rpoll time.Duration
 	var rpar int
@@ -939,6 +943,51 @@ func (r *rollout) finish(err error) error {
 		return perr
 	}
 	return err
+}
+
+// printPlan lists the devices each step of a new rollout would patch.
+func (r *rollout) printPlan(ctx context.Context) error {
+	ms, err := r.members(ctx)
+	if err != nil {
+		return err
+	}
+	type planStep struct {
+		Step    int      `json:"step"`
+		Size    string   `json:"size"`
+		Devices []string `json:"devices"`
+	}
+	plan := make([]planStep, 0, len(r.steps))
+	nc := 0
+	for _, m := range ms {
+		if m.canary {
+			nc++
+		}
+	}
+	done := 0
+	for i, z := range r.steps {
+		want := z.of(len(ms))
+		if i == 0 {
+			want = max(want, nc) // as run does: the canary devices all go first
+		}
+		ps := planStep{Step: i + 1, Size: z.String(), Devices: []string{}}
+		for ; done < want; done++ {
+			ps.Devices = append(ps.Devices, ms[done].id)
+		}
+		plan = append(plan, ps)
+	}
+	if r.g.output == "json" {
+		return r.g.printJSON(struct {
+			DryRun  bool       `json:"dryRun"`
+			Targets int        `json:"targets"`
+			Steps   []planStep `json:"steps"`
+		}{true, len(ms), plan})
+	}
+	fmt.Fprintf(r.g.stdout, "dry run: rollout %s over %d device(s), %s\n", r.rec.Name, len(ms), r.rec.Desired)
+	rows := make([][]string, 0, len(plan))
+	for _, p := range plan {
+		rows = append(rows, []string{strconv.Itoa(p.Step), p.Size, strconv.Itoa(len(p.Devices)), strings.Join(p.Devices, " ")})
+	}
+	return r.g.table([]string{"STEP", "SIZE", "NEW", "DEVICES"}, rows)
 }
 
 // printStatus shows the record and the live state of the step in progress.
