@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/iothubby/iothubby/internal/atomicfile"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -55,7 +56,7 @@ permissions.`,
 				return err
 			}
 			write := func(name string, data []byte, mode os.FileMode) error {
-				return pki.WriteFileAtomic(filepath.Join(dir, name), data, mode)
+				return atomicfile.WriteFile(filepath.Join(dir, name), data, mode)
 			}
 			for _, ca := range []struct {
 				name string

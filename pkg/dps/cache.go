@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/iothubby/iothubby/internal/atomicfile"
 )
 
 // CacheFile is the provisioning result's file name in the state directory.
@@ -44,34 +46,8 @@ func SaveCache(dir string, r *Result) error {
 	if err != nil {
 		return err
 	}
-	path := filepath.Join(dir, CacheFile)
-	f, err := os.CreateTemp(dir, "."+CacheFile+".tmp*")
-	if err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, CacheFile), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("dps: cache: %w", err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return fmt.Errorf("dps: cache: %w", err)
-	}
-	if _, err := f.Write(append(b, '\n')); err != nil {
-		f.Close()
-		return fmt.Errorf("dps: cache: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("dps: cache: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("dps: cache: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("dps: cache: %w", err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		_ = d.Close()
 	}
 	return nil
 }

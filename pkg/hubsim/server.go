@@ -28,6 +28,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/internal/atomicfile"
 	"github.com/iothubby/iothubby/pkg/connstr"
 	hubamqp "github.com/iothubby/iothubby/pkg/hubsim/amqp"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
@@ -302,7 +303,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		}
 	}
 	b, _ := json.MarshalIndent(s.endpoints, "", "  ")
-	if err := pki.WriteFileAtomic(filepath.Join(dir, EndpointsFile), append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, EndpointsFile), append(b, '\n'), 0o600); err != nil {
 		return nil, fmt.Errorf("hubsim: %w", err)
 	}
 	log.Info("hubsim ready", zap.String("host", cfg.HostName), zap.String("mqtt", s.endpoints.MQTTAddress),

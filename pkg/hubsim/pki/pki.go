@@ -26,6 +26,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/iothubby/iothubby/internal/atomicfile"
 )
 
 // File names inside a state directory.
@@ -229,10 +231,10 @@ func LoadOrCreateCA(dir string) (*CA, error) {
 	}
 	// Key first: a crash between the two writes leaves the "only one exists" error, never a
 	// certificate whose key is lost.
-	if err := WriteFileAtomic(keyPath, kp, 0o600); err != nil {
+	if err := atomicfile.WriteFile(keyPath, kp, 0o600); err != nil {
 		return nil, err
 	}
-	if err := WriteFileAtomic(certPath, ca.CertPEM(), 0o644); err != nil {
+	if err := atomicfile.WriteFile(certPath, ca.CertPEM(), 0o644); err != nil {
 		return nil, err
 	}
 	return ca, nil
@@ -283,10 +285,10 @@ func LoadOrCreateServer(dir string, ca *CA, hostName string) (tls.Certificate, e
 	for _, der := range c.Certificate {
 		_ = pem.Encode(&certs, &pem.Block{Type: "CERTIFICATE", Bytes: der})
 	}
-	if err := WriteFileAtomic(keyPath, kp, 0o600); err != nil {
+	if err := atomicfile.WriteFile(keyPath, kp, 0o600); err != nil {
 		return tls.Certificate{}, err
 	}
-	if err := WriteFileAtomic(certPath, certs.Bytes(), 0o644); err != nil {
+	if err := atomicfile.WriteFile(certPath, certs.Bytes(), 0o644); err != nil {
 		return tls.Certificate{}, err
 	}
 	return c, nil
@@ -406,43 +408,4 @@ func ThumbprintSHA1(c *x509.Certificate) string {
 func ThumbprintSHA256(c *x509.Certificate) string {
 	s := sha256.Sum256(c.Raw)
 	return strings.ToUpper(hex.EncodeToString(s[:]))
-}
-
-// WriteFileAtomic writes data to path through a temporary file in the same directory, synced and
-// renamed over path.
-func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			_ = f.Close()
-			_ = os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(perm); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	ok = true
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		_ = d.Close()
-	}
-	return nil
 }
