@@ -287,7 +287,7 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 			ts.Connected()
 		}
 	}
-	disp := d.newDispatcher(sessionResponder(&sessRef), requestReprovision, func() {
+	disp := d.newDispatcher(sessionResponder(&sessRef), sessionRefuser(&sessRef), requestReprovision, func() {
 		select {
 		case simReboot <- struct{}{}:
 		default:

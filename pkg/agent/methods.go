@@ -49,13 +49,28 @@ func sessionResponder(sess *atomic.Pointer[hub.Session]) methods.Responder {
 	}
 }
 
+// sessionRefuser sends refusals through the session without waiting
+// (hub.Session.RespondMethodAsync): they are sent from the goroutine that delivers C2D messages
+// and desired patches.
+func sessionRefuser(sess *atomic.Pointer[hub.Session]) func(rid string, status int, payload []byte) error {
+	return func(rid string, status int, payload []byte) error {
+		s := sess.Load()
+		if s == nil {
+			return hub.ErrClosed
+		}
+		return s.RespondMethodAsync(rid, status, payload)
+	}
+}
+
 // newDispatcher builds one session's method dispatcher: the scripted methods and the built-in
-// ones, answering through respond.
-func (d *Device) newDispatcher(respond methods.Responder, requestReprovision, requestSimulatedReboot func()) *methods.Dispatcher {
+// ones, answering through respond, and refusing through refuseNow when it is set (it must not
+// block) or else through respond on the dispatcher's sender goroutine.
+func (d *Device) newDispatcher(respond methods.Responder, refuseNow func(string, int, []byte) error, requestReprovision, requestSimulatedReboot func()) *methods.Dispatcher {
 	disp := methods.New(methods.Config{
 		MaxConcurrent: d.cfg.MaxConcurrentMethods,
 		Timeout:       d.cfg.MethodTimeout,
 		Logger:        d.log.Named("methods"),
+		RespondNow:    refuseNow,
 	}, respond)
 	for name, h := range d.scripts {
 		disp.Register(name, h)

@@ -79,6 +79,10 @@ type Config struct {
 	MaxDepth   int
 	// Logger receives one line per call (nil: none).
 	Logger *zap.Logger
+	// RespondNow, when set, sends a refusal (501, 400, 429) without blocking: it only queues
+	// the answer or fails at once (hub.Session.RespondMethodAsync). Dispatch then refuses
+	// through it directly; without it, refusals go through the Responder on a sender goroutine.
+	RespondNow func(rid string, status int, payload []byte) error
 }
 
 // Dispatcher runs calls. Register handlers before the first call; it is safe for concurrent use.
@@ -220,8 +224,15 @@ func run(ctx context.Context, h Handler, req *Request) (resp Response, panicked 
 	return h.Handle(ctx, req), nil
 }
 
-// refuse queues a refusal for the sender goroutine, starting it when none is running.
+// refuse sends a refusal through RespondNow, or queues it for the sender goroutine, starting
+// it when none is running.
 func (d *Dispatcher) refuse(log *zap.Logger, rid string, status int, payload []byte) {
+	if d.cfg.RespondNow != nil {
+		if err := d.cfg.RespondNow(rid, status, payload); err != nil {
+			log.Warn("direct method answer not sent", zap.Int("status", status), zap.Error(err))
+		}
+		return
+	}
 	d.mu.Lock()
 	switch {
 	case d.ctx.Err() != nil:

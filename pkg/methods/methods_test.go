@@ -301,3 +301,42 @@ func TestRefusalsNeverBlockDispatch(t *testing.T) {
 		t.Fatal("Close did not end the refusals' wait")
 	}
 }
+
+// With RespondNow (hub.Session.RespondMethodAsync), refusals are sent from Dispatch itself,
+// before it returns, and never through the blocking Responder: no goroutine, no queue.
+func TestRefusalsThroughRespondNow(t *testing.T) {
+	var now []answer
+	blocking := func(context.Context, string, int, []byte) error {
+		t.Error("a refusal went through the blocking Responder")
+		return nil
+	}
+	d := New(Config{MaxConcurrent: 1, RespondNow: func(rid string, status int, payload []byte) error {
+		now = append(now, answer{rid, status, string(payload)})
+		return nil
+	}}, blocking)
+	defer d.Close()
+	block := make(chan struct{})
+	defer close(block)
+	d.Register("slow", HandlerFunc(func(ctx context.Context, _ *Request) Response {
+		select {
+		case <-block:
+		case <-ctx.Done():
+		}
+		return Response{Status: 200}
+	}))
+	d.Dispatch("slow", "s0", nil)
+	d.Dispatch("nope", "n1", nil)
+	d.Dispatch("slow", "b1", []byte(`{"a":1,"a":2}`))
+	d.Dispatch("slow", "t1", nil)
+	got := fmt.Sprint(now)
+	if len(now) != 3 || now[0].rid != "n1" || now[0].status != 501 || now[1].rid != "b1" || now[1].status != 400 ||
+		now[2].rid != "t1" || now[2].status != 429 {
+		t.Fatalf("refusals sent by Dispatch: %s", got)
+	}
+	d.mu.RLock()
+	refusing := d.refusing
+	d.mu.RUnlock()
+	if refusing {
+		t.Fatal("a refusal sender goroutine was started")
+	}
+}
