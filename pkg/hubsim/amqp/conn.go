@@ -54,6 +54,7 @@ type Conn struct {
 	claims       map[string]Claim
 	peerMaxFrame uint32
 	closeSent    bool
+	finished     bool // no more link goroutines may start
 	closeReason  string
 	links        sync.WaitGroup
 }
@@ -136,6 +137,9 @@ func (c *Conn) serve() {
 	c.signal()
 	<-c.writerDone // every write has a deadline
 	_ = c.nc.Close()
+	c.mu.Lock()
+	c.finished = true
+	c.mu.Unlock()
 	c.links.Wait()
 	if reason == "" && err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		reason = err.Error()
@@ -160,10 +164,10 @@ func (c *Conn) enqueue(b []byte) {
 		c.outMu.Unlock()
 		return
 	}
-	if c.outBytes+len(b) > c.s.cfg.MaxQueuedBytes {
+	if queued := c.outBytes; queued+len(b) > c.s.cfg.MaxQueuedBytes {
 		c.outStop = true
 		c.outMu.Unlock()
-		c.log.Warn("amqp client is not reading; disconnecting", zap.Int("queued", c.outBytes))
+		c.log.Warn("amqp client is not reading; disconnecting", zap.Int("queued", queued))
 		c.abort()
 		return
 	}
@@ -190,7 +194,7 @@ func (c *Conn) sendFrame(typ uint8, ch uint16, p codec.Performative, payload []b
 
 func (c *Conn) writer() {
 	defer close(c.writerDone)
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTimer(time.Second)
 	defer tick.Stop()
 	lastWrite := time.Now()
 	for {
@@ -219,9 +223,16 @@ func (c *Conn) writer() {
 		select {
 		case <-c.outSignal:
 		case now := <-tick.C:
-			if hb := time.Duration(c.heartbeat.Load()); hb > 0 && now.Sub(lastWrite) >= hb {
+			// wake every second (token expiry), or every quarter heartbeat when that is shorter
+			period := time.Second
+			hb := time.Duration(c.heartbeat.Load())
+			if hb > 0 && now.Sub(lastWrite) >= hb {
 				c.enqueue(codec.AppendFrame(nil, codec.FrameAMQP, 0, nil))
 			}
+			if hb > 0 && hb/4 < period {
+				period = hb / 4
+			}
+			tick.Reset(period)
 			c.checkClaims()
 		}
 	}
@@ -393,7 +404,8 @@ func (c *Conn) saslPlain(resp []byte) error {
 
 func (c *Conn) readLoop() error {
 	for {
-		fh, body, err := c.readFrame(time.Now().Add(c.s.cfg.IdleTimeout + 5*time.Second))
+		// the client must send something within our idle time-out; half of it again is slack
+		fh, body, err := c.readFrame(time.Now().Add(c.s.cfg.IdleTimeout * 3 / 2))
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -531,6 +543,10 @@ func (c *Conn) onFlow(s *session, f *codec.Flow) error {
 				}
 			}
 			l.drain = f.Drain
+			select {
+			case l.creditSignal <- struct{}{}:
+			default:
+			}
 		}
 		if f.Echo {
 			c.sendLinkFlow(l)

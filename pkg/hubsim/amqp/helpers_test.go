@@ -100,7 +100,7 @@ type env struct {
 
 // newEnv starts the endpoint alone on a free port, with a registry, a fake clock and a
 // recording C2D sink.
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T, mutate ...func(*hubamqp.Config)) *env {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := pki.LoadOrCreateCA(dir)
@@ -117,10 +117,14 @@ func newEnv(t *testing.T) *env {
 	}
 	e := &env{t: t, reg: reg, c2d: &recordingC2D{}, clock: clock.NewFake(time.Now()), ev: &eventLog{changed: make(chan struct{})},
 		tls: &tls.Config{RootCAs: ca.Pool(), ServerName: "localhost", MinVersion: tls.VersionTLS12}}
-	e.srv, err = hubamqp.Start(hubamqp.Config{
+	cfg := hubamqp.Config{
 		Addr: "127.0.0.1:0", TLS: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
 		HostName: "localhost", Policies: reg, C2D: e.c2d, Clock: e.clock, OnEvent: e.ev.add,
-	}, zaptest.NewLogger(t))
+	}
+	for _, m := range mutate {
+		m(&cfg)
+	}
+	e.srv, err = hubamqp.Start(cfg, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

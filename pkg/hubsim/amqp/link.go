@@ -49,6 +49,7 @@ type Link struct {
 	sendDeliveryCount uint32
 	drain             bool
 	pending           []*outDelivery
+	creditSignal      chan struct{}
 }
 
 type outDelivery struct {
@@ -97,7 +98,14 @@ func (l *Link) Context() context.Context { return l.ctx }
 // Go runs fn on a goroutine tied to the link: fn's context is the link's, and the connection
 // waits for fn before it is finished.
 func (l *Link) Go(fn func(ctx context.Context)) {
-	l.conn.links.Add(1)
+	c := l.conn
+	c.mu.Lock()
+	if c.finished {
+		c.mu.Unlock()
+		return
+	}
+	c.links.Add(1)
+	c.mu.Unlock()
 	go func() {
 		defer l.conn.links.Done()
 		fn(l.ctx)
@@ -175,8 +183,32 @@ func (l *Link) Send(ctx context.Context, m *codec.Message) (codec.DeliveryState,
 	}
 }
 
-// Credit is the credit the client has given on a link it receives on, and how many messages
-// wait for it.
+// WaitCredit returns once the client has given credit for more than the messages already
+// waiting on a link it receives on, or with an error when ctx ends or the link goes away.
+func (l *Link) WaitCredit(ctx context.Context) error {
+	c := l.conn
+	for {
+		c.lock()
+		ok, gone := l.sendCredit > uint32(len(l.pending)), l.detached
+		c.unlock()
+		switch {
+		case gone:
+			return errLinkDetached
+		case ok:
+			return nil
+		}
+		select {
+		case <-l.creditSignal:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-l.ctx.Done():
+			return errLinkDetached
+		}
+	}
+}
+
+// SendCredit is the credit the client has given on a link it receives on, and how many
+// messages wait for it.
 func (l *Link) SendCredit() (credit uint32, waiting int) {
 	c := l.conn
 	c.lock()
@@ -221,7 +253,7 @@ func (c *Conn) onAttach(ch uint16, a *codec.Attach) error {
 		return codec.Errorf(codec.ErrHandleInUse, "handle %d is in use", a.Handle)
 	}
 	l := &Link{Name: a.Name, ClientSends: a.Role == codec.RoleSender, Attach: a, Credit: 100,
-		conn: c, sess: s, handle: a.Handle, maxMessageSize: c.s.cfg.MaxMessageSize}
+		conn: c, sess: s, handle: a.Handle, maxMessageSize: c.s.cfg.MaxMessageSize, creditSignal: make(chan struct{}, 1)}
 	l.ctx, l.cancel = context.WithCancel(c.ctx)
 	raw := ""
 	if l.ClientSends && a.Target != nil {

@@ -24,7 +24,8 @@
 //     (now or later, from any goroutine). Set Link.Credit to change the credit window (100).
 //   - a link the client receives on: Link.Send (blocking, honours the client's credit and the
 //     session window, waits for the client's outcome unless the link is pre-settled) or
-//     Link.Post (non-blocking, with a callback). Start long-running work with Link.Go, which
+//     Link.Post (non-blocking, with a callback); Link.WaitCredit waits until the client gives
+//     credit (Event Hubs receivers add it by hand). Start long-running work with Link.Go, which
 //     ties the goroutine to the link: its context ends when the link detaches or the
 //     connection closes, and the connection waits for it.
 //

@@ -252,6 +252,17 @@ type raw struct {
 
 func (e *env) raw() *raw {
 	e.t.Helper()
+	r := e.rawOpen(0)
+	r.send(0, &codec.Begin{NextOutgoingID: 0, IncomingWindow: 100, OutgoingWindow: 100, HandleMax: 9})
+	if _, ok := r.read().(*codec.Begin); !ok {
+		e.t.Fatal("no begin")
+	}
+	return r
+}
+
+// rawOpen connects and exchanges open (asking for idle milliseconds of idle time-out).
+func (e *env) rawOpen(idle uint32) *raw {
+	e.t.Helper()
 	nc, err := tls.Dial("tcp", e.srv.Addr().String(), e.tls)
 	if err != nil {
 		e.t.Fatal(err)
@@ -264,13 +275,9 @@ func (e *env) raw() *raw {
 	if _, err := io.ReadFull(r.br, h[:]); err != nil || h != codec.HeaderAMQP {
 		e.t.Fatalf("protocol header % x %v", h, err)
 	}
-	r.send(0, &codec.Open{ContainerID: "raw", MaxFrameSize: 65536, ChannelMax: 9})
+	r.send(0, &codec.Open{ContainerID: "raw", MaxFrameSize: 65536, ChannelMax: 9, IdleTimeout: idle})
 	if _, ok := r.read().(*codec.Open); !ok {
 		e.t.Fatal("no open")
-	}
-	r.send(0, &codec.Begin{NextOutgoingID: 0, IncomingWindow: 100, OutgoingWindow: 100, HandleMax: 9})
-	if _, ok := r.read().(*codec.Begin); !ok {
-		e.t.Fatal("no begin")
 	}
 	return r
 }
