@@ -208,3 +208,30 @@ func TestGoldenFirmwareUpdate(t *testing.T) {
 		t.Fatalf("reported firmware after the update: %v", fw)
 	}
 }
+
+func TestGoldenFirmwareUpdateQuery(t *testing.T) {
+	s := newShell(t)
+	dir := t.TempDir()
+	s.extra = []string{dir, "<tmp>"}
+	p := func(name string) string { return filepath.Join(dir, name) }
+	key := fixedKey(t, p("fw.key"), 7)
+	if err := os.WriteFile(p("fw.bin"), bytes.Repeat([]byte("image"), 10000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if tr, _, code := s.exec("firmware", "publish", p("fw.bin"), "--version", "2.0.0", "--key", p("fw.key"), "--out", p("m.json")); code != 0 {
+		t.Fatalf("publish: %s", tr)
+	}
+	runAgent(t, s, "q1", key.Public().(ed25519.PublicKey))
+	runAgent(t, s, "q2", key.Public().(ed25519.PublicKey))
+	s.exec("devices", "create", "q3") // never connects
+	s.exec("devices", "create", "q4") // not in the ring
+	for _, id := range []string{"q1", "q2", "q3"} {
+		if tr, _, code := s.exec("twin", "update", id, "--tag", `ring="canary"`); code != 0 {
+			t.Fatalf("tag %s: %s", id, tr)
+		}
+	}
+	s.golden("firmware-update-query-partial", 3, "firmware", "update", "--query", "tags.ring = 'canary'", p("m.json"), "--poll-interval", "10ms")
+	s.golden("firmware-update-query-none", 1, "firmware", "update", "--query", "tags.ring = 'nobody'", p("m.json"))
+	s.golden("firmware-update-query-and-device", 2, "firmware", "update", "q1", "--query", "tags.ring = 'canary'", p("m.json"))
+	s.golden("firmware-update-query-json", 3, "-o", "json", "firmware", "update", "--query", "tags.ring = 'canary'", p("m.json"), "--poll-interval", "10ms")
+}

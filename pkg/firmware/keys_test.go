@@ -99,3 +99,23 @@ func TestPolicyCheckDecidesAsTheUpdater(t *testing.T) {
 type nopReporter struct{}
 
 func (nopReporter) Report(context.Context, Status) error { return nil }
+
+func FuzzParseKeys(f *testing.F) {
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	f.Add(MarshalPublicKey(pub))
+	f.Add([]byte(EncodePublicKey(pub)))
+	f.Add(MarshalPrivateKey(priv))
+	f.Add([]byte("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if k, err := ParsePublicKey(b); err == nil && len(k) != ed25519.PublicKeySize {
+			t.Fatalf("public key of %d bytes accepted", len(k))
+		} else if err != nil && !errors.Is(err, ErrKeyFile) {
+			t.Fatalf("error %v does not wrap ErrKeyFile", err)
+		}
+		if k, err := ParsePrivateKey(b); err == nil && len(k) != ed25519.PrivateKeySize {
+			t.Fatalf("private key of %d bytes accepted", len(k))
+		} else if err != nil && !errors.Is(err, ErrKeyFile) {
+			t.Fatalf("error %v does not wrap ErrKeyFile", err)
+		}
+	})
+}
