@@ -77,6 +77,9 @@ func (s *Server) ServeEventHubs(cfg EventHubsConfig) error {
 	}
 	eh := &eventHubs{s: s, cfg: cfg, log: s.log.Named("eventhubs"), owners: map[string][]*ehReceiver{}}
 	s.AddTokenVerifier(eh.verifyToken)
+	// The Event Hubs SDKs attach to "$management" itself (managementClient.js) and name the
+	// entity in each request; "<entity>/$management" is served too.
+	s.Handle("$management", eh.attachManagement)
 	s.Handle(cfg.Name+"/$management", eh.attachManagement)
 	s.Handle(cfg.Name+"/ConsumerGroups/*/Partitions/*", eh.attachPartition)
 	return nil
@@ -161,9 +164,14 @@ func (eh *eventHubs) covers(resource, target string) bool {
 	return rp == tp || strings.HasPrefix(tp, rp+"/")
 }
 
-// requireFor demands an Event Hubs claim with ServiceConnect covering the link's address.
+// requireFor demands an Event Hubs claim with ServiceConnect covering the link's address
+// ("$management" stands for the entity's).
 func (eh *eventHubs) requireFor(l *Link) error {
-	target := eh.s.cfg.HostName + "/" + l.Address
+	addr := l.Address
+	if strings.EqualFold(addr, "$management") {
+		addr = eh.cfg.Name + "/$management"
+	}
+	target := eh.s.cfg.HostName + "/" + addr
 	return l.Require(func(c Claim) bool {
 		return c.Kind == KindEventHubs && c.Rights.Has(registry.ServiceConnect) && eh.covers(c.Resource, target)
 	}, "reading the Event Hubs-compatible endpoint needs a token with ServiceConnect for "+l.Address)

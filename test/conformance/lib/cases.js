@@ -32,6 +32,7 @@ const twinCases = require('./twin-cases');
 const methodCases = require('./method-cases');
 const tpmCases = require('./tpm-cases');
 const wsCases = require('./ws-cases');
+const ehCases = require('./eventhubs-cases');
 const amqpCases = require('./amqp-cases');
 const jobCases = require('./job-cases');
 
@@ -625,6 +626,8 @@ const CASES = [
   ['device-mqtt-ws-wrong-key', wsCases.deviceMqttWsWrongKey],
   ['service-query-paging', jobCases.serviceQueryPaging],
   ['job-client-twin-and-method', jobCases.jobClientWithDevices],
+  ['eventhubs-read-agent-telemetry', ehCases.eventHubsReadAgentTelemetry],
+  ['eventhubs-properties', ehCases.eventHubsProperties],
 ];
 
 // ---------------------------------------------------------------------------------------------
