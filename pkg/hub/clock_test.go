@@ -347,3 +347,39 @@ func TestRespondMethodAsyncFromTheDeliveryGoroutine(t *testing.T) {
 		t.Errorf("second answer: %v, want ErrStaleRequest", err)
 	}
 }
+
+func TestRenewalWaitsForMethodAnswer(t *testing.T) {
+	t.Parallel()
+	b := hubtest.NewBroker(t)
+	methods := make(chan *hub.MethodRequest, 1)
+	f, clk := startFake(t, b, func(c *hub.Config) {
+		c.OnMethod = func(_ context.Context, r *hub.MethodRequest) { methods <- r }
+	})
+	ctx := ctxT(t)
+	f.status.wait(t, hub.Connected, hub.ConnectionOK)
+	renewAt := clk.Now().Add(51 * time.Minute)
+	if err := clk.WaitTimer(ctx, renewAt); err != nil {
+		t.Fatal(err)
+	}
+	b.Publish(wire.MethodRequest("m", "k1"), nil, 0)
+	r := <-methods
+	clk.Advance(renewAt.Sub(clk.Now()))
+	// Draining: the renewal waits (at most OperationTimeout) for the method's answer.
+	if err := clk.WaitTimer(ctx, renewAt.Add(hub.DefaultOperationTimeout)); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(b.ConnectRecords()); n != 1 {
+		t.Fatalf("reconnected (%d connects) with a method unanswered", n)
+	}
+	if err := f.s.RespondMethod(ctx, r.RequestID, 200, []byte(`{"ok":1}`)); err != nil {
+		t.Fatalf("answer on the draining connection: %v", err)
+	}
+	f.status.wait(t, hub.DisconnectedRetrying, hub.ExpiredSASToken)
+	f.status.wait(t, hub.Connected, hub.ConnectionOK)
+	b.WaitEvent(t, "method-response")
+	b.With(func(h *hubtest.Hook) {
+		if len(h.MethodResponses) != 1 || h.MethodResponses[0].RequestID != "k1" || h.MethodBodies[0] != `{"ok":1}` {
+			t.Errorf("method responses %+v %q: the answer must reach the hub before the renewal", h.MethodResponses, h.MethodBodies)
+		}
+	})
+}

@@ -292,9 +292,10 @@ func (s *Session) serve(c *conn) (endReason, error) {
 	renewing := false
 	var renewDeadline time.Time
 	timeout := s.cfg.OperationTimeout
+	var answers []paho.Token // method answers published on c and not yet written
 	for {
 		now := s.clock.Now()
-		s.publishResponses(c)
+		answers = s.publishResponses(c, answers)
 		s.q.pull()
 		s.q.expire(now)
 		if err := s.q.reapAcks(); err != nil {
@@ -319,7 +320,8 @@ func (s *Session) serve(c *conn) (endReason, error) {
 			s.mu.Unlock()
 			s.log.Debug("renewing SAS token", zap.Time("expiry", c.expiry))
 		}
-		if renewing && (!now.Before(renewDeadline) || head == nil && !s.reqs.pendingOn(c) && !c.methodsPending()) {
+		if renewing && (!now.Before(renewDeadline) ||
+			head == nil && len(answers) == 0 && !s.reqs.pendingOn(c) && !c.methodsPending()) {
 			return endRenew, nil
 		}
 		if !renewing {
@@ -337,7 +339,10 @@ func (s *Session) serve(c *conn) (endReason, error) {
 		} else {
 			earliest(c.renewAt)
 		}
-		var headDone <-chan struct{}
+		var headDone, answerDone <-chan struct{}
+		if len(answers) > 0 {
+			answerDone = answers[0].Done()
+		}
 		if head != nil {
 			headDone = head.tok.Done()
 			earliest(head.sentAt.Add(timeout))
@@ -347,6 +352,7 @@ func (s *Session) serve(c *conn) (endReason, error) {
 		case <-c.Done():
 			return endLost, c.Err()
 		case <-headDone:
+		case <-answerDone:
 		case <-s.wake:
 		case <-closeCh:
 			closeCh = nil
@@ -358,15 +364,30 @@ func (s *Session) serve(c *conn) (endReason, error) {
 	}
 }
 
-// publishResponses publishes the method answers queued on c (QoS 0). A waiting RespondMethod
-// gets the token and watches the write itself; the supervisor never waits on it.
-func (s *Session) publishResponses(c *conn) {
+// publishResponses publishes the method answers queued on c (QoS 0) and returns the tokens of
+// those not yet written, so a renewal's DISCONNECT does not overtake them. A waiting
+// RespondMethod gets the token and watches the write itself; the supervisor never waits on it.
+func (s *Session) publishResponses(c *conn, pending []paho.Token) []paho.Token {
 	for _, r := range c.takeResponses() {
 		tok := c.client.Publish(r.topic, 0, false, r.payload)
 		if r.tok != nil {
 			r.tok <- tok
 		}
+		pending = append(pending, tok)
 	}
+	kept := pending[:0]
+	for _, tok := range pending {
+		select {
+		case <-tok.Done():
+		default:
+			kept = append(kept, tok)
+		}
+	}
+	clear(pending[len(kept):])
+	if len(kept) == 0 {
+		return nil
+	}
+	return kept
 }
 
 // teardown ends connection c: disconnects it unless it is already gone, fails requests pending
