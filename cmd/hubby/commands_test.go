@@ -156,6 +156,11 @@ func TestGoldenDPS(t *testing.T) {
 	s.golden("dps-group-create", 0, "dps", "enrollment-group", "create", "grp-1", "--primary-key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "--secondary-key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
 	s.golden("dps-group-list", 0, "dps", "enrollment-group", "list", "-o", "json")
 	s.golden("dps-group-compute-key", 0, "dps", "enrollment-group", "compute-device-key", "dev-7", "--key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+	s.golden("dps-group-show", 0, "dps", "enrollment-group", "show", "grp-1")
+	s.golden("dps-group-update", 0, "dps", "enrollment-group", "update", "grp-1", "--provisioning-status", "disabled", "--initial-twin-properties", `{"interval":5}`, "-o", "json")
+	s.golden("dps-group-update-stale-etag", 1, "dps", "enrollment-group", "update", "grp-1", "--provisioning-status", "enabled", "--etag", `"stale"`)
+	s.golden("dps-group-delete", 0, "dps", "enrollment-group", "delete", "grp-1")
+	s.golden("dps-group-list-empty", 0, "dps", "enrollment-groups", "list")
 	s.golden("dps-group-tpm", 2, "dps", "enrollment-group", "create", "grp-2", "--attestation-type", "tpm")
 	s.golden("dps-registration-unknown", 1, "dps", "registration", "show", "nobody")
 }
@@ -309,4 +314,14 @@ func TestExitCodes(t *testing.T) {
 			t.Errorf("exitCode(%v, %v) = %d, want %d", c.err, c.interrupted, got, c.want)
 		}
 	}
+}
+
+func TestGoldenPKI(t *testing.T) {
+	s := newShell(t)
+	dir := filepath.Join(t.TempDir(), "pki")
+	s.extra = []string{dir, "<pki>"}
+	s.golden("pki-enroll", 0, "pki", "--dir", dir, "--devices", "x-1,x-2", "--enroll", "--group-id", "lab-pki")
+	s.golden("pki-bad-id", 1, "pki", "--dir", dir, "--devices", "bad/id")
+	s.golden("pki-no-dir", 1, "pki")
+	s.golden("pki-enrolled-group", 0, "dps", "enrollment-group", "list")
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -116,14 +117,29 @@ func TestGoldenRollout(t *testing.T) {
 	s.golden("rollout-bad-steps", 2, "rollout", "start", "x", "-q", "*", "--desired", "a=1", "--steps", "50%,10%")
 	s.golden("rollout-bad-name", 2, "rollout", "start", "a.b", "-q", "*", "--desired", "a=1")
 	s.golden("rollout-no-desired", 2, "rollout", "start", "x", "-q", "*")
-	_, tw, _ := s.exec("twin", "show", "c1", "-o", "json")
-	// strict's revert puts back what c1 had before it: tol's 2.0
-	if !strings.Contains(tw, `"fw": "2.0"`) {
-		t.Errorf("c1 not reverted to fw 2.0: %s", tw)
+	fw := func(id string) string {
+		t.Helper()
+		_, out, _ := s.exec("twin", "show", id, "-o", "json")
+		var tw struct {
+			Properties struct{ Desired map[string]any }
+		}
+		if err := json.Unmarshal([]byte(out), &tw); err != nil {
+			t.Fatalf("twin %s: %v", id, err)
+		}
+		return fmt.Sprint(tw.Properties.Desired["fw"])
 	}
-	_, tw, _ = s.exec("twin", "show", "c3", "-o", "json")
-	if !strings.Contains(tw, `"fw": "2.0"`) {
-		t.Errorf("c3, outside strict's first step, changed: %s", tw)
+	// strict's revert put back what its devices had before it (tol's 2.0); c3 and c4 were not in it
+	for id, want := range map[string]string{"c1": "2.0", "c2": "2.0", "c3": "2.0", "c4": "2.0"} {
+		if got := fw(id); got != want {
+			t.Errorf("after strict's revert, %s has fw %s, want %s", id, got, want)
+		}
+	}
+	s.golden("rollout-revert", 0, "rollout", "revert", "tol", "--parallel", "1")
+	s.golden("rollout-revert-again", 0, "rollout", "revert", "tol")
+	for _, id := range []string{"c1", "c2", "c3", "c4"} {
+		if got := fw(id); got != "1.0" {
+			t.Errorf("after tol's revert, %s has fw %s, want 1.0", id, got)
+		}
 	}
 	// the record devices are not targets of later queries
 	s.golden("bulk-query-skips-records", 0, "bulk", "twin-update", "-q", "*", "--tag", "y=1", "--dry-run")
