@@ -91,6 +91,12 @@ type Server struct {
 	policyKey sas.Key
 	policyB64 string
 
+	// writeMu orders the service API's writes (enrollments, deleted registrations): held across
+	// the check, the disk write and the update of the maps, so that two writers of one key
+	// cannot interleave. Device paths never take it.
+	writeMu sync.Mutex
+	// mu guards the maps below. It is never held across a disk write: device connects (HubOf)
+	// and registrations (authentication) take it.
 	mu          sync.Mutex
 	enrollments map[string]*Enrollment
 	groups      map[string]*Enrollment
@@ -110,6 +116,9 @@ type Server struct {
 	// placed maps a device ID to the hub DPS put it in and the registry generation it created
 	// or updated (guarded by mu).
 	placed map[string]placement
+
+	// beforeWrite, if set (tests only), runs before each disk write; an error fails the write.
+	beforeWrite func() error
 }
 
 type placement struct{ hub, generationID, regKey string }
@@ -469,17 +478,23 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 	if err := normalizeEnrollment(&e, group); err != nil {
 		return Enrollment{}, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
 	m, bucket := s.maps(group)
 	k := keyOf(e.id())
 	now := timestamp(s.now())
+	s.mu.Lock()
 	old := m[k]
+	var oldETag, oldCreated string
 	if old != nil {
-		if !etagMatches(ifMatch, old.ETag) {
+		oldETag, oldCreated = old.ETag, old.CreatedDateTimeUTC
+	}
+	s.mu.Unlock()
+	if old != nil {
+		if !etagMatches(ifMatch, oldETag) {
 			return Enrollment{}, errf(412, 412002, "etag %s does not match", ifMatch)
 		}
-		e.CreatedDateTimeUTC = old.CreatedDateTimeUTC
+		e.CreatedDateTimeUTC = oldCreated
 	} else {
 		if ifMatch != "" && ifMatch != "*" && ifMatch != `"*"` {
 			return Enrollment{}, errf(404, 404201, "enrollment %s does not exist", e.id())
@@ -492,6 +507,8 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 	if err := s.store(bucket, k, &e); err != nil {
 		return Enrollment{}, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	m[k] = &e
 	return s.withState(e), nil
 }
@@ -507,10 +524,16 @@ func (s *Server) withState(e Enrollment) Enrollment {
 	return e
 }
 
+// store writes one record. Call it without s.mu.
 func (s *Server) store(bucket []byte, k string, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return errf(500, 500000, "encoding: %v", err)
+	}
+	if s.beforeWrite != nil {
+		if err := s.beforeWrite(); err != nil {
+			return errf(500, 500000, "store: %v", err)
+		}
 	}
 	// Batch coalesces concurrent writers into one transaction (one fsync) under load.
 	if err := s.db.Batch(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Put([]byte(k), b) }); err != nil {
@@ -519,7 +542,13 @@ func (s *Server) store(bucket []byte, k string, v any) error {
 	return nil
 }
 
+// remove deletes one record. Call it without s.mu.
 func (s *Server) remove(bucket []byte, k string) error {
+	if s.beforeWrite != nil {
+		if err := s.beforeWrite(); err != nil {
+			return errf(500, 500000, "store: %v", err)
+		}
+	}
 	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(k)) }); err != nil {
 		return errf(500, 500000, "store: %v", err)
 	}
@@ -540,21 +569,29 @@ func (s *Server) GetEnrollment(id string, group bool) (Enrollment, error) {
 
 // DeleteEnrollment deletes an enrollment or group (ifMatch optional).
 func (s *Server) DeleteEnrollment(id string, group bool, ifMatch string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
 	m, bucket := s.maps(group)
 	k := keyOf(id)
+	s.mu.Lock()
 	e := m[k]
+	var etag string
+	if e != nil {
+		etag = e.ETag
+	}
+	s.mu.Unlock()
 	if e == nil {
 		return errf(404, 404201, "enrollment %s not found", id)
 	}
-	if !etagMatches(ifMatch, e.ETag) {
+	if !etagMatches(ifMatch, etag) {
 		return errf(412, 412002, "etag %s does not match", ifMatch)
 	}
 	if err := s.remove(bucket, k); err != nil {
 		return err
 	}
+	s.mu.Lock()
 	delete(m, k)
+	s.mu.Unlock()
 	return nil
 }
 
@@ -584,10 +621,12 @@ func (s *Server) RegistrationState(regID string) (wire.DPSRegistrationState, err
 
 // DeleteRegistrationState forgets a registration (the next registration is an initial one).
 func (s *Server) DeleteRegistrationState(regID, ifMatch string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
 	k := keyOf(regID)
+	s.mu.Lock()
 	r := s.regs[k]
+	s.mu.Unlock()
 	if r == nil {
 		return errf(404, 404202, "registration %s not found", regID)
 	}
@@ -597,7 +636,11 @@ func (s *Server) DeleteRegistrationState(regID, ifMatch string) error {
 	if err := s.remove(bucketRegs, k); err != nil {
 		return err
 	}
-	delete(s.regs, k)
+	s.mu.Lock()
+	if s.regs[k] == r { // a registration since the snapshot is newer than this delete
+		delete(s.regs, k)
+	}
+	s.mu.Unlock()
 	return nil
 }
 
