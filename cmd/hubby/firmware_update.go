@@ -195,12 +195,12 @@ func (u *fwUpdater) run(ctx context.Context, ids []string) error {
 	show := func(f *fwFollow, lines []string) {
 		switch {
 		case bar != nil:
+			bar.Describe(f.id + ": " + f.last.State)
 			if f.last.State == string(firmware.Downloading) {
 				_ = bar.Set(f.last.Percent)
 			} else if f.last.State != "" {
 				_ = bar.Set(100)
 			}
-			bar.Describe(f.id + ": " + f.last.State)
 		case single && !(f.done && !f.ok): // a failure's reason is the command's error line
 			for _, l := range lines {
 				fmt.Fprintln(u.g.stderr, l)
