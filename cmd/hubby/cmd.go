@@ -92,6 +92,7 @@ failed (bulk operations, jobs, rollouts); 130 interrupted.`,
 	root.AddCommand(dpsCommand(g))
 	root.AddCommand(pkiCommand(g))
 	root.AddCommand(firmwareCommand(g))
+	root.AddCommand(monitorEvents(g))
 	groupsRejectUnknown(root)
 	return root
 }
