@@ -19,6 +19,9 @@
 //	c2d:     cloud-to-device round trip (service send to the device's MQTT delivery) over hubsim's
 //	         AMQP endpoint against the /hubsim/ REST send in the same run; p99 compared.
 //	         Target: AMQP/REST p99 <= 2.
+//	jobs:    a twin-update job (jobs v2) over N devices against the same update sent to each
+//	         device one by one through the REST API, devices per second, alternating rounds;
+//	         medians compared. Target: job/REST >= 1.
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
@@ -55,7 +58,9 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm,c2d", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm, c2d)")
+	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm,c2d,jobs", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm, c2d, jobs)")
+	jobsN := fs.Int("jobs-n", 1000, "devices a twin-update job covers in the jobs comparison")
+	jobsParallelism := fs.Int("jobs-parallelism", 16, "hubsim's --job-parallelism in the jobs comparison")
 	c2dN := fs.Int("c2d-n", 16, "devices (one worker each) in the C2D round-trip comparison")
 	c2dSamples := fs.Int("c2d-samples", 2000, "round trips in all in the C2D comparison")
 	tpmN := fs.Int("tpm-n", 20, "registrations of each kind in the TPM comparison")
@@ -120,6 +125,11 @@ func run(ctx context.Context, args []string) error {
 	if want["c2d"] {
 		if err := benchC2D(ctx, *c2dN, *c2dSamples/2, report); err != nil {
 			return fmt.Errorf("c2d: %w", err)
+		}
+	}
+	if want["jobs"] {
+		if err := benchJobs(ctx, *jobsN, max(*rounds, 1)+1, *jobsParallelism, report); err != nil {
+			return fmt.Errorf("jobs: %w", err)
 		}
 	}
 	if want["tpm"] {

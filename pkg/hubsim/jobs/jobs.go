@@ -3,7 +3,9 @@
 // completed, failed, cancelled), per-device outcomes (the rows of devices.jobs), device job
 // statistics, a limit on concurrently running jobs (S1: one; more jobs wait, queued), and
 // persistence: jobs and their per-device rows are kept in the registry's database and a job
-// that was running when hubsim stopped resumes where it stopped when hubsim starts again.
+// that was running when hubsim stopped resumes where it stopped when hubsim starts again
+// (devices whose outcome was not yet written, at most a second's worth after a crash, run
+// again).
 //
 // A Runner owns one scheduler goroutine and one goroutine per running job (each with a bounded
 // pool of device workers); Close stops them all. Scheduling (start times, the maximum execution
@@ -38,8 +40,11 @@ const (
 	DefaultMaxConcurrent = 1
 	// DefaultParallelism is how many devices a running job works on at once.
 	DefaultParallelism = 16
-	// flushBatch is how many finished device rows are written in one transaction.
-	flushBatch = 64
+	// Finished device rows are written in one transaction once flushBatch of them wait or
+	// flushEvery has passed since the last write (and when the job stops): a hubsim killed
+	// without Close redoes at most that much of a job.
+	flushBatch = 512
+	flushEvery = time.Second
 )
 
 // Storage buckets in the registry's database.
@@ -295,6 +300,25 @@ func (j *job) recount() {
 		}
 	}
 	j.j.DeviceJobStatistics = &s
+}
+
+// move changes a device row's status and the statistics with it.
+func (j *job) move(d *service.DeviceJob, to string) {
+	s := j.j.DeviceJobStatistics
+	for i, st := range []string{d.Status, to} {
+		delta := 1 - 2*(1-i) // -1 for the old status, +1 for the new
+		switch st {
+		case service.DeviceJobCompleted:
+			s.SucceededCount += delta
+		case service.DeviceJobFailed:
+			s.FailedCount += delta
+		case service.DeviceJobRunning:
+			s.RunningCount += delta
+		default:
+			s.PendingCount += delta
+		}
+	}
+	d.Status = to
 }
 
 func (j *job) view() service.Job {

@@ -158,15 +158,17 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	}()
 	go func() { wg.Wait(); close(finished) }()
 	batch := map[string][]byte{}
+	lastFlush := r.cfg.Clock.Now()
 	for res := range finished {
 		r.mu.Lock()
 		if d := j.byID[res.DeviceID]; d != nil {
+			j.move(d, res.Status)
 			*d = res
 		}
-		j.recount()
 		r.mu.Unlock()
 		batch[id+"\x00"+res.DeviceID], _ = json.Marshal(res)
-		if len(batch) >= flushBatch {
+		if now := r.cfg.Clock.Now(); len(batch) >= flushBatch || now.Sub(lastFlush) >= flushEvery {
+			lastFlush = now
 			r.mu.Lock()
 			rec := r.recordLocked(j)
 			r.mu.Unlock()
@@ -249,7 +251,8 @@ func (r *Runner) device(ctx context.Context, j *job, d *service.DeviceJob) (serv
 	res := *d
 	res.Status = service.DeviceJobRunning
 	res.StartTimeUTC = ptr(r.cfg.Clock.Now())
-	d.Status, d.StartTimeUTC = res.Status, res.StartTimeUTC
+	j.move(d, res.Status)
+	d.StartTimeUTC = res.StartTimeUTC
 	jobType, patch, req := j.j.Type, j.j.UpdateTwin, j.req
 	r.mu.Unlock()
 
@@ -266,7 +269,8 @@ func (r *Runner) device(ctx context.Context, j *job, d *service.DeviceJob) (serv
 	}
 	if err != nil && ctx.Err() != nil {
 		r.mu.Lock()
-		d.Status, d.StartTimeUTC = service.DeviceJobPending, nil
+		j.move(d, service.DeviceJobPending)
+		d.StartTimeUTC = nil
 		r.mu.Unlock()
 		return service.DeviceJob{}, false
 	}
