@@ -475,8 +475,8 @@ func TestOfflineQueueThenDelivery(t *testing.T) {
 	b := hubtest.NewBroker(t)
 	d := &offlineDialer{}
 	d.offline.Store(true)
-	f := start(t, b, func(c *hub.Config) { c.Dial = d.dial; c.QueueCapacity = 5 })
-	f.status.wait(t, hub.DisconnectedRetrying, hub.NoNetwork)
+	f, clk := startFake(t, b, func(c *hub.Config) { c.Dial = d.dial; c.QueueCapacity = 5 })
+	st := f.status.wait(t, hub.DisconnectedRetrying, hub.NoNetwork)
 	results := make(chan error, 5)
 	for i := range 5 {
 		if err := f.s.Enqueue(&hub.Message{MessageID: fmt.Sprint("q", i)}, func(err error) { results <- err }); err != nil {
@@ -487,6 +487,7 @@ func TestOfflineQueueThenDelivery(t *testing.T) {
 		t.Fatalf("6th message: %v, want ErrQueueFull", err)
 	}
 	d.offline.Store(false)
+	retry(t, clk, st)
 	for range 5 {
 		if err := <-results; err != nil {
 			t.Fatal(err)
@@ -501,12 +502,21 @@ func TestInFlightResentAfterDrop(t *testing.T) {
 	t.Parallel()
 	b := hubtest.NewBroker(t)
 	b.With(func(h *hubtest.Hook) { h.DropOnMID["m3"] = true })
-	f := start(t, b, func(c *hub.Config) { c.MaxInFlight = 1 })
+	f, clk := startFake(t, b, func(c *hub.Config) { c.MaxInFlight = 1 })
 	ctx := ctxT(t)
-	for i := range 6 {
-		if err := f.s.Send(ctx, &hub.Message{MessageID: fmt.Sprint("m", i)}); err != nil {
-			t.Fatalf("m%d: %v", i, err)
+	sent := make(chan error, 1)
+	go func() {
+		for i := range 6 {
+			if err := f.s.Send(ctx, &hub.Message{MessageID: fmt.Sprint("m", i)}); err != nil {
+				sent <- fmt.Errorf("m%d: %w", i, err)
+				return
+			}
 		}
+		sent <- nil
+	}()
+	retry(t, clk, f.status.wait(t, hub.DisconnectedRetrying, hub.CommunicationError))
+	if err := <-sent; err != nil {
+		t.Fatal(err)
 	}
 	if got := strings.Join(b.TelemetryMIDs(), ","); got != "m0,m1,m2,m3,m4,m5" {
 		t.Errorf("delivered %s", got)

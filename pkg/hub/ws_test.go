@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/iothubby/iothubby/internal/connectproxy"
+	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hubsim"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
@@ -178,7 +179,20 @@ func TestMQTTOverWebSocketThroughProxy(t *testing.T) {
 	t.Setenv("HTTPS_PROXY", px.URL("u", "wrong"))
 	cfg = f.config(t)
 	cfg.RetryTimeout = 2 * time.Second
+	// The retries until RetryTimeout run on a fake clock: a goroutine moves it to each retry.
+	clk := clock.NewFake(time.Now())
+	cfg.Clock = clk
+	ctx, cancel := context.WithCancel(context.Background())
+	advanced := make(chan struct{})
+	go func() {
+		defer close(advanced)
+		for clk.WaitArmed(ctx, 1) == nil {
+			clk.AdvanceToNext()
+		}
+	}()
 	err = sendOne(t, cfg, "refused")
+	cancel()
+	<-advanced
 	if err == nil || !strings.Contains(err.Error(), "407") {
 		t.Fatalf("wrong proxy credentials: %v, want a 407 error", err)
 	}
