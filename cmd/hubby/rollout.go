@@ -485,7 +485,11 @@ func (r *rollout) run(ctx context.Context) error {
 		if err := r.patch(ctx, fresh, i); err != nil {
 			return err
 		}
-		res, stop, err := r.wait(ctx, i, started.Add(r.timeout))
+		known := make([]string, len(fresh))
+		for k, m := range fresh {
+			known[k] = m.id
+		}
+		res, stop, err := r.wait(ctx, i, started.Add(r.timeout), known)
 		if err != nil {
 			return err
 		}
@@ -562,6 +566,11 @@ func (r *rollout) patchOne(ctx context.Context, id string, step int) error {
 		if err != nil {
 			return err
 		}
+		// The twin is authoritative where a query may lag (a real hub's query results trail
+		// writes): a device already in the rollout is not patched again.
+		if all, ok := tw.Tags[deviceTag].(map[string]any); ok && all[r.rec.Name] != nil {
+			return nil
+		}
 		prev := map[string]any{}
 		for path := range r.desired {
 			v, ok := lookup(tw.Properties.Desired, path)
@@ -604,7 +613,10 @@ func setPath(doc map[string]any, path string, v any) {
 // wait polls step i's devices until each succeeded or failed, the deadline passes, or the
 // failures already decide that the rollout stops. It returns the step's counts and, when the
 // rollout must stop, why.
-func (r *rollout) wait(ctx context.Context, step int, deadline time.Time) (stepResult, string, error) {
+//
+// known are devices this run patched in step: one the query does not return yet (a real hub's
+// query results lag) is read by its twin instead of being left out.
+func (r *rollout) wait(ctx context.Context, step int, deadline time.Time, known []string) (stepResult, string, error) {
 	prevDevices, prevBad := 0, 0
 	for k, res := range r.rec.Results {
 		if n, _ := strconv.Atoi(k); n < step {
@@ -616,6 +628,9 @@ func (r *rollout) wait(ctx context.Context, step int, deadline time.Time) (stepR
 	for {
 		ms, err := r.stepMembers(ctx, step)
 		if err != nil {
+			return stepResult{}, "", err
+		}
+		if ms, err = r.withKnown(ctx, ms, known, step); err != nil {
 			return stepResult{}, "", err
 		}
 		var res stepResult
@@ -659,6 +674,45 @@ func (r *rollout) wait(ctx context.Context, step int, deadline time.Time) (stepR
 		case <-tm.C:
 		}
 	}
+}
+
+// withKnown adds to ms the known devices the query left out, read one by one.
+func (r *rollout) withKnown(ctx context.Context, ms []member, known []string, step int) ([]member, error) {
+	have := make(map[string]bool, len(ms))
+	for _, m := range ms {
+		have[m.id] = true
+	}
+	for _, id := range known {
+		if have[id] {
+			continue
+		}
+		rctx, cancel := r.g.reqCtx(ctx)
+		tw, err := r.c.GetTwin(rctx, id)
+		cancel()
+		if errors.Is(err, wire.ErrDeviceNotFound) {
+			continue // deleted since: no longer part of the rollout
+		}
+		if err != nil {
+			return nil, err
+		}
+		var doc map[string]any
+		b, _ := json.Marshal(tw)
+		if err := json.Unmarshal(b, &doc); err != nil {
+			return nil, err
+		}
+		m := member{id: id, twin: doc}
+		if all, ok := tw.Tags[deviceTag].(map[string]any); ok {
+			b, _ := json.Marshal(all[r.rec.Name])
+			var mk deviceMark
+			if json.Unmarshal(b, &mk) == nil && mk.Step == step {
+				m.mark = &mk
+			}
+		}
+		if m.mark != nil {
+			ms = append(ms, m)
+		}
+	}
+	return ms, nil
 }
 
 // over says whether bad failures among total devices pass --max-failure.
