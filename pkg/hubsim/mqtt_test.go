@@ -178,8 +178,8 @@ func TestTokenExpiryClosesConnection(t *testing.T) {
 	}
 	rc.expectClosed()
 	ev := e.ev.waitFrom(t, mark, "disconnected", func(ev broker.Event) bool { return ev.Kind == broker.EventDisconnected })
-	if !strings.Contains(ev.Reason, "expired") {
-		t.Fatalf("reason %q", ev.Reason)
+	if ev.Reason != broker.ReasonTokenExpired {
+		t.Fatalf("closed for %q, want %q", ev.Reason, broker.ReasonTokenExpired)
 	}
 	if got, _ := e.srv.Registry().Get(d.DeviceID); got.ConnectionState != registry.Disconnected {
 		t.Fatalf("state %s", got.ConnectionState)
@@ -295,22 +295,25 @@ func TestMQTT5AndGarbageAreRejected(t *testing.T) {
 	v5 := connectPkt(5, d.DeviceID, user, e.token(d), false)
 	// A v5 CONNECT whose property length claims more than the packet holds.
 	badProps := packetOf(0x10, append(append(str("MQTT"), 5, 0xc2, 0, 60, 0xff, 0xff, 0xff, 0x7f), str("x")...))
+	// reason is what the rejected event must say: the screen's own words, so a close for
+	// another cause (a timeout, a crash) does not pass.
 	cases := map[string]struct {
 		data    []byte
 		connack bool
+		reason  string
 	}{
-		"mqtt5":                     {v5, true},
-		"mqtt5 truncated":           {v5[:12], true},
-		"mqtt5 malformed props":     {badProps, true},
-		"mqtt 3.1 (MQIsdp level 3)": {packetOf(0x10, append(str("MQIsdp"), 3, 0x02, 0, 60, 0, 1, 'x')), true},
-		"garbage":                   {[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false},
-		"publish first":             {publishPkt("devices/x/messages/events/", nil, 0, 0, false), false},
-		"connect truncated":         {connectPkt(4, d.DeviceID, user, "tok", false)[:9], false},
-		"bad protocol name":         {packetOf(0x10, append(str("MQTX"), 4, 0x02, 0, 60, 0, 1, 'x')), false},
-		"reserved flag":             {packetOf(0x10, append(str("MQTT"), 4, 0x03, 0, 60, 0, 1, 'x')), false},
-		"trailing bytes":            {packetOf(0x10, append(str("MQTT"), 4, 0x02, 0, 60, 0, 1, 'x', 9)), false},
-		"huge remaining length":     {[]byte{0x10, 0xff, 0xff, 0xff, 0x7f}, false},
-		"varint too long":           {[]byte{0x10, 0xff, 0xff, 0xff, 0xff, 0x01}, false},
+		"mqtt5":                     {v5, true, `"MQTT" level 5`},
+		"mqtt5 truncated":           {v5[:12], true, `"MQTT" level 5`},
+		"mqtt5 malformed props":     {badProps, true, `"MQTT" level 5`},
+		"mqtt 3.1 (MQIsdp level 3)": {packetOf(0x10, append(str("MQIsdp"), 3, 0x02, 0, 60, 0, 1, 'x')), true, `"MQIsdp" level 3`},
+		"garbage":                   {[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false, "is not CONNECT"},
+		"publish first":             {publishPkt("devices/x/messages/events/", nil, 0, 0, false), false, "is not CONNECT"},
+		"connect truncated":         {connectPkt(4, d.DeviceID, user, "tok", false)[:9], false, broker.ErrMalformedConnect.Error()},
+		"bad protocol name":         {packetOf(0x10, append(str("MQTX"), 4, 0x02, 0, 60, 0, 1, 'x')), false, `protocol name "MQTX"`},
+		"reserved flag":             {packetOf(0x10, append(str("MQTT"), 4, 0x03, 0, 60, 0, 1, 'x')), false, "reserved flag set"},
+		"trailing bytes":            {packetOf(0x10, append(str("MQTT"), 4, 0x02, 0, 60, 0, 1, 'x', 9)), false, "1 trailing bytes"},
+		"huge remaining length":     {[]byte{0x10, 0xff, 0xff, 0xff, 0x7f}, false, broker.ErrMalformedConnect.Error()},
+		"varint too long":           {[]byte{0x10, 0xff, 0xff, 0xff, 0xff, 0x01}, false, "remaining length longer than 4 bytes"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -327,7 +330,10 @@ func TestMQTT5AndGarbageAreRejected(t *testing.T) {
 				t.Fatalf("want close, got packet type %d", p.typ)
 			}
 			rc.expectClosed()
-			e.ev.waitFrom(t, mark, "rejected", func(ev broker.Event) bool { return ev.Kind == broker.EventRejected })
+			ev := e.ev.waitFrom(t, mark, "rejected", func(ev broker.Event) bool { return ev.Kind == broker.EventRejected })
+			if !strings.Contains(ev.Reason, c.reason) {
+				t.Fatalf("rejected for %q, want a reason naming %q", ev.Reason, c.reason)
+			}
 		})
 	}
 	// A v5 client whose connection stays open still gets CONNACK 1 and a close.
@@ -345,44 +351,49 @@ func TestProtocolViolationsClose(t *testing.T) {
 	e := newEnv(t)
 	d := e.createSAS("dev-rules")
 	other := e.createSAS("dev-victim")
-	cases := map[string]func(rc *rawConn){
-		"qos 2 publish": func(rc *rawConn) { rc.send(publishPkt("devices/dev-rules/messages/events/", []byte("x"), 2, 1, false)) },
-		"other device telemetry": func(rc *rawConn) {
+	cases := map[string]struct {
+		act    func(rc *rawConn)
+		reason string
+	}{
+		"qos 2 publish": {func(rc *rawConn) { rc.send(publishPkt("devices/dev-rules/messages/events/", []byte("x"), 2, 1, false)) }, broker.ReasonQoS2Publish},
+		"other device telemetry": {func(rc *rawConn) {
 			rc.send(publishPkt("devices/dev-victim/messages/events/", []byte("x"), 1, 1, false))
-		},
-		"unknown topic": func(rc *rawConn) { rc.send(publishPkt("hello/world", []byte("x"), 0, 0, false)) },
-		"hub-to-device topic": func(rc *rawConn) {
+		}, broker.ReasonOtherDeviceTelemetry},
+		"unknown topic": {func(rc *rawConn) { rc.send(publishPkt("hello/world", []byte("x"), 0, 0, false)) }, broker.ReasonNotDeviceTopic},
+		"hub-to-device topic": {func(rc *rawConn) {
 			rc.send(publishPkt("devices/dev-rules/messages/devicebound/", []byte("x"), 0, 0, false))
-		},
-		"wildcard topic": func(rc *rawConn) {
+		}, broker.ReasonNotDeviceTopic},
+		"wildcard topic": {func(rc *rawConn) {
 			rc.send(publishPkt("devices/dev-rules/messages/events/a=+", []byte("x"), 0, 0, false))
-		},
-		"subscribe #":            func(rc *rawConn) { rc.send(subscribePkt(1, "#")) },
-		"subscribe other device": func(rc *rawConn) { rc.send(subscribePkt(1, wire.C2DFilter(other.DeviceID))) },
-		"subscribe twin res +":   func(rc *rawConn) { rc.send(subscribePkt(1, "$iothub/twin/res/+")) },
-		"module filter on a device connection": func(rc *rawConn) {
+		}, broker.ReasonWildcardTopic},
+		"subscribe #":            {func(rc *rawConn) { rc.send(subscribePkt(1, "#")) }, broker.ReasonUndocumentedFilter},
+		"subscribe other device": {func(rc *rawConn) { rc.send(subscribePkt(1, wire.C2DFilter(other.DeviceID))) }, broker.ReasonOtherDeviceFilter},
+		"subscribe twin res +":   {func(rc *rawConn) { rc.send(subscribePkt(1, "$iothub/twin/res/+")) }, broker.ReasonUndocumentedFilter},
+		"module filter on a device connection": {func(rc *rawConn) {
 			rc.subscribe(1, wire.C2DFilter("dev-rules"), wire.TwinResponseFilter, wire.TwinDesiredFilter)
 			rc.send(subscribePkt(2, wire.MethodsFilter, "devices/dev-rules/modules/m/#"))
-		},
-		"oversize telemetry": func(rc *rawConn) {
+		}, broker.ReasonOtherDeviceFilter},
+		"oversize telemetry": {func(rc *rawConn) {
 			// 256 KB + 1 counting the property name and value.
 			rc.send(publishPkt("devices/dev-rules/messages/events/k=v", make([]byte, 256*1024-1), 1, 1, false))
-		},
+		}, broker.ReasonTelemetryTooLarge},
 	}
-	for name, act := range cases {
+	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
 			mark := e.ev.mark()
 			rc := e.connectSAS(d)
-			act(rc)
+			c.act(rc)
 			rc.expectClosed()
 			ev := e.ev.waitFrom(t, mark, "disconnected", func(ev broker.Event) bool { return ev.Kind == broker.EventDisconnected })
-			t.Logf("reason: %s", ev.Reason)
+			if ev.Reason != c.reason {
+				t.Fatalf("closed for %q, want %q", ev.Reason, c.reason)
+			}
 		})
 	}
 	// Exactly 256 KB is accepted; five subscriptions are fine.
 	rc := e.connectSAS(d)
 	codes := rc.subscribe(1, wire.C2DFilter("dev-rules"), wire.TwinResponseFilter, wire.TwinDesiredFilter, wire.MethodsFilter)
-	if !bytes.Equal(codes, []byte{1, 0x01, 1, 1}) && !bytes.Equal(codes, []byte{1, 1, 1, 1}) {
+	if !bytes.Equal(codes, []byte{1, 1, 1, 1}) { // QoS 1 granted to each of the four filters
 		t.Fatalf("SUBACK codes %v", codes)
 	}
 	rc.send(publishPkt("devices/dev-rules/messages/events/k=v", make([]byte, 256*1024-2), 1, 7, false))
@@ -638,19 +649,32 @@ func TestTwinResponsesGoOnlyToTheirDevice(t *testing.T) {
 
 func TestDeletingOrDisablingDropsConnection(t *testing.T) {
 	e := newEnv(t)
+	closedFor := func(mark int, id, want string) {
+		t.Helper()
+		ev := e.ev.waitFrom(t, mark, "disconnected", func(ev broker.Event) bool {
+			return ev.Kind == broker.EventDisconnected && ev.DeviceID == id
+		})
+		if ev.Reason != want {
+			t.Fatalf("%s closed for %q, want %q", id, ev.Reason, want)
+		}
+	}
 	d := e.createSAS("dev-drop")
 	rc := e.connectSAS(d)
+	mark := e.ev.mark()
 	d.Status = registry.StatusDisabled
 	if _, err := e.srv.Registry().Update(d, "*"); err != nil {
 		t.Fatal(err)
 	}
 	rc.expectClosed()
+	closedFor(mark, "dev-drop", broker.ReasonDeviceDisabled)
 	d2 := e.createSAS("dev-delete")
 	rc = e.connectSAS(d2)
+	mark = e.ev.mark()
 	if r := e.do("DELETE", "/devices/dev-delete", nil, "", "If-Match", `"*"`); r.status != 204 {
 		t.Fatalf("delete: %d", r.status)
 	}
 	rc.expectClosed()
+	closedFor(mark, "dev-delete", broker.ReasonDeviceDeleted)
 }
 
 func TestIPv4DialWithHostName(t *testing.T) {

@@ -26,7 +26,7 @@ func TestTelemetryPropertyBag(t *testing.T) {
 	rc.send(publishPkt("devices/bag/messages/events/a=%ZZ", []byte("{}"), 1, 2, false))
 	rc.expectClosed()
 	ev := e.ev.waitFrom(t, mark, "disconnected", func(ev broker.Event) bool { return ev.Kind == broker.EventDisconnected })
-	if !strings.Contains(ev.Reason, "malformed property bag") {
+	if !strings.HasPrefix(ev.Reason, broker.ReasonBadPropertyBag+" (") {
 		t.Fatalf("closed for %q, want the malformed property bag named", ev.Reason)
 	}
 }

@@ -291,7 +291,7 @@ func (b *Broker) onRegistryChange(c registry.Change) {
 			s := ds.current
 			ds.mu.Unlock()
 			if s != nil {
-				s.close("device deleted")
+				s.close(ReasonDeviceDeleted)
 			}
 		}
 	case c.New.Status == registry.StatusDisabled:
@@ -300,7 +300,7 @@ func (b *Broker) onRegistryChange(c registry.Change) {
 			s := ds.current
 			ds.mu.Unlock()
 			if s != nil {
-				s.close("device disabled")
+				s.close(ReasonDeviceDisabled)
 			}
 		}
 	}
@@ -318,7 +318,7 @@ func (b *Broker) Disconnect(deviceID string) bool {
 	if s == nil {
 		return false
 	}
-	s.close("closed by hubsim")
+	s.close(ReasonClosedByHubsim)
 	return true
 }
 

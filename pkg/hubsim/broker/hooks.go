@@ -138,25 +138,25 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	switch pk.FixedHeader.Type {
 	case packets.Publish:
 		if pk.FixedHeader.Qos > 1 {
-			return s.violation("QoS 2 publish", pk.TopicName)
+			return s.violation(ReasonQoS2Publish, pk.TopicName)
 		}
 		if strings.ContainsAny(pk.TopicName, "+#") {
-			return s.violation("wildcard in a topic name", pk.TopicName)
+			return s.violation(ReasonWildcardTopic, pk.TopicName)
 		}
 		t, err := wire.Parse(pk.TopicName)
 		if errors.Is(err, wire.ErrPropertyBag) {
-			return s.violation("telemetry with a malformed property bag ("+err.Error()+")", pk.TopicName)
+			return s.violation(ReasonBadPropertyBag+" ("+err.Error()+")", pk.TopicName)
 		}
 		if err != nil || !t.Kind.FromDevice() {
-			return s.violation("publish to a topic devices may not publish to", pk.TopicName)
+			return s.violation(ReasonNotDeviceTopic, pk.TopicName)
 		}
 		if t.Kind == wire.KindTelemetry {
 			if t.DeviceID != s.deviceID || t.ModuleID != s.moduleID {
-				return s.violation("publish to another device's telemetry topic", pk.TopicName)
+				return s.violation(ReasonOtherDeviceTelemetry, pk.TopicName)
 			}
 			if n := telemetrySize(pk.Payload, t.Properties); n > MaxTelemetrySize {
 				s.log.Info("telemetry too large", zap.Int("bytes", n), zap.Int("limit", MaxTelemetrySize))
-				return s.violation("telemetry message over 256 KB", pk.TopicName)
+				return s.violation(ReasonTelemetryTooLarge, pk.TopicName)
 			}
 		}
 		s.pending, s.hasPending = t, true
@@ -169,12 +169,12 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 		for _, sub := range pk.Filters {
 			f, err := wire.ParseFilter(sub.Filter)
 			if err != nil {
-				return s.violation("subscription to an undocumented filter", sub.Filter)
+				return s.violation(ReasonUndocumentedFilter, sub.Filter)
 			}
 			switch f.Kind {
 			case wire.FilterC2D, wire.FilterModuleInputs:
 				if f.DeviceID != s.deviceID || f.ModuleID != s.moduleID {
-					return s.violation("subscription to another device's filter", sub.Filter)
+					return s.violation(ReasonOtherDeviceFilter, sub.Filter)
 				}
 			}
 			if !slices.Contains(filters, sub.Filter) {
@@ -182,14 +182,14 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 			}
 		}
 		if len(filters) > MaxSubscriptions {
-			return s.violation("more than 5 subscriptions", strings.Join(filters, " "))
+			return s.violation(ReasonTooManySubscriptions, strings.Join(filters, " "))
 		}
 	case packets.Puback:
 		h.b.acked(s, pk.PacketID)
 	case packets.Pubrec, packets.Pubrel, packets.Pubcomp:
-		return s.violation("QoS 2 flow packet", "")
+		return s.violation(ReasonQoS2Flow, "")
 	case packets.Auth:
-		return s.violation("AUTH packet", "")
+		return s.violation(ReasonAuthPacket, "")
 	}
 	return pk, nil
 }

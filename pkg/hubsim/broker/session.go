@@ -183,8 +183,8 @@ func (b *Broker) authenticate(cl *mqtt.Client, dc *devConn, pk packets.Packet) (
 		s.tmu.Lock()
 		s.timer = time.AfterFunc(d, func() {
 			b.grp.Go(func() {
-				s.log.Info("closing device connection", zap.String("reason", "SAS token expired"))
-				s.close("SAS token expired")
+				s.log.Info("closing device connection", zap.String("reason", ReasonTokenExpired))
+				s.close(ReasonTokenExpired)
 			})
 		})
 		s.tmu.Unlock()
