@@ -91,3 +91,52 @@ func TestSlowReaderDisconnected(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestMultiFrameTransfers: messages larger than a frame cross in several transfers both ways
+// (go-amqp splits what it sends over hubsim's max-frame-size, hubsim what it sends over
+// go-amqp's).
+func TestMultiFrameTransfers(t *testing.T) {
+	e := newEnv(t, func(c *hubamqp.Config) { c.MaxFrameSize = 1024 })
+	got := make(chan *hubamqp.Delivery, 1)
+	e.srv.Handle("test/sink", func(l *hubamqp.Link) error {
+		l.OnMessage = func(d *hubamqp.Delivery) { d.Accept(); got <- d }
+		return nil
+	})
+	links := streamNode(e)
+	ctx := ctxT(t)
+	s := e.session(e.dial(&goamqp.ConnOptions{MaxFrameSize: 512}))
+	body := make([]byte, 20000)
+	for i := range body {
+		body[i] = byte(i * 7)
+	}
+	snd, err := s.NewSender(ctx, "test/sink", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := snd.Send(ctx, &goamqp.Message{Data: [][]byte{body}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	d := <-got
+	if len(d.Message.Data) != 1 || string(d.Message.Data[0]) != string(body) {
+		t.Fatalf("reassembled %d bytes", len(d.Raw))
+	}
+	rcv, err := s.NewReceiver(ctx, "test/stream", &goamqp.ReceiverOptions{Credit: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := <-links
+	outcome := make(chan codec.DeliveryState, 1)
+	if err := l.Post(&codec.Message{Data: [][]byte{body}}, nil, func(st codec.DeliveryState, _ error) { outcome <- st }); err != nil {
+		t.Fatal(err)
+	}
+	m, err := rcv.Receive(ctx, nil)
+	if err != nil || len(m.Data) != 1 || string(m.Data[0]) != string(body) {
+		t.Fatalf("received %v", err)
+	}
+	if err := rcv.AcceptMessage(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := (<-outcome).(*codec.Accepted); !ok {
+		t.Fatal("the multi-frame delivery was not accepted")
+	}
+}
