@@ -303,13 +303,10 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	d.log.Info("starting", zap.String("host", hc.Host), zap.String("address", sess.Config().Address),
 		zap.String("auth", d.id.cred.Kind().String()), zap.Duration("telemetry_interval", d.cfg.Telemetry.Interval))
 
+	// The sync holds a goroutine only while it has work or a timer to wait for.
 	syncCtx, stopSync := context.WithCancel(context.Background())
-	syncDone := make(chan struct{})
-	go func() {
-		defer close(syncDone)
-		ts.Run(syncCtx)
-	}()
-	defer func() { stopSync(); <-syncDone }()
+	ts.Start(syncCtx)
+	defer func() { stopSync(); ts.Wait() }()
 
 	var tick <-chan time.Time
 	if d.cfg.Telemetry.Interval > 0 {
@@ -340,7 +337,7 @@ loop:
 	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
 	disp.Close()
 	stopSync()
-	<-syncDone
+	ts.Wait()
 	cctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout)
 	defer cancel()
 	if err := sess.Close(cctx); err != nil {

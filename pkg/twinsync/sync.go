@@ -139,6 +139,14 @@ type Sync struct {
 	gen       uint64
 	stateSeq  uint64 // counts changes to the persisted state (intended, desired, applied)
 	wake      chan struct{}
+	// the working goroutine (Start): it runs while there is work or a timer to wait for
+	runCtx  context.Context
+	started bool
+	stopped bool // Wait was called: no goroutine starts any more
+	running bool
+	wg      sync.WaitGroup
+	// idleHook, set by tests before Start, hears each time the working goroutine goes idle.
+	idleHook chan struct{}
 
 	// wmu orders the state file's writes; taken before mu, never under it.
 	wmu       sync.Mutex
@@ -271,10 +279,27 @@ func writeAtomic(path string, b []byte) error {
 }
 
 func (s *Sync) poke() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
+	s.mu.Lock()
+	s.pokeLocked()
+	s.mu.Unlock()
+}
+
+// pokeLocked wakes the working goroutine, or starts one when the sync is started and none is
+// running. Call with s.mu held.
+func (s *Sync) pokeLocked() {
+	if s.running {
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
+		return
 	}
+	if !s.started || s.stopped || s.runCtx.Err() != nil {
+		return
+	}
+	s.running = true
+	s.wg.Add(1)
+	go s.work(s.runCtx)
 }
 
 // Connected tells the sync that the session (re)connected; it never blocks.
@@ -358,31 +383,107 @@ func (s *Sync) Intended() map[string]any {
 	return twin.Clone(s.intended).(map[string]any)
 }
 
-// Run runs the sync until ctx is done.
+// Run runs the sync until ctx is done: Start, then Wait once ctx ends.
 func (s *Sync) Run(ctx context.Context) {
-	timer := s.clock.NewTimer(time.Hour)
-	defer timer.Stop()
+	s.Start(ctx)
+	<-ctx.Done()
+	s.Wait()
+}
+
+// Start runs the sync in the background until ctx ends, without holding a goroutine while it
+// is idle: a goroutine works while there is something to do or a timer (a retry, a deferred
+// acknowledgement) to wait for, and exits when there is neither; Connected, Desired and Report
+// start one again. Call Start once; after ctx ends, Wait waits for the goroutine to return.
+func (s *Sync) Start(ctx context.Context) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.started {
+		return
+	}
+	s.started, s.runCtx = true, ctx
+	s.pokeLocked()
+}
+
+// Wait stops the sync from starting work again and waits for the working goroutine, which
+// returns once the context given to Start ends.
+func (s *Sync) Wait() {
+	s.mu.Lock()
+	s.stopped = true
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// work steps the sync until it is idle (nothing queued, no timer to wait for) or ctx ends.
+// One runs at a time: the fields "owned by Run" pass from one to the next through s.mu.
+func (s *Sync) work(ctx context.Context) {
+	defer s.wg.Done()
+	var timer clock.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
 	for {
 		s.step(ctx)
 		if ctx.Err() != nil {
+			s.idle()
 			return
 		}
-		wait := time.Hour
-		now := s.clock.Now()
-		if !s.retryAt.IsZero() {
-			wait = min(wait, max(0, s.retryAt.Sub(now)))
+		wait, armed := s.nextDue()
+		if !armed {
+			s.mu.Lock()
+			select {
+			case <-s.wake: // poked meanwhile: step again
+				s.mu.Unlock()
+				continue
+			default:
+			}
+			s.running = false
+			s.mu.Unlock()
+			if s.idleHook != nil {
+				s.idleHook <- struct{}{}
+			}
+			return
 		}
-		for _, d := range s.deferred {
-			wait = min(wait, max(0, d.due.Sub(now)))
+		if timer == nil {
+			timer = s.clock.NewTimer(wait)
+		} else {
+			timer.Reset(wait)
 		}
-		timer.Reset(wait)
 		select {
 		case <-ctx.Done():
+			s.idle()
 			return
 		case <-s.wake:
 		case <-timer.C():
 		}
 	}
+}
+
+func (s *Sync) idle() {
+	s.mu.Lock()
+	s.running = false
+	s.mu.Unlock()
+}
+
+// nextDue returns how long until the next retry or deferred acknowledgement, and false when
+// none is pending.
+func (s *Sync) nextDue() (time.Duration, bool) {
+	now := s.clock.Now()
+	wait, armed := time.Duration(0), false
+	due := func(at time.Time) {
+		d := max(0, at.Sub(now))
+		if !armed || d < wait {
+			wait, armed = d, true
+		}
+	}
+	if !s.retryAt.IsZero() {
+		due(s.retryAt)
+	}
+	for _, d := range s.deferred {
+		due(d.due)
+	}
+	return wait, armed
 }
 
 func (s *Sync) backoff(what string, err error) {
