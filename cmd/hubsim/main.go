@@ -92,6 +92,7 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.IntVar(&cfg.DPSRetryAfter, "dps-retry-after", 1, "retry-after seconds of DPS 202 replies (0: poll at once)")
 	f.Float64Var(&cfg.DPSRegistrationRate, "dps-rate", 0, "DPS register requests per second before 429 (0: no limit)")
 	f.IntVar(&cfg.DPSRegistrationBurst, "dps-burst", 1, "DPS register requests allowed in a burst under --dps-rate")
+	f.Int64Var(&cfg.TelemetryBytes, "telemetry-max-bytes", 256<<20, "memory the recorded telemetry (/hubsim/devices/{id}/telemetry) of all devices may hold together; the oldest messages go first")
 	f.Int64Var(&cfg.ImagesMaxTotal, "image-max-total", 1<<30, "bytes all firmware images in the store (/hubsim/images) may hold together")
 	f.Int64Var(&cfg.ImagesMaxUpload, "image-max-upload", 256<<20, "bytes one uploaded firmware image may hold")
 	f.IntVar(&cfg.Events.Partitions, "partitions", 4, "partitions of the Event Hubs-compatible endpoint (1-32; fixed once the state directory has events)")

@@ -74,6 +74,9 @@ type Config struct {
 	// TelemetryPerDevice is how many device-to-cloud messages are kept per device (default 1000,
 	// negative: none).
 	TelemetryPerDevice int
+	// TelemetryBytes bounds the memory of the recorded telemetry of all devices together (default
+	// broker.DefaultTelemetryBytes, 256 MiB); the oldest messages of any device go first.
+	TelemetryBytes int64
 	// FlushInterval is how often connection state changes are written to disk (default 2 s;
 	// lastActivityTime alone is written every 15 intervals, everything at Close).
 	FlushInterval time.Duration
@@ -242,7 +245,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	s.brk, err = broker.Start(broker.Config{
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
-		TelemetryPerDevice: cfg.TelemetryPerDevice, Twins: twinHandler, Methods: methodHandler,
+		TelemetryPerDevice: cfg.TelemetryPerDevice, TelemetryBytes: cfg.TelemetryBytes, Twins: twinHandler, Methods: methodHandler,
 		OutboundBytes: cfg.DeviceOutboundBytes, WriteTimeout: cfg.DeviceWriteTimeout,
 		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
 		OnTelemetry: s.recordEvent,

@@ -69,6 +69,9 @@ type Config struct {
 	// TelemetryPerDevice is how many device-to-cloud messages are kept per device. Default 1000;
 	// negative keeps none.
 	TelemetryPerDevice int
+	// TelemetryBytes bounds the memory of the recorded telemetry of all devices together; past
+	// it the oldest messages, of any device, are dropped first. Default DefaultTelemetryBytes.
+	TelemetryBytes int64
 	// Twins answers twin requests; nil answers GET with an empty twin and PATCH with 500.
 	Twins TwinHandler
 	// Methods receives direct-method responses; nil logs and drops them.
@@ -135,6 +138,8 @@ type Broker struct {
 	devMu   sync.Mutex
 	devices map[string]*deviceState
 
+	tel telemetryBudget
+
 	// subCh is closed (and replaced) whenever a device's subscriptions change.
 	subMu sync.Mutex
 	subCh chan struct{}
@@ -155,6 +160,9 @@ func Start(cfg Config, log *zap.Logger) (*Broker, error) {
 	}
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = 30 * time.Second
+	}
+	if cfg.TelemetryBytes <= 0 {
+		cfg.TelemetryBytes = DefaultTelemetryBytes
 	}
 	if cfg.TelemetryPerDevice == 0 {
 		cfg.TelemetryPerDevice = 1000
@@ -289,7 +297,9 @@ func (b *Broker) onRegistryChange(c registry.Change) {
 		if ds != nil {
 			ds.mu.Lock()
 			s := ds.current
+			freed, n := ds.telemetry.clear()
 			ds.mu.Unlock()
+			b.tel.release(freed, n)
 			if s != nil {
 				s.close(ReasonDeviceDeleted)
 			}

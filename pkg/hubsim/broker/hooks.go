@@ -205,9 +205,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	switch t.Kind {
 	case wire.KindTelemetry:
 		m := s.newMessage(pk.Payload, t.Properties, pk.FixedHeader.Retain, now)
-		s.ds.mu.Lock()
-		s.ds.telemetry.add(m)
-		s.ds.mu.Unlock()
+		h.b.record(s.ds, m)
 		if f := h.b.cfg.OnTelemetry; f != nil {
 			f(s.deviceID, m)
 		}
@@ -260,9 +258,7 @@ func (h *hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
 			props := slices.Clone(t.Properties)
 			props.Set("iothub-MessageType", "Will")
 			m := s.newMessage(will.Payload, props, will.Retain, time.Now())
-			s.ds.mu.Lock()
-			s.ds.telemetry.add(m)
-			s.ds.mu.Unlock()
+			h.b.record(s.ds, m)
 			if f := h.b.cfg.OnTelemetry; f != nil {
 				f(s.deviceID, m)
 			}

@@ -146,26 +146,95 @@ func propertiesJSON(p wire.Properties) []byte {
 }
 
 // ring keeps the last limit messages.
+// ring is one device's recorded telemetry, oldest first, at most limit messages. Each record
+// carries its size and a sequence number (increasing per device) for the broker-wide budget.
 type ring struct {
 	limit int
-	buf   []Message
-	start int
+	buf   []record // circular, len(buf) grows up to limit
+	start int      // index of the oldest record
+	n     int
+	seq   uint64 // sequence number of the last record added
 }
 
-func (r *ring) add(m Message) {
+type record struct {
+	m    Message
+	seq  uint64
+	size int
+}
+
+// messageMemory approximates what a recorded message holds in memory.
+func messageMemory(m *Message) int {
+	n := len(m.Body) + 64
+	for _, p := range m.Properties {
+		n += len(p.Key) + len(p.Value) + 40
+	}
+	for k, v := range m.SystemProperties {
+		n += len(k) + len(v) + 40
+	}
+	return n
+}
+
+// add records m and returns its sequence number and size, and the size of the record it
+// evicted to stay within limit (0 if none). It records nothing when limit <= 0.
+func (r *ring) add(m Message) (seq uint64, size, evicted int) {
 	if r.limit <= 0 {
-		return
+		return 0, 0, 0
 	}
-	if len(r.buf) < r.limit {
-		r.buf = append(r.buf, m)
-		return
+	r.seq++
+	rec := record{m: m, seq: r.seq, size: messageMemory(&m)}
+	if r.n == r.limit {
+		evicted = r.buf[r.start].size
+		r.buf[r.start] = rec
+		r.start = (r.start + 1) % len(r.buf)
+		return rec.seq, rec.size, evicted
 	}
-	r.buf[r.start] = m
-	r.start = (r.start + 1) % r.limit
+	if r.n == len(r.buf) {
+		r.grow()
+	}
+	r.buf[(r.start+r.n)%len(r.buf)] = rec
+	r.n++
+	return rec.seq, rec.size, 0
+}
+
+// grow doubles the buffer (up to limit), oldest record first.
+func (r *ring) grow() {
+	nb := make([]record, min(r.limit, max(2*len(r.buf), 8)))
+	for i := 0; i < r.n; i++ {
+		nb[i] = r.buf[(r.start+i)%len(r.buf)]
+	}
+	r.buf, r.start = nb, 0
+}
+
+// dropOldestUpTo drops the oldest record if its sequence number is at most seq, returning its
+// size (0 when nothing was dropped).
+func (r *ring) dropOldestUpTo(seq uint64) int {
+	if r.n == 0 || r.buf[r.start].seq > seq {
+		return 0
+	}
+	size := r.buf[r.start].size
+	r.buf[r.start] = record{}
+	r.start = (r.start + 1) % len(r.buf)
+	r.n--
+	return size
+}
+
+// holds reports whether the record with sequence number seq may still be in the ring.
+func (r *ring) holds(seq uint64) bool { return r.n > 0 && r.buf[r.start].seq <= seq }
+
+// clear drops every record and returns their total size and number.
+func (r *ring) clear() (size, n int) {
+	for i := 0; i < r.n; i++ {
+		size += r.buf[(r.start+i)%len(r.buf)].size
+	}
+	n = r.n
+	r.buf, r.start, r.n = nil, 0, 0
+	return size, n
 }
 
 func (r *ring) all() []Message {
-	out := make([]Message, 0, len(r.buf))
-	out = append(out, r.buf[r.start:]...)
-	return append(out, r.buf[:r.start]...)
+	out := make([]Message, 0, r.n)
+	for i := 0; i < r.n; i++ {
+		out = append(out, r.buf[(r.start+i)%len(r.buf)].m)
+	}
+	return out
 }
