@@ -20,6 +20,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/backoff"
 	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/service"
+	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // targetFlags choose the devices a bulk command runs over: a query condition, a file of IDs,
@@ -145,6 +146,8 @@ type outcome struct {
 	Status   int             `json:"status,omitempty"`
 	Payload  json.RawMessage `json:"payload,omitempty"`
 	Error    string          `json:"error,omitempty"`
+
+	retry bool // throttled (429) or unavailable (503): worth another try
 }
 
 // forEach runs op over ids with t.parallel workers and t.rate, retrying throttling, with
@@ -194,7 +197,7 @@ func (g *globals) attempt(ctx context.Context, t *targetFlags, lim *limiter, id 
 		}
 		o := op(ctx, id)
 		o.DeviceID = id
-		if o.OK || a >= t.retries || !retryable(o.Error) || ctx.Err() != nil {
+		if o.OK || a >= t.retries || !o.retry || ctx.Err() != nil {
 			return o
 		}
 		tm := time.NewTimer(pol.Delay(a, rand.Float64()))
@@ -207,13 +210,11 @@ func (g *globals) attempt(ctx context.Context, t *targetFlags, lim *limiter, id 
 	}
 }
 
-func retryable(msg string) bool {
-	return strings.Contains(msg, " 429 ") || strings.Contains(msg, " 503 ")
-}
-
 // failure is the outcome of a failed request.
 func failure(err error) outcome {
-	return outcome{Error: strings.Join(strings.Fields(explain(err).Error()), " ")}
+	var se wire.ServiceError
+	retry := errors.As(err, &se) && (se.Status == 429 || se.Status == 503)
+	return outcome{Error: strings.Join(strings.Fields(explain(err).Error()), " "), retry: retry}
 }
 
 // report prints bulk outcomes and returns a partialError when some device failed.

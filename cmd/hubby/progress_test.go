@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/iothubby/iothubby/pkg/clock"
+	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // The limiter spaces calls 1/rate apart, from the first call on, and gives up when the context ends.
@@ -83,4 +84,40 @@ func TestProgressBarAndNone(t *testing.T) {
 	if buf.Len() != 0 {
 		t.Fatalf("--progress none printed %q", buf.String())
 	}
+}
+
+// A throttled request (429) is retried after a backoff, up to --retries times; other errors are not.
+func TestAttemptRetriesThrottling(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := &globals{}
+		tf := &targetFlags{retries: 3}
+		lim := newLimiter(clock.Real(), 0)
+		calls := 0
+		o := g.attempt(context.Background(), tf, lim, "d1", func(context.Context, string) outcome {
+			calls++
+			if calls < 3 {
+				return failure(wire.ErrThrottled.WithText("slow down"))
+			}
+			return outcome{OK: true}
+		})
+		if !o.OK || calls != 3 || o.DeviceID != "d1" {
+			t.Fatalf("after two 429s: %+v in %d calls", o, calls)
+		}
+		calls = 0
+		o = g.attempt(context.Background(), tf, lim, "d2", func(context.Context, string) outcome {
+			calls++
+			return failure(wire.ErrThrottled.WithText("slow down"))
+		})
+		if o.OK || calls != 4 || !strings.Contains(o.Error, "429 ThrottlingException") {
+			t.Fatalf("always throttled: %+v in %d calls, want 4", o, calls)
+		}
+		calls = 0
+		o = g.attempt(context.Background(), tf, lim, "d3", func(context.Context, string) outcome {
+			calls++
+			return failure(wire.ErrDeviceNotFound.WithText("nope"))
+		})
+		if o.OK || calls != 1 {
+			t.Fatalf("404 retried: %+v in %d calls", o, calls)
+		}
+	})
 }

@@ -8,13 +8,17 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"strings"
 	"text/template"
+	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/iothubby/iothubby/pkg/backoff"
 	"github.com/iothubby/iothubby/pkg/service"
+	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // importCommand is `hubby devices import`: create (or update, or delete) many identities through
@@ -173,9 +177,7 @@ func (g *globals) bulkRegistry(ctx context.Context, c *service.Client, devs []se
 	var failures []outcome
 	for i := 0; i < len(devs); i += service.MaxBulkDevices {
 		batch := devs[i:min(i+service.MaxBulkDevices, len(devs))]
-		rctx, cancel := g.reqCtx(ctx)
-		res, err := c.BulkDevices(rctx, batch)
-		cancel()
+		res, err := g.bulkCall(ctx, c, batch)
 		if err != nil {
 			prog.finish()
 			return fmt.Errorf("bulk registry call for devices %d to %d: %w (the devices before them were done)", i, i+len(batch)-1, err)
@@ -218,6 +220,28 @@ func (g *globals) bulkRegistry(ctx context.Context, c *service.Client, devs []se
 		return partialError{failed: len(failures), total: len(devs)}
 	}
 	return nil
+}
+
+// bulkCall sends one batch, again after throttling (429) or unavailability (503), up to three
+// times with backoff.
+func (g *globals) bulkCall(ctx context.Context, c *service.Client, batch []service.BulkDevice) (*service.BulkResult, error) {
+	pol := backoff.Policy{Min: time.Second, Max: 30 * time.Second}
+	for attempt := 0; ; attempt++ {
+		rctx, cancel := g.reqCtx(ctx)
+		res, err := c.BulkDevices(rctx, batch)
+		cancel()
+		var se wire.ServiceError
+		if err == nil || attempt >= 3 || !errors.As(err, &se) || (se.Status != 429 && se.Status != 503) {
+			return res, err
+		}
+		t := time.NewTimer(pol.Delay(attempt, rand.Float64()))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
 }
 
 // exportRow is a line of devices export: the bulk registry row without an import mode.
