@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 	"go.uber.org/goleak"
 
+	"github.com/iothubby/iothubby/internal/waitfor"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 )
@@ -156,13 +157,7 @@ func TestRunAgainstBroker(t *testing.T) {
 			"--ca-file", ca, "--log-format", "json", "--telemetry-interval", "50ms", "--shutdown-timeout", "2s"},
 			&bytes.Buffer{}, &stderr)
 	}()
-	deadline := time.Now().Add(10 * time.Second)
-	for len(b.TelemetryMIDs()) < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("no telemetry; log:\n%s", stderr.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitfor.True(t, "two telemetry messages", func() bool { return len(b.TelemetryMIDs()) >= 2 })
 	cancel() // as SIGTERM would
 	select {
 	case err := <-done:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/iothubby/iothubby/internal/waitfor"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
@@ -180,13 +182,7 @@ func TestDeviceRunSendsTelemetryAndStopsCleanly(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()
 
-	deadline := time.Now().Add(10 * time.Second)
-	for len(b.TelemetryMIDs()) < 3 {
-		if time.Now().After(deadline) {
-			t.Fatal("no telemetry")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitfor.True(t, "three telemetry messages", func() bool { return len(b.TelemetryMIDs()) >= 3 })
 	b.Publish("devices/dev1/messages/devicebound/%24.mid=c2d-1&k=v", []byte("hi"), 1)
 	waitLog(t, logs, "cloud-to-device message")
 	waitLog(t, logs, "twin synced")
@@ -292,13 +288,7 @@ func TestDeviceCloseWithoutRun(t *testing.T) {
 
 func waitLog(t *testing.T, logs *observer.ObservedLogs, msg string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for logs.FilterMessage(msg).Len() == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("no %q log line", msg)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitfor.True(t, fmt.Sprintf("a %q log line", msg), func() bool { return logs.FilterMessage(msg).Len() > 0 })
 }
 
 func TestTwinConfigValidation(t *testing.T) {

@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/iothubby/iothubby/internal/waitfor"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/dps"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
@@ -150,13 +152,7 @@ func TestReprovisionByMethodAndByFailures(t *testing.T) {
 	go func() { done <- d.Run(ctx) }()
 	waitCount := func(msg string, n int) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for logs.FilterMessage(msg).Len() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("fewer than %d %q log lines", n, msg)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		waitfor.True(t, fmt.Sprintf("%d %q log lines", n, msg), func() bool { return logs.FilterMessage(msg).Len() >= n })
 	}
 	waitCount("connected", 1)
 	b.WaitEvent(t, "connected")

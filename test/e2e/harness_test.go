@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iothubby/iothubby/internal/waitfor"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/service"
 )
@@ -296,13 +297,5 @@ func ctxT(t *testing.T) context.Context {
 // notification (hubsim's REST view); log lines are awaited with proc.await instead.
 func eventually(t *testing.T, what string, f func() error) {
 	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = f(); err == nil {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("%s: %v", what, err)
+	waitfor.NoError(t, what, f)
 }

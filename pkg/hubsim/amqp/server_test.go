@@ -13,6 +13,7 @@ import (
 
 	goamqp "github.com/Azure/go-amqp"
 
+	"github.com/iothubby/iothubby/internal/waitfor"
 	codec "github.com/iothubby/iothubby/pkg/amqp"
 	hubamqp "github.com/iothubby/iothubby/pkg/hubsim/amqp"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -234,13 +235,7 @@ func TestFlowControl(t *testing.T) {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, waitTimeout)
-		}
-		time.Sleep(2 * time.Millisecond) // polling a condition, bounded by the deadline
-	}
+	waitfor.True(t, what, cond)
 }
 
 // raw is a hand-driven AMQP client for what go-amqp will not send.
