@@ -230,3 +230,38 @@ func TestC2DLimits(t *testing.T) {
 		t.Fatalf("pending %d, want 50", n)
 	}
 }
+
+// TestC2DExpiresWhileOffline: a message that expires in the queue of a device that never
+// connects is found by the periodic sweep, and its Expired feedback goes out without any other
+// traffic for that device.
+func TestC2DExpiresWhileOffline(t *testing.T) {
+	h := startHub(t)
+	ctx := ctxT(t)
+	s := h.service()
+	fb, err := s.NewReceiver(ctx, "/messages/serviceBound/feedback", &goamqp.ReceiverOptions{Credit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snd, err := s.NewSender(ctx, "/messages/devicebound", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.srv.Registry().Create(registry.Device{DeviceID: "sleeper"}); err != nil {
+		t.Fatal(err)
+	}
+	to := "/devices/sleeper/messages/devicebound"
+	exp := time.Now().Add(time.Second)
+	if err := snd.Send(ctx, &goamqp.Message{
+		Properties:            &goamqp.MessageProperties{MessageID: "short-lived", To: &to, AbsoluteExpiryTime: &exp},
+		ApplicationProperties: map[string]any{"iothub-ack": "negative"}, Data: [][]byte{[]byte("x")},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	recs := feedback(t, fb) // within the 5 s sweep after the expiry
+	if len(recs) != 1 || recs[0].OriginalMessageID != "short-lived" || recs[0].StatusCode != "Expired" || recs[0].DeviceID != "sleeper" {
+		t.Fatalf("feedback %+v", recs)
+	}
+	if n := h.srv.Broker().PendingC2D("sleeper"); n != 0 {
+		t.Fatalf("pending %d after expiry", n)
+	}
+}

@@ -110,6 +110,9 @@ type Config struct {
 	// FeedbackDelay is how long feedback records wait for more before a batch is sent
 	// (default 100 ms; IoT Hub waits up to 15 s or 64 records).
 	FeedbackDelay time.Duration
+	// ExpirySweep is how often expired undelivered cloud-to-device messages are looked for, so
+	// that their Expired feedback goes out, when C2D can sweep (default 5 s).
+	ExpirySweep time.Duration
 	// OnEvent observes connections (opened, closed with the reason) and refused links, for
 	// tests; it must not block.
 	OnEvent func(Event)
@@ -216,6 +219,9 @@ func New(cfg Config, log *zap.Logger) *Server {
 	if cfg.FeedbackDelay <= 0 {
 		cfg.FeedbackDelay = 100 * time.Millisecond
 	}
+	if cfg.ExpirySweep <= 0 {
+		cfg.ExpirySweep = 5 * time.Second
+	}
 	s := &Server{cfg: cfg, log: log, conns: map[*Conn]struct{}{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.Handle("$cbs", s.attachCBS)
@@ -228,11 +234,31 @@ func New(cfg Config, log *zap.Logger) *Server {
 				defer s.wg.Done()
 				s.feedback.run(s.ctx)
 			}()
+			if sw, ok := cfg.C2D.(interface{ SweepExpiredC2D() }); ok {
+				s.wg.Add(1)
+				go func() {
+					defer s.wg.Done()
+					sweep(s.ctx, cfg.ExpirySweep, sw.SweepExpiredC2D)
+				}()
+			}
 			s.Handle("messages/devicebound", s.attachDeviceBound)
 			s.Handle("messages/serviceBound/feedback", s.attachFeedback)
 		}
 	}
 	return s
+}
+
+func sweep(ctx context.Context, every time.Duration, fn func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
+		}
+	}
 }
 
 // Addr is the listen address (nil for a server made with New).

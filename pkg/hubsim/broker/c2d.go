@@ -145,6 +145,28 @@ func (ds *deviceState) dropExpired(now time.Time) []*c2dEntry {
 	return expired
 }
 
+// SweepExpiredC2D drops the undelivered expired messages of every device now (they are
+// otherwise dropped when their device's queue is next used), so their senders learn it.
+func (b *Broker) SweepExpiredC2D() {
+	b.devMu.Lock()
+	all := make([]*deviceState, 0, len(b.devices))
+	for _, ds := range b.devices {
+		all = append(all, ds)
+	}
+	b.devMu.Unlock()
+	now := time.Now()
+	for _, ds := range all {
+		ds.mu.Lock()
+		expired := ds.dropExpired(now)
+		n := len(ds.queue)
+		ds.mu.Unlock()
+		if len(expired) > 0 {
+			notifyExpired(expired)
+			b.reg.SetCloudToDeviceMessageCount(ds.id, ds.generationID, n)
+		}
+	}
+}
+
 func notifyExpired(expired []*c2dEntry) {
 	for _, e := range expired {
 		if e.msg.OnOutcome != nil {
