@@ -215,43 +215,43 @@ func (d *Device) Run(ctx context.Context) error {
 	if err := d.reboot.load(); err != nil {
 		return err
 	}
-	// Components with work of their own run until Run returns (after the session's drain);
-	// each on one goroutine, stopped and waited for here.
+	// Components with work of their own run until Run returns (after the session's drain),
+	// stopped and waited for here.
 	var comps []component
 	if d.fw != nil {
 		comps = append(comps, d.fw)
 	}
-	defer runComponents(d.log, comps...)()
+	defer startComponents(comps...)()
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
 	return d.runHub(ctx, d.hcfg)
 }
 
-// component is a part of a device with work of its own, run while the device runs.
+// component is a part of a device with work of its own, run while the device runs. Run(ctx)
+// works until ctx ends, on the caller's goroutine; Start(ctx) does the same work in the
+// background holding a goroutine only while there is work, and Wait waits for it once ctx
+// ended. The device uses Start and Wait, since a fleet runs thousands of devices in one
+// process; the twin sync (twinsync.Sync, one per session) has the same shape.
 type component interface {
-	// Run works until ctx ends.
 	Run(ctx context.Context) error
+	Start(ctx context.Context)
+	Wait()
 }
 
-// runComponents starts each component on a goroutine and returns the function that stops them
-// and waits for them to return.
-func runComponents(log *zap.Logger, comps ...component) (stop func()) {
-	if len(comps) == 0 {
-		return func() {}
-	}
+// startComponents starts the components and returns the function that stops them and waits for
+// them.
+func startComponents(comps ...component) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
 	for _, c := range comps {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := c.Run(ctx); err != nil && ctx.Err() == nil {
-				log.Error("device component stopped", zap.String("component", fmt.Sprintf("%T", c)), zap.Error(err))
-			}
-		}()
+		c.Start(ctx)
 	}
-	return func() { cancel(); wg.Wait() }
+	return func() {
+		cancel()
+		for _, c := range comps {
+			c.Wait()
+		}
+	}
 }
 
 // runSession runs one hub session with hc, and the twin sync over it, until ctx is done, Close

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -153,12 +154,85 @@ func (d *Device) newUpdater() (*firmware.Updater, error) {
 	})
 }
 
-// firmwareUpdates is the firmware component: the updater, run while the device runs.
-type firmwareUpdates struct{ u *firmware.Updater }
+// firmwareUpdates is the firmware component: the updater, run while the device runs, on a
+// goroutine that exists only while an update is under way.
+type firmwareUpdates struct {
+	u *firmware.Updater
+
+	mu      sync.Mutex
+	ctx     context.Context // from Start
+	started bool
+	stopped bool // Wait was called: no work starts any more
+	running bool
+	again   bool // kicked while running: step once more
+	wg      sync.WaitGroup
+}
 
 // Run resumes an update a restart interrupted and carries out those the firmwareUpdate method
 // and the desired firmware property start, until ctx ends.
-func (f *firmwareUpdates) Run(ctx context.Context) error { return f.u.Run(ctx) }
+func (f *firmwareUpdates) Run(ctx context.Context) error {
+	f.Start(ctx)
+	<-ctx.Done()
+	f.Wait()
+	return ctx.Err()
+}
+
+// Start does Run's work in the background until ctx ends, holding a goroutine only while there
+// is work: it resumes an interrupted update now, and each kick (a manifest the updater
+// accepted) starts the work again.
+func (f *firmwareUpdates) Start(ctx context.Context) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.started {
+		return
+	}
+	f.started, f.ctx = true, ctx
+	f.kickLocked()
+}
+
+// Wait stops new work from starting and waits for the work under way, which returns once the
+// context given to Start ends.
+func (f *firmwareUpdates) Wait() {
+	f.mu.Lock()
+	f.stopped = true
+	f.mu.Unlock()
+	f.wg.Wait()
+}
+
+// kick has the updater step: call it after a manifest was accepted.
+func (f *firmwareUpdates) kick() {
+	f.mu.Lock()
+	f.kickLocked()
+	f.mu.Unlock()
+}
+
+func (f *firmwareUpdates) kickLocked() {
+	if f.running {
+		f.again = true
+		return
+	}
+	if !f.started || f.stopped || f.ctx.Err() != nil {
+		return
+	}
+	f.running = true
+	f.wg.Add(1)
+	go f.work(f.ctx)
+}
+
+func (f *firmwareUpdates) work(ctx context.Context) {
+	defer f.wg.Done()
+	for {
+		err := f.u.Step(ctx)
+		f.mu.Lock()
+		if !f.again || err != nil {
+			f.running, f.again = false, false
+			f.mu.Unlock()
+			return
+		}
+		f.again = false
+		f.mu.Unlock()
+	}
+}
 
 // fwReporter puts the updater's status in the reported `firmware` property (the twin sync
 // persists it and re-sends it after a reconnect).
@@ -218,11 +292,15 @@ func (d *rebooter) forFirmware(ctx context.Context) error {
 }
 
 // firmwareMethod is the firmwareUpdate direct method: the payload is a manifest.
-func (d *Device) firmwareMethod(u *firmware.Updater) methods.Handler {
+func (d *Device) firmwareMethod(f *firmwareUpdates) methods.Handler {
+	u := f.u
 	return methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {
 		m, err := firmware.ParseManifest(r.Payload, d.cfg.Firmware.AllowHTTP)
 		if err == nil {
 			err = u.Start(m)
+		}
+		if err == nil {
+			f.kick()
 		}
 		switch {
 		case err == nil:
@@ -247,7 +325,8 @@ func (d *Device) firmwareMethod(u *firmware.Updater) methods.Handler {
 
 // firmwareDesired handles the desired `firmware` property: a manifest, the twin-driven path.
 // It sends no Plug and Play ack: the reported `firmware` property carries progress instead.
-func (d *Device) firmwareDesired(u *firmware.Updater) twinsync.Handler {
+func (d *Device) firmwareDesired(f *firmwareUpdates) twinsync.Handler {
+	u := f.u
 	return func(_ context.Context, c twinsync.Change) twinsync.Ack {
 		if c.Deleted {
 			return twinsync.Ack{}
@@ -256,6 +335,9 @@ func (d *Device) firmwareDesired(u *firmware.Updater) twinsync.Handler {
 		m, err := firmware.ParseManifest(b, d.cfg.Firmware.AllowHTTP)
 		if err == nil {
 			err = u.Start(m)
+		}
+		if err == nil {
+			f.kick()
 		}
 		if err != nil {
 			d.log.Warn("desired firmware refused", zap.Int64("version", c.Version), zap.Error(err))

@@ -48,12 +48,12 @@ func deviceGoroutines() []string {
 
 // The bounds for one idle, connected device with every component configured (twin, scripted
 // methods, simulated reboot and firmware). The fleet runs thousands of devices in one process:
-// raise them only knowingly. The device's own: the goroutine calling Run and the firmware
-// updater (the twin sync holds none while idle). The session's (pkg/hub and the paho client
-// under it): counted apart.
+// raise them only knowingly. The device's own: the goroutine calling Run (the twin sync and the
+// firmware updater hold none while idle). The session's (pkg/hub and the paho client under
+// it): counted apart.
 const (
-	maxComponentGoroutines = 2
-	maxDeviceGoroutines    = 13
+	maxComponentGoroutines = 1
+	maxDeviceGoroutines    = 12
 )
 
 // goroutineID is the "goroutine N" header of a stack.

@@ -76,7 +76,7 @@ func (d *Device) newDispatcher(respond methods.Responder, refuseNow func(string,
 		disp.Register(name, h)
 	}
 	if d.fw != nil {
-		disp.Register("firmwareUpdate", d.firmwareMethod(d.fw.u))
+		disp.Register("firmwareUpdate", d.firmwareMethod(d.fw))
 	}
 	if d.cfg.Reboot.Mode != "" {
 		disp.Register("reboot", d.reboot.handler(requestSimulatedReboot))

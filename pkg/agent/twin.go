@@ -248,7 +248,7 @@ func (d *Device) newSync(ses twinsync.Session) (*twinsync.Sync, error) {
 		handlers[p] = d.handler(b)
 	}
 	if d.fw != nil {
-		handlers["firmware"] = d.firmwareDesired(d.fw.u)
+		handlers["firmware"] = d.firmwareDesired(d.fw)
 	}
 	return twinsync.New(ses, twinsync.Config{
 		DeviceID: d.id.deviceID,

@@ -352,24 +352,35 @@ func (u *Updater) report(ctx context.Context, s Status) {
 // accepts, until ctx ends. An update interrupted by ctx is resumed by the next Run.
 func (u *Updater) Run(ctx context.Context) error {
 	for {
-		// select picks at random between a pending kick and a cancelled ctx: check first, or a
-		// stopped updater could go on to confirm an interrupted reboot.
-		if err := ctx.Err(); err != nil {
+		if err := u.Step(ctx); err != nil {
 			return err
 		}
-		u.mu.Lock()
-		state, target := u.st.State, u.st.Target
-		u.mu.Unlock()
-		if !state.final() && target != nil {
-			u.process(ctx, *target, state)
-		}
-		u.ReportPending(ctx)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-u.kick:
 		}
 	}
+}
+
+// Step resumes or carries out the update under way, if any, and sends a status not yet
+// delivered, then returns; it returns ctx's error at once when ctx has ended. Run is Step in a
+// loop woken by Start; a caller that keeps no goroutine while the updater is idle calls Step
+// itself, from the start and after each successful Start.
+func (u *Updater) Step(ctx context.Context) error {
+	// select picks at random between a pending kick and a cancelled ctx: check first, or a
+	// stopped updater could go on to confirm an interrupted reboot.
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	u.mu.Lock()
+	state, target := u.st.State, u.st.Target
+	u.mu.Unlock()
+	if !state.final() && target != nil {
+		u.process(ctx, *target, state)
+	}
+	u.ReportPending(ctx)
+	return nil
 }
 
 // process runs an update from the given stage. Stages are persisted before they start, so a
