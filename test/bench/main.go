@@ -22,6 +22,10 @@
 //	jobs:    a twin-update job (jobs v2) over N devices against the same update sent to each
 //	         device one by one through the REST API, devices per second, alternating rounds;
 //	         medians compared. Target: job/REST >= 1.
+//	eventhubs: N devices publish telemetry (MQTT QoS 1) into hubsim; a go-amqp reader then reads
+//	         every event back through the Event Hubs-compatible endpoint (one receiver per
+//	         partition); the read rate is compared with the publish rate of the same run.
+//	         Target: read/publish >= 1.
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
@@ -58,9 +62,11 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm,c2d,jobs", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm, c2d, jobs)")
+	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm,c2d,jobs,eventhubs", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm, c2d, jobs, eventhubs)")
 	jobsN := fs.Int("jobs-n", 1000, "devices a twin-update job covers in the jobs comparison")
 	jobsParallelism := fs.Int("jobs-parallelism", 16, "hubsim's --job-parallelism in the jobs comparison")
+	ehN := fs.Int("eventhubs-n", 16, "devices publishing in the Event Hubs comparison")
+	ehEvents := fs.Int("eventhubs-events", 20000, "events published and read in the Event Hubs comparison")
 	c2dN := fs.Int("c2d-n", 16, "devices (one worker each) in the C2D round-trip comparison")
 	c2dSamples := fs.Int("c2d-samples", 2000, "round trips in all in the C2D comparison")
 	tpmN := fs.Int("tpm-n", 20, "registrations of each kind in the TPM comparison")
@@ -130,6 +136,11 @@ func run(ctx context.Context, args []string) error {
 	if want["jobs"] {
 		if err := benchJobs(ctx, *jobsN, max(*rounds, 1)+1, *jobsParallelism, report); err != nil {
 			return fmt.Errorf("jobs: %w", err)
+		}
+	}
+	if want["eventhubs"] {
+		if err := benchEventHubs(ctx, *ehN, *ehEvents, report); err != nil {
+			return fmt.Errorf("eventhubs: %w", err)
 		}
 	}
 	if want["tpm"] {

@@ -38,8 +38,10 @@ const (
 	receiverRuntimeMetric        = codec.Symbol("com.microsoft:enable-receiver-runtime-metric")
 	// ErrLinkStolen detaches a receiver replaced by one with a higher epoch.
 	ErrLinkStolen = codec.Symbol("amqp:link:stolen")
-	// eventsPrefetch bounds the events queued on one receiver ahead of the client's credit.
-	eventsPrefetch = 64
+	// eventsPrefetch and eventsPrefetchBytes bound the events queued on one receiver ahead of
+	// the client's credit and outcomes (enough to keep a fast reader busy across round trips).
+	eventsPrefetch      = 512
+	eventsPrefetchBytes = 1 << 20
 )
 
 // EventHubsConfig configures the Event Hubs-compatible endpoint.
@@ -334,6 +336,10 @@ func (eh *eventHubs) attachPartition(l *Link) error {
 	if err := eh.own(key, r); err != nil {
 		return err
 	}
+	// Events go pre-settled (protocol-amqp.md §4.5: the SDKs take either; no disposition
+	// traffic). The connection answers the attach from Link.Attach, so this sets the
+	// sender-settle-mode of the reply.
+	l.Attach.SndSettleMode = codec.SndSettled
 	metrics := slices.Contains(l.Attach.DesiredCapabilities, receiverRuntimeMetric)
 	eh.log.Debug("partition receiver attached", zap.String("address", l.Address), zap.String("position", pos.String()),
 		zap.Int64("start", start))
@@ -388,20 +394,13 @@ func (eh *eventHubs) disown(key string, r *ehReceiver) {
 // pump reads the partition from seq on and posts events to the link: at most eventsPrefetch
 // wait ahead of the client's credit (the connection sends only with credit).
 func (eh *eventHubs) pump(ctx context.Context, l *Link, p int, seq int64, metrics bool) {
-	var inflight atomic.Int32
+	var inflight, inflightBytes atomic.Int64
 	kick := make(chan struct{}, 1)
-	done := func(codec.DeliveryState, error) {
-		inflight.Add(-1)
-		select {
-		case kick <- struct{}{}:
-		default:
-		}
-	}
 	st := eh.cfg.Store
 	for {
 		room := eventsPrefetch - int(inflight.Load())
 		var wake <-chan struct{}
-		if room > 0 {
+		if room > 0 && inflightBytes.Load() < eventsPrefetchBytes {
 			evs, next, w, err := st.Read(p, seq, room)
 			if err != nil {
 				l.Detach(codec.Errorf(codec.ErrInternal, "%v", err))
@@ -412,9 +411,20 @@ func (eh *eventHubs) pump(ctx context.Context, l *Link, p int, seq int64, metric
 				if metrics {
 					eh.addRuntimeMetrics(m, p)
 				}
+				size := int64(len(e.Body))
 				inflight.Add(1)
+				inflightBytes.Add(size)
+				done := func(codec.DeliveryState, error) {
+					inflight.Add(-1)
+					inflightBytes.Add(-size)
+					select {
+					case kick <- struct{}{}:
+					default:
+					}
+				}
 				if err := l.Post(m, nil, done); err != nil {
 					inflight.Add(-1)
+					inflightBytes.Add(-size)
 					if !errors.Is(err, errLinkDetached) {
 						eh.log.Info("event not sent", zap.Error(err))
 					}
