@@ -626,6 +626,7 @@ const CASES = [
   ['device-mqtt-ws-wrong-key', wsCases.deviceMqttWsWrongKey],
   ['service-query-paging', jobCases.serviceQueryPaging],
   ['job-client-twin-and-method', jobCases.jobClientWithDevices],
+  ['service-bulk-registry', jobCases.bulkRegistry],
   ['eventhubs-read-agent-telemetry', ehCases.eventHubsReadAgentTelemetry],
   ['eventhubs-properties', ehCases.eventHubsProperties],
 ];

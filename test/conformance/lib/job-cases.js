@@ -166,4 +166,51 @@ async function jobClientWithDevices(ctx) {
   checkEqual(err && err.response && err.response.statusCode, 404, `unknown job (${describeError(err)})`);
 }
 
-module.exports = { serviceQueryPaging, jobClientWithDevices };
+// Registry.addDevices / updateDevices / removeDevices: the bulk registry operation (POST /devices)
+// with the capitalised import modes the Node SDK sends, and per-device errors on a failed row.
+async function bulkRegistry(ctx) {
+  const ids = [uniqueId('bulk0'), uniqueId('bulk1'), uniqueId('bulk2')];
+  for (const id of ids) {
+    ctx.defer(`delete device ${id}`, async () => { try { await ctx.registry.delete(id); } catch (_) { /* gone */ } });
+  }
+  const add = await withDeadline(ctx.registry.addDevices(ids.map((deviceId) => ({ deviceId }))), OP_DEADLINE_MS, 'Registry.addDevices');
+  checkEqual(add.responseBody.isSuccessful, true, `addDevices isSuccessful (${JSON.stringify(add.responseBody)})`);
+  checkEqual(add.responseBody.errors.length, 0, 'addDevices errors');
+  const dev = (await withDeadline(ctx.registry.get(ids[0]), OP_DEADLINE_MS, 'Registry.get')).responseBody;
+  check(/^[A-Za-z0-9+/]{43}=$/.test(dev.authentication.symmetricKey.primaryKey), `generated key ${dev.authentication.symmetricKey.primaryKey}`);
+
+  // updateDevices(force=true) sends importMode "Update"
+  const upd = await withDeadline(ctx.registry.updateDevices([{ deviceId: ids[1], status: 'disabled' }], true),
+    OP_DEADLINE_MS, 'Registry.updateDevices');
+  checkEqual(upd.responseBody.isSuccessful, true, 'updateDevices isSuccessful');
+  checkEqual((await ctx.registry.get(ids[1])).responseBody.status, 'disabled', 'status after bulk update');
+
+  // an existing device in addDevices: the row fails (DeviceAlreadyExists), the others succeed
+  const fresh = uniqueId('bulk3');
+  ctx.defer(`delete device ${fresh}`, async () => { try { await ctx.registry.delete(fresh); } catch (_) { /* gone */ } });
+  let err;
+  try {
+    await withDeadline(ctx.registry.addDevices([{ deviceId: ids[0] }, { deviceId: fresh }]), OP_DEADLINE_MS, 'addDevices (one exists)');
+  } catch (e) {
+    err = e;
+  }
+  check(err && err.name !== 'DeadlineError', `addDevices with an existing device: ${err ? describeError(err) : 'resolved'}`);
+  checkEqual(err.response && err.response.statusCode, 400, `partly failed batch status (${describeError(err)})`);
+  const body = JSON.parse(err.responseBody);
+  checkEqual(body.isSuccessful, false, 'isSuccessful of a partly failed batch');
+  checkEqual(JSON.stringify(body.errors.map((e) => [e.deviceId, e.errorCode])), JSON.stringify([[ids[0], 'DeviceAlreadyExists']]), 'row errors');
+  checkEqual((await ctx.registry.get(fresh)).responseBody.deviceId, fresh, 'the good row of a partly failed batch');
+
+  // removeDevices(force=true) sends importMode "Delete"
+  const rm = await withDeadline(ctx.registry.removeDevices(ids.map((deviceId) => ({ deviceId })), true), OP_DEADLINE_MS, 'Registry.removeDevices');
+  checkEqual(rm.responseBody.isSuccessful, true, 'removeDevices isSuccessful');
+  let gone;
+  try {
+    await ctx.registry.get(ids[2]);
+  } catch (e) {
+    gone = e;
+  }
+  checkEqual(gone && gone.response && gone.response.statusCode, 404, 'get after bulk remove');
+}
+
+module.exports = { serviceQueryPaging, jobClientWithDevices, bulkRegistry };
