@@ -8,6 +8,13 @@
 // (firmware.go) and the twin sync (twin.go, pkg/twinsync). Those with work of their own have a
 // Run(ctx) that Device.Run starts and stops; goroutines are kept few, since a fleet runs
 // thousands of devices in one process (TestGoroutinesPerDevice counts them).
+//
+// Health: Device.Liveness reports whether the device's loops make progress (the supervisor's
+// delivery of status changes and inbound messages, the twin sync, the telemetry loop): each
+// piece of work is entered and left, and Liveness.Check(max) fails naming any loop busy with one
+// piece for longer than max. An idle loop is healthy. /healthz and the systemd watchdog use it
+// (ping only while Check passes). Device.Ready says whether the device is connected and its
+// twin synced (/readyz).
 package agent
 
 import (
@@ -92,6 +99,10 @@ type Device struct {
 
 	rootCAs *x509.CertPool // the validated trust roots (for DPS)
 
+	live      *Liveness   // the loops' progress (liveness.go)
+	connected atomic.Bool // the session's last status was Connected
+	synced    atomic.Bool // the full twin GET after the latest connect succeeded
+
 	// scripts are the configured direct methods, checked by New.
 	scripts map[string]methods.Handler
 
@@ -158,6 +169,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		runID: hex.EncodeToString(rb[:]),
 		done:  make(chan struct{}),
 		tpm:   tpmDev,
+		live:  NewLiveness(nil),
 	}
 	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
 		return nil, err
