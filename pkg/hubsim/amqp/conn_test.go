@@ -140,3 +140,47 @@ func TestMultiFrameTransfers(t *testing.T) {
 		t.Fatal("the multi-frame delivery was not accepted")
 	}
 }
+
+// TestReceiverSettlesSecond: a receiver in rcv-settle-mode second (C#'s feedback receiver)
+// sends its outcome unsettled and waits for the server to settle; the server does, and the
+// outcome reaches the node. A pre-settled link (snd-settle-mode settled) completes on sending.
+func TestReceiverSettlesSecond(t *testing.T) {
+	e := newEnv(t)
+	links := streamNode(e)
+	ctx := ctxT(t)
+	s := e.session(e.dial(nil))
+	second := goamqp.ReceiverSettleModeSecond
+	rcv, err := s.NewReceiver(ctx, "test/stream", &goamqp.ReceiverOptions{Credit: 5, SettlementMode: &second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := <-links
+	outcome := make(chan codec.DeliveryState, 1)
+	if err := l.Post(&codec.Message{Value: "x", HasValue: true}, nil, func(st codec.DeliveryState, _ error) { outcome <- st }); err != nil {
+		t.Fatal(err)
+	}
+	m, err := rcv.Receive(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rcv.AcceptMessage(ctx, m); err != nil { // returns once the server settles
+		t.Fatalf("accept in mode second: %v", err)
+	}
+	if _, ok := (<-outcome).(*codec.Accepted); !ok {
+		t.Fatal("outcome not accepted")
+	}
+
+	settled := goamqp.SenderSettleModeSettled
+	pre, err := s.NewReceiver(ctx, "test/stream", &goamqp.ReceiverOptions{Credit: 5, RequestedSenderSettleMode: &settled})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l = <-links
+	st, err := l.Send(ctx, &codec.Message{Value: "y", HasValue: true})
+	if _, ok := st.(*codec.Accepted); !ok || err != nil {
+		t.Fatalf("pre-settled send: %T %v", st, err)
+	}
+	if m, err := pre.Receive(ctx, nil); err != nil || m.Value != "y" {
+		t.Fatalf("pre-settled receive: %v %v", m, err)
+	}
+}
