@@ -59,6 +59,9 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 		Short: "Serve until SIGINT or SIGTERM",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.MaxConcurrentJobs < 1 || cfg.JobParallelism < 1 {
+				return fmt.Errorf("--max-concurrent-jobs and --job-parallelism must be at least 1 (got %d and %d)", cfg.MaxConcurrentJobs, cfg.JobParallelism)
+			}
 			log, err := newLogger(logOut, level, format)
 			if err != nil {
 				return err

@@ -92,6 +92,8 @@ func TestBadCommandLines(t *testing.T) {
 		{"serve", "--state", t.TempDir(), "--log-level", "loud"},
 		{"serve", "--state", t.TempDir(), "--log-format", "xml"},
 		{"serve", "--state", t.TempDir(), "extra"},
+		{"serve", "--state", t.TempDir(), "--max-concurrent-jobs", "0"},
+		{"serve", "--state", t.TempDir(), "--job-parallelism", "-1"},
 		{"nonsense"},
 	} {
 		if err := run(context.Background(), args, io.Discard, io.Discard); err == nil {
