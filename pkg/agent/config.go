@@ -77,6 +77,9 @@ type Config struct {
 
 	// ShutdownTimeout bounds the drain of queued telemetry on shutdown. Default 5s.
 	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`
+
+	// Shared is set by a program running many devices (pkg/fleet), never by YAML.
+	Shared Shared `yaml:"-"`
 }
 
 // AuthConfig is the device's credential when it is not in the connection string.
@@ -333,6 +336,11 @@ func (c *Config) hubConfig(id identity) hub.Config {
 		MaxInFlight:      c.Queue.MaxInFlight,
 		MessageTimeout:   c.Queue.MessageTimeout,
 		DrainTimeout:     c.ShutdownTimeout,
+		BeforeConnect:    c.Shared.BeforeConnect,
+		TLSSessionCache:  c.Shared.TLSSessionCache,
+	}
+	if c.Shared.RootCAs != nil {
+		h.RootCAs, h.CAFile = c.Shared.RootCAs, ""
 	}
 	if s := id.cred.Signer(); s != nil {
 		h.Signer = s

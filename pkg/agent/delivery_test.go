@@ -79,7 +79,7 @@ func TestRefusalsDoNotDelayDesiredDelivery(t *testing.T) {
 		t.Fatal(err)
 	}
 	var hc hub.Config
-	d.deliverTo(&hc, ts, disp)
+	d.deliverTo(&hc, ts, disp, newMethodObserver("d", NopObserver{}))
 	burst(t, &hc, logs, waiting.Load)
 	if !strings.Contains(fmt.Sprint(logs.FilterMessageSnippet("refusal dropped").All()), "too many refusals") {
 		t.Fatal("no refusal dropped beyond the queue's limit")
@@ -99,7 +99,7 @@ func TestRefusalsDoNotDelayDesiredDeliveryThroughSession(t *testing.T) {
 	}
 	hc := d.hcfg
 	hc.Logger = d.log
-	d.deliverTo(&hc, ts, disp)
+	d.deliverTo(&hc, ts, disp, newMethodObserver("d", NopObserver{}))
 	sess, err := hub.New(hc)
 	if err != nil {
 		t.Fatal(err)

@@ -50,6 +50,10 @@ type TemplateData struct {
 	Time string
 	// Unix is the send time in seconds since the epoch.
 	Unix int64
+	// Index is the device's index in a fleet (0 for a single agent).
+	Index int
+	// Profile is the device's fleet profile name (empty for a single agent).
+	Profile string
 }
 
 // templateFuncs are the functions telemetry templates may call.
@@ -151,9 +155,11 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if err := cfg.Twin.check(); err != nil {
 		return nil, err
 	}
-	tmpl, err := ParseTemplate(cfg.Telemetry.Template)
-	if err != nil {
-		return nil, err
+	tmpl := cfg.Shared.Template
+	if tmpl == nil {
+		if tmpl, err = ParseTemplate(cfg.Telemetry.Template); err != nil {
+			return nil, err
+		}
 	}
 	var rb [4]byte
 	_, _ = rand.Read(rb[:])
@@ -291,7 +297,9 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	}
 	simReboot := d.reboot.simReboot
 	hc.Logger = d.log
+	obs := d.observer()
 	hc.OnStatus = func(st hub.Status) {
+		obs.ConnectionStatus(d.id.deviceID, st)
 		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
 			requestReprovision()
 		}
@@ -299,14 +307,15 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 			ts.Connected()
 		}
 	}
-	disp := d.newDispatcher(sessionResponder(&sessRef), sessionRefuser(&sessRef), requestReprovision, func() {
+	mo := newMethodObserver(d.id.deviceID, obs)
+	disp := d.newDispatcher(mo.respond(sessionResponder(&sessRef)), mo.refuse(sessionRefuser(&sessRef)), requestReprovision, func() {
 		select {
 		case simReboot <- struct{}{}:
 		default:
 		}
 	})
 	defer disp.Close()
-	d.deliverTo(&hc, ts, disp)
+	d.deliverTo(&hc, ts, disp, mo)
 	sess, err := hub.New(hc)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrConfig, err)
@@ -368,13 +377,16 @@ loop:
 // patches go to the twin sync and method calls to the dispatcher. The session calls them one at
 // a time from its delivery goroutine; none of them waits for I/O (Desired and Dispatch only
 // queue), so a method answer stuck on a lost connection never delays the patches after it.
-func (d *Device) deliverTo(hc *hub.Config, ts *twinsync.Sync, disp *methods.Dispatcher) {
+func (d *Device) deliverTo(hc *hub.Config, ts *twinsync.Sync, disp *methods.Dispatcher, mo *methodObserver) {
+	obs := d.observer()
 	hc.OnC2D = d.onC2D
 	hc.OnDesired = func(_ context.Context, p *hub.DesiredPatch) {
 		d.log.Debug("desired properties patch", zap.Int64("version", p.Version), zap.Int("size", len(p.Body)))
+		obs.DesiredReceived(d.id.deviceID, p.Version)
 		ts.Desired(p)
 	}
 	hc.OnMethod = func(_ context.Context, r *hub.MethodRequest) {
+		mo.called(r.RequestID, r.Name)
 		disp.Dispatch(r.Name, r.RequestID, r.Payload)
 	}
 }
@@ -416,6 +428,8 @@ func (d *Device) render(seq uint64, now time.Time) ([]byte, error) {
 		Seq:      seq,
 		Time:     now.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
 		Unix:     now.Unix(),
+		Index:    d.cfg.Shared.Index,
+		Profile:  d.cfg.Shared.Profile,
 	})
 	return buf.Bytes(), err
 }
@@ -429,6 +443,8 @@ func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
 		return
 	}
 	mid := fmt.Sprintf("%s-%s-%d", d.id.deviceID, d.runID, seq)
+	obs := d.observer()
+	obs.TelemetrySent(d.id.deviceID)
 	msg := &hub.Message{
 		Body:            body,
 		MessageID:       mid,
@@ -438,6 +454,7 @@ func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
 		Properties:      d.cfg.Telemetry.Properties,
 	}
 	err = sess.Enqueue(msg, func(err error) {
+		obs.TelemetryDone(d.id.deviceID, time.Since(now), err)
 		if err != nil {
 			d.failed.Add(1)
 			d.log.Warn("telemetry message failed", zap.String("message_id", mid), zap.Error(err))
@@ -447,12 +464,14 @@ func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
 		d.log.Debug("telemetry delivered", zap.String("message_id", mid))
 	})
 	if err != nil {
+		obs.TelemetryDone(d.id.deviceID, 0, err)
 		d.failed.Add(1)
 		d.log.Warn("telemetry message refused", zap.String("message_id", mid), zap.Error(err))
 	}
 }
 
 func (d *Device) onC2D(_ context.Context, m *hub.C2DMessage) {
+	d.observer().C2DReceived(d.id.deviceID)
 	fields := []zap.Field{
 		zap.String("message_id", m.MessageID),
 		zap.Int("size", len(m.Body)),

@@ -196,6 +196,7 @@ func (d *Device) provision(ctx context.Context, force bool) (*dps.Result, bool, 
 	if !force {
 		res, err := dps.LoadCache(d.cfg.StateDir, c.IDScope, d.id.registrationID)
 		if err == nil {
+			d.observer().Provisioned(d.id.deviceID, ProvisionCached, nil)
 			d.log.Info("using cached provisioning result", zap.String("hub", res.AssignedHub), zap.String("device", res.DeviceID))
 			return res, true, nil
 		}
@@ -210,8 +211,12 @@ func (d *Device) provision(ctx context.Context, force bool) (*dps.Result, bool, 
 	}
 	res, err := dps.Register(ctx, dc)
 	if err != nil {
+		if ctx.Err() == nil {
+			d.observer().Provisioned(d.id.deviceID, ProvisionFailed, err)
+		}
 		return nil, false, err
 	}
+	d.observer().Provisioned(d.id.deviceID, ProvisionRegistered, nil)
 	if err := dps.SaveCache(d.cfg.StateDir, res); err != nil {
 		return nil, false, err
 	}

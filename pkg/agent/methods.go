@@ -3,7 +3,9 @@ package agent
 import (
 	"context"
 	"fmt"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -89,4 +91,65 @@ func (d *Device) newDispatcher(respond methods.Responder, refuseNow func(string,
 		}))
 	}
 	return disp
+}
+
+// methodObserver tells the Observer each direct-method call's name and the status it was
+// answered with: the responders see only the request id, so the name is kept from delivery to
+// answer (at most maxPendingMethods at once; a call the hub never gets an answer to is dropped
+// with the session).
+type methodObserver struct {
+	device string
+	obs    Observer
+	mu     sync.Mutex
+	calls  map[string]pendingCall
+}
+
+type pendingCall struct {
+	name string
+	at   time.Time
+}
+
+// maxPendingMethods bounds the calls remembered for the observer.
+const maxPendingMethods = 256
+
+func newMethodObserver(device string, obs Observer) *methodObserver {
+	return &methodObserver{device: device, obs: obs}
+}
+
+func (m *methodObserver) called(rid, name string) {
+	if _, nop := m.obs.(NopObserver); nop {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.calls == nil {
+		m.calls = make(map[string]pendingCall)
+	}
+	if len(m.calls) < maxPendingMethods {
+		m.calls[rid] = pendingCall{name, time.Now()}
+	}
+}
+
+func (m *methodObserver) answered(rid string, status int) {
+	m.mu.Lock()
+	c, ok := m.calls[rid]
+	delete(m.calls, rid)
+	m.mu.Unlock()
+	if ok {
+		m.obs.MethodAnswered(m.device, c.name, status, time.Since(c.at))
+	}
+}
+
+func (m *methodObserver) respond(next methods.Responder) methods.Responder {
+	return func(ctx context.Context, rid string, status int, payload []byte) error {
+		m.answered(rid, status)
+		return next(ctx, rid, status, payload)
+	}
+}
+
+func (m *methodObserver) refuse(next func(string, int, []byte) error) func(string, int, []byte) error {
+	return func(rid string, status int, payload []byte) error {
+		m.answered(rid, status)
+		return next(rid, status, payload)
+	}
 }

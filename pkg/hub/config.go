@@ -144,6 +144,10 @@ type Config struct {
 	// Logger receives the session's logs; nil discards them. Scope it with the device id before
 	// passing it in. Secrets never reach it.
 	Logger *zap.Logger
+	// BeforeConnect, when set, is called before every connection attempt (after the backoff
+	// wait) and may block, e.g. on a fleet-wide connect-rate limiter; ctx ends when the session
+	// is closed. An error fails the attempt like a dial error (the session backs off and retries).
+	BeforeConnect func(ctx context.Context) error
 	// Dial opens the TCP connection. Default: a net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Clock drives every timer of the session: token renewal, reconnect backoff, RetryTimeout,

@@ -219,6 +219,17 @@ func (s *Session) connect() (*conn, error) {
 	p := dialParams{cfg: &s.cfg, tlsConf: s.tlsConf, now: s.clock.Now(), onMessage: s.onMessage}
 	ch := make(chan dialResult, 1)
 	go func() {
+		if bc := p.cfg.BeforeConnect; bc != nil {
+			if err := bc(ctx); err != nil {
+				if ctx.Err() != nil {
+					ch <- dialResult{err: errAborted}
+				} else {
+					ch <- dialResult{err: &dialError{fmt.Errorf("hub: before connect: %w", err)}}
+				}
+				return
+			}
+			p.now = s.clock.Now()
+		}
 		c, err := dial(ctx, p)
 		var sub paho.Token
 		if err == nil {
