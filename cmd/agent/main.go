@@ -90,7 +90,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newRunCmd(stderr), newTPMCmd(stdout, stderr))
+	root.AddCommand(newRunCmd(stderr), newTPMCmd(stdout, stderr), newCheckCmd(stdout, stderr))
 	return root
 }
 
