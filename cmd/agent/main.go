@@ -9,6 +9,7 @@
 // command-line arguments are visible to every local user in ps — or from --host, --device-id and
 // a key file or X.509 certificate. Flags override the config file.
 //
+// SIGHUP reloads the configuration (cmd/agent/systemd.go; systemd's notify protocol too).
 // SIGINT and SIGTERM drain queued telemetry (within shutdownTimeout), disconnect cleanly and exit
 // 0. Exit status: 1 runtime failure, 2 configuration or usage error, 3 the hub refused the
 // credentials (not authorized).
@@ -156,17 +157,18 @@ $` + EnvConnectionString + ` or --connection-string (visible in ps; avoid), or
 Flags override the config file; the environment variable overrides the file's identity.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, log, err := configAndLogger(cmd, &f, stderr)
+			hup, stopHup := notifySignals()
+			defer stopHup()
+			cfg, err := loadConfig(cmd, &f)
+			if err != nil {
+				return err
+			}
+			log, level, err := serveLogger(cfg.Log, stderr)
 			if err != nil {
 				return err
 			}
 			defer func() { _ = log.Sync() }()
-			dev, err := agent.New(cfg, log)
-			if err != nil {
-				return err
-			}
-			defer dev.Close()
-			return dev.Run(cmd.Context())
+			return serve(cmd.Context(), cfg, func() (agent.Config, error) { return loadConfig(cmd, &f) }, hup, log, level)
 		},
 	}
 	bindRunFlags(cmd, &f)

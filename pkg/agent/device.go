@@ -84,8 +84,13 @@ type Device struct {
 	id    identity
 	hcfg  hub.Config
 	log   *zap.Logger
-	tmpl  *template.Template
 	runID string
+
+	// tele is the telemetry the loop sends (Reload swaps it; teleChanged then wakes the loop).
+	tele        atomic.Pointer[telemetrySettings]
+	teleChanged chan struct{}
+	// statusHook is OnStatus's function (nil: none); set before Run.
+	statusHook func(hub.Status)
 
 	seq       atomic.Uint64
 	delivered atomic.Uint64
@@ -168,15 +173,16 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		fields = append(fields, zap.String("module", id.moduleID))
 	}
 	d := &Device{
-		cfg:   cfg,
-		id:    id,
-		log:   log.With(fields...),
-		tmpl:  tmpl,
-		runID: hex.EncodeToString(rb[:]),
-		done:  make(chan struct{}),
-		tpm:   tpmDev,
-		live:  NewLiveness(nil),
+		cfg:         cfg,
+		id:          id,
+		log:         log.With(fields...),
+		runID:       hex.EncodeToString(rb[:]),
+		done:        make(chan struct{}),
+		tpm:         tpmDev,
+		live:        NewLiveness(nil),
+		teleChanged: make(chan struct{}, 1),
 	}
+	d.tele.Store(&telemetrySettings{cfg: cfg.Telemetry, tmpl: tmpl})
 	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
 		return nil, err
 	}
@@ -306,6 +312,9 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		if st.State == hub.Connected {
 			ts.Connected()
 		}
+		if d.statusHook != nil {
+			d.statusHook(st)
+		}
 	}
 	mo := newMethodObserver(d.id.deviceID, obs)
 	disp := d.newDispatcher(mo.respond(sessionResponder(&sessRef)), mo.refuse(sessionRefuser(&sessRef)), requestReprovision, func() {
@@ -322,19 +331,15 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	}
 	sessRef.Store(sess)
 	d.log.Info("starting", zap.String("host", hc.Host), zap.String("address", sess.Config().Address),
-		zap.String("auth", d.id.cred.Kind().String()), zap.Duration("telemetry_interval", d.cfg.Telemetry.Interval))
+		zap.String("auth", d.id.cred.Kind().String()), zap.Duration("telemetry_interval", d.tele.Load().cfg.Interval))
 
 	// The sync holds a goroutine only while it has work or a timer to wait for.
 	syncCtx, stopSync := context.WithCancel(context.Background())
 	ts.Start(syncCtx)
 	defer func() { stopSync(); ts.Wait() }()
 
-	var tick <-chan time.Time
-	if d.cfg.Telemetry.Interval > 0 {
-		t := time.NewTicker(d.cfg.Telemetry.Interval)
-		defer t.Stop()
-		tick = t.C
-	}
+	tick, stopTick := newTelemetryTicker(d.tele.Load().cfg.Interval)
+	defer func() { stopTick() }()
 	var runErr error
 loop:
 	for {
@@ -353,6 +358,9 @@ loop:
 			break loop
 		case now := <-tick:
 			d.sendTelemetry(sess, now)
+		case <-d.teleChanged:
+			stopTick()
+			tick, stopTick = newTelemetryTicker(d.tele.Load().cfg.Interval)
 		}
 	}
 	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
@@ -421,8 +429,12 @@ func (l lazySession) TwinPatchReported(ctx context.Context, patch []byte) (hub.R
 }
 
 func (d *Device) render(seq uint64, now time.Time) ([]byte, error) {
+	return d.tele.Load().render(d, seq, now)
+}
+
+func (t *telemetrySettings) render(d *Device, seq uint64, now time.Time) ([]byte, error) {
 	var buf bytes.Buffer
-	err := d.tmpl.Execute(&buf, TemplateData{
+	err := t.tmpl.Execute(&buf, TemplateData{
 		DeviceID: d.id.deviceID,
 		ModuleID: d.id.moduleID,
 		Seq:      seq,
@@ -437,7 +449,8 @@ func (d *Device) render(seq uint64, now time.Time) ([]byte, error) {
 // sendTelemetry renders and enqueues one message; its outcome is logged when it completes.
 func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
 	seq := d.seq.Add(1)
-	body, err := d.render(seq, now)
+	tele := d.tele.Load()
+	body, err := tele.render(d, seq, now)
 	if err != nil {
 		d.log.Error("telemetry template failed", zap.Uint64("seq", seq), zap.Error(err))
 		return
@@ -448,10 +461,10 @@ func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
 	msg := &hub.Message{
 		Body:            body,
 		MessageID:       mid,
-		ContentType:     d.cfg.Telemetry.ContentType,
-		ContentEncoding: d.cfg.Telemetry.ContentEncoding,
+		ContentType:     tele.cfg.ContentType,
+		ContentEncoding: tele.cfg.ContentEncoding,
 		CreationTime:    now,
-		Properties:      d.cfg.Telemetry.Properties,
+		Properties:      tele.cfg.Properties,
 	}
 	err = sess.Enqueue(msg, func(err error) {
 		obs.TelemetryDone(d.id.deviceID, time.Since(now), err)

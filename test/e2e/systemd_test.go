@@ -1,0 +1,236 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// notifySocket is a fake systemd: the unixgram socket $NOTIFY_SOCKET names, recording every
+// datagram the agent sends.
+type notifySocket struct {
+	t    *testing.T
+	path string
+	msgs chan sdMsg
+}
+
+type sdMsg struct {
+	at     time.Time
+	fields map[string]string
+}
+
+func newNotifySocket(t *testing.T) *notifySocket {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sd") // short: a socket path is at most 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "notify")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &notifySocket{t: t, path: path, msgs: make(chan sdMsg, 1024)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 4096)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return
+			}
+			m := sdMsg{at: time.Now(), fields: map[string]string{}}
+			for _, line := range strings.Split(string(buf[:n]), "\n") {
+				k, v, _ := strings.Cut(line, "=")
+				m.fields[k] = v
+			}
+			select {
+			case s.msgs <- m:
+			default:
+				t.Errorf("notify socket: too many messages unread")
+			}
+		}
+	}()
+	t.Cleanup(func() { c.Close(); <-done })
+	return s
+}
+
+// await returns the first message (from now on) that has key (with value want, if want is not
+// empty), failing at the deadline.
+func (s *notifySocket) await(what, key, want string) sdMsg {
+	s.t.Helper()
+	deadline := time.NewTimer(waitTimeout)
+	defer deadline.Stop()
+	for {
+		select {
+		case m := <-s.msgs:
+			if v, ok := m.fields[key]; ok && (want == "" || v == want) {
+				return m
+			}
+		case <-deadline.C:
+			s.t.Fatalf("no %s (%s=%s) on the notify socket within %v", what, key, want, waitTimeout)
+		}
+	}
+}
+
+// startNotifyAgent runs the agent as systemd would: $NOTIFY_SOCKET and $WATCHDOG_USEC set.
+func startNotifyAgent(t *testing.T, h *hub, ns *notifySocket, cs, cfgPath string, watchdog time.Duration, extra ...string) *proc {
+	t.Helper()
+	t.Setenv("NOTIFY_SOCKET", ns.path)
+	wd := ""
+	if watchdog > 0 {
+		wd = fmt.Sprint(watchdog.Microseconds())
+	}
+	t.Setenv("WATCHDOG_USEC", wd)
+	args := append([]string{"run", "--config", cfgPath, "--connection-string-file", writeSecret(t, "cs", cs)}, extra...)
+	return startProc(t, "agent", args...)
+}
+
+func writeAgentConfig(t *testing.T, path, caFile, interval string) {
+	t.Helper()
+	cfg := fmt.Sprintf("log:\n  format: json\n  level: debug\ntls:\n  caFile: %q\ntelemetry:\n  interval: %s\n", caFile, interval)
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// READY=1 comes while the hub is down (the service is up; the device is offline); STATUS=
+// follows the connection when hubsim comes up; the watchdog is pinged about every
+// WATCHDOG_USEC/2; SIGHUP gives RELOADING=1 then READY=1; SIGTERM gives STOPPING=1.
+func TestSystemdNotify(t *testing.T) {
+	state := t.TempDir()
+	mqttAddr, httpsAddr := freeAddr(t), freeAddr(t)
+	h := startHub(t, state, mqttAddr, httpsAddr)
+	d := createDevice(t, h, "e2e-systemd")
+	cs := connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey)
+	if err := h.stop(); err != nil {
+		t.Fatalf("hubsim exit: %v", err)
+	}
+	ns := newNotifySocket(t)
+	cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
+	writeAgentConfig(t, cfgPath, h.ep.CAFile, "1h")
+	const watchdog = 2 * time.Second
+	a := startNotifyAgent(t, h, ns, cs, cfgPath, watchdog)
+
+	ready := ns.await("READY=1 with the hub down", "READY", "1")
+	if !strings.HasPrefix(ready.fields["STATUS"], "connecting") {
+		t.Errorf("STATUS with READY=1: %q, want connecting...", ready.fields["STATUS"])
+	}
+	if n := a.count(msgIs("connected")); n != 0 {
+		t.Fatalf("connected before hubsim started (%d)", n)
+	}
+	down := ns.await("STATUS while the hub is down", "STATUS", "")
+	if !strings.HasPrefix(down.fields["STATUS"], "disconnected") {
+		t.Errorf("STATUS while the hub is down: %q, want disconnected...", down.fields["STATUS"])
+	}
+
+	startHub(t, state, mqttAddr, httpsAddr)
+	ns.await("STATUS once hubsim is up", "STATUS", "connected to the hub")
+
+	// Watchdog: count pings over a window. systemd needs one every WATCHDOG_USEC; the agent
+	// sends them at half that.
+	first := ns.await("a watchdog ping", "WATCHDOG", "1")
+	last, n := first, 0
+	for n < 4 {
+		m := ns.await("a watchdog ping", "WATCHDOG", "1")
+		if gap := m.at.Sub(last.at); gap > watchdog {
+			t.Errorf("watchdog ping %s after the previous one: past WATCHDOG_USEC=%s", gap, watchdog)
+		}
+		last, n = m, n+1
+	}
+	if mean := last.at.Sub(first.at) / time.Duration(n); mean < watchdog/4 {
+		t.Errorf("watchdog pings every %s on average: far more often than WATCHDOG_USEC/2 = %s", mean, watchdog/2)
+	}
+
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	ns.await("RELOADING=1 on SIGHUP", "RELOADING", "1")
+	r := ns.await("READY=1 after the reload", "READY", "1")
+	if r.fields["STATUS"] != "configuration reloaded" {
+		t.Errorf("STATUS with READY=1 after the reload: %q", r.fields["STATUS"])
+	}
+
+	if err := a.stop(); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+	ns.await("STOPPING=1 at SIGTERM", "STOPPING", "1")
+}
+
+// A reload with a new telemetry interval keeps the connection (one connect in all) and hubsim
+// sees the new interval; an invalid file is refused with a log line and the agent keeps
+// running with the configuration it had.
+func TestReloadTelemetryInterval(t *testing.T) {
+	h := newHub(t)
+	d := createDevice(t, h, "e2e-reload")
+	cs := connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey)
+	ns := newNotifySocket(t)
+	cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
+	writeAgentConfig(t, cfgPath, h.ep.CAFile, "1h") // no telemetry within the test
+	a := startNotifyAgent(t, h, ns, cs, cfgPath, 0)
+	a.await(0, "connected", msgIs("connected"))
+
+	writeAgentConfig(t, cfgPath, h.ep.CAFile, "100ms")
+	from := a.numLines()
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	a.await(from, "the reload", and(msgIs("configuration reloaded"), field("telemetry_interval", "0.1")))
+	eventually(t, "10 messages at the new interval", func() error {
+		msgs, err := h.svc.Telemetry(ctxT(t), d.DeviceID)
+		if err == nil && len(msgs) < 10 {
+			err = fmt.Errorf("%d messages so far", len(msgs))
+		}
+		return err
+	})
+
+	// Invalid: refused, logged, the device keeps running and sending.
+	if err := os.WriteFile(cfgPath, []byte("telemetry:\n  interval: [not a duration\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	from = a.numLines()
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	refused := a.await(from, "the refusal", msgIs("reload refused: keeping the running configuration"))
+	a.mu.Lock()
+	reason := fmt.Sprint(a.lines[refused]["error"])
+	a.mu.Unlock()
+	if !strings.Contains(reason, "invalid configuration") {
+		t.Errorf("refusal reason %q does not name the configuration error", reason)
+	}
+	before, err := h.svc.Telemetry(ctxT(t), d.DeviceID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "telemetry continuing after the refused reload", func() error {
+		msgs, err := h.svc.Telemetry(ctxT(t), d.DeviceID)
+		if err == nil && len(msgs) < len(before)+5 {
+			err = errors.New("no new messages")
+		}
+		return err
+	})
+	if err := a.stop(); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+	if n := a.count(msgIs("connected")); n != 1 {
+		t.Errorf("%d connects across the reloads, want 1", n)
+	}
+	stopped := a.await(0, "the stop summary", msgIs("stopped"))
+	a.mu.Lock()
+	connects := fmt.Sprint(a.lines[stopped]["connects"])
+	a.mu.Unlock()
+	if connects != "1" {
+		t.Errorf("session connects %s, want 1 (the reload reconnected)", connects)
+	}
+}
