@@ -29,12 +29,14 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/internal/atomicfile"
+	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/connstr"
 	hubamqp "github.com/iothubby/iothubby/pkg/hubsim/amqp"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/hubsim/eventhubs"
+	"github.com/iothubby/iothubby/pkg/hubsim/faults"
 	"github.com/iothubby/iothubby/pkg/hubsim/images"
 	"github.com/iothubby/iothubby/pkg/hubsim/jobs"
 	"github.com/iothubby/iothubby/pkg/hubsim/methods"
@@ -139,6 +141,7 @@ type Server struct {
 	methods   *methods.Service
 	jobs      *jobs.Runner
 	brk       *broker.Broker
+	faults    *faults.Injector
 	amqp      *hubamqp.Server
 	api       *rest.Server
 	dps       *dps.Server
@@ -242,13 +245,14 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err := s.openEvents(); err != nil {
 		return nil, err
 	}
+	s.faults = faults.New(clock.Real(), log.Named("faults"))
 	s.brk, err = broker.Start(broker.Config{
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
 		TelemetryPerDevice: cfg.TelemetryPerDevice, TelemetryBytes: cfg.TelemetryBytes, Twins: twinHandler, Methods: methodHandler,
 		OutboundBytes: cfg.DeviceOutboundBytes, WriteTimeout: cfg.DeviceWriteTimeout,
 		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
-		OnTelemetry: s.recordEvent,
+		OnTelemetry: s.recordEvent, Faults: s.faults,
 	}, log.Named("mqtt"))
 	if err != nil {
 		return nil, err
@@ -277,7 +281,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		return nil, err
 	}
 	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods,
-		Images: s.images.ServeAdmin, Jobs: s.jobs}, log.Named("rest"))
+		Images: s.images.ServeAdmin, Jobs: s.jobs, Faults: s.faults.ServeAdmin}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
 	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: h, ws: s.brk}, log.Named("https")); err != nil {
@@ -406,6 +410,9 @@ func (s *Server) Registry() *registry.Registry { return s.reg }
 // Broker is the device MQTT endpoint (cloud-to-device send, telemetry records, connections).
 func (s *Server) Broker() *broker.Broker { return s.brk }
 
+// Faults is the fault injector (AzIoTHub_Fault* telemetry, GET /hubsim/faults).
+func (s *Server) Faults() *faults.Injector { return s.faults }
+
 // Twins is the twin store.
 func (s *Server) Twins() *twins.Store { return s.twins }
 
@@ -445,6 +452,9 @@ func (s *Server) Close() error {
 		}
 		if s.jobs != nil {
 			errs = append(errs, s.jobs.Close())
+		}
+		if s.faults != nil {
+			s.faults.Close() // pending faults first: the connections they act on are closing
 		}
 		if s.brk != nil {
 			errs = append(errs, s.brk.Close())

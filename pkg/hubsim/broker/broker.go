@@ -33,6 +33,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubsim/faults"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -90,6 +91,9 @@ type Config struct {
 	// OnTelemetry, if set, is given every recorded device-to-cloud message (the Event Hubs-
 	// compatible endpoint's feed), synchronously before the PUBACK; it must not block.
 	OnTelemetry func(deviceID string, m Message)
+	// Faults, if set, acts on AzIoTHub_Fault* telemetry (IoT Hub's fault injection); the
+	// caller owns and closes it.
+	Faults *faults.Injector
 	// DPS, if set, takes over connections whose CONNECT user name has the DPS shape
 	// ({idScope}/registrations/{registrationId}/...): DPS shares the hub's TLS listener.
 	DPS DPSHandler

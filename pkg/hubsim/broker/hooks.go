@@ -210,6 +210,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			f(s.deviceID, m)
 		}
 		h.b.emit(Event{Kind: EventTelemetry, DeviceID: s.deviceID, Remote: s.remote, MessageID: m.SystemProperties["message-id"]})
+		s.faultProps = t.Properties // acted on once the PUBACK is out (OnPacketProcessed)
 	case wire.KindTwinGet:
 		s.respondTwin(t.RequestID, h.b.twins.GetTwin(s.caller()))
 	case wire.KindTwinPatchReported:
@@ -238,6 +239,14 @@ func (s *session) respondTwin(rid string, r TwinResponse) {
 }
 
 func (h *hook) OnPacketProcessed(cl *mqtt.Client, pk packets.Packet, err error) {
+	if pk.FixedHeader.Type == packets.Publish {
+		if s := sessionOf(cl); s != nil && s.faultProps != nil {
+			props := s.faultProps
+			s.faultProps = nil
+			s.injectFault(props)
+		}
+		return
+	}
 	if pk.FixedHeader.Type != packets.Subscribe || err != nil {
 		return
 	}

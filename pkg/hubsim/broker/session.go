@@ -54,6 +54,9 @@ type session struct {
 	// OnPublish (both run on the connection's goroutine).
 	pending    wire.Topic
 	hasPending bool
+	// faultProps are the properties of a telemetry publish to check for AzIoTHub_Fault*
+	// once its PUBACK is written (same goroutine).
+	faultProps wire.Properties
 }
 
 var errClosedByHub = errors.New("connection closed by the hub")
@@ -116,6 +119,9 @@ func (b *Broker) authenticate(cl *mqtt.Client, dc *devConn, pk packets.Packet) (
 		if hub, ok := b.cfg.HubOf(u.DeviceID, id.GenerationID); ok && !hostMatches(u.Host, hub) {
 			return nil, authFailure(fmt.Sprintf("device is registered in hub %s, not %s", hub, stripPort(u.Host)))
 		}
+	}
+	if f := b.faultRefusal(u.DeviceID); f != "" {
+		return nil, f
 	}
 	if pk.Connect.WillFlag {
 		t, err := wire.Parse(pk.Connect.WillTopic)

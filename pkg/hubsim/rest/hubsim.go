@@ -30,6 +30,8 @@ func (h *handler) hubsimRoute(r *http.Request, seg []string) func(http.ResponseW
 		return onlyMethod(http.MethodDelete, h.deleteCertificate)
 	case len(seg) >= 1 && seg[0] == "images" && h.cfg.Images != nil: // pkg/hubsim/images (uploads, list, delete)
 		return h.cfg.Images
+	case len(seg) >= 1 && seg[0] == "faults" && h.cfg.Faults != nil: // pkg/hubsim/faults
+		return h.cfg.Faults
 	}
 	return func(w http.ResponseWriter, r *http.Request, _ []string) {
 		writeError(w, errNotFound.WithText("no such resource: %s %s", r.Method, r.URL.Path))

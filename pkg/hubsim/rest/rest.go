@@ -57,6 +57,8 @@ type Config struct {
 	// Images serves /hubsim/images/... once the service token is checked (the path is split as
 	// for every handler); nil answers 404.
 	Images func(w http.ResponseWriter, r *http.Request, seg []string)
+	// Faults serves /hubsim/faults/... (pkg/hubsim/faults) like Images; nil answers 404.
+	Faults func(w http.ResponseWriter, r *http.Request, seg []string)
 	// Jobs serves /jobs/v2 and devices.jobs queries; nil answers 404.
 	Jobs Jobs
 	// Now is the clock for token expiry; nil means time.Now.

@@ -1,0 +1,73 @@
+package broker
+
+import (
+	"net"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/hubsim/faults"
+	"github.com/iothubby/iothubby/pkg/wire"
+)
+
+// Fault actions as they appear in the fault log.
+const (
+	faultActionReset  = "tcp-reset"
+	faultActionClosed = "closed"
+	faultActionGone   = "connection-already-gone"
+)
+
+// injectFault acts on a telemetry message carrying AzIoTHub_FaultOperationType: the message
+// is recorded and PUBACKed like any other (so that no SDK replays it), and the fault is
+// applied to this connection after its delay. Over MQTT every fault ends the connection: Kill*
+// abruptly (a TCP reset, no TLS close_notify), ShutDown* and Invoke* by closing it (MQTT 3.1.1
+// has no server DISCONNECT; IoT Hub drops MQTT connections for Invoke* faults). An
+// InvokeAuthError also refuses CONNECTs with CONNACK 5 for its duration.
+func (s *session) injectFault(props wire.Properties) {
+	in := s.b.cfg.Faults
+	if in == nil {
+		return
+	}
+	if _, has := props.Get(faults.PropType); !has {
+		return
+	}
+	spec, ok, err := faults.Parse(props.Get)
+	if !ok {
+		return
+	}
+	if err != nil {
+		s.log.Info("fault message ignored", zap.Error(err))
+		in.Note(s.deviceID, spec, "ignored: "+err.Error())
+		return
+	}
+	in.Schedule(s.deviceID, spec, func(spec faults.Spec) string {
+		if s.cl.Closed() {
+			return faultActionGone
+		}
+		reason := "fault injected: " + spec.Type
+		if spec.Kind != faults.KindKill {
+			s.log.Info("closing device connection", zap.String("reason", reason))
+			s.close(reason)
+			return faultActionClosed
+		}
+		s.cause.CompareAndSwap(nil, &reason)
+		s.log.Info("resetting device TCP connection", zap.String("reason", reason))
+		if tc, ok := s.dc.raw.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0) // RST, not FIN
+		}
+		_ = s.dc.raw.Close()
+		return faultActionReset
+	})
+}
+
+// faultRefusal is the CONNECT refusal of an open InvokeAuthError window, if any.
+func (b *Broker) faultRefusal(deviceID string) authFailure {
+	if b.cfg.Faults == nil {
+		return ""
+	}
+	spec, ok := b.cfg.Faults.ActiveFor(deviceID, faults.KindAuth)
+	if !ok {
+		return ""
+	}
+	b.cfg.Faults.Note(deviceID, spec, "connect-refused")
+	return authFailure("fault injected: " + spec.Type)
+}
