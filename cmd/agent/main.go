@@ -30,6 +30,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/internal/logging"
+	"github.com/iothubby/iothubby/internal/version"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub"
 )
@@ -92,6 +93,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(newRunCmd(stderr), newTPMCmd(stdout, stderr), newCheckCmd(stdout, stderr))
+	version.Attach(root)
 	return root
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/iothubby/iothubby/internal/version"
 	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -81,6 +82,7 @@ failed (bulk operations, jobs, rollouts); 130 interrupted.`,
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline for each request (and for the whole of a single-device command)")
 
 	// One command per line, so that branches adding commands merge cleanly.
+	version.Attach(root)
 	root.AddCommand(deviceCommand(g))
 	root.AddCommand(twinCommand(g))
 	root.AddCommand(methodCommand(g))

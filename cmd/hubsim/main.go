@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/internal/logging"
+	"github.com/iothubby/iothubby/internal/version"
 	"github.com/iothubby/iothubby/pkg/hubsim"
 )
 
@@ -48,6 +49,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(serveCmd(stderr))
+	version.Attach(root)
 	return root.ExecuteContext(ctx)
 }
 

@@ -7,13 +7,13 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/internal/version"
 	"github.com/iothubby/iothubby/pkg/twin"
 	"github.com/iothubby/iothubby/pkg/twinsync"
 )
@@ -219,10 +219,7 @@ func (d *Device) facts() map[string]any {
 
 // AgentVersion is the module version the agent was built from ("devel" for local builds).
 func AgentVersion() string {
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "devel"
+	return version.String()
 }
 
 // bootTime reads the system boot time from /proc/stat (btime); false where there is none.
