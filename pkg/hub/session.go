@@ -52,6 +52,7 @@ type Session struct {
 
 	mu          sync.Mutex
 	cur         *conn // connected and subscribed; nil otherwise
+	pend        *conn // connected, its SUBACK awaited; method requests may already arrive on it
 	upCh        chan struct{}
 	upClosed    bool
 	stopped     bool
@@ -450,7 +451,7 @@ func (s *Session) respond(rid string, status int, payload []byte, r *methodRespo
 		return nil, fmt.Errorf("%w: method payload of %d bytes, limit %d", ErrMessageTooLarge, len(payload), MaxMethodPayload)
 	}
 	s.mu.Lock()
-	c, stopped := s.cur, s.stopped
+	c, pend, stopped := s.cur, s.pend, s.stopped
 	var stopErr error
 	if stopped {
 		stopErr = s.stopErrLocked()
@@ -459,12 +460,18 @@ func (s *Session) respond(rid string, status int, payload []byte, r *methodRespo
 	switch {
 	case stopped:
 		return nil, stopErr
-	case c == nil:
+	case c == nil && pend == nil:
 		return nil, fmt.Errorf("%w: $rid=%s: %w", ErrStaleRequest, rid, ErrNotConnected)
 	}
 	r.topic, r.payload = wire.MethodResponse(status, rid), payload
-	if !c.answerMethod(rid, r) {
-		return nil, fmt.Errorf("%w: $rid=%s", ErrStaleRequest, rid)
+	// A request may arrive on a connection whose SUBACK the supervisor has not seen yet (the hub
+	// sends as soon as the subscription is live): it is answered on that connection, which
+	// publishes the answer once it becomes current.
+	if c == nil || !c.answerMethod(rid, r) {
+		if pend == nil || !pend.answerMethod(rid, r) {
+			return nil, fmt.Errorf("%w: $rid=%s", ErrStaleRequest, rid)
+		}
+		c = pend
 	}
 	s.poke()
 	return c, nil

@@ -258,6 +258,8 @@ func (s *Session) connect() (*conn, error) {
 		return nil, r.err
 	}
 	c, st := r.c, r.sub
+	s.setPending(c)
+	defer s.setPending(nil)
 	var serr error
 	select {
 	case <-st.Done():
@@ -284,6 +286,14 @@ func (s *Session) connect() (*conn, error) {
 	}
 	s.mu.Unlock()
 	return c, nil
+}
+
+// setPending records the connection whose SUBACK connect awaits (nil when none), so a method
+// request it delivers meanwhile can be answered on it.
+func (s *Session) setPending(c *conn) {
+	s.mu.Lock()
+	s.pend = c
+	s.mu.Unlock()
 }
 
 // abandon cancels a dial in progress and waits for it to give up.

@@ -101,7 +101,11 @@ type Hook struct {
 	Held            []HeldRequest
 	DropOnMID       map[string]bool // drop the connection (no PUBACK) when this $.mid first arrives
 	ReportedVersion int64
-	Events          chan string // non-blocking notifications for tests
+	// MethodBeforeSuback, when set, is a method request (name) written to a client that
+	// subscribes to direct methods before its SUBACK, as IoT Hub may: the subscription is live
+	// on the hub before the client has read the SUBACK. Its $rid is "early".
+	MethodBeforeSuback string
+	Events             chan string // non-blocking notifications for tests
 }
 
 // NewBroker starts a broker on 127.0.0.1:0 with a TLS listener whose certificate is issued for
@@ -255,10 +259,18 @@ func (h *Hook) OnACLCheck(*mqtt.Client, string, bool) bool { return true }
 // OnSubscribed records subscriptions in the client's log.
 func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	h.mu.Lock()
+	early := ""
 	for _, f := range pk.Filters {
 		h.Log[cl.ID] = append(h.Log[cl.ID], "sub:"+f.Filter)
+		if f.Filter == wire.MethodsFilter {
+			early = h.MethodBeforeSuback
+		}
 	}
 	h.mu.Unlock()
+	if early != "" {
+		// mochi writes the SUBACK after this hook returns.
+		h.b.SendTo(cl, wire.MethodRequest(early, "early"), []byte("{}"))
+	}
 	h.notify("subscribed")
 }
 
