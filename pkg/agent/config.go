@@ -16,6 +16,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/connstr"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/spool"
 )
 
 // ErrConfig wraps every configuration error.
@@ -120,6 +121,42 @@ type QueueConfig struct {
 	Capacity       int           `yaml:"capacity"`
 	MaxInFlight    int           `yaml:"maxInFlight"`
 	MessageTimeout time.Duration `yaml:"messageTimeout"`
+	// Persist keeps the queue on disk in StateDir (queue-<deviceId>/), so telemetry accepted
+	// before a crash, a SIGKILL or a power cut is sent after the restart (pkg/spool).
+	Persist bool `yaml:"persist"`
+	// MaxBytes bounds the bytes the disk queue holds (with Persist). Default 16 MiB.
+	MaxBytes int64 `yaml:"maxBytes"`
+	// Fsync is when the disk queue is forced to stable storage: always (every message),
+	// interval (every FsyncInterval; the default) or never (left to the operating system).
+	Fsync string `yaml:"fsync"`
+	// FsyncInterval is the period of the interval policy, and of writing which messages the
+	// hub acknowledged. Default 1s.
+	FsyncInterval time.Duration `yaml:"fsyncInterval"`
+	// WhenFull is refuseNewest (the default: a new message is refused and logged) or dropOldest
+	// (the oldest message not in flight is dropped and logged); both are counted.
+	WhenFull string `yaml:"whenFull"`
+}
+
+// DefaultQueueMaxBytes is queue.maxBytes when queue.persist is set and maxBytes is not.
+const DefaultQueueMaxBytes = 16 << 20
+
+// check validates the queue section.
+func (q *QueueConfig) check(stateDir string) error {
+	if _, err := spool.ParseFsync(q.Fsync); err != nil {
+		return fmt.Errorf("%w: queue.fsync: %w", ErrConfig, err)
+	}
+	switch q.WhenFull {
+	case "", hub.WhenFullRefuseNewest, hub.WhenFullDropOldest:
+	default:
+		return fmt.Errorf("%w: queue.whenFull %q: want %s or %s", ErrConfig, q.WhenFull, hub.WhenFullRefuseNewest, hub.WhenFullDropOldest)
+	}
+	if q.MaxBytes < 0 || q.FsyncInterval < 0 {
+		return fmt.Errorf("%w: queue.maxBytes and queue.fsyncInterval must not be negative", ErrConfig)
+	}
+	if q.Persist && stateDir == "" {
+		return fmt.Errorf("%w: queue.persist needs stateDir", ErrConfig)
+	}
+	return nil
 }
 
 // TelemetryConfig is the periodic telemetry the agent sends.
@@ -135,6 +172,9 @@ type TelemetryConfig struct {
 	ContentEncoding string `yaml:"contentEncoding"`
 	// Properties are application properties added to every message.
 	Properties map[string]string `yaml:"properties"`
+	// Count, when positive, stops the periodic telemetry after that many messages in this run
+	// (for tests and measurements); 0 sends until shutdown.
+	Count uint64 `yaml:"count"`
 }
 
 // LogConfig selects the log output; used by cmd/agent.
@@ -335,6 +375,7 @@ func (c *Config) hubConfig(id identity) hub.Config {
 		QueueCapacity:    c.Queue.Capacity,
 		MaxInFlight:      c.Queue.MaxInFlight,
 		MessageTimeout:   c.Queue.MessageTimeout,
+		WhenFull:         c.Queue.WhenFull,
 		DrainTimeout:     c.ShutdownTimeout,
 		BeforeConnect:    c.Shared.BeforeConnect,
 		TLSSessionCache:  c.Shared.TLSSessionCache,

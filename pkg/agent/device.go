@@ -26,6 +26,8 @@ import (
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"text/template"
@@ -36,6 +38,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/spool"
 	"github.com/iothubby/iothubby/pkg/tpm"
 	"github.com/iothubby/iothubby/pkg/twinsync"
 )
@@ -121,6 +124,9 @@ type Device struct {
 	// tpm holds the identity key when dps.attestation is tpm; closed by Close.
 	tpm     *tpm.Device
 	tpmOnce sync.Once
+
+	// spool is the disk queue (queue.persist), open while Run runs.
+	spool *spool.Spool
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O, but
@@ -189,6 +195,9 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if err := d.cfg.Reboot.check(); err != nil {
 		return nil, err
 	}
+	if err := d.cfg.Queue.check(d.cfg.StateDir); err != nil {
+		return nil, err
+	}
 	d.reboot = newRebooter(d.cfg.Reboot, d.cfg.StateDir, id.deviceID, d.log, d.report)
 	if err := d.cfg.checkFirmware(); err != nil {
 		return nil, err
@@ -238,6 +247,18 @@ func (d *Device) Run(ctx context.Context) error {
 	defer context.AfterFunc(d.stopped, cancel)()
 	if err := d.reboot.load(); err != nil {
 		return err
+	}
+	if d.cfg.Queue.Persist {
+		sp, err := d.openSpool()
+		if err != nil {
+			return err
+		}
+		d.spool = sp
+		defer func() {
+			if err := sp.Close(); err != nil {
+				d.log.Warn("queue spool: close", zap.Error(err))
+			}
+		}()
 	}
 	// Components with work of their own run until Run returns (after the session's drain),
 	// stopped and waited for here.
@@ -303,6 +324,13 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	}
 	simReboot := d.reboot.simReboot
 	hc.Logger = d.log
+	if d.spool != nil {
+		hc.Spool = d.spool
+		hc.QueueMaxBytes = d.cfg.Queue.MaxBytes
+		if hc.QueueMaxBytes == 0 {
+			hc.QueueMaxBytes = DefaultQueueMaxBytes
+		}
+	}
 	obs := d.observer()
 	hc.OnStatus = func(st hub.Status) {
 		obs.ConnectionStatus(d.id.deviceID, st)
@@ -338,7 +366,7 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	ts.Start(syncCtx)
 	defer func() { stopSync(); ts.Wait() }()
 
-	tick, stopTick := newTelemetryTicker(d.tele.Load().cfg.Interval)
+	tick, stopTick := d.telemetryTicker()
 	defer func() { stopTick() }()
 	var runErr error
 loop:
@@ -358,9 +386,14 @@ loop:
 			break loop
 		case now := <-tick:
 			d.sendTelemetry(sess, now)
+			if n := d.tele.Load().cfg.Count; n > 0 && d.seq.Load() >= n {
+				stopTick()
+				tick, stopTick = nil, func() {}
+				d.log.Info("telemetry count reached", zap.Uint64("count", n))
+			}
 		case <-d.teleChanged:
 			stopTick()
-			tick, stopTick = newTelemetryTicker(d.tele.Load().cfg.Interval)
+			tick, stopTick = d.telemetryTicker()
 		}
 	}
 	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
@@ -374,11 +407,45 @@ loop:
 	}
 	st := sess.Stats()
 	d.log.Info("stopped", zap.Uint64("delivered", st.Sent), zap.Uint64("failed", st.Failed),
-		zap.Uint64("refused", st.Rejected), zap.Uint64("connects", st.Connects))
+		zap.Uint64("refused", st.Rejected), zap.Uint64("dropped", st.Dropped), zap.Int("queued", st.Queued),
+		zap.Uint64("connects", st.Connects))
 	if runErr != nil {
 		return fmt.Errorf("device %s: %w", hc.DeviceID, runErr)
 	}
 	return nil
+}
+
+// telemetryTicker starts the periodic telemetry of the current settings, unless telemetry.count
+// messages went out already.
+func (d *Device) telemetryTicker() (<-chan time.Time, func()) {
+	cfg := d.tele.Load().cfg
+	if cfg.Count > 0 && d.seq.Load() >= cfg.Count {
+		return nil, func() {}
+	}
+	return newTelemetryTicker(cfg.Interval)
+}
+
+// openSpool opens the disk queue in StateDir/queue-<deviceId>[-<moduleId>].
+func (d *Device) openSpool() (*spool.Spool, error) {
+	name := "queue-" + d.id.deviceID
+	if d.id.moduleID != "" {
+		name += "-" + d.id.moduleID
+	}
+	policy, _ := spool.ParseFsync(d.cfg.Queue.Fsync) // checked in New
+	dir := filepath.Join(d.cfg.StateDir, strings.ReplaceAll(name, "/", "_"))
+	sp, err := spool.Open(dir, spool.Options{
+		Fsync:     policy,
+		Interval:  d.cfg.Queue.FsyncInterval,
+		MaxRecord: hub.MaxMessageSize + 64*1024, // a message's body, and its properties in the topic
+		Logger:    d.log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("device %s: %w", d.id.deviceID, err)
+	}
+	st := sp.Stats()
+	d.log.Info("queue spool opened", zap.String("dir", dir), zap.String("fsync", policy.String()),
+		zap.Int("messages", st.Records), zap.Int64("bytes", st.Bytes), zap.Uint64("corrupt_segments", st.Corrupt))
+	return sp, nil
 }
 
 // deliverTo sets the session's delivery callbacks: cloud-to-device messages are logged, desired
@@ -467,6 +534,10 @@ func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
 		Properties:      tele.cfg.Properties,
 	}
 	err = sess.Enqueue(msg, func(err error) {
+		if err != nil && d.spool != nil && errors.Is(err, hub.ErrClosed) {
+			d.log.Debug("telemetry kept on disk for the next start", zap.String("message_id", mid))
+			return
+		}
 		obs.TelemetryDone(d.id.deviceID, time.Since(now), err)
 		if err != nil {
 			d.failed.Add(1)

@@ -18,6 +18,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/backoff"
 	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/sas"
+	"github.com/iothubby/iothubby/pkg/spool"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -119,6 +120,19 @@ type Config struct {
 	// QueueCapacity bounds the telemetry messages held by the session (queued and in flight).
 	// Default 1000.
 	QueueCapacity int
+	// Spool, when set, keeps the telemetry queue on disk: a message is appended to it before
+	// Send or Enqueue accepts it and removed once the hub acknowledges it (or it expires, is
+	// canceled or dropped). A session started on a spool first sends what it holds, in order;
+	// Close leaves undelivered messages in it. The caller opens and closes it, and must not give
+	// one spool to two sessions at once.
+	Spool *spool.Spool
+	// QueueMaxBytes, with Spool, bounds the bytes the spool holds; the queue is also full at
+	// QueueCapacity messages. Default 0: no bound beyond QueueCapacity.
+	QueueMaxBytes int64
+	// WhenFull is what Send and Enqueue do when the queue is full: WhenFullRefuseNewest (the
+	// default) refuses the new message with ErrQueueFull; WhenFullDropOldest accepts it and
+	// drops the oldest message not in flight (it fails with ErrDropped; Stats.Dropped counts it).
+	WhenFull string
 	// MaxInFlight is how many telemetry messages may await PUBACK at once. Default 8.
 	MaxInFlight int
 	// MessageTimeout, when positive, fails a telemetry message that has not been published on a
@@ -291,6 +305,14 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.InboundQueue == 0 {
 		c.InboundQueue = DefaultInboundQueue
+	}
+	switch c.WhenFull {
+	case "", WhenFullRefuseNewest, WhenFullDropOldest:
+	default:
+		bad("WhenFull %q: want %s or %s", c.WhenFull, WhenFullRefuseNewest, WhenFullDropOldest)
+	}
+	if c.QueueMaxBytes < 0 {
+		bad("QueueMaxBytes must not be negative")
 	}
 	if c.QueueCapacity < 0 || c.MaxInFlight < 0 || c.InboundQueue < 0 {
 		bad("QueueCapacity, MaxInFlight and InboundQueue must not be negative")

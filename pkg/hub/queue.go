@@ -7,6 +7,9 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/spool"
 )
 
 // queue is the session's telemetry queue: bounded, ordered, at-least-once. Callers push
@@ -14,10 +17,22 @@ import (
 // pushed messages in, publishes them with up to maxInFlight awaiting PUBACK, reaps PUBACKs in
 // order, expires messages past their deadline and requeues what a lost connection left
 // unacknowledged.
+//
+// With a spool (Config.Spool) every pushed message is appended to it before it is accepted, and
+// removed (acknowledged in the spool) only once it completes for a reason of its own: PUBACK,
+// expiry, cancellation or drop. Messages failed because the session stops stay on disk for the
+// next session. Pushes are serialised by pushMu, so the spool's order is the queue's; the
+// supervisor never waits for pushMu, and no lock is held across the spool's fsync.
 type queue struct {
 	capacity    int
 	maxInFlight int
 	stats       *stats
+	spool       *spool.Spool
+	maxBytes    int64 // bound on the spool's bytes; 0: none
+	dropOldest  bool
+	log         *zap.Logger
+
+	pushMu sync.Mutex // serialises spooled pushes
 
 	n             atomic.Int64 // messages held: pushed and not completed
 	cancelPending atomic.Bool  // a caller withdrew a message
@@ -38,30 +53,110 @@ type outMsg struct {
 	deadline time.Time
 	done     func(error)
 	canceled atomic.Bool
+	seq      uint64 // the spool's sequence number; 0: not spooled
 	// Supervisor-owned.
 	tok    paho.Token
 	sentAt time.Time
 }
 
-func (q *queue) init(capacity, maxInFlight int, st *stats) {
-	q.capacity, q.maxInFlight, q.stats = capacity, maxInFlight, st
+func (q *queue) init(cfg *Config, st *stats) {
+	q.capacity, q.maxInFlight, q.stats = cfg.QueueCapacity, cfg.MaxInFlight, st
+	q.spool, q.maxBytes, q.dropOldest = cfg.Spool, cfg.QueueMaxBytes, cfg.WhenFull == WhenFullDropOldest
+	q.log = cfg.Logger
 }
 
-// push accepts m, or refuses it when the queue is full or no longer takes messages.
+// full reports whether the queue is at its bounds: QueueCapacity messages, or (with a spool)
+// QueueMaxBytes on disk once extra more bytes are added.
+func (q *queue) full(n int64, extra int64) bool {
+	if n >= int64(q.capacity) {
+		return true
+	}
+	return q.spool != nil && q.maxBytes > 0 && q.spool.Bytes()+extra > q.maxBytes
+}
+
+// over reports whether the queue is beyond its bounds.
+func (q *queue) over() bool {
+	return q.n.Load() > int64(q.capacity) || q.spool != nil && q.maxBytes > 0 && q.spool.Bytes() > q.maxBytes
+}
+
+// push accepts m, or refuses it when the queue is full (and the policy is to refuse) or no
+// longer takes messages. With WhenFullDropOldest a full queue still accepts up to twice its
+// bounds; the supervisor drops the oldest messages not in flight to get back within them.
 func (q *queue) push(m *outMsg) error {
+	var rec []byte
+	if q.spool != nil {
+		rec = encodeSpooled(m.topic, m.body)
+		q.pushMu.Lock()
+		defer q.pushMu.Unlock()
+	}
+	extra := int64(len(rec)) + 16 // the spool's record header
+	q.mu.Lock()
+	err := q.refusal
+	if err == nil {
+		n := q.n.Load()
+		switch {
+		case !q.full(n, extra):
+		case !q.dropOldest:
+			err = q.fullErr()
+		case n >= 2*int64(q.capacity) || q.spool != nil && q.maxBytes > 0 && q.spool.Bytes()+extra > 2*q.maxBytes:
+			err = q.fullErr()
+		}
+	}
+	if err != nil || q.spool == nil {
+		defer q.mu.Unlock()
+		if err != nil {
+			q.stats.rejected.Add(1)
+			return err
+		}
+		q.n.Add(1)
+		q.incoming = append(q.incoming, m)
+		return nil
+	}
+	q.mu.Unlock()
+	// Disk I/O (and with fsync always, an fsync) without q.mu: the supervisor never waits on it.
+	seq, err := q.spool.Append(rec)
+	if err != nil {
+		q.stats.rejected.Add(1)
+		return fmt.Errorf("hub: queue spool: %w", err)
+	}
+	m.seq = seq
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	switch {
-	case q.refusal != nil:
+	if q.refusal != nil { // the session stopped taking messages meanwhile
+		q.spool.Ack(seq)
 		q.stats.rejected.Add(1)
 		return q.refusal
-	case q.n.Load() >= int64(q.capacity):
-		q.stats.rejected.Add(1)
-		return fmt.Errorf("%w (%d messages)", ErrQueueFull, q.capacity)
 	}
 	q.n.Add(1)
 	q.incoming = append(q.incoming, m)
 	return nil
+}
+
+func (q *queue) fullErr() error {
+	if q.spool != nil && q.maxBytes > 0 {
+		return fmt.Errorf("%w (%d messages, %d of %d bytes on disk)", ErrQueueFull, q.n.Load(), q.spool.Bytes(), q.maxBytes)
+	}
+	return fmt.Errorf("%w (%d messages)", ErrQueueFull, q.capacity)
+}
+
+// dropOverflow drops the oldest messages not in flight while the queue is beyond its bounds
+// (WhenFullDropOldest).
+func (q *queue) dropOverflow() {
+	if !q.dropOldest {
+		return
+	}
+	dropped := 0
+	for q.inflight < len(q.out) && q.over() {
+		m := q.out[q.inflight]
+		q.out = append(q.out[:q.inflight], q.out[q.inflight+1:]...)
+		q.stats.dropped.Add(1)
+		q.complete(m, ErrDropped)
+		dropped++
+	}
+	if dropped > 0 && q.log != nil {
+		q.log.Warn("telemetry queue full: dropped the oldest messages", zap.Int("dropped", dropped),
+			zap.Uint64("dropped_total", q.stats.dropped.Load()), zap.Int("held", q.len()))
+	}
 }
 
 // refuse makes push fail with err from now on; the first refusal stays.
@@ -92,6 +187,7 @@ func (q *queue) pull() {
 		q.noteDeadline(m)
 	}
 	q.out = append(q.out, in...)
+	q.dropOverflow()
 }
 
 func (q *queue) noteDeadline(m *outMsg) {
@@ -197,6 +293,7 @@ func (q *queue) failAll(refusal, reason error) int {
 	q.out = append(q.out, in...)
 	n := len(q.out)
 	for _, m := range q.out {
+		m.seq = 0 // a spooled message stays on disk for the next session
 		q.complete(m, reason)
 	}
 	q.out, q.inflight = nil, 0
@@ -206,6 +303,9 @@ func (q *queue) failAll(refusal, reason error) int {
 // complete reports a message's outcome.
 func (q *queue) complete(m *outMsg, err error) {
 	q.n.Add(-1)
+	if m.seq != 0 {
+		q.spool.Ack(m.seq)
+	}
 	if err == nil {
 		q.stats.sent.Add(1)
 	} else {

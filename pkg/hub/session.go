@@ -76,7 +76,7 @@ type Session struct {
 
 type stats struct {
 	connects, connectFailures, renewals, connLost atomic.Uint64
-	sent, failed, rejected                        atomic.Uint64
+	sent, failed, rejected, dropped               atomic.Uint64
 	unknownResponses, droppedInbound, badTopics   atomic.Uint64
 	droppedStatus                                 atomic.Uint64
 }
@@ -90,6 +90,7 @@ type Stats struct {
 	Sent             uint64 // telemetry messages acknowledged by the hub
 	Failed           uint64 // accepted telemetry messages reported as failed
 	Rejected         uint64 // messages refused by Send/Enqueue (queue full, too large, closed)
+	Dropped          uint64 // accepted messages dropped from a full queue (WhenFullDropOldest)
 	Queued           int    // messages held now (queued or in flight)
 	UnknownResponses uint64 // twin responses whose $rid was unknown or expired (dropped)
 	DroppedInbound   uint64 // C2D/desired/method events dropped because the inbound queue was full
@@ -122,7 +123,10 @@ func New(cfg Config) (*Session, error) {
 		wake:    make(chan struct{}, 1),
 		upCh:    make(chan struct{}),
 	}
-	s.q.init(cfg.QueueCapacity, cfg.MaxInFlight, &s.stats)
+	s.q.init(&s.cfg, &s.stats)
+	if err := s.loadSpool(); err != nil {
+		return nil, err
+	}
 	s.reqs.init()
 	s.handlerCtx, s.handlerCancel = context.WithCancel(context.Background())
 	s.timer = s.clock.NewTimer(time.Hour)
@@ -163,6 +167,7 @@ func (s *Session) Stats() Stats {
 		Sent:             s.stats.sent.Load(),
 		Failed:           s.stats.failed.Load(),
 		Rejected:         s.stats.rejected.Load(),
+		Dropped:          s.stats.dropped.Load(),
 		Queued:           s.q.len(),
 		UnknownResponses: s.stats.unknownResponses.Load(),
 		DroppedInbound:   s.stats.droppedInbound.Load(),
