@@ -30,6 +30,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/internal/logging"
+	"github.com/iothubby/iothubby/internal/rlimit"
 	"github.com/iothubby/iothubby/internal/version"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub"
@@ -170,6 +171,7 @@ Flags override the config file; the environment variable overrides the file's id
 				return err
 			}
 			defer func() { _ = log.Sync() }()
+			_, _ = rlimit.RaiseNoFile(log) // logs a failure itself; one device needs few descriptors
 			return serve(cmd.Context(), cfg, func() (agent.Config, error) { return loadConfig(cmd, &f) }, hup, log, level)
 		},
 	}

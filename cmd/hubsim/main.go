@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/internal/logging"
+	"github.com/iothubby/iothubby/internal/rlimit"
 	"github.com/iothubby/iothubby/internal/version"
 	"github.com/iothubby/iothubby/pkg/hubsim"
 )
@@ -69,6 +70,9 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 				return err
 			}
 			defer func() { _ = log.Sync() }()
+			if soft, err := rlimit.RaiseNoFile(log); err == nil {
+				log.Info("open-file limit", zap.Uint64("soft", soft), zap.Uint64("device_connections_at_most", soft-min(soft, rlimit.Reserve)))
+			}
 			if cfg.DPSRetryAfter == 0 {
 				cfg.DPSRetryAfter = -1 // Config's zero means the default
 			}
