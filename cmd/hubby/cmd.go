@@ -95,6 +95,7 @@ failed (bulk operations, jobs, rollouts); 130 interrupted.`,
 	root.AddCommand(pkiCommand(g))
 	root.AddCommand(firmwareCommand(g))
 	root.AddCommand(monitorEvents(g))
+	root.AddCommand(hubsimCommand(g))
 	groupsRejectUnknown(root)
 	return root
 }

@@ -97,8 +97,8 @@ func TestFaultMalformedIgnored(t *testing.T) {
 	if len(st.Log) != 2 || st.Log[0].Type != "Explode" {
 		t.Fatalf("log = %+v", st.Log)
 	}
-	if r := e.do("POST", "/hubsim/faults", nil, ""); r.status != 405 {
-		t.Fatalf("POST /hubsim/faults = %d, want 405", r.status)
+	if r := e.do("PUT", "/hubsim/faults", nil, ""); r.status != 405 {
+		t.Fatalf("PUT /hubsim/faults = %d, want 405", r.status)
 	}
 	if r := e.do("GET", "/hubsim/faults", nil, "none"); r.status != 401 {
 		t.Fatalf("GET /hubsim/faults without a token = %d, want 401", r.status)
@@ -106,3 +106,43 @@ func TestFaultMalformedIgnored(t *testing.T) {
 }
 
 func pingPkt() []byte { return []byte{0xc0, 0} }
+
+// TestFaultAdminRefuseAndDrop: POST /hubsim/faults refuses one device's CONNECTs with the
+// requested return code, drops every connection, lists the rule, and DELETE clears it.
+func TestFaultAdminRefuseAndDrop(t *testing.T) {
+	e := newEnv(t)
+	d1, d2 := e.createSAS("adm1"), e.createSAS("adm2")
+	rc1 := e.connectSAS(d1)
+	rc2 := e.connectSAS(d2)
+	if r := e.do("POST", "/hubsim/faults", []byte(`{"action":"drop"}`), ""); r.status != 200 {
+		t.Fatalf("drop: %d %s", r.status, r.body)
+	}
+	rc1.expectClosed()
+	rc2.expectClosed()
+	r := e.do("POST", "/hubsim/faults", []byte(`{"action":"refuse-connect","deviceId":"adm1","code":3,"durationSecs":600,"seed":7}`), "")
+	if r.status != 200 {
+		t.Fatalf("refuse-connect: %d %s", r.status, r.body)
+	}
+	c := e.dial()
+	if code := c.connect(d1.DeviceID, e.host+"/"+d1.DeviceID+"/?api-version=2021-04-12", e.token(d1)); code != 3 {
+		t.Fatalf("CONNACK %d under a refuse-connect rule, want 3", code)
+	}
+	e.connectSAS(d2) // the rule names adm1 only
+	var st faults.Status
+	e.do("GET", "/hubsim/faults", nil, "").json(t, &st)
+	if len(st.Rules) != 1 || st.Rules[0].DeviceID != "adm1" || st.Rules[0].Code != 3 || st.Rules[0].Seed != 7 {
+		t.Fatalf("rules = %+v", st.Rules)
+	}
+	if st.Counters["admin:drop/dropped 2"] != 1 || st.Counters["admin:refuse-connect/connect-refused 3"] != 1 {
+		t.Fatalf("counters = %v", st.Counters)
+	}
+	for _, bad := range []string{`{"action":"explode"}`, `{"action":"refuse-connect","durationSecs":5,"code":9}`, `{"action":"refuse-connect"}`, `{"action":"drop","extra":1}`, `not json`} {
+		if r := e.do("POST", "/hubsim/faults", []byte(bad), ""); r.status != 400 {
+			t.Fatalf("POST %s = %d, want 400", bad, r.status)
+		}
+	}
+	if r := e.do("DELETE", "/hubsim/faults", nil, ""); r.status != 200 {
+		t.Fatalf("DELETE: %d", r.status)
+	}
+	e.connectSAS(d1)
+}

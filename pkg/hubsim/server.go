@@ -257,6 +257,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err != nil {
 		return nil, err
 	}
+	s.faults.SetDropper(s.dropConnections)
 	s.twins.SetNotifier(s.brk)
 	s.methods.SetSender(s.brk)
 	if err := ctx.Err(); err != nil {
@@ -409,6 +410,23 @@ func (s *Server) Registry() *registry.Registry { return s.reg }
 
 // Broker is the device MQTT endpoint (cloud-to-device send, telemetry records, connections).
 func (s *Server) Broker() *broker.Broker { return s.brk }
+
+// dropConnections closes deviceID's connection, or every device connection for "".
+func (s *Server) dropConnections(deviceID string) int {
+	if deviceID != "" {
+		if s.brk.Disconnect(deviceID) {
+			return 1
+		}
+		return 0
+	}
+	n := 0
+	for _, c := range s.brk.Connections() {
+		if s.brk.Disconnect(c.DeviceID) {
+			n++
+		}
+	}
+	return n
+}
 
 // Faults is the fault injector (AzIoTHub_Fault* telemetry, GET /hubsim/faults).
 func (s *Server) Faults() *faults.Injector { return s.faults }

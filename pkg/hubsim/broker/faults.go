@@ -1,7 +1,11 @@
 package broker
 
 import (
+	"errors"
 	"net"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"go.uber.org/zap"
 
@@ -59,15 +63,32 @@ func (s *session) injectFault(props wire.Properties) {
 	})
 }
 
-// faultRefusal is the CONNECT refusal of an open InvokeAuthError window, if any.
-func (b *Broker) faultRefusal(deviceID string) authFailure {
+// connackFor maps a 3.1.1 CONNACK return code to the code mochi translates back to it.
+var connackFor = map[int]packets.Code{
+	1: packets.ErrUnsupportedProtocolVersion,
+	2: packets.ErrClientIdentifierNotValid,
+	3: packets.ErrServerUnavailable,
+	4: packets.ErrMalformedUsername,
+	5: packets.ErrBadUsernameOrPassword,
+}
+
+// errFaultRefused ends a CONNECT refused by an injected fault.
+var errFaultRefused = errors.New("connect refused by an injected fault")
+
+// refuseByFault sends the CONNACK refusal of an injected fault (an InvokeAuthError window or a
+// refuse-connect rule), if one applies to this CONNECT, and reports whether it did.
+func (b *Broker) refuseByFault(cl *mqtt.Client, pk packets.Packet) bool {
 	if b.cfg.Faults == nil {
-		return ""
+		return false
 	}
-	spec, ok := b.cfg.Faults.ActiveFor(deviceID, faults.KindAuth)
+	id := pk.Connect.ClientIdentifier
+	code, reason, ok := b.cfg.Faults.ConnectRefusal(id)
 	if !ok {
-		return ""
+		return false
 	}
-	b.cfg.Faults.Note(deviceID, spec, "connect-refused")
-	return authFailure("fault injected: " + spec.Type)
+	b.log.Info("device connection refused by a fault", zap.String("client_id", maskTopic(id)),
+		zap.Int("connack", code), zap.String("reason", reason))
+	_ = b.mqtt.SendConnack(cl, connackFor[code], false, nil)
+	b.emit(Event{Kind: EventRefused, DeviceID: id, Remote: cl.Net.Remote, Reason: reason})
+	return true
 }

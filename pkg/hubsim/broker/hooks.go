@@ -48,7 +48,10 @@ func sessionOf(cl *mqtt.Client) *session {
 
 // OnConnect caps the keep-alive as IoT Hub does (the server waits 1.5 × keep-alive, at most
 // 1767 s; a keep-alive of 0 gets the cap too).
-func (h *hook) OnConnect(cl *mqtt.Client, _ packets.Packet) error {
+func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	if h.b.refuseByFault(cl, pk) {
+		return errFaultRefused
+	}
 	if ka := cl.State.Keepalive; ka == 0 || ka > maxKeepAlive {
 		cl.State.Keepalive = maxKeepAlive
 	}

@@ -120,9 +120,6 @@ func (b *Broker) authenticate(cl *mqtt.Client, dc *devConn, pk packets.Packet) (
 			return nil, authFailure(fmt.Sprintf("device is registered in hub %s, not %s", hub, stripPort(u.Host)))
 		}
 	}
-	if f := b.faultRefusal(u.DeviceID); f != "" {
-		return nil, f
-	}
 	if pk.Connect.WillFlag {
 		t, err := wire.Parse(pk.Connect.WillTopic)
 		if err != nil || t.Kind != wire.KindTelemetry || t.DeviceID != u.DeviceID || t.ModuleID != "" {

@@ -157,6 +157,7 @@ type Active struct {
 // Status is a snapshot: open windows, counters by fault type and action, and the recent log.
 type Status struct {
 	Active   []Active         `json:"active"`
+	Rules    []Rule           `json:"rules"`
 	Counters map[string]int64 `json:"counters"`
 	Log      []Record         `json:"log"`
 }
@@ -183,6 +184,9 @@ type Injector struct {
 	counters map[string]int64
 	records  []Record
 	closed   bool
+	rules    []*Rule
+	nextID   int
+	drop     func(deviceID string) int
 }
 
 // New returns an Injector on clk; Close stops its timers.
@@ -284,7 +288,7 @@ func (in *Injector) Status() Status {
 	now := in.clk.Now()
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	st := Status{Active: []Active{}, Counters: make(map[string]int64, len(in.counters)), Log: append([]Record{}, in.records...)}
+	st := Status{Active: []Active{}, Rules: in.rulesLocked(now), Counters: make(map[string]int64, len(in.counters)), Log: append([]Record{}, in.records...)}
 	for id, ws := range in.windows {
 		for _, w := range ws {
 			if now.Before(w.until) {

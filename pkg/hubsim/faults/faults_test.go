@@ -3,6 +3,7 @@ package faults
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -174,4 +175,60 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted out-of-range %+v", s)
 		}
 	})
+}
+
+// TestRefuseConnectSeeded: a rule with probability 0.5 refuses the same CONNECTs for the same
+// seed, and a different sequence for another seed.
+func TestRefuseConnectSeeded(t *testing.T) {
+	run := func(seed uint64) []bool {
+		in := New(clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), nil)
+		defer in.Close()
+		if _, err := in.Apply(RuleRequest{Action: ActionRefuseConnect, DurationSecs: 60, Probability: 0.5, Seed: seed}); err != nil {
+			t.Fatal(err)
+		}
+		var out []bool
+		for range 64 {
+			_, _, refused := in.ConnectRefusal("d")
+			out = append(out, refused)
+		}
+		return out
+	}
+	a, b, c := run(42), run(42), run(43)
+	if !slices.Equal(a, b) {
+		t.Fatal("same seed, different refusals")
+	}
+	if slices.Equal(a, c) {
+		t.Fatal("different seeds, identical refusals over 64 draws")
+	}
+	n := 0
+	for _, r := range a {
+		if r {
+			n++
+		}
+	}
+	if n == 0 || n == 64 {
+		t.Fatalf("probability 0.5 refused %d of 64", n)
+	}
+}
+
+func TestRuleExpires(t *testing.T) {
+	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	in := New(clk, nil)
+	defer in.Close()
+	if _, err := in.Apply(RuleRequest{Action: ActionRefuseConnect, DeviceID: "a", Code: 5, DurationSecs: 10}); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, ok := in.ConnectRefusal("a"); !ok || code != 5 {
+		t.Fatalf("refusal = %d %v", code, ok)
+	}
+	if _, _, ok := in.ConnectRefusal("b"); ok {
+		t.Fatal("rule for a refused b")
+	}
+	clk.Advance(10 * time.Second)
+	if _, _, ok := in.ConnectRefusal("a"); ok {
+		t.Fatal("rule still refusing after its duration")
+	}
+	if len(in.Status().Rules) != 0 {
+		t.Fatal("expired rule still listed")
+	}
 }

@@ -35,6 +35,7 @@ const wsCases = require('./ws-cases');
 const ehCases = require('./eventhubs-cases');
 const amqpCases = require('./amqp-cases');
 const jobCases = require('./job-cases');
+const faultCases = require('./fault-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -629,6 +630,7 @@ const CASES = [
   ['service-bulk-registry', jobCases.bulkRegistry],
   ['eventhubs-read-agent-telemetry', ehCases.eventHubsReadAgentTelemetry],
   ['eventhubs-properties', ehCases.eventHubsProperties],
+  ['device-fault-killtcp', faultCases.deviceKillTcp],
 ];
 
 // ---------------------------------------------------------------------------------------------
