@@ -26,6 +26,13 @@
 //	         every event back through the Event Hubs-compatible endpoint (one receiver per
 //	         partition); the read rate is compared with the publish rate of the same run.
 //	         Target: read/publish >= 1.
+//	fleet-memory: -fleet-n devices (default 2,000; the issue's figure is 10,000) held against one
+//	         hubsim process, each side in its own process: bare paho clients, the fleet
+//	         (pkg/agent devices sharing roots and a TLS session cache, telemetry every 60 s; the
+//	         stand-in until `agent fleet` lands) and Microsoft's Node device SDK
+//	         (test/bench/node/fleet.js). Heap+stack per device from runtime/metrics, fleet/paho
+//	         <= 1.3; RSS per device (VmRSS held minus VmRSS before the first connect), fleet/Node
+//	         <= 0.6. Needs test/conformance/node_modules (npm ci --ignore-scripts).
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
@@ -45,12 +52,24 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
 )
 
 func main() {
+	if kind := os.Getenv(childEnv); kind != "" {
+		if len(os.Args) != 2 {
+			fmt.Fprintln(os.Stderr, "bench child: want one argument, the spec file")
+			os.Exit(2)
+		}
+		if err := runFleetChild(kind, os.Args[1]); err != nil {
+			fmt.Fprintln(os.Stderr, "bench child:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:])
 	stop()
@@ -62,7 +81,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,twin,dps,methods,tpm,c2d,jobs,eventhubs", "comma-separated benchmarks to run (sas, connect, memory, twin, dps, methods, tpm, c2d, jobs, eventhubs)")
+	only := fs.String("only", "sas,connect,memory,fleet-memory,twin,dps,methods,tpm,c2d,jobs,eventhubs", "comma-separated benchmarks to run (sas, connect, memory, fleet-memory, twin, dps, methods, tpm, c2d, jobs, eventhubs)")
 	jobsN := fs.Int("jobs-n", 1000, "devices a twin-update job covers in the jobs comparison")
 	jobsParallelism := fs.Int("jobs-parallelism", 16, "hubsim's --job-parallelism in the jobs comparison")
 	ehN := fs.Int("eventhubs-n", 16, "devices publishing in the Event Hubs comparison")
@@ -78,6 +97,7 @@ func run(ctx context.Context, args []string) error {
 	twinSamples := fs.Int("twin-samples", 4000, "round trips of each kind in the twin comparison")
 	methodsN := fs.Int("methods-n", 200, "devices connected in the method round-trip comparison")
 	methodsSamples := fs.Int("methods-samples", 2000, "round trips of each kind in the method comparison")
+	fleetN := fs.Int("fleet-n", 2000, "devices in the fleet comparisons (the issue's figure is 10,000: -fleet-n 10000)")
 	binDir := fs.String("bin", os.Getenv("IOTHUBBY_BIN"), "folder with the hubsim binary (memory benchmark)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -118,6 +138,14 @@ func run(ctx context.Context, args []string) error {
 			return fmt.Errorf("memory: %w", err)
 		}
 	}
+	if want["fleet-memory"] {
+		if *binDir == "" {
+			return errors.New("fleet-memory: set -bin or IOTHUBBY_BIN to the folder with the hubsim binary")
+		}
+		if err := benchFleetMemory(ctx, *binDir, repoRoot(), *fleetN, report); err != nil {
+			return fmt.Errorf("fleet-memory: %w", err)
+		}
+	}
 	if want["twin"] {
 		if err := benchTwin(ctx, *twinN, *twinSamples, report); err != nil {
 			return fmt.Errorf("twin: %w", err)
@@ -152,6 +180,17 @@ func run(ctx context.Context, args []string) error {
 		fmt.Printf("targets missed: %s\n", strings.Join(failed, ", "))
 	}
 	return nil
+}
+
+// repoRoot is the repository's top folder (make bench runs from it; go run ./test/bench too).
+func repoRoot() string {
+	dir, _ := os.Getwd()
+	for d := dir; d != filepath.Dir(d); d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d
+		}
+	}
+	return dir
 }
 
 func median(xs []float64) float64 {

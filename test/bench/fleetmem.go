@@ -1,0 +1,437 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/agent"
+	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
+	"github.com/iothubby/iothubby/pkg/sas"
+	"github.com/iothubby/iothubby/pkg/service"
+)
+
+// childEnv selects a child mode of this binary: the fleet benchmarks run each side in its own
+// process (so that its RSS is its own) by re-executing the bench binary with it set.
+const childEnv = "IOTHUBBY_BENCH_CHILD"
+
+// fleetSpec is what a child (Go or Node) holds: one hubsim, its devices and the telemetry period.
+type fleetSpec struct {
+	Host        string        `json:"host"`
+	MQTTAddress string        `json:"mqttAddress"`
+	CAFile      string        `json:"caFile"`
+	Parallel    int           `json:"parallel"`
+	TelemetryMs int64         `json:"telemetryMs"`
+	Devices     []fleetDevice `json:"devices"`
+}
+
+type fleetDevice struct {
+	ID  string `json:"id"`
+	Key string `json:"key"`
+}
+
+// startHubsimProc runs hubsim as its own process with a fresh state folder.
+func startHubsimProc(ctx context.Context, binDir string, extra ...string) (endpoints.Endpoints, func(), error) {
+	state, err := os.MkdirTemp("", "iothubby-bench-fleet-")
+	if err != nil {
+		return endpoints.Endpoints{}, nil, err
+	}
+	args := append([]string{"serve", "--state", state, "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0",
+		"--amqp-addr", "127.0.0.1:0", "--log-level", "warn"}, extra...)
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "hubsim"), args...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(state)
+		return endpoints.Endpoints{}, nil, err
+	}
+	stop := func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+		os.RemoveAll(state)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ep, err := endpoints.Read(state)
+		if err == nil && ep.PID == cmd.Process.Pid {
+			return ep, stop, nil
+		}
+		if time.Now().After(deadline) {
+			stop()
+			return endpoints.Endpoints{}, nil, errors.New("hubsim did not start")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// procStatusKiB reads a field (VmRSS, VmHWM) of /proc/PID/status in KiB.
+func procStatusKiB(pid int, field string) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			return strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status has no %s", pid, field)
+}
+
+// procCPU is a process's utime+stime from /proc/PID/stat, in seconds.
+func procCPU(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, errors.New("bad /proc stat")
+	}
+	f := strings.Fields(s[i+2:])
+	// Fields after the command: state(0) ... utime(11) stime(12).
+	if len(f) < 13 {
+		return 0, errors.New("short /proc stat")
+	}
+	u, err1 := strconv.ParseFloat(f[11], 64)
+	st, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		return 0, errors.New("bad /proc stat times")
+	}
+	return (u + st) / 100, nil // USER_HZ is 100 on Linux
+}
+
+// childProc is one side of a fleet comparison running in its own process. It prints BASE when
+// loaded and idle, then HELD ... once every device is connected; closing its stdin ends it.
+type childProc struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	lines *bufio.Scanner
+}
+
+func startChild(ctx context.Context, cmd *exec.Cmd) (*childProc, error) {
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return &childProc{cmd: cmd, stdin: in, lines: bufio.NewScanner(out)}, nil
+}
+
+// expect waits for the child's next line, which must start with word; it returns the rest.
+func (c *childProc) expect(word string, timeout time.Duration) ([]string, error) {
+	got := make(chan bool, 1)
+	go func() { got <- c.lines.Scan() }()
+	select {
+	case ok := <-got:
+		if !ok {
+			return nil, fmt.Errorf("child ended before %s (%v)", word, c.lines.Err())
+		}
+	case <-time.After(timeout):
+		_ = c.cmd.Process.Kill()
+		return nil, fmt.Errorf("child: no %s within %s", word, timeout)
+	}
+	f := strings.Fields(c.lines.Text())
+	if len(f) == 0 || f[0] != word {
+		return nil, fmt.Errorf("child said %q, want %s", c.lines.Text(), word)
+	}
+	return f[1:], nil
+}
+
+func (c *childProc) stop() {
+	_ = c.stdin.Close()
+	done := make(chan struct{})
+	go func() { _ = c.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-done
+	}
+}
+
+// goMem is heap (in-use spans) + goroutine stacks from runtime/metrics, the figure the fleet
+// exposes as its own Go metrics, after GCs let grown stacks shrink.
+func goMem() (heapStack uint64, goroutines uint64) {
+	for range 4 {
+		runtime.GC()
+	}
+	debug.FreeOSMemory()
+	s := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/unused:bytes"},
+		{Name: "/memory/classes/heap/stacks:bytes"}, {Name: "/sched/goroutines:goroutines"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64() + s[1].Value.Uint64() + s[2].Value.Uint64(), s[3].Value.Uint64()
+}
+
+// runFleetChild is the child side: hold the spec's devices as bare paho clients ("paho") or as
+// pkg/agent devices ("agent", the stand-in for `agent fleet` sharing roots and a TLS session
+// cache as a fleet does), print BASE/HELD with Go memory figures, and end when stdin closes.
+func runFleetChild(kind, specFile string) error {
+	b, err := os.ReadFile(specFile)
+	if err != nil {
+		return err
+	}
+	var spec fleetSpec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return err
+	}
+	pem, err := os.ReadFile(spec.CAFile)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	hs0, g0 := goMem()
+	fmt.Printf("BASE %d %d\n", hs0, g0)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var release func()
+	switch kind {
+	case "paho":
+		tlsCfg := &tls.Config{RootCAs: pool, ServerName: spec.Host, MinVersion: tls.VersionTLS12}
+		keys := make([]sas.Key, len(spec.Devices))
+		for i, d := range spec.Devices {
+			if keys[i], err = sas.ParseKey(d.Key); err != nil {
+				return err
+			}
+		}
+		release, err = holdPaho(ctx, endpoints.Endpoints{MQTTAddress: spec.MQTTAddress, HubHostName: spec.Host}, tlsCfg, keys)
+	case "agent":
+		release, err = holdAgents(ctx, spec, pool)
+	default:
+		return fmt.Errorf("unknown child %q", kind)
+	}
+	if err != nil {
+		return err
+	}
+	hs1, g1 := goMem()
+	if prof := os.Getenv("BENCH_HEAP_PROFILE"); prof != "" {
+		for _, p := range []string{"heap", "goroutine"} {
+			if f, err := os.Create(prof + "." + p + "." + kind); err == nil {
+				_ = pprof.Lookup(p).WriteTo(f, 0)
+				f.Close()
+			}
+		}
+	}
+	fmt.Printf("HELD %d %d %d\n", len(spec.Devices), hs1, g1)
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	release()
+	return nil
+}
+
+// holdAgents runs one pkg/agent Device per spec device until each reports connected.
+func holdAgents(ctx context.Context, spec fleetSpec, pool *x509.CertPool) (func(), error) {
+	cache := tls.NewLRUClientSessionCache(len(spec.Devices))
+	devs := make([]*agent.Device, len(spec.Devices))
+	done := make([]chan error, len(spec.Devices))
+	release := func() {
+		_ = forEach(len(devs), func(i int) error {
+			if devs[i] != nil {
+				devs[i].Close()
+				<-done[i]
+			}
+			return nil
+		})
+	}
+	err := forEach(len(spec.Devices), func(i int) error {
+		d := spec.Devices[i]
+		cfg := agent.Default()
+		cfg.Host = spec.Host
+		cfg.Address = spec.MQTTAddress
+		cfg.DeviceID = d.ID
+		cfg.Auth.SymmetricKey = d.Key
+		cfg.Connection.KeepAlive = 60 * time.Second
+		cfg.Telemetry.Interval = time.Duration(spec.TelemetryMs) * time.Millisecond
+		cfg.Shared = agent.Shared{Index: i, RootCAs: pool, TLSSessionCache: cache}
+		dev, err := agent.New(cfg, zap.NewNop())
+		if err != nil {
+			return err
+		}
+		up := make(chan struct{})
+		var once sync.Once
+		dev.OnStatus(func(st hub.Status) {
+			if st.State == hub.Connected {
+				once.Do(func() { close(up) })
+			}
+		})
+		devs[i] = dev
+		done[i] = make(chan error, 1)
+		go func() { done[i] <- dev.Run(ctx) }()
+		select {
+		case <-up:
+			return nil
+		case err := <-done[i]:
+			done[i] <- err
+			return fmt.Errorf("%s: run ended: %v", d.ID, err)
+		case <-time.After(120 * time.Second):
+			return fmt.Errorf("%s: not connected in 120s", d.ID)
+		}
+	})
+	return release, err
+}
+
+// fleetSide is what one side of the memory comparison held.
+type fleetSide struct {
+	rssBaseKiB, rssHeldKiB int64
+	heapStackPerDev        float64 // Go sides only
+	goroutinesPerDev       float64
+}
+
+func (s fleetSide) rssPerDevKiB(n int) float64 {
+	return float64(s.rssHeldKiB-s.rssBaseKiB) / float64(n)
+}
+
+// runSide starts one side, records RSS at BASE and HELD, and stops it.
+func runSide(ctx context.Context, cmd *exec.Cmd, n int) (fleetSide, error) {
+	var s fleetSide
+	c, err := startChild(ctx, cmd)
+	if err != nil {
+		return s, err
+	}
+	defer c.stop()
+	base, err := c.expect("BASE", 60*time.Second)
+	if err != nil {
+		return s, err
+	}
+	if s.rssBaseKiB, err = procStatusKiB(c.cmd.Process.Pid, "VmRSS"); err != nil {
+		return s, err
+	}
+	held, err := c.expect("HELD", 10*time.Minute)
+	if err != nil {
+		return s, err
+	}
+	if s.rssHeldKiB, err = procStatusKiB(c.cmd.Process.Pid, "VmRSS"); err != nil {
+		return s, err
+	}
+	if len(base) == 2 && len(held) == 3 {
+		hs0, _ := strconv.ParseFloat(base[0], 64)
+		g0, _ := strconv.ParseFloat(base[1], 64)
+		hs1, _ := strconv.ParseFloat(held[1], 64)
+		g1, _ := strconv.ParseFloat(held[2], 64)
+		s.heapStackPerDev = (hs1 - hs0) / float64(n)
+		s.goroutinesPerDev = (g1 - g0) / float64(n)
+	}
+	return s, nil
+}
+
+// benchFleetMemory holds n devices against one hubsim process three ways, each in its own
+// process: bare paho clients (the heap+stack baseline), the fleet (pkg/agent devices sharing
+// roots and a TLS session cache; telemetry every 60 s) and Microsoft's Node device SDK
+// (test/bench/node/fleet.js, the RSS baseline). RSS per device is the process's VmRSS once all
+// are connected minus its VmRSS before the first connect.
+func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report func(string, float64, bool, string)) error {
+	if _, err := os.Stat(filepath.Join(repo, "test/conformance/node_modules/azure-iot-device-mqtt")); err != nil {
+		return fmt.Errorf("the Node SDK side needs test/conformance/node_modules: cd test/conformance && npm ci --ignore-scripts (%w)", err)
+	}
+	ep, stop, err := startHubsimProc(ctx, binDir)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	svc, keys, err := serviceAndDevices(ctx, ep, n)
+	if err != nil {
+		return err
+	}
+	defer svc.Close()
+	spec := fleetSpec{Host: ep.HubHostName, MQTTAddress: ep.MQTTAddress, CAFile: ep.CAFile, Parallel: parallel, TelemetryMs: 60000}
+	for i, k := range keys {
+		spec.Devices = append(spec.Devices, fleetDevice{ID: devID(i), Key: k})
+	}
+	dir, err := os.MkdirTemp("", "iothubby-bench-fleetspec-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	specFile := filepath.Join(dir, "spec.json")
+	b, _ := json.Marshal(spec)
+	if err := os.WriteFile(specFile, b, 0o600); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	goChild := func(kind string) *exec.Cmd {
+		cmd := exec.CommandContext(ctx, self, specFile)
+		cmd.Env = append(os.Environ(), childEnv+"="+kind)
+		return cmd
+	}
+	nodeChild := func() *exec.Cmd {
+		cmd := exec.CommandContext(ctx, "node", "--expose-gc", filepath.Join(repo, "test/bench/node/fleet.js"), specFile)
+		cmd.Env = append(os.Environ(), "NODE_PATH="+filepath.Join(repo, "test/conformance/node_modules"), "NODE_EXTRA_CA_CERTS="+ep.CAFile)
+		return cmd
+	}
+	sides := map[string]fleetSide{}
+	for _, kind := range []string{"paho", "fleet", "node"} {
+		var cmd *exec.Cmd
+		switch kind {
+		case "paho":
+			cmd = goChild("paho")
+		case "fleet":
+			cmd = goChild("agent")
+		case "node":
+			cmd = nodeChild()
+		}
+		start := time.Now()
+		s, err := runSide(ctx, cmd, n)
+		if err != nil {
+			return fmt.Errorf("%s: %w", kind, err)
+		}
+		sides[kind] = s
+		fmt.Printf("fleet-memory: %-5s %d devices in %.0fs: RSS %.1f KiB/device (base %d KiB, held %d KiB)",
+			kind, n, time.Since(start).Seconds(), s.rssPerDevKiB(n), s.rssBaseKiB, s.rssHeldKiB)
+		if kind != "node" {
+			fmt.Printf(", heap+stack %.1f KiB/device, %.1f goroutines/device", s.heapStackPerDev/1024, s.goroutinesPerDev)
+		}
+		fmt.Println()
+	}
+	hs := sides["fleet"].heapStackPerDev / sides["paho"].heapStackPerDev
+	rss := sides["fleet"].rssPerDevKiB(n) / sides["node"].rssPerDevKiB(n)
+	report("fleet heap+stack/dev / paho", hs, hs <= 1.3, "<= 1.3")
+	report("fleet RSS/dev / Node SDK", rss, rss <= 0.6, "<= 0.6")
+	return nil
+}
+
+// serviceAndDevices creates n devices (bench-00000...) on hubsim and returns their keys, base64.
+func serviceAndDevices(ctx context.Context, ep endpoints.Endpoints, n int) (*service.Client, []string, error) {
+	svc, err := service.New(service.Config{ConnectionString: ep.ServiceConnectionString, Address: ep.HTTPSAddress, CAFile: ep.CAFile})
+	if err != nil {
+		return nil, nil, err
+	}
+	keys, err := createDevices(ctx, svc, n)
+	if err != nil {
+		svc.Close()
+		return nil, nil, err
+	}
+	out := make([]string, n)
+	for i, k := range keys {
+		out[i] = k.Base64()
+	}
+	return svc, out, nil
+}
