@@ -299,6 +299,7 @@ func holdAgents(ctx context.Context, spec fleetSpec, pool *x509.CertPool) (func(
 // fleetSide is what one side of the memory comparison held.
 type fleetSide struct {
 	rssBaseKiB, rssHeldKiB int64
+	cpuHeld                float64 // utime+stime seconds from start to HELD
 	heapStackPerDev        float64 // Go sides only
 	goroutinesPerDev       float64
 }
@@ -327,6 +328,9 @@ func runSide(ctx context.Context, cmd *exec.Cmd, n int) (fleetSide, error) {
 		return s, err
 	}
 	if s.rssHeldKiB, err = procStatusKiB(c.cmd.Process.Pid, "VmRSS"); err != nil {
+		return s, err
+	}
+	if s.cpuHeld, err = procCPU(c.cmd.Process.Pid); err != nil {
 		return s, err
 	}
 	if len(base) == 2 && len(held) == 3 {
@@ -404,8 +408,8 @@ func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report fu
 			return fmt.Errorf("%s: %w", kind, err)
 		}
 		sides[kind] = s
-		fmt.Printf("fleet-memory: %-5s %d devices in %.0fs: RSS %.1f KiB/device (base %d KiB, held %d KiB)",
-			kind, n, time.Since(start).Seconds(), s.rssPerDevKiB(n), s.rssBaseKiB, s.rssHeldKiB)
+		fmt.Printf("fleet-memory: %-5s %d devices in %.0fs (%.1f CPU s): RSS %.1f KiB/device (base %d KiB, held %d KiB)",
+			kind, n, time.Since(start).Seconds(), s.cpuHeld, s.rssPerDevKiB(n), s.rssBaseKiB, s.rssHeldKiB)
 		if kind != "node" {
 			fmt.Printf(", heap+stack %.1f KiB/device, %.1f goroutines/device", s.heapStackPerDev/1024, s.goroutinesPerDev)
 		}
