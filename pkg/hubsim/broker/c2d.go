@@ -12,10 +12,16 @@ import (
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
-// Cloud-to-device limits, as IoT Hub's.
+// Cloud-to-device limits and defaults, as IoT Hub's.
 const (
 	MaxC2DQueue = 50
 	MaxC2DSize  = 64 * 1024
+	// DefaultC2DTTL is how long a message sent without an expiry time waits for its device.
+	DefaultC2DTTL = time.Hour
+	// MaxC2DDeliveries is IoT Hub's default maxDeliveryCount: a message delivered this many times
+	// without being completed (the connection dropped before the PUBACK) is dead-lettered with
+	// DeliveryCountExceeded.
+	MaxC2DDeliveries = 10
 )
 
 // C2DMessage is a cloud-to-device message to queue.
@@ -50,6 +56,10 @@ const (
 type c2dEntry struct {
 	msg      C2DMessage
 	enqueued time.Time
+	// expires is the message's expiry time, or enqueued + DefaultC2DTTL when it has none.
+	expires time.Time
+	// deliveries counts the times the message was written to a connection.
+	deliveries int
 	// sess and pid are set while the message is in flight on a connection (sent, not acked).
 	sess *session
 	pid  uint16
@@ -122,7 +132,7 @@ func (b *Broker) SendC2D(deviceID string, m C2DMessage) (string, error) {
 		notifyExpired(expired)
 		return "", wire.ErrQueueDepthExceeded.WithText("Device %s has %d messages pending, the maximum", deviceID, MaxC2DQueue)
 	}
-	ds.queue = append(ds.queue, &c2dEntry{msg: m, enqueued: now})
+	ds.queue = append(ds.queue, &c2dEntry{msg: m, enqueued: now, expires: expiryOf(&m, now)})
 	n := len(ds.queue)
 	ds.mu.Unlock()
 	notifyExpired(expired)
@@ -131,12 +141,21 @@ func (b *Broker) SendC2D(deviceID string, m C2DMessage) (string, error) {
 	return m.MessageID, nil
 }
 
+// expiryOf is when a message enqueued at now expires: its own expiry time, else DefaultC2DTTL
+// later, as IoT Hub applies its default time to live.
+func expiryOf(m *C2DMessage, now time.Time) time.Time {
+	if !m.ExpiryTime.IsZero() {
+		return m.ExpiryTime
+	}
+	return now.Add(DefaultC2DTTL)
+}
+
 // dropExpired removes undelivered expired messages and returns them. Call with ds.mu held, and
 // notifyExpired after releasing it.
 func (ds *deviceState) dropExpired(now time.Time) []*c2dEntry {
 	var expired []*c2dEntry
 	ds.queue = slices.DeleteFunc(ds.queue, func(e *c2dEntry) bool {
-		if e.sess == nil && !e.msg.ExpiryTime.IsZero() && now.After(e.msg.ExpiryTime) {
+		if e.sess == nil && now.After(e.expires) {
 			expired = append(expired, e)
 			return true
 		}
@@ -167,12 +186,36 @@ func (b *Broker) SweepExpiredC2D() {
 	}
 }
 
-func notifyExpired(expired []*c2dEntry) {
-	for _, e := range expired {
+func notifyExpired(expired []*c2dEntry) { notifyOutcome(expired, FeedbackExpired) }
+
+// notifyOutcome tells each message's sender what became of it. Call without locks held.
+func notifyOutcome(entries []*c2dEntry, status string) {
+	for _, e := range entries {
 		if e.msg.OnOutcome != nil {
-			e.msg.OnOutcome(FeedbackExpired)
+			e.msg.OnOutcome(status)
 		}
 	}
+}
+
+// PurgeC2D drops every cloud-to-device message queued or in flight for a device (IoT Hub's
+// DELETE /devices/{id}/commands) and returns how many; each sender learns FeedbackPurged. A
+// device that completes a purged message later completes nothing.
+func (b *Broker) PurgeC2D(deviceID string) (int, error) {
+	id, ok := b.reg.Identity(deviceID)
+	if !ok {
+		return 0, wire.ErrDeviceNotFound.WithText("Device %s not registered", deviceID)
+	}
+	ds := b.existingState(deviceID)
+	if ds == nil || ds.generationID != id.GenerationID {
+		return 0, nil
+	}
+	ds.mu.Lock()
+	purged := ds.queue
+	ds.queue = nil
+	ds.mu.Unlock()
+	b.reg.SetCloudToDeviceMessageCount(deviceID, id.GenerationID, 0)
+	notifyOutcome(purged, FeedbackPurged)
+	return len(purged), nil
 }
 
 // kick makes sure a delivery pump runs for ds. The pump is a goroutine owned by the broker that
@@ -211,6 +254,7 @@ func (b *Broker) pump(ds *deviceState) {
 					continue
 				}
 				e.sess, e.pid = s, ds.nextPacketID(s)
+				e.deliveries++
 				batch = append(batch, outgoing{topic: c2dTopic(ds.id, &e.msg), body: e.msg.Body, pid: e.pid})
 			}
 		}

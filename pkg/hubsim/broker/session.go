@@ -254,14 +254,25 @@ func (s *session) end(err error) {
 			ds.current = nil
 		}
 		returned := 0
-		for _, e := range ds.queue {
-			if e.sess == s {
-				e.sess, e.pid = nil, 0
-				returned++
+		var exceeded []*c2dEntry
+		ds.queue = slices.DeleteFunc(ds.queue, func(e *c2dEntry) bool {
+			if e.sess != s {
+				return false
 			}
-		}
-		next := ds.current
+			e.sess, e.pid = nil, 0
+			if e.deliveries >= MaxC2DDeliveries {
+				exceeded = append(exceeded, e) // dead-lettered, as IoT Hub does
+				return true
+			}
+			returned++
+			return false
+		})
+		next, pending := ds.current, len(ds.queue)
 		ds.mu.Unlock()
+		if len(exceeded) > 0 {
+			s.b.reg.SetCloudToDeviceMessageCount(s.deviceID, s.generationID, pending)
+			notifyOutcome(exceeded, FeedbackDeliveryCountExceeded)
+		}
 		if wasCurrent {
 			s.b.reg.SetConnectionState(s.deviceID, s.generationID, false, time.Now())
 		}

@@ -111,3 +111,20 @@ func (h *handler) deviceStats(w http.ResponseWriter, _ *http.Request, _ []string
 func (h *handler) serviceStats(w http.ResponseWriter, _ *http.Request, _ []string) {
 	writeJSON(w, http.StatusOK, map[string]int{"connectedDeviceCount": h.cfg.Registry.ConnectedCount()})
 }
+
+// purgeCommands is DELETE /devices/{id}/commands: IoT Hub's purge of a device's cloud-to-device
+// queue.
+func (h *handler) purgeCommands(w http.ResponseWriter, _ *http.Request, seg []string) {
+	if !validID(w, seg[1]) {
+		return
+	}
+	n, err := h.cfg.Devices.PurgeC2D(seg[1])
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct {
+		TotalMessagesPurged int    `json:"totalMessagesPurged"`
+		DeviceID            string `json:"deviceId"`
+	}{n, seg[1]})
+}

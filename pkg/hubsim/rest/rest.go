@@ -40,6 +40,7 @@ const ContentType = "application/json; charset=utf-8"
 // Devices is what the API needs from the device endpoint.
 type Devices interface {
 	SendC2D(deviceID string, m broker.C2DMessage) (string, error)
+	PurgeC2D(deviceID string) (int, error)
 	Telemetry(deviceID string) ([]broker.Message, error)
 	Connections() []broker.ConnectionInfo
 }
@@ -209,6 +210,8 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request) {
 		need, fn = registry.RegistryWrite, h.bulkDevices
 	case len(seg) == 1 && seg[0] == "devices":
 		need, fn = registry.RegistryRead, onlyMethod(http.MethodGet, h.listDevices)
+	case len(seg) == 3 && seg[0] == "devices" && seg[2] == "commands":
+		need, fn = registry.ServiceConnect, onlyMethod(http.MethodDelete, h.purgeCommands)
 	case len(seg) == 2 && seg[0] == "devices" && seg[1] == "query" && r.Method == http.MethodPost:
 		need, fn = registry.RegistryRead, h.queryDevices
 	case len(seg) >= 3 && seg[0] == "jobs" && seg[1] == "v2":
