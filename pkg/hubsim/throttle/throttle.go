@@ -1,0 +1,148 @@
+// Package throttle holds IoT Hub's per-tier operation throttles as token buckets on an injected
+// clock: Limits gives the documented rates of a tier and unit count (protocol-amqp.md §9,
+// performance.md §2.1, from the IoT Hub quotas and throttling page), and a Limiter answers whether
+// one more operation of a kind is allowed now, counting the refusals. Hooks into the broker and the
+// REST server are not part of this package.
+package throttle
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/iothubby/iothubby/pkg/clock"
+)
+
+// Op is a throttled kind of operation.
+type Op string
+
+// The throttled operations.
+const (
+	Connect      Op = "connect"       // new device connections
+	D2C          Op = "d2c"           // device-to-cloud sends
+	Registry     Op = "registry"      // identity registry create/get/list/update/delete
+	TwinRead     Op = "twin-read"     // twin reads, device and service side
+	TwinUpdate   Op = "twin-update"   // twin updates, device and service side
+	Method       Op = "method"        // direct-method calls, counted as 4 KB meters
+	JobOp        Op = "job"           // jobs create/update/list/delete
+	JobDeviceOps Op = "job-device-op" // twin updates and method calls made by jobs
+)
+
+// Ops lists every operation, in a fixed order for views.
+var Ops = []Op{Connect, D2C, Registry, TwinRead, TwinUpdate, Method, JobOp, JobDeviceOps}
+
+// Limits gives, per operation, the allowed rate in operations per second.
+type Limits map[Op]float64
+
+// ForTier returns the documented throttles of tier (F1, S1, S2, S3; B1-B3 as S1-S3) with units
+// units. Direct methods are given in 4 KB calls per second (160 KB/s/unit on S1 = 40 calls/s).
+func ForTier(tier string, units int) (Limits, error) {
+	if units < 1 {
+		return nil, fmt.Errorf("units must be at least 1, got %d", units)
+	}
+	u := float64(units)
+	perMin := func(n float64) float64 { return n / 60 }
+	switch strings.ToUpper(tier) {
+	case "F1":
+		if units != 1 {
+			return nil, fmt.Errorf("tier F1 has exactly 1 unit, got %d", units)
+		}
+		fallthrough
+	case "S1", "B1":
+		return Limits{
+			Connect: max(100, 12*u), D2C: max(100, 12*u), Registry: perMin(100) * u,
+			TwinRead: 100, TwinUpdate: 50, Method: 40 * u, JobOp: perMin(100) * u, JobDeviceOps: 10,
+		}, nil
+	case "S2", "B2":
+		return Limits{
+			Connect: 120 * u, D2C: 120 * u, Registry: perMin(100) * u,
+			TwinRead: max(100, 10*u), TwinUpdate: max(50, 5*u), Method: 120 * u, JobOp: perMin(100) * u, JobDeviceOps: max(10, u),
+		}, nil
+	case "S3", "B3":
+		return Limits{
+			Connect: 6000 * u, D2C: 6000 * u, Registry: perMin(5000) * u,
+			TwinRead: 500 * u, TwinUpdate: 250 * u, Method: 6000 * u, JobOp: perMin(5000) * u, JobDeviceOps: 50 * u,
+		}, nil
+	}
+	return nil, fmt.Errorf("unknown tier %q (want F1, S1, S2 or S3)", tier)
+}
+
+// bucket is a token bucket holding at most one second's worth (at least one token).
+type bucket struct {
+	rate, size, tokens float64
+	last               time.Time
+}
+
+// Limiter applies Limits on a clock. Safe for concurrent use.
+type Limiter struct {
+	clk     clock.Clock
+	mu      sync.Mutex
+	buckets map[Op]*bucket
+	allowed map[Op]uint64
+	refused map[Op]uint64
+}
+
+// New returns a Limiter for limits; operations absent from limits are never throttled.
+func New(limits Limits, clk clock.Clock) *Limiter {
+	l := &Limiter{clk: clk, buckets: map[Op]*bucket{}, allowed: map[Op]uint64{}, refused: map[Op]uint64{}}
+	now := clk.Now()
+	for op, rate := range limits {
+		size := max(rate, 1)
+		l.buckets[op] = &bucket{rate: rate, size: size, tokens: size, last: now}
+	}
+	return l
+}
+
+// Allow takes one token for op and reports whether it was there; a refusal is counted.
+// A nil Limiter allows everything.
+func (l *Limiter) Allow(op Op) bool {
+	if l == nil {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.buckets[op]
+	if b == nil {
+		l.allowed[op]++
+		return true
+	}
+	now := l.clk.Now()
+	if el := now.Sub(b.last).Seconds(); el > 0 {
+		b.tokens = min(b.size, b.tokens+el*b.rate)
+		b.last = now
+	}
+	if b.tokens < 1 {
+		l.refused[op]++
+		return false
+	}
+	b.tokens--
+	l.allowed[op]++
+	return true
+}
+
+// Counter is one operation's figures in a Snapshot.
+type Counter struct {
+	Op        Op      `json:"op"`
+	PerSecond float64 `json:"perSecond"` // 0: not throttled
+	Allowed   uint64  `json:"allowed"`
+	Throttled uint64  `json:"throttled"`
+}
+
+// Snapshot returns the counters of every operation, in Ops order.
+func (l *Limiter) Snapshot() []Counter {
+	out := make([]Counter, 0, len(Ops))
+	if l == nil {
+		return out
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, op := range Ops {
+		c := Counter{Op: op, Allowed: l.allowed[op], Throttled: l.refused[op]}
+		if b := l.buckets[op]; b != nil {
+			c.PerSecond = b.rate
+		}
+		out = append(out, c)
+	}
+	return out
+}
