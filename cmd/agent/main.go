@@ -149,6 +149,7 @@ type runFlags struct {
 
 func newRunCmd(stderr io.Writer) *cobra.Command {
 	var f runFlags
+	var of obsFlags
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Connect the device and run until SIGINT/SIGTERM",
@@ -172,10 +173,21 @@ Flags override the config file; the environment variable overrides the file's id
 			}
 			defer func() { _ = log.Sync() }()
 			_, _ = rlimit.RaiseNoFile(log) // logs a failure itself; one device needs few descriptors
-			return serve(cmd.Context(), cfg, func() (agent.Config, error) { return loadConfig(cmd, &f) }, hup, log, level)
+			obs := newObservability(&of, &cfg)
+			if err := obs.serve(&of, log); err != nil {
+				return err
+			}
+			defer func() { _ = obs.close() }()
+			load := func() (agent.Config, error) {
+				c, err := loadConfig(cmd, &f)
+				obs.attach(&c)
+				return c, err
+			}
+			return serve(cmd.Context(), cfg, load, hup, log, level)
 		},
 	}
 	bindRunFlags(cmd, &f)
+	bindObsFlags(cmd, &of)
 	return cmd
 }
 

@@ -111,9 +111,11 @@ type Device struct {
 
 	rootCAs *x509.CertPool // the validated trust roots (for DPS)
 
-	live      *Liveness   // the loops' progress (liveness.go)
-	connected atomic.Bool // the session's last status was Connected
-	synced    atomic.Bool // the full twin GET after the latest connect succeeded
+	live *Liveness // the loops' progress (liveness.go)
+	// testBeforeTelemetry, set by tests, runs at the start of each telemetry send (a wedge).
+	testBeforeTelemetry func()
+	connected           atomic.Bool // the session's last status was Connected
+	synced              atomic.Bool // the full twin GET after the latest connect succeeded
 
 	// scripts are the configured direct methods, checked by New.
 	scripts map[string]methods.Handler
@@ -185,10 +187,12 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		runID:       hex.EncodeToString(rb[:]),
 		done:        make(chan struct{}),
 		tpm:         tpmDev,
-		live:        NewLiveness(nil),
 		teleChanged: make(chan struct{}, 1),
 	}
 	d.tele.Store(&telemetrySettings{cfg: cfg.Telemetry, tmpl: tmpl})
+	if d.live = cfg.Shared.Liveness; d.live == nil {
+		d.live = NewLiveness(nil)
+	}
 	if d.scripts, err = cfg.checkMethods(d.dpsEnabled()); err != nil {
 		return nil, err
 	}
@@ -311,7 +315,7 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		}
 	}
 	var sessRef atomic.Pointer[hub.Session]
-	ts, err := d.newSync(lazySession{&sessRef})
+	ts, err := d.newSync(d.observedSession(lazySession{&sessRef}))
 	if err != nil {
 		return fmt.Errorf("device %s: %w", d.id.deviceID, err)
 	}
@@ -333,6 +337,8 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	}
 	obs := d.observer()
 	hc.OnStatus = func(st hub.Status) {
+		defer d.live.Enter(LoopSupervisor)()
+		d.noteStatus(st)
 		obs.ConnectionStatus(d.id.deviceID, st)
 		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
 			requestReprovision()
@@ -353,6 +359,7 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	})
 	defer disp.Close()
 	d.deliverTo(&hc, ts, disp, mo)
+	d.watchDelivery(&hc)
 	sess, err := hub.New(hc)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrConfig, err)
@@ -515,6 +522,10 @@ func (t *telemetrySettings) render(d *Device, seq uint64, now time.Time) ([]byte
 
 // sendTelemetry renders and enqueues one message; its outcome is logged when it completes.
 func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
+	defer d.live.Enter(LoopTelemetry)()
+	if d.testBeforeTelemetry != nil {
+		d.testBeforeTelemetry()
+	}
 	seq := d.seq.Add(1)
 	tele := d.tele.Load()
 	body, err := tele.render(d, seq, now)

@@ -63,6 +63,9 @@ type Shared struct {
 	Profile string
 	// Observer receives the device's events; nil: none.
 	Observer Observer
+	// Liveness, when set, is the Liveness the device's loops report to (a process that
+	// replaces its device on reload keeps one for /healthz); nil: the device makes its own.
+	Liveness *Liveness
 	// BeforeConnect is called before every hub connection attempt (hub.Config.BeforeConnect),
 	// e.g. a fleet-wide connect-rate limiter.
 	BeforeConnect func(ctx context.Context) error

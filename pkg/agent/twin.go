@@ -242,16 +242,16 @@ func bootTime() (time.Time, bool) {
 func (d *Device) newSync(ses twinsync.Session) (*twinsync.Sync, error) {
 	handlers := map[string]twinsync.Handler{}
 	for p, b := range d.cfg.Twin.Properties {
-		handlers[p] = d.handler(b)
+		handlers[p] = d.watchHandler(d.handler(b))
 	}
 	if d.fw != nil {
-		handlers["firmware"] = d.firmwareDesired(d.fw)
+		handlers["firmware"] = d.watchHandler(d.firmwareDesired(d.fw))
 	}
 	return twinsync.New(ses, twinsync.Config{
 		DeviceID: d.id.deviceID,
 		StateDir: d.cfg.StateDir,
 		Handlers: handlers,
-		Default:  d.handler(d.cfg.Twin.Default),
+		Default:  d.watchHandler(d.handler(d.cfg.Twin.Default)),
 		Facts:    d.facts(),
 		Logger:   d.log.Named("twin"),
 	})
