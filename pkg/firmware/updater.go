@@ -185,7 +185,19 @@ func New(cfg Config) (*Updater, error) {
 		return nil, fmt.Errorf("firmware: %w", err)
 	default:
 		if err := json.Unmarshal(b, &u.st); err != nil {
-			return nil, fmt.Errorf("firmware: %s is corrupt: %w", filepath.Join(cfg.Dir, stateFile), err)
+			p := filepath.Join(cfg.Dir, stateFile)
+			if cfg.InitialVersion == "" {
+				return nil, fmt.Errorf("firmware: %s is corrupt: %w", p, err)
+			}
+			// Exiting would restart the agent forever under its unit: set the file aside and
+			// start as on a first start; the hub's twin says what to install.
+			aside := p + ".damaged-" + cfg.Now().UTC().Format("20060102T150405.000000000Z")
+			if rerr := os.Rename(p, aside); rerr != nil {
+				return nil, fmt.Errorf("firmware: %s is corrupt (%v) and cannot be set aside: %w", p, err, rerr)
+			}
+			u.log.Warn("firmware state file damaged: set aside, starting from the initial version",
+				zap.String("path", p), zap.String("set_aside_as", aside), zap.Error(err))
+			u.st = persisted{Version: cfg.InitialVersion, ActiveSlot: "a", State: Current, Updated: cfg.Now()}
 		}
 	}
 	return u, nil

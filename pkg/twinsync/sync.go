@@ -202,7 +202,15 @@ func New(ses Session, cfg Config) (*Sync, error) {
 		default:
 			var st persisted
 			if err := json.Unmarshal(b, &st); err != nil {
-				return nil, fmt.Errorf("twin: state file %s is damaged: %w", p, err)
+				// Exiting here would restart the agent forever under its unit: set the file
+				// aside and start from the hub's twin (needGet is set).
+				aside := p + ".damaged-" + s.clock.Now().UTC().Format("20060102T150405.000000000Z")
+				if rerr := os.Rename(p, aside); rerr != nil {
+					return nil, fmt.Errorf("twin: state file %s is damaged (%v) and cannot be set aside: %w", p, err, rerr)
+				}
+				s.log.Warn("twin state file damaged: set aside, starting from the hub's twin",
+					zap.String("path", p), zap.String("set_aside_as", aside), zap.Error(err))
+				return s, nil
 			}
 			s.applied = st.DesiredVersion
 			s.desired = renumber(st.Desired)

@@ -520,3 +520,42 @@ func TestSyncDesiredVersionWentBack(t *testing.T) {
 		t.Fatalf("handler saw %v", seen)
 	}
 }
+
+// A damaged state file is set aside (renamed with a timestamp, logged) and the sync starts
+// from the hub's twin instead of failing: the agent must not exit and restart forever.
+func TestSyncDamagedStateSetAside(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "twin-d9.json")
+	if err := os.WriteFile(p, []byte(`{"desiredVersion": 4, "desired": {`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.WarnLevel)
+	f := newFakeHub()
+	f.setDesired(`{"interval":5}`)
+	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d9", StateDir: dir, Logger: zap.New(core),
+		Default: func(context.Context, twinsync.Change) twinsync.Ack { return twinsync.Ack{Status: 200} }})
+	if err != nil {
+		t.Fatalf("New with a damaged state file: %v", err)
+	}
+	if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("damaged state file still in place: %v", err)
+	}
+	aside, _ := filepath.Glob(p + ".damaged-*")
+	if len(aside) != 1 {
+		t.Fatalf("set-aside files: %v", aside)
+	}
+	if b, _ := os.ReadFile(aside[0]); string(b) != `{"desiredVersion": 4, "desired": {` {
+		t.Fatalf("set-aside content changed: %q", b)
+	}
+	w := logs.FilterMessageSnippet("twin state file damaged").All()
+	if len(w) != 1 || fmt.Sprint(w[0].ContextMap()["set_aside_as"]) != aside[0] {
+		t.Fatalf("warning: %+v", w)
+	}
+	stop := run(t, s)
+	defer stop()
+	s.Connected()
+	f.waitReported(t, "the ack of interval from the hub's twin", func(r map[string]any) bool {
+		ac, _, _ := ackOf(r, "interval")
+		return ac == 200
+	})
+}
