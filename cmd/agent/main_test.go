@@ -17,6 +17,7 @@ import (
 
 	"github.com/iothubby/iothubby/internal/waitfor"
 	"github.com/iothubby/iothubby/pkg/agent"
+	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 )
 
@@ -174,7 +175,7 @@ func TestRunAgainstBroker(t *testing.T) {
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
 			t.Fatalf("not a JSON line: %q", sc.Text())
 		}
-		if line["msg"] == "connected" {
+		if line["msg"] == hub.MsgConnected {
 			connected = line
 		}
 	}

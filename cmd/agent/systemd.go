@@ -192,7 +192,7 @@ func serve(ctx context.Context, cfg agent.Config, load func() (agent.Config, err
 				next, restart = reload(dev, cfg, load, log, level)
 				if !restart {
 					cfg = next
-					n.ready("configuration reloaded")
+					n.ready(agent.MsgConfigReloaded)
 					if st := latest.Load(); st != nil {
 						n.status(statusText(*st))
 					}

@@ -48,7 +48,7 @@ func TestServeWritesAndRemovesEndpoints(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	logs := &watchWriter{marker: "hubsim ready", ready: make(chan struct{})}
+	logs := &watchWriter{marker: hubsim.MsgReady, ready: make(chan struct{})}
 	done := make(chan error, 1)
 	go func() {
 		done <- run(ctx, []string{"serve", "--state", dir, "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--amqp-addr", "127.0.0.1:0", "--log-format", "json"}, io.Discard, logs)

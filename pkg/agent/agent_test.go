@@ -19,6 +19,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -184,9 +185,9 @@ func TestDeviceRunSendsTelemetryAndStopsCleanly(t *testing.T) {
 
 	waitfor.True(t, "three telemetry messages", func() bool { return len(b.TelemetryMIDs()) >= 3 })
 	b.Publish("devices/dev1/messages/devicebound/%24.mid=c2d-1&k=v", []byte("hi"), 1)
-	waitLog(t, logs, "cloud-to-device message")
-	waitLog(t, logs, "twin synced")
-	waitLog(t, logs, "reported properties confirmed") // the agent facts
+	waitLog(t, logs, agent.MsgC2D)
+	waitLog(t, logs, twinsync.MsgTwinSynced)
+	waitLog(t, logs, twinsync.MsgReportedConfirmed) // the agent facts
 	cancel()
 	select {
 	case err := <-done:
@@ -210,7 +211,7 @@ func TestDeviceRunSendsTelemetryAndStopsCleanly(t *testing.T) {
 		t.Errorf("message id %q", mids[0])
 	}
 
-	conn := logs.FilterMessage("connected").All()
+	conn := logs.FilterMessage(hub.MsgConnected).All()
 	if len(conn) == 0 {
 		t.Fatal("no \"connected\" log line")
 	}
@@ -218,7 +219,7 @@ func TestDeviceRunSendsTelemetryAndStopsCleanly(t *testing.T) {
 	if f["device"] != "dev1" || f["status"] != "Connected" || f["reason"] != "Connection_Ok" {
 		t.Errorf("connected fields %v", f)
 	}
-	c2d := logs.FilterMessage("cloud-to-device message").All()[0].ContextMap()
+	c2d := logs.FilterMessage(agent.MsgC2D).All()[0].ContextMap()
 	if c2d["message_id"] != "c2d-1" || c2d["body"] != "hi" {
 		t.Errorf("c2d fields %v", c2d)
 	}

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/methods"
 )
 
 // burst delivers, as the session's delivery goroutine does (one goroutine calling the callbacks
@@ -111,7 +112,7 @@ func TestRefusalsDoNotDelayDesiredDeliveryThroughSession(t *testing.T) {
 		_ = sess.Close(ctx)
 	}()
 	burst(t, &hc, logs, func() int32 { return 0 })
-	notSent := logs.FilterMessage("direct method answer not sent").All()
+	notSent := logs.FilterMessage(methods.MsgAnswerNotSent).All()
 	if len(notSent) != 100 {
 		t.Fatalf("%d refusals reported not sent, want 100", len(notSent))
 	}

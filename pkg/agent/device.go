@@ -388,7 +388,7 @@ loop:
 			runErr = errReprovision
 			break loop
 		case <-simReboot:
-			d.log.Info("simulated reboot: disconnecting")
+			d.log.Info(MsgSimRebootDisconnecting)
 			runErr = errSimulatedReboot
 			break loop
 		case now := <-tick:
@@ -413,7 +413,7 @@ loop:
 		d.log.Warn("shutdown left telemetry undelivered", zap.Error(err))
 	}
 	st := sess.Stats()
-	d.log.Info("stopped", zap.Uint64("delivered", st.Sent), zap.Uint64("failed", st.Failed),
+	d.log.Info(MsgStopped, zap.Uint64("delivered", st.Sent), zap.Uint64("failed", st.Failed),
 		zap.Uint64("refused", st.Rejected), zap.Uint64("dropped", st.Dropped), zap.Int("queued", st.Queued),
 		zap.Uint64("connects", st.Connects))
 	if runErr != nil {
@@ -591,5 +591,5 @@ func (d *Device) onC2D(_ context.Context, m *hub.C2DMessage) {
 		}
 		fields = append(fields, zap.ByteString("body", body))
 	}
-	d.log.Info("cloud-to-device message", fields...)
+	d.log.Info(MsgC2D, fields...)
 }

@@ -197,7 +197,7 @@ func (d *Device) provision(ctx context.Context, force bool) (*dps.Result, bool, 
 		res, err := dps.LoadCache(d.cfg.StateDir, c.IDScope, d.id.registrationID)
 		if err == nil {
 			d.observer().Provisioned(d.id.deviceID, ProvisionCached, nil)
-			d.log.Info("using cached provisioning result", zap.String("hub", res.AssignedHub), zap.String("device", res.DeviceID))
+			d.log.Info(MsgUsingCachedProvisioning, zap.String("hub", res.AssignedHub), zap.String("device", res.DeviceID))
 			return res, true, nil
 		}
 		if !errors.Is(err, dps.ErrNoCache) {
@@ -255,7 +255,7 @@ func (d *Device) runDPS(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			d.log.Error("provisioning failed", zap.Error(err))
+			d.log.Error(MsgProvisioningFailed, zap.Error(err))
 			return fmt.Errorf("device %s: %w", d.id.registrationID, err)
 		}
 		err = d.runHub(ctx, d.hubConfigFor(res))
@@ -263,7 +263,7 @@ func (d *Device) runDPS(ctx context.Context) error {
 		case errors.Is(err, errReprovision):
 			d.log.Info("provisioning again", zap.String("reason", "requested or too many failed connection attempts"))
 		case errors.Is(err, hub.ErrNotAuthorized) && cached:
-			d.log.Warn("hub refused the provisioned identity; provisioning again", zap.String("hub", res.AssignedHub), zap.Error(err))
+			d.log.Warn(MsgReprovisioning, zap.String("hub", res.AssignedHub), zap.Error(err))
 		default:
 			return err
 		}

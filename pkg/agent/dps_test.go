@@ -15,6 +15,7 @@ import (
 	"github.com/iothubby/iothubby/internal/waitfor"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 	"github.com/iothubby/iothubby/pkg/hubsim"
 	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
@@ -93,21 +94,21 @@ func TestDeviceProvisionsThroughDPS(t *testing.T) {
 		done := make(chan error, 1)
 		go func() { done <- d.Run(ctx) }()
 		waitLog(t, logs, want)
-		waitLog(t, logs, "connected")
+		waitLog(t, logs, hub.MsgConnected)
 		d.Close()
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
 	}
-	run(false, "provisioned")
+	run(false, dps.MsgProvisioned)
 	if _, err := dps.LoadCache(state, ep.IDScope, "agent-dps-1"); err != nil {
 		t.Fatalf("no cache: %v", err)
 	}
-	run(false, "using cached provisioning result")
+	run(false, agent.MsgUsingCachedProvisioning)
 	if n := srv.DPS().Stats().Registrations; n != 1 {
 		t.Fatalf("registrations %d", n)
 	}
-	run(true, "provisioned")
+	run(true, dps.MsgProvisioned)
 	if n := srv.DPS().Stats().Registrations; n != 2 {
 		t.Fatalf("registrations after --reprovision %d", n)
 	}
@@ -154,20 +155,20 @@ func TestReprovisionByMethodAndByFailures(t *testing.T) {
 		t.Helper()
 		waitfor.True(t, fmt.Sprintf("%d %q log lines", n, msg), func() bool { return logs.FilterMessage(msg).Len() >= n })
 	}
-	waitCount("connected", 1)
+	waitCount(hub.MsgConnected, 1)
 	b.WaitEvent(t, "connected")
 	b.SendTo(b.Client("rp-1"), "$iothub/methods/POST/reprovision/?$rid=7", []byte(`{}`))
-	waitLog(t, logs, "reprovision requested by direct method")
-	waitCount("provisioned", 2)
-	waitCount("connected", 2)
+	waitLog(t, logs, agent.MsgReprovisionRequested)
+	waitCount(dps.MsgProvisioned, 2)
+	waitCount(hub.MsgConnected, 2)
 	if n := srv.DPS().Stats().Registrations; n != 2 {
 		t.Fatalf("registrations after the method: %d", n)
 	}
 	b.With(func(h *hubtest.Hook) { h.Refuse = []byte{3, 3, 3, 3} })
 	b.Drop("rp-1")
-	waitCount("provisioned", 3)
+	waitCount(dps.MsgProvisioned, 3)
 	b.With(func(h *hubtest.Hook) { h.Refuse = nil })
-	waitCount("connected", 3)
+	waitCount(hub.MsgConnected, 3)
 	d.Close()
 	if err := <-done; err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // devicePackages name the frames that make a goroutine the device's (the broker's are not).
@@ -102,8 +103,8 @@ func TestGoroutinesPerDevice(t *testing.T) {
 			t.Errorf("Run: %v", err)
 		}
 	}()
-	waitLog(t, logs, "twin synced")
-	waitLog(t, logs, "reported properties confirmed")
+	waitLog(t, logs, twinsync.MsgTwinSynced)
+	waitLog(t, logs, twinsync.MsgReportedConfirmed)
 	var gs []string
 	for _, g := range deviceGoroutines() {
 		if !before[goroutineID(g)] {

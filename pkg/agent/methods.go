@@ -85,7 +85,7 @@ func (d *Device) newDispatcher(respond methods.Responder, refuseNow func(string,
 	}
 	if d.dpsEnabled() {
 		disp.Register("reprovision", methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {
-			d.log.Info("reprovision requested by direct method", zap.String("rid", r.RequestID))
+			d.log.Info(MsgReprovisionRequested, zap.String("rid", r.RequestID))
 			return methods.Response{Status: 200, Payload: []byte(`{"message":"provisioning again"}`),
 				Then: func(error) { requestReprovision() }}
 		}))

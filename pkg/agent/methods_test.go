@@ -16,6 +16,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -65,7 +66,7 @@ func TestScriptedMethodsThroughTheDispatcher(t *testing.T) {
 			t.Errorf("Run: %v", err)
 		}
 	}()
-	waitLog(t, logs, "twin synced") // subscribed to methods before the twin GET
+	waitLog(t, logs, twinsync.MsgTwinSynced) // subscribed to methods before the twin GET
 	cl := b.Client("dev1")
 	b.SendTo(cl, wire.MethodRequest("hang", "h1"), []byte(`{}`))
 	b.SendTo(cl, wire.MethodRequest("echo", "e1"), []byte(`{"x":[1,"two"]}`))
@@ -93,7 +94,7 @@ func TestScriptedMethodsThroughTheDispatcher(t *testing.T) {
 		t.Errorf("no answers for %v (got %q)", want, got)
 	}
 	// The hanging handler overruns its 2 s deadline and is never answered; a call after it is.
-	waitLog(t, logs, "direct method handler overran its deadline: not answered")
+	waitLog(t, logs, methods.MsgOverran)
 	b.SendTo(cl, wire.MethodRequest("echo", "e2"), []byte(`1`))
 	got = methodAnswers(t, b, 6)
 	if got[5] != "200 e2 1" {
@@ -150,12 +151,12 @@ func TestExecRebootRecordsPendingAndSettlesOnStart(t *testing.T) {
 		}
 	}
 	logs, stop := run()
-	waitLog(t, logs, "twin synced")
+	waitLog(t, logs, twinsync.MsgTwinSynced)
 	b.SendTo(b.Client("dev1"), wire.MethodRequest("reboot", "r1"), nil)
 	if got := methodAnswers(t, b, 1); !strings.HasPrefix(got[0], "200 r1 ") {
 		t.Fatalf("reboot answered %q", got[0])
 	}
-	waitLog(t, logs, "reboot command ran; waiting for the system to go down")
+	waitLog(t, logs, agent.MsgRebootCommandRan)
 	if out, err := os.ReadFile(marker); err != nil || string(out) != "yes\n" {
 		t.Fatalf("command did not run: %q %v", out, err)
 	}
@@ -166,8 +167,8 @@ func TestExecRebootRecordsPendingAndSettlesOnStart(t *testing.T) {
 	stop()
 	logs, stop = run()
 	defer stop()
-	waitLog(t, logs, "reboot requested but the system did not reboot")
-	waitLog(t, logs, "twin synced")
+	waitLog(t, logs, agent.MsgRebootDidNotHappen)
+	waitLog(t, logs, twinsync.MsgTwinSynced)
 	tw, err := os.ReadFile(filepath.Join(state, "twin-dev1.json"))
 	if err != nil || !strings.Contains(string(tw), `"state":"failed"`) {
 		t.Fatalf("reboot result not in the intended reported state: %s %v", tw, err)

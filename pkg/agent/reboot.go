@@ -157,7 +157,7 @@ func (d *rebooter) loadState() (settled bool, _ error) {
 		} else {
 			d.rb.Report = map[string]any{"reboot": map[string]any{"state": "failed", "mode": "exec",
 				"requestedAt": pr.RequestedAt.UTC().Format(time.RFC3339Nano), "error": "the agent restarted but the system did not reboot"}}
-			d.log.Warn("reboot requested but the system did not reboot")
+			d.log.Warn(MsgRebootDidNotHappen)
 		}
 		d.rb.Pending = nil
 		d.reportGen++
@@ -262,7 +262,7 @@ func (d *rebooter) execReboot(requested time.Time) {
 	cmd := exec.CommandContext(ctx, c[0], c[1:]...)
 	out, err := cmd.CombinedOutput()
 	if err == nil {
-		d.log.Info("reboot command ran; waiting for the system to go down")
+		d.log.Info(MsgRebootCommandRan)
 		return
 	}
 	line := strings.TrimSpace(string(out))
@@ -309,7 +309,7 @@ func (d *rebooter) simulateBoot(ctx context.Context) bool {
 		d.log.Error("reboot state not saved", zap.Error(err))
 	}
 	d.rebooting.Store(false)
-	d.log.Info("simulated reboot: booted", zap.Int("boot_count", count))
+	d.log.Info(MsgSimRebootBooted, zap.Int("boot_count", count))
 	return true
 }
 

@@ -74,7 +74,7 @@ func (d *Device) Reload(cfg Config) error {
 	case d.teleChanged <- struct{}{}:
 	default: // a change is already pending; the loop reads the latest settings
 	}
-	d.log.Info("configuration reloaded", zap.Duration("telemetry_interval", cfg.Telemetry.Interval),
+	d.log.Info(MsgConfigReloaded, zap.Duration("telemetry_interval", cfg.Telemetry.Interval),
 		zap.Bool("template_changed", prev == nil || prev.cfg.Template != cfg.Telemetry.Template))
 	return nil
 }

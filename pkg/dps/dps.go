@@ -37,6 +37,10 @@ import (
 // GlobalEndpoint is Azure's global DPS device endpoint.
 const GlobalEndpoint = "global.azure-devices-provisioning.net"
 
+// MsgProvisioned is the log message of a successful registration (fields "hub",
+// "assigned_device"), which tests and operators wait for.
+const MsgProvisioned = "provisioned"
+
 // Transports.
 const (
 	MQTT  = "mqtt"
@@ -383,7 +387,7 @@ func Register(ctx context.Context, cfg Config) (*Result, error) {
 			}
 			res := &Result{RegistrationID: cfg.RegistrationID, AssignedHub: rs.AssignedHub, DeviceID: rs.DeviceID,
 				Substatus: rs.Substatus, Payload: rs.Payload, IDScope: cfg.IDScope, Endpoint: cfg.Endpoint, Obtained: cfg.Clock.Now().UTC()}
-			log.Info("provisioned", zap.String("hub", res.AssignedHub), zap.String("assigned_device", res.DeviceID), zap.String("substatus", res.Substatus))
+			log.Info(MsgProvisioned, zap.String("hub", res.AssignedHub), zap.String("assigned_device", res.DeviceID), zap.String("substatus", res.Substatus))
 			return res, nil
 		case wire.DPSStatusFailed, wire.DPSStatusDisabled:
 			msg, code := "", 0

@@ -18,6 +18,9 @@ import (
 	"github.com/iothubby/iothubby/internal/atomicfile"
 )
 
+// MsgUpdateFailed is the log message of a failed update (field "target"), which tests wait for.
+const MsgUpdateFailed = "firmware update failed"
+
 // State is a stage of an update, as reported.
 type State string
 
@@ -405,7 +408,7 @@ func (u *Updater) process(ctx context.Context, m Manifest, from State) {
 	image := filepath.Join(slotDir(u.cfg.Dir, slot), "image.bin")
 	log := u.log.With(zap.String("target", m.Version), zap.String("slot", slot))
 	fail := func(err error) {
-		log.Warn("firmware update failed", zap.Error(err))
+		log.Warn(MsgUpdateFailed, zap.Error(err))
 		if ctx.Err() != nil {
 			return // interrupted, not failed: resumed by the next Run
 		}

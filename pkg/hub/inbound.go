@@ -75,20 +75,20 @@ func (s *Session) setStatus(st Status) {
 	}
 	switch st.State {
 	case Connected:
-		s.log.Info("connected", fields...)
+		s.log.Info(MsgConnected, fields...)
 	case DisconnectedRetrying:
 		if st.Attempt > 0 {
 			fields = append(fields, zap.Int("attempt", st.Attempt), zap.Duration("retry_in", st.RetryIn))
 		}
 		if st.Reason == ExpiredSASToken {
-			s.log.Info("disconnected, retrying", fields...)
+			s.log.Info(MsgDisconnectedRetrying, fields...)
 		} else {
-			s.log.Warn("disconnected, retrying", fields...)
+			s.log.Warn(MsgDisconnectedRetrying, fields...)
 		}
 	case Disconnected:
-		s.log.Error("disconnected", fields...)
+		s.log.Error(MsgDisconnected, fields...)
 	case Disabled:
-		s.log.Info("closed", fields...)
+		s.log.Info(MsgClosed, fields...)
 	}
 	if s.cfg.OnStatus == nil {
 		return

@@ -54,6 +54,10 @@ const (
 	DPSDatabaseFile = "dps.db"
 )
 
+// MsgReady is the log message hubsim writes once every listener is up and endpoints.json is
+// written; tests and scripts wait for it.
+const MsgReady = "hubsim ready"
+
 // Config configures a Server. The zero value works: an ephemeral state directory, host name
 // localhost, MQTT on 127.0.0.1:8883 and HTTPS on 127.0.0.1:8443.
 type Config struct {
@@ -314,7 +318,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err := atomicfile.WriteFile(filepath.Join(dir, EndpointsFile), append(b, '\n'), 0o600); err != nil {
 		return nil, fmt.Errorf("hubsim: %w", err)
 	}
-	log.Info("hubsim ready", zap.String("host", cfg.HostName), zap.String("mqtt", s.endpoints.MQTTAddress),
+	log.Info(MsgReady, zap.String("host", cfg.HostName), zap.String("mqtt", s.endpoints.MQTTAddress),
 		zap.String("https", s.endpoints.HTTPSAddress), zap.String("state", dir))
 	return s, nil
 }

@@ -32,6 +32,14 @@ const (
 // response timeout. The device cannot see the caller's own timeout (it is not on the wire).
 const DefaultTimeout = 30 * time.Second
 
+// The log messages about answers that were not sent, which tests wait for.
+const (
+	// MsgOverran: the handler returned after its deadline; the hub has answered 504 already.
+	MsgOverran = "direct method handler overran its deadline: not answered"
+	// MsgAnswerNotSent: the answer could not be published (field "status", error).
+	MsgAnswerNotSent = "direct method answer not sent"
+)
+
 // Request is one call as a handler sees it.
 type Request struct {
 	// Name is the method name.
@@ -200,7 +208,7 @@ func (d *Dispatcher) Dispatch(name, rid string, payload []byte) {
 		case ctx.Err() != nil:
 			// Past the deadline the caller has its 504 already; an answer now would be ignored
 			// by the hub at best.
-			log.Warn("direct method handler overran its deadline: not answered", zap.Duration("timeout", timeout),
+			log.Warn(MsgOverran, zap.Duration("timeout", timeout),
 				zap.Duration("took", time.Since(start)))
 			return
 		case len(resp.Payload) > 0 && !json.Valid(resp.Payload):
@@ -229,7 +237,7 @@ func run(ctx context.Context, h Handler, req *Request) (resp Response, panicked 
 func (d *Dispatcher) refuse(log *zap.Logger, rid string, status int, payload []byte) {
 	if d.cfg.RespondNow != nil {
 		if err := d.cfg.RespondNow(rid, status, payload); err != nil {
-			log.Warn("direct method answer not sent", zap.Int("status", status), zap.Error(err))
+			log.Warn(MsgAnswerNotSent, zap.Int("status", status), zap.Error(err))
 		}
 		return
 	}
@@ -285,7 +293,7 @@ func (d *Dispatcher) answer(log *zap.Logger, rid string, status int, payload []b
 	defer cancel()
 	err := d.respond(ctx, rid, status, payload)
 	if err != nil {
-		log.Warn("direct method answer not sent", zap.Error(err))
+		log.Warn(MsgAnswerNotSent, zap.Error(err))
 	}
 	return err
 }

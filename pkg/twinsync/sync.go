@@ -494,11 +494,12 @@ func (s *Sync) nextDue() (time.Duration, bool) {
 	return wait, armed
 }
 
-func (s *Sync) backoff(what string, err error) {
+// backoff logs msg (MsgGetRetrying or MsgReportedRetrying) and arms the retry after a backoff.
+func (s *Sync) backoff(msg string, err error) {
 	d := s.cfg.Backoff.Delay(s.retryN, s.cfg.Rand())
 	s.retryN++
 	s.retryAt = s.clock.Now().Add(d)
-	s.log.Warn("twin "+what+" failed, retrying", zap.Error(err), zap.Duration("retry_in", d), zap.Int("attempt", s.retryN))
+	s.log.Warn(msg, zap.Error(err), zap.Duration("retry_in", d), zap.Int("attempt", s.retryN))
 }
 
 func (s *Sync) step(ctx context.Context) {
@@ -543,7 +544,7 @@ func (s *Sync) fullGet(ctx context.Context) bool {
 	resp, err := s.ses.TwinGet(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
-			s.backoff("GET", err)
+			s.backoff(MsgGetRetrying, err)
 		}
 		return false
 	}
@@ -552,13 +553,13 @@ func (s *Sync) fullGet(ctx context.Context) bool {
 		Reported json.RawMessage `json:"reported"`
 	}
 	if err := json.Unmarshal(resp.Body, &doc); err != nil {
-		s.backoff("GET", fmt.Errorf("twin body: %w", err))
+		s.backoff(MsgGetRetrying, fmt.Errorf("twin body: %w", err))
 		return false
 	}
 	desired, err1 := twin.Decode(doc.Desired)
 	reported, err2 := twin.Decode(doc.Reported)
 	if err := errors.Join(err1, err2); err != nil {
-		s.backoff("GET", fmt.Errorf("twin body: %w", err))
+		s.backoff(MsgGetRetrying, fmt.Errorf("twin body: %w", err))
 		return false
 	}
 	s.retryN = 0
@@ -581,7 +582,7 @@ func (s *Sync) fullGet(ctx context.Context) bool {
 		}
 	}
 	s.mu.Unlock()
-	s.log.Info("twin synced", zap.Int64("desired_version", version), zap.Int64("reported_version", rv),
+	s.log.Info(MsgTwinSynced, zap.Int64("desired_version", version), zap.Int64("reported_version", rv),
 		zap.Int64("applied_version", s.applied))
 	switch {
 	case version > s.applied:
@@ -660,7 +661,7 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 		}
 		c := Change{Path: p, Value: val, Deleted: !ok, Version: version, s: s}
 		ack := s.cfg.Handlers[p](ctx, c)
-		s.log.Info("desired property applied", zap.String("path", p), zap.Int64("version", version), zap.Int("ac", ack.Status))
+		s.log.Info(MsgDesiredPropertyApplied, zap.String("path", p), zap.Int64("version", version), zap.Int("ac", ack.Status))
 		setAck(acks, p, c, ack)
 	}
 	var keys []string
@@ -684,11 +685,11 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 		}
 		c := Change{Path: k, Value: val, Deleted: !ok, Version: version, s: s}
 		if s.cfg.Default == nil {
-			s.log.Info("desired property recorded (no handler)", zap.String("path", k), zap.Int64("version", version))
+			s.log.Info(MsgDesiredPropertyRecorded, zap.String("path", k), zap.Int64("version", version))
 			continue
 		}
 		ack := s.cfg.Default(ctx, c)
-		s.log.Info("desired property applied", zap.String("path", k), zap.Int64("version", version), zap.Int("ac", ack.Status))
+		s.log.Info(MsgDesiredPropertyApplied, zap.String("path", k), zap.Int64("version", version), zap.Int("ac", ack.Status))
 		setAck(acks, k, c, ack)
 	}
 	s.mu.Lock()
@@ -705,7 +706,7 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 	// Usually a no-op: Report wrote this change too. A failure is logged by persist; the
 	// handlers ran and the acks go out, so the sync carries on from memory.
 	_ = s.persist(seq)
-	s.log.Info("desired version applied", zap.Int64("version", version), zap.Bool("full", full))
+	s.log.Info(MsgDesiredVersionApplied, zap.Int64("version", version), zap.Bool("full", full))
 }
 
 // lookup finds a dotted path in a document.
@@ -768,7 +769,7 @@ func (s *Sync) runDeferred(ctx context.Context) {
 		// still the desired value of that version? (a newer desired version supersedes it)
 		if s.applied == d.version || s.desiredUnchangedSince(d) {
 			setAck(acks, d.path, Change{Path: d.path, Value: d.value, Version: d.version}, d.ack)
-			s.log.Info("desired property applied", zap.String("path", d.path), zap.Int64("version", d.version), zap.Int("ac", d.ack.Status))
+			s.log.Info(MsgDesiredPropertyApplied, zap.String("path", d.path), zap.Int64("version", d.version), zap.Int("ac", d.ack.Status))
 		}
 	}
 	s.deferred = keep
@@ -825,7 +826,7 @@ func (s *Sync) flushReported(ctx context.Context) {
 		}
 		left := len(s.dirty)
 		s.mu.Unlock()
-		s.log.Info("reported properties confirmed", zap.Int64("reported_version", resp.Version), zap.Int("keys", len(sent)))
+		s.log.Info(MsgReportedConfirmed, zap.Int64("reported_version", resp.Version), zap.Int("keys", len(sent)))
 		if left > 0 {
 			s.poke()
 		}
@@ -842,7 +843,7 @@ func (s *Sync) flushReported(ctx context.Context) {
 		s.log.Error("reported properties rejected by the hub", zap.Int("status", se.Status), zap.Int("code", se.Code),
 			zap.String("message", se.Message), zap.Strings("keys", sortedKeys(sent)))
 	default:
-		s.backoff("reported PATCH", err)
+		s.backoff(MsgReportedRetrying, err)
 	}
 }
 

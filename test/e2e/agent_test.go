@@ -12,7 +12,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/connstr"
+	hubsess "github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/service"
 )
 
@@ -87,7 +89,7 @@ func TestAgentTelemetryAndCloudToDevice(t *testing.T) {
 	h := newHub(t)
 	d := createDevice(t, h, "e2e-dev1")
 	a := startAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), "")
-	a.await(0, "connected", and(msgIs("connected"), field("device", "e2e-dev1"), field("reason", "Connection_Ok")))
+	a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", "e2e-dev1"), field("reason", "Connection_Ok")))
 
 	var msgs []service.RecordedMessage
 	eventually(t, "two telemetry messages recorded", func() error {
@@ -128,7 +130,7 @@ func TestAgentTelemetryAndCloudToDevice(t *testing.T) {
 		t.Fatalf("send c2d: %q %v", id, err)
 	}
 	a.await(mark, "the cloud-to-device message", func(l map[string]any) bool {
-		if l["msg"] != "cloud-to-device message" || l["message_id"] != "c2d-e2e-1" || l["correlation_id"] != "corr-7" {
+		if l["msg"] != agent.MsgC2D || l["message_id"] != "c2d-e2e-1" || l["correlation_id"] != "corr-7" {
 			return false
 		}
 		p, _ := l["properties"].(map[string]any)
@@ -138,7 +140,7 @@ func TestAgentTelemetryAndCloudToDevice(t *testing.T) {
 	if err := a.stop(); err != nil {
 		t.Fatalf("agent exit after SIGTERM: %v", err)
 	}
-	i := a.await(0, "the stop summary", msgIs("stopped"))
+	i := a.await(0, "the stop summary", msgIs(agent.MsgStopped))
 	if f := a.lines[i]["failed"]; fmt.Sprint(f) != "0" {
 		t.Fatalf("messages failed at shutdown: %v", f)
 	}
@@ -155,11 +157,11 @@ func TestTokenRenewal(t *testing.T) {
 	h := newHub(t)
 	d := createDevice(t, h, "e2e-renew")
 	a := startAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), "connection:\n  tokenTTL: 3s\n")
-	renewal := and(msgIs("disconnected, retrying"), field("reason", "Expired_SAS_Token"))
+	renewal := and(msgIs(hubsess.MsgDisconnectedRetrying), field("reason", "Expired_SAS_Token"))
 	from := 0
 	for range 3 {
 		from = a.await(from, "a planned token renewal", renewal) + 1
-		from = a.await(from, "the reconnect after renewal", msgIs("connected")) + 1
+		from = a.await(from, "the reconnect after renewal", msgIs(hubsess.MsgConnected)) + 1
 	}
 	if n := a.count(field("reason", "Bad_Credential")); n != 0 {
 		t.Errorf("agent saw %d Bad_Credential events", n)
@@ -173,7 +175,7 @@ func TestTokenRenewal(t *testing.T) {
 	if err := a.stop(); err != nil {
 		t.Fatalf("agent exit: %v", err)
 	}
-	i := a.await(0, "the stop summary", msgIs("stopped"))
+	i := a.await(0, "the stop summary", msgIs(agent.MsgStopped))
 	if f := fmt.Sprint(a.lines[i]["failed"]); f != "0" {
 		t.Fatalf("%s messages failed across renewals", f)
 	}
@@ -187,7 +189,7 @@ func TestHubsimRestartKeepsDevice(t *testing.T) {
 	h := startHub(t, state, mqttAddr, httpsAddr)
 	d := createDevice(t, h, "e2e-restart")
 	a := startAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), "")
-	a.await(0, "connected", msgIs("connected"))
+	a.await(0, "connected", msgIs(hubsess.MsgConnected))
 
 	if err := h.stop(); err != nil {
 		t.Fatalf("hubsim exit after SIGTERM: %v", err)
@@ -195,10 +197,10 @@ func TestHubsimRestartKeepsDevice(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(state, "endpoints.json")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("endpoints.json left behind after a clean stop: %v", err)
 	}
-	lost := a.await(0, "the agent noticing the hub went away", msgIs("disconnected, retrying"))
+	lost := a.await(0, "the agent noticing the hub went away", msgIs(hubsess.MsgDisconnectedRetrying))
 
 	h2 := startHub(t, state, mqttAddr, httpsAddr)
-	a.await(lost, "the reconnect to the restarted hubsim", msgIs("connected"))
+	a.await(lost, "the reconnect to the restarted hubsim", msgIs(hubsess.MsgConnected))
 	got, err := h2.svc.GetDevice(ctxT(t), d.DeviceID)
 	if err != nil {
 		t.Fatal(err)
@@ -228,13 +230,13 @@ func TestWrongKeyFailsOnce(t *testing.T) {
 	if code := exitCode(err); code != 3 {
 		t.Fatalf("agent exit code %d (%v), want 3 (not authorized)", code, err)
 	}
-	a.await(0, "a Bad_Credential status", and(msgIs("disconnected"), field("reason", "Bad_Credential")))
+	a.await(0, "a Bad_Credential status", and(msgIs(hubsess.MsgDisconnected), field("reason", "Bad_Credential")))
 	refused := func(l map[string]any) bool { return strings.Contains(fmt.Sprint(l["msg"]), "CONNACK 5") }
 	h.await(0, "hubsim's refusal", refused)
 	if n := h.count(refused); n != 1 {
 		t.Fatalf("hubsim refused %d connection attempts, want exactly 1", n)
 	}
-	if n := a.count(msgIs("connected")); n != 0 {
+	if n := a.count(msgIs(hubsess.MsgConnected)); n != 0 {
 		t.Fatalf("agent reported connected %d times", n)
 	}
 	raw := strings.Join(a.raw, "\n")

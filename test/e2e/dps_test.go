@@ -14,8 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iothubby/iothubby/pkg/agent"
+	"github.com/iothubby/iothubby/pkg/dps"
+	hubsess "github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/service"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 const e2eGroupKey = "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw=="
@@ -105,8 +109,8 @@ func TestDPSGroupSymmetricKey(t *testing.T) {
 				regID, writeSecret(t, "group.key", e2eGroupKey))
 			before := dpsStats(t, c)["registrations"]
 			a := startDPSAgent(t, h, state, tr, yaml)
-			a.await(0, "provisioned", and(msgIs("provisioned"), field("device", regID), field("substatus", "initialAssignment")))
-			a.await(0, "connected", and(msgIs("connected"), field("device", regID)))
+			a.await(0, "provisioned", and(msgIs(dps.MsgProvisioned), field("device", regID), field("substatus", "initialAssignment")))
+			a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", regID)))
 			awaitInitialTwin(t, h, a, regID)
 			if n := dpsStats(t, c)["registrations"]; n != before+1 {
 				t.Fatalf("registrations %d, want %d", n, before+1)
@@ -121,8 +125,8 @@ func TestDPSGroupSymmetricKey(t *testing.T) {
 			}
 			// Restart: the cached result is used, DPS sees nothing.
 			a = startDPSAgent(t, h, state, tr, yaml)
-			a.await(0, "the cached result", msgIs("using cached provisioning result"))
-			a.await(0, "connected again", and(msgIs("connected"), field("device", regID)))
+			a.await(0, "the cached result", msgIs(agent.MsgUsingCachedProvisioning))
+			a.await(0, "connected again", and(msgIs(hubsess.MsgConnected), field("device", regID)))
 			if n := dpsStats(t, c)["registrations"]; n != before+1 {
 				t.Fatalf("restart registered again: %d", n)
 			}
@@ -131,9 +135,9 @@ func TestDPSGroupSymmetricKey(t *testing.T) {
 			if err := h.svc.DeleteDevice(ctxT(t), regID, ""); err != nil {
 				t.Fatal(err)
 			}
-			a.await(mark, "reprovisioning", msgIs("hub refused the provisioned identity; provisioning again"))
-			a.await(mark, "provisioned again", and(msgIs("provisioned"), field("device", regID)))
-			a.await(mark, "connected after reprovisioning", and(msgIs("connected"), field("device", regID)))
+			a.await(mark, "reprovisioning", msgIs(agent.MsgReprovisioning))
+			a.await(mark, "provisioned again", and(msgIs(dps.MsgProvisioned), field("device", regID)))
+			a.await(mark, "connected after reprovisioning", and(msgIs(hubsess.MsgConnected), field("device", regID)))
 			if n := dpsStats(t, c)["registrations"]; n != before+2 {
 				t.Fatalf("registrations %d, want %d", n, before+2)
 			}
@@ -162,7 +166,7 @@ func TestDPSDisabledEnrollmentFailsClearly(t *testing.T) {
 	if code := exitCode(a.err); code == 0 {
 		t.Fatal("agent exited 0")
 	}
-	i := a.await(0, "the failure", msgIs("provisioning failed"))
+	i := a.await(0, "the failure", msgIs(agent.MsgProvisioningFailed))
 	if e := fmt.Sprint(a.lines[i]["error"]); !strings.Contains(e, "disabled") {
 		t.Fatalf("error does not name the cause: %s", e)
 	}
@@ -182,7 +186,7 @@ func TestDPSThrottleHonoured(t *testing.T) {
 		agents = append(agents, startDPSAgent(t, h, t.TempDir(), tr, fmt.Sprintf("  registrationId: busy-%d\n  groupKey: %q\n", i, e2eGroupKey)))
 	}
 	for i, a := range agents {
-		a.await(0, "provisioned", and(msgIs("provisioned"), field("device", fmt.Sprintf("busy-%d", i))))
+		a.await(0, "provisioned", and(msgIs(dps.MsgProvisioned), field("device", fmt.Sprintf("busy-%d", i))))
 	}
 	st := dpsStats(t, c)
 	if st["throttled"] == 0 || st["earlyPolls"] != 0 || st["registrations"] != 3 {
@@ -250,8 +254,8 @@ func TestDPSX509IndividualAndGroup(t *testing.T) {
 	}{{"x509-member", "mqtt", leaf}, {"x509-single", "https", self}} {
 		cf, kf := writeChain(t, dir, tc.id, tc.cert)
 		a := startDPSAgent(t, h, t.TempDir(), tc.transport, fmt.Sprintf("auth:\n  certFile: %q\n  keyFile: %q\n", cf, kf))
-		a.await(0, "provisioned", and(msgIs("provisioned"), field("device", tc.id)))
-		a.await(0, "connected", and(msgIs("connected"), field("device", tc.id)))
+		a.await(0, "provisioned", and(msgIs(dps.MsgProvisioned), field("device", tc.id)))
+		a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", tc.id)))
 		d, err := h.svc.GetDevice(ctxT(t), tc.id)
 		if err != nil || d.Authentication == nil || d.Authentication.Type != "selfSigned" {
 			t.Fatalf("hub device %+v %v", d, err)
@@ -272,19 +276,19 @@ func TestDPSMigrateToAnotherHub(t *testing.T) {
 	state := t.TempDir()
 	yaml := fmt.Sprintf("  registrationId: mover-1\n  groupKey: %q\n", e2eGroupKey)
 	a := startDPSAgent(t, h, state, "mqtt", yaml)
-	a.await(0, "provisioned", and(msgIs("provisioned"), field("device", "mover-1"), field("substatus", "initialAssignment")))
-	a.await(0, "connected", and(msgIs("connected"), field("device", "mover-1")))
+	a.await(0, "provisioned", and(msgIs(dps.MsgProvisioned), field("device", "mover-1"), field("substatus", "initialAssignment")))
+	a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", "mover-1")))
 	if err := a.stop(); err != nil {
 		t.Fatal(err)
 	}
 	groupEnrollment(t, c, "mover", map[string]any{"allocationPolicy": "static", "iotHubs": []string{"hub2.localhost"},
 		"reprovisionPolicy": map[string]any{"updateHubAssignment": true, "migrateDeviceData": true}})
 	a = startDPSAgent(t, h, state, "mqtt", yaml, "--reprovision")
-	i := a.await(0, "provisioned to hub2", and(msgIs("provisioned"), field("device", "mover-1"), field("substatus", "deviceDataMigrated")))
+	i := a.await(0, "provisioned to hub2", and(msgIs(dps.MsgProvisioned), field("device", "mover-1"), field("substatus", "deviceDataMigrated")))
 	if hubName := fmt.Sprint(a.lines[i]["hub"]); !strings.HasPrefix(hubName, "hub2.localhost") {
 		t.Fatalf("assigned %s", hubName)
 	}
-	a.await(0, "connected to hub2", and(msgIs("connected"), field("device", "mover-1")))
+	a.await(0, "connected to hub2", and(msgIs(hubsess.MsgConnected), field("device", "mover-1")))
 	awaitInitialTwin(t, h, a, "mover-1")
 }
 
@@ -294,7 +298,7 @@ func TestDPSMigrateToAnotherHub(t *testing.T) {
 func awaitInitialTwin(t *testing.T, h *hub, a *proc, deviceID string) {
 	t.Helper()
 	a.await(0, "the initial twin's desired interval applied", func(l map[string]any) bool {
-		return (l["msg"] == "desired property applied" || l["msg"] == "desired property recorded (no handler)") && l["path"] == "interval"
+		return (l["msg"] == twinsync.MsgDesiredPropertyApplied || l["msg"] == twinsync.MsgDesiredPropertyRecorded) && l["path"] == "interval"
 	})
 	eventually(t, "the hub's twin with the initial twin and its acknowledgement", func() error {
 		tw, err := h.svc.GetTwin(ctxT(t), deviceID)

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/iothubby/iothubby/pkg/firmware"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // fwCLI is a firmware workspace for hubby: a key, images and manifests in a folder.
@@ -123,7 +124,7 @@ firmware:
   publicKeyFile: %q
 `, state, h.ep.CAFile, w.path("fw.pub"))
 	a := startAgent(t, h, connString(h, "fwcli", d.Authentication.SymmetricKey.PrimaryKey), cfg)
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 
 	// by method: a paced download (256 KiB at 128 KiB/s), so its progress shows
 	const size = 256 << 10

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/iothubby/iothubby/pkg/firmware"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // imageServer is a local HTTPS server for firmware images with Range support. With hold set,
@@ -113,7 +114,7 @@ firmware:
   publicKey: %q
 `, state, srv.caFile, base64.StdEncoding.EncodeToString(key.Public().(ed25519.PublicKey)))
 	a := startAgent(t, h, cs, cfg)
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 
 	m2, _ := json.Marshal(srv.manifest("2.0.0", key))
 	if r := invokeOK(t, h, "fw1", "firmwareUpdate", "--payload", string(m2)); r.Status != 202 {
@@ -196,7 +197,7 @@ firmware:
 	if !resumed {
 		t.Fatal("the restarted agent downloaded the image again from the start")
 	}
-	if n := a.count(msgIs("firmware update failed")); n != 0 {
+	if n := a.count(msgIs(firmware.MsgUpdateFailed)); n != 0 {
 		t.Fatalf("%d failures after the restart", n)
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // hubbyExit runs the hubby binary against h to its end and returns its output (stdout and
@@ -52,7 +54,7 @@ func TestHubbyCanaryRolloutStopsOnRejectsAndResumesAfterKill(t *testing.T) {
 		}
 		a := twinAgent(t, h, connString(h, id, d.Authentication.SymmetricKey.PrimaryKey), t.TempDir(),
 			fmt.Sprintf("twin:\n  properties:\n    fw:\n      action: %s\n", behaviour[id]))
-		a.await(0, "twin synced", msgIs("twin synced"))
+		a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	}
 
 	start := []string{"rollout", "start", "fw2", "-q", "tags.ring = 'prod'", "--desired", `fw="2.0"`,

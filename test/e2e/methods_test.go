@@ -10,6 +10,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/iothubby/iothubby/pkg/agent"
+	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // hubbyRun runs the hubby binary against h and returns its combined output.
@@ -59,7 +63,7 @@ methods:
   hang:
     delay: 1h
 `)
-	a.await(0, "twin synced", msgIs("twin synced")) // methods are subscribed before the twin GET
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced)) // methods are subscribed before the twin GET
 
 	if r := invokeOK(t, h, "meth1", "echo", "--payload", `{"a":[1,{"b":null}]}`); r.Status != 200 || string(r.Payload) != `{"a":[1,{"b":null}]}` {
 		t.Fatalf("echo: %+v %s", r, r.Payload)
@@ -83,7 +87,7 @@ methods:
 		t.Fatalf("hanging handler: err %v, output %q", err, out)
 	}
 	// the agent gives up on the handler at its own deadline and sends nothing
-	a.await(from, "overrun logged", msgIs("direct method handler overran its deadline: not answered"))
+	a.await(from, "overrun logged", msgIs(methods.MsgOverran))
 	out, err = hubbyRun(t, h, "method", "invoke", "meth-offline", "echo", "--timeout", "5")
 	if err == nil || !strings.Contains(out, "DeviceNotOnline") {
 		t.Fatalf("offline device: err %v, output %q", err, out)
@@ -92,7 +96,7 @@ methods:
 	if r := invokeOK(t, h, "meth1", "echo", "--payload", `"done"`); r.Status != 200 || string(r.Payload) != `"done"` {
 		t.Fatalf("echo after: %+v", r)
 	}
-	if n := a.count(msgIs("direct method answer not sent")); n != 0 {
+	if n := a.count(msgIs(methods.MsgAnswerNotSent)); n != 0 {
 		t.Fatalf("%d answers not sent", n)
 	}
 }
@@ -107,14 +111,14 @@ func TestSimulatedReboot(t *testing.T) {
 	cs := connString(h, "rb1", d.Authentication.SymmetricKey.PrimaryKey)
 	cfg := fmt.Sprintf("stateDir: %q\nreboot:\n  mode: simulate\n  bootDelay: 500ms\n", state)
 	a := startAgent(t, h, cs, cfg)
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	from := a.numLines()
 	if r := invokeOK(t, h, "rb1", "reboot"); r.Status != 200 {
 		t.Fatalf("reboot: %d %s", r.Status, r.Payload)
 	}
-	i := a.await(from, "disconnect", msgIs("simulated reboot: disconnecting"))
-	i = a.await(i, "booted", msgIs("simulated reboot: booted"))
-	a.await(i, "reconnected", msgIs("twin synced"))
+	i := a.await(from, "disconnect", msgIs(agent.MsgSimRebootDisconnecting))
+	i = a.await(i, "booted", msgIs(agent.MsgSimRebootBooted))
+	a.await(i, "reconnected", msgIs(twinsync.MsgTwinSynced))
 	eventually(t, "lastReboot and bootCount reported", func() error {
 		r, _ := hubReported(t, h, "rb1")
 		rb, _ := r["reboot"].(map[string]any)
@@ -128,7 +132,7 @@ func TestSimulatedReboot(t *testing.T) {
 		t.Fatalf("agent exit: %v", err)
 	}
 	a = startAgent(t, h, cs, cfg)
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	if r := invokeOK(t, h, "rb1", "reboot"); r.Status != 200 {
 		t.Fatalf("second reboot: %d", r.Status)
 	}

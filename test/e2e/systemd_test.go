@@ -12,6 +12,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/iothubby/iothubby/pkg/agent"
+	hubsess "github.com/iothubby/iothubby/pkg/hub"
 )
 
 // notifySocket is a fake systemd: the unixgram socket $NOTIFY_SOCKET names, recording every
@@ -126,7 +129,7 @@ func TestSystemdNotify(t *testing.T) {
 	if !strings.HasPrefix(ready.fields["STATUS"], "connecting") {
 		t.Errorf("STATUS with READY=1: %q, want connecting...", ready.fields["STATUS"])
 	}
-	if n := a.count(msgIs("connected")); n != 0 {
+	if n := a.count(msgIs(hubsess.MsgConnected)); n != 0 {
 		t.Fatalf("connected before hubsim started (%d)", n)
 	}
 	down := ns.await("STATUS while the hub is down", "STATUS", "")
@@ -157,7 +160,7 @@ func TestSystemdNotify(t *testing.T) {
 	}
 	ns.await("RELOADING=1 on SIGHUP", "RELOADING", "1")
 	r := ns.await("READY=1 after the reload", "READY", "1")
-	if r.fields["STATUS"] != "configuration reloaded" {
+	if r.fields["STATUS"] != agent.MsgConfigReloaded {
 		t.Errorf("STATUS with READY=1 after the reload: %q", r.fields["STATUS"])
 	}
 
@@ -178,14 +181,14 @@ func TestReloadTelemetryInterval(t *testing.T) {
 	cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
 	writeAgentConfig(t, cfgPath, h.ep.CAFile, "1h") // no telemetry within the test
 	a := startNotifyAgent(t, h, ns, cs, cfgPath, 0)
-	a.await(0, "connected", msgIs("connected"))
+	a.await(0, "connected", msgIs(hubsess.MsgConnected))
 
 	writeAgentConfig(t, cfgPath, h.ep.CAFile, "100ms")
 	from := a.numLines()
 	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	a.await(from, "the reload", and(msgIs("configuration reloaded"), field("telemetry_interval", "0.1")))
+	a.await(from, "the reload", and(msgIs(agent.MsgConfigReloaded), field("telemetry_interval", "0.1")))
 	eventually(t, "10 messages at the new interval", func() error {
 		msgs, err := h.svc.Telemetry(ctxT(t), d.DeviceID)
 		if err == nil && len(msgs) < 10 {
@@ -223,10 +226,10 @@ func TestReloadTelemetryInterval(t *testing.T) {
 	if err := a.stop(); err != nil {
 		t.Fatalf("agent exit: %v", err)
 	}
-	if n := a.count(msgIs("connected")); n != 1 {
+	if n := a.count(msgIs(hubsess.MsgConnected)); n != 1 {
 		t.Errorf("%d connects across the reloads, want 1", n)
 	}
-	stopped := a.await(0, "the stop summary", msgIs("stopped"))
+	stopped := a.await(0, "the stop summary", msgIs(agent.MsgStopped))
 	a.mu.Lock()
 	connects := fmt.Sprint(a.lines[stopped]["connects"])
 	a.mu.Unlock()

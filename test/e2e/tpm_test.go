@@ -12,6 +12,10 @@ import (
 	"testing"
 
 	"github.com/iothubby/iothubby/internal/swtpm"
+	"github.com/iothubby/iothubby/pkg/agent"
+	"github.com/iothubby/iothubby/pkg/dps"
+	hubsess "github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // tpmIdentity is what `agent tpm show` prints.
@@ -81,8 +85,8 @@ func TestTPMProvisionAndRun(t *testing.T) {
 				t.Fatal(err)
 			}
 			a := startProc(t, "agent", "run", "--config", cfgPath)
-			a.await(0, "provisioned", and(msgIs("provisioned"), field("device", id.RegistrationID)))
-			a.await(0, "connected", and(msgIs("connected"), field("device", id.RegistrationID)))
+			a.await(0, "provisioned", and(msgIs(dps.MsgProvisioned), field("device", id.RegistrationID)))
+			a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", id.RegistrationID)))
 			awaitInitialTwin(t, h, a, id.RegistrationID)
 
 			// The hub device hubsim registered authenticates with the key DPS delivered in the
@@ -99,15 +103,15 @@ func TestTPMProvisionAndRun(t *testing.T) {
 			}
 
 			// Renewal with TPM-signed tokens: planned reconnects, no refusals.
-			renewal := and(msgIs("disconnected, retrying"), field("reason", "Expired_SAS_Token"))
+			renewal := and(msgIs(hubsess.MsgDisconnectedRetrying), field("reason", "Expired_SAS_Token"))
 			from := a.await(0, "a planned token renewal", renewal) + 1
-			a.await(from, "the reconnect after renewal", msgIs("connected"))
+			a.await(from, "the reconnect after renewal", msgIs(hubsess.MsgConnected))
 			if n := a.count(field("reason", "Bad_Credential")); n != 0 {
 				t.Errorf("agent saw %d Bad_Credential events", n)
 			}
 
 			v := desiredPatch(t, h, id.RegistrationID, map[string]any{"interval": 7})
-			a.await(0, "desired version applied", and(msgIs("desired version applied"), field("version", v)))
+			a.await(0, "desired version applied", and(msgIs(twinsync.MsgDesiredVersionApplied), field("version", v)))
 			r := invokeOK(t, h, id.RegistrationID, "ping", "--payload", "{}")
 			if r.Status != 200 || string(r.Payload) != `{"pong":true}` {
 				t.Fatalf("ping answered %d %s", r.Status, r.Payload)
@@ -118,8 +122,8 @@ func TestTPMProvisionAndRun(t *testing.T) {
 
 			// A restart uses the cached assignment and the key persisted in the TPM.
 			a = startProc(t, "agent", "run", "--config", cfgPath)
-			a.await(0, "the cached result", msgIs("using cached provisioning result"))
-			a.await(0, "connected again", and(msgIs("connected"), field("device", id.RegistrationID)))
+			a.await(0, "the cached result", msgIs(agent.MsgUsingCachedProvisioning))
+			a.await(0, "connected again", and(msgIs(hubsess.MsgConnected), field("device", id.RegistrationID)))
 			if err := a.stop(); err != nil {
 				t.Fatal(err)
 			}

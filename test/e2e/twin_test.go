@@ -12,8 +12,11 @@ import (
 	"strings"
 	"testing"
 
+	hubsess "github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/hubsim"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/service"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -93,9 +96,9 @@ func TestTwinOfflineChangeAndAgentRestart(t *testing.T) {
 	state := t.TempDir()
 	cfg := "twin:\n  firmwareVersion: \"1.2.3\"\n  reported:\n    site: lab\n  properties:\n    interval:\n      action: accept\n"
 	a := twinAgent(t, h, cs, state, cfg)
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	v := desiredPatch(t, h, d.DeviceID, map[string]any{"interval": 5})
-	a.await(0, "desired version applied", and(msgIs("desired version applied"), field("version", v)))
+	a.await(0, "desired version applied", and(msgIs(twinsync.MsgDesiredVersionApplied), field("version", v)))
 	eventually(t, "ack and facts on the hub", func() error {
 		r, _ := hubReported(t, h, d.DeviceID)
 		if ac, av, val := ack(r, "interval"); ac != 200 || av != v || val != 5.0 {
@@ -111,8 +114,8 @@ func TestTwinOfflineChangeAndAgentRestart(t *testing.T) {
 
 	v2 := desiredPatch(t, h, d.DeviceID, map[string]any{"interval": 9, "mode": "eco"})
 	a2 := twinAgent(t, h, cs, state, cfg)
-	a2.await(0, "the offline change applied", and(msgIs("desired version applied"), field("version", v2)))
-	if n := a2.count(and(msgIs("desired property applied"), field("version", v))); n != 0 {
+	a2.await(0, "the offline change applied", and(msgIs(twinsync.MsgDesiredVersionApplied), field("version", v2)))
+	if n := a2.count(and(msgIs(twinsync.MsgDesiredPropertyApplied), field("version", v))); n != 0 {
 		t.Fatalf("version %v applied again after the restart (%d times)", v, n)
 	}
 	eventually(t, "acks for the offline change", func() error {
@@ -145,12 +148,12 @@ func TestTwinDesiredBurst(t *testing.T) {
 	d := createDevice(t, h, "e2e-twin-burst")
 	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), t.TempDir(),
 		"")
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	var last float64
 	for i := 1; i <= 100; i++ {
 		last = desiredPatch(t, h, d.DeviceID, map[string]any{"setting": i})
 	}
-	a.await(0, "the last desired version applied", and(msgIs("desired version applied"), field("version", last)))
+	a.await(0, "the last desired version applied", and(msgIs(twinsync.MsgDesiredVersionApplied), field("version", last)))
 	eventually(t, "the last ack on the hub", func() error {
 		r, _ := hubReported(t, h, d.DeviceID)
 		if ac, av, val := ack(r, "setting"); ac != 200 || av != last || val != 100.0 {
@@ -172,16 +175,16 @@ func TestTwinHubsimKilledDuringReportedUpdates(t *testing.T) {
 	d := createDevice(t, h, "e2e-twin-kill")
 	state := t.TempDir()
 	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), state, "")
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	for i := 1; i <= 20; i++ {
 		desiredPatch(t, h, d.DeviceID, map[string]any{fmt.Sprintf("p%d", i%5): i})
 	}
 	from := a.numLines()
-	a.await(from, "a reported update confirmed", msgIs("reported properties confirmed"))
+	a.await(from, "a reported update confirmed", msgIs(twinsync.MsgReportedConfirmed))
 	h.kill()
-	lost := a.await(from, "the agent noticing", msgIs("disconnected, retrying"))
+	lost := a.await(from, "the agent noticing", msgIs(hubsess.MsgDisconnectedRetrying))
 	h2 := startHub(t, hubState, mqttAddr, httpsAddr)
-	a.await(lost, "reconnect", msgIs("connected"))
+	a.await(lost, "reconnect", msgIs(hubsess.MsgConnected))
 	eventually(t, "hub reported == agent intended", func() error {
 		r, _ := hubReported(t, h2, d.DeviceID)
 		want := plain(t, intended(t, state, d.DeviceID))
@@ -201,7 +204,7 @@ func TestTwinLimitRejected(t *testing.T) {
 	h := newHub(t)
 	d := createDevice(t, h, "e2e-twin-limit")
 	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), t.TempDir(), "")
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	for name, desired := range map[string]map[string]any{
 		"bad key":     {"a.b": 1},
 		"long string": {"s": strings.Repeat("x", 4097)},
@@ -219,7 +222,7 @@ func TestTwinLimitRejected(t *testing.T) {
 		t.Fatalf("stale etag: %v", err)
 	}
 	v := desiredPatch(t, h, d.DeviceID, map[string]any{"ok": true})
-	a.await(0, "the valid change", and(msgIs("desired version applied"), field("version", v)))
+	a.await(0, "the valid change", and(msgIs(twinsync.MsgDesiredVersionApplied), field("version", v)))
 	if !a.alive() {
 		t.Fatal("agent stopped")
 	}
@@ -242,7 +245,7 @@ func startHubWith(t *testing.T, extra ...string) *hub {
 	args := append([]string{"serve", "--state", state, "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0",
 		"--amqp-addr", "127.0.0.1:0", "--log-format", "json", "--log-level", "debug"}, extra...)
 	p := startProc(t, "hubsim", args...)
-	p.await(0, "hubsim ready", msgIs("hubsim ready"))
+	p.await(0, "hubsim ready", msgIs(hubsim.MsgReady))
 	ep, err := endpoints.Read(state)
 	if err != nil || ep.PID != p.cmd.Process.Pid {
 		t.Fatalf("endpoints.json after ready: %+v %v", ep, err)
@@ -263,13 +266,13 @@ func TestTwinThrottledAgentConverges(t *testing.T) {
 	d := createDevice(t, h, "e2e-twin-429")
 	state := t.TempDir()
 	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), state, "")
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	var last float64
 	for i := 1; i <= 30; i++ {
 		last = desiredPatch(t, h, d.DeviceID, map[string]any{fmt.Sprintf("k%d", i%3): i})
 	}
-	a.await(0, "a 429 retried", and(msgIs("twin reported PATCH failed, retrying")))
-	a.await(0, "the last version applied", and(msgIs("desired version applied"), field("version", last)))
+	a.await(0, "a 429 retried", and(msgIs(twinsync.MsgReportedRetrying)))
+	a.await(0, "the last version applied", and(msgIs(twinsync.MsgDesiredVersionApplied), field("version", last)))
 	eventually(t, "hub reported == agent intended", func() error {
 		r, _ := hubReported(t, h, d.DeviceID)
 		want := plain(t, intended(t, state, d.DeviceID))
@@ -311,10 +314,10 @@ func TestTwinBehaviours(t *testing.T) {
       command: ["/bin/sh", "-c", "echo no such device >&2; exit 3"]
 `, out)
 	a := twinAgent(t, h, connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey), t.TempDir(), cfg)
-	a.await(0, "twin synced", msgIs("twin synced"))
+	a.await(0, "twin synced", msgIs(twinsync.MsgTwinSynced))
 	v := desiredPatch(t, h, d.DeviceID, map[string]any{"slow": "on", "locked": 1, "led": "green", "broken": true, "free": 1})
-	a.await(0, "202 for slow", and(msgIs("desired property applied"), field("path", "slow"), field("ac", 202)))
-	a.await(0, "200 for slow", and(msgIs("desired property applied"), field("path", "slow"), field("ac", 200)))
+	a.await(0, "202 for slow", and(msgIs(twinsync.MsgDesiredPropertyApplied), field("path", "slow"), field("ac", 202)))
+	a.await(0, "200 for slow", and(msgIs(twinsync.MsgDesiredPropertyApplied), field("path", "slow"), field("ac", 200)))
 	eventually(t, "acks", func() error {
 		r, _ := hubReported(t, h, d.DeviceID)
 		if ac, av, val := ack(r, "slow"); ac != 200 || av != v || val != "on" {

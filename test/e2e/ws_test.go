@@ -10,7 +10,9 @@ import (
 	"testing"
 
 	"github.com/iothubby/iothubby/internal/connectproxy"
+	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/connstr"
+	hubsess "github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/service"
 )
 
@@ -48,7 +50,7 @@ func TestAgentMQTTOverWebSocketThroughProxy(t *testing.T) {
 	cs := connstr.ConnectionString{HostName: host, DeviceID: d.DeviceID, SharedAccessKey: d.Authentication.SymmetricKey.PrimaryKey,
 		GatewayHostName: target}.String()
 	a := startAgent(t, h, cs, "transport: mqtt-ws\n")
-	a.await(0, "connected", and(msgIs("connected"), field("device", d.DeviceID), field("reason", "Connection_Ok")))
+	a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", d.DeviceID), field("reason", "Connection_Ok")))
 	if got := px.Targets(); len(got) == 0 || got[0] != target {
 		t.Fatalf("proxy tunnels %v, want %s", got, target)
 	}
@@ -75,7 +77,7 @@ func TestAgentMQTTOverWebSocketThroughProxy(t *testing.T) {
 	if _, err := h.svc.SendC2D(ctxT(t), d.DeviceID, service.C2DMessage{Body: "over the proxy", MessageID: "ws-c2d-1"}); err != nil {
 		t.Fatal(err)
 	}
-	a.await(mark, "the cloud-to-device message", and(msgIs("cloud-to-device message"), field("message_id", "ws-c2d-1")))
+	a.await(mark, "the cloud-to-device message", and(msgIs(agent.MsgC2D), field("message_id", "ws-c2d-1")))
 
 	if err := a.stop(); err != nil {
 		t.Fatalf("agent exit after SIGTERM: %v", err)
