@@ -94,6 +94,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(newRunCmd(stderr), newTPMCmd(stdout, stderr), newCheckCmd(stdout, stderr))
+	root.AddCommand(newFleetCmd(stderr))
 	version.Attach(root)
 	return root
 }
