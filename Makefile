@@ -8,7 +8,7 @@ STATE     ?= .hubby
 FUZZTIME  ?= 5s
 PKGS      := ./...
 
-.PHONY: all build test test-unit fuzz-brief e2e conformance bench lint cross run clean
+.PHONY: all build test test-unit fuzz-brief e2e conformance bench lint cross run clean package package-test
 
 all: build
 
@@ -18,7 +18,7 @@ build:
 
 ## test: everything CI runs: lint, the agent's ARM cross-build, unit tests with -race, brief
 ## fuzzing, end-to-end tests on the real binaries, and Microsoft's SDKs against hubsim.
-test: lint cross test-unit fuzz-brief e2e conformance
+test: lint cross test-unit fuzz-brief e2e conformance package-test
 
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
@@ -51,8 +51,17 @@ cross:
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -o /dev/null ./cmd/agent
 	CGO_ENABLED=0 $(GO) test -count=1 -run '^TestSimulatorNeedsCgo$$' ./pkg/tpm/
 
+## package: .deb and .rpm of agent (as iothubby-agent), hubby and hubsim for amd64, arm64 and
+## armhf in dist/, with nfpm (go tool nfpm; deploy/nfpm.yaml). VERSION=1.2.3 to stamp one.
+package:
+	GO=$(GO) scripts/package.sh
+
+## package-test: builds the packages, installs the amd64 .deb here (root; CI), checks it, purges it.
+package-test:
+	GO=$(GO) scripts/package-test.sh
+
 run: build
 	STATE=$(STATE) scripts/run-local.sh
 
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) dist
