@@ -1,13 +1,15 @@
 'use strict';
 // Cloud-to-device over AMQP (protocol-amqp.md §1-§3): Microsoft's service SDK (azure-iothub
 // Client.send and getFeedbackReceiver, over amqps to hubsim's --amqp-addr) sending to a device
-// connected with azure-iot-device over MQTT, with positive feedback after the device completes.
+// connected with azure-iot-device over MQTT and over MqttWs (MQTT over WebSockets), with positive
+// feedback after the device completes.
 
 const crypto = require('node:crypto');
 const { Client: ServiceClient } = require('azure-iothub');
 const { Message } = require('azure-iot-common');
 
 const { check, checkEqual, describeError, errName, withDeadline } = require('./util');
+const { wsClient } = require('./ws-cases');
 
 const OP_DEADLINE_MS = 20000;
 const OBSERVE_DEADLINE_MS = 15000;
@@ -17,11 +19,20 @@ function log(msg) {
 }
 
 async function c2dAmqpFeedback(ctx) {
+  return c2dFeedbackVia(ctx, (id, key) => ctx.deviceClient(ctx.sasConnectionString(id, key)));
+}
+
+async function c2dAmqpFeedbackMqttWs(ctx) {
+  return c2dFeedbackVia(ctx, (id, key) => wsClient(ctx, id, key));
+}
+
+// c2dFeedbackVia sends over AMQP to a device client that newDevice(id, key) builds.
+async function c2dFeedbackVia(ctx, newDevice) {
   check(ctx.ep.amqpAddress, 'endpoints.json has no amqpAddress');
   const id = ctx.name.replace(/[^a-z0-9-]/g, '') + '-' + crypto.randomUUID().slice(0, 8);
   await ctx.createDevice(id);
   const key = await ctx.sasKeyOf(id);
-  const device = ctx.deviceClient(ctx.sasConnectionString(id, key));
+  const device = newDevice(id, key);
   await ctx.openClient(device, 'C2D device');
   let onMessage;
   const received = new Promise((resolve) => { onMessage = resolve; });
@@ -84,4 +95,4 @@ async function c2dAmqpFeedback(ctx) {
   checkEqual(errName(err), 'DeviceNotFoundError', `send to an unknown device (${describeError(err)})`);
 }
 
-module.exports = { c2dAmqpFeedback };
+module.exports = { c2dAmqpFeedback, c2dAmqpFeedbackMqttWs };

@@ -610,6 +610,7 @@ const CASES = [
   ['device-wrong-key', deviceWrongKey],
   ['c2d-with-properties', c2dWithProperties],
   ['c2d-amqp-feedback', amqpCases.c2dAmqpFeedback],
+  ['c2d-amqp-feedback-mqttws', amqpCases.c2dAmqpFeedbackMqttWs],
   ['service-twin-with-agent', twinCases.serviceTwinWithAgent],
   ['device-twin-sdk', twinCases.deviceTwinSdk],
   ['service-method-with-agent', methodCases.serviceMethodWithAgent],

@@ -108,4 +108,4 @@ async function deviceMqttWsWrongKey(ctx) {
     `not a CONNACK refusal: ${describeError(err)}`);
 }
 
-module.exports = { deviceMqttWs, deviceMqttWsWrongKey };
+module.exports = { deviceMqttWs, deviceMqttWsWrongKey, wsClient };
