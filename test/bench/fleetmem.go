@@ -248,6 +248,11 @@ func runFleetChild(kind, specFile string) error {
 // holdAgents runs one pkg/agent Device per spec device until each reports connected.
 func holdAgents(ctx context.Context, spec fleetSpec, pool *x509.CertPool) (func(), error) {
 	cache := tls.NewLRUClientSessionCache(len(spec.Devices))
+	// A fleet parses each profile's telemetry template once (agent.Shared.Template).
+	tmpl, err := agent.ParseTemplate(agent.DefaultTemplate)
+	if err != nil {
+		return nil, err
+	}
 	devs := make([]*agent.Device, len(spec.Devices))
 	done := make([]chan error, len(spec.Devices))
 	release := func() {
@@ -259,7 +264,7 @@ func holdAgents(ctx context.Context, spec fleetSpec, pool *x509.CertPool) (func(
 			return nil
 		})
 	}
-	err := forEach(len(spec.Devices), func(i int) error {
+	err = forEach(len(spec.Devices), func(i int) error {
 		d := spec.Devices[i]
 		cfg := agent.Default()
 		cfg.Host = spec.Host
@@ -268,7 +273,7 @@ func holdAgents(ctx context.Context, spec fleetSpec, pool *x509.CertPool) (func(
 		cfg.Auth.SymmetricKey = d.Key
 		cfg.Connection.KeepAlive = 60 * time.Second
 		cfg.Telemetry.Interval = time.Duration(spec.TelemetryMs) * time.Millisecond
-		cfg.Shared = agent.Shared{Index: i, RootCAs: pool, TLSSessionCache: cache}
+		cfg.Shared = agent.Shared{Index: i, RootCAs: pool, TLSSessionCache: cache, Template: tmpl}
 		dev, err := agent.New(cfg, zap.NewNop())
 		if err != nil {
 			return err
