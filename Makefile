@@ -6,9 +6,10 @@ GO        ?= go
 BIN       := bin
 STATE     ?= .hubby
 FUZZTIME  ?= 5s
+FUZZLONG  ?= 2m
 PKGS      := ./...
 
-.PHONY: all build test test-unit fuzz-brief e2e conformance bench lint cross run clean package package-test
+.PHONY: all build test test-unit fuzz-brief fuzz-long e2e conformance bench lint cross run clean package package-test
 
 all: build
 
@@ -25,6 +26,10 @@ test-unit:
 
 fuzz-brief:
 	FUZZTIME=$(FUZZTIME) scripts/fuzz-brief.sh
+
+## fuzz-long: every fuzz target for $(FUZZLONG) each (outside CI; e.g. FUZZLONG=10m overnight).
+fuzz-long:
+	FUZZTIME=$(FUZZLONG) scripts/fuzz-brief.sh
 
 e2e: build
 	IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -tags e2e ./test/e2e/...
