@@ -5,17 +5,17 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
-	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
 	"golang.org/x/net/http/httpproxy"
+
+	"github.com/iothubby/iothubby/internal/wsstream"
 )
 
 // Transports (Config.Transport).
@@ -159,54 +159,14 @@ func (c *Config) upgradeWS(ctx context.Context, tc *tls.Conn) (net.Conn, error) 
 		_ = ws.Close()
 		return nil, fmt.Errorf("WebSocket upgrade at %s: server chose subprotocol %q, not mqtt", u, ws.Subprotocol())
 	}
-	return &wsConn{ws: ws}, nil
+	return &wsConn{Stream: wsstream.New(ws), ws: ws}, nil
 }
 
-// wsConn is an MQTT byte stream over binary WebSocket messages. paho reads from one goroutine;
-// writes are serialised.
+// wsConn is an MQTT byte stream over binary WebSocket messages (internal/wsstream), as a
+// net.Conn for paho.
 type wsConn struct {
-	ws  *websocket.Conn
-	r   io.Reader
-	wmu sync.Mutex
-}
-
-var errWSText = errors.New("hub: WebSocket text message (MQTT needs binary)")
-
-func (c *wsConn) Read(p []byte) (int, error) {
-	for {
-		if c.r == nil {
-			typ, r, err := c.ws.NextReader()
-			if err != nil {
-				var ce *websocket.CloseError
-				if errors.As(err, &ce) {
-					return 0, io.EOF
-				}
-				return 0, err
-			}
-			if typ != websocket.BinaryMessage {
-				return 0, errWSText
-			}
-			c.r = r
-		}
-		n, err := c.r.Read(p)
-		if errors.Is(err, io.EOF) {
-			c.r = nil
-			if n == 0 {
-				continue
-			}
-			err = nil
-		}
-		return n, err
-	}
-}
-
-func (c *wsConn) Write(p []byte) (int, error) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
-		return 0, err
-	}
-	return len(p), nil
+	*wsstream.Stream
+	ws *websocket.Conn
 }
 
 func (c *wsConn) Close() error                       { return c.ws.Close() }

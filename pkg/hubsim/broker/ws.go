@@ -2,16 +2,15 @@ package broker
 
 import (
 	"crypto/tls"
-	"errors"
-	"io"
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
 	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/internal/wsstream"
 )
 
 // WebSocketPath is the path IoT Hub serves MQTT over WebSockets on. Clients that put a port in
@@ -25,9 +24,6 @@ const WebSocketSubprotocol = "mqtt"
 // maxWSMessage bounds one WebSocket message from a device. MQTT clients send one packet per
 // message; a message may also carry several packets, each within maxPacketSize.
 const maxWSMessage = 2 * maxPacketSize
-
-// errNotBinary closes a connection whose client sent a text message.
-var errNotBinary = errors.New("websocket: text message (MQTT needs binary messages)")
 
 // IsWebSocketPath reports whether an HTTPS request path is the device WebSocket endpoint.
 func IsWebSocketPath(path string) bool { return strings.HasSuffix(path, WebSocketPath) }
@@ -76,55 +72,16 @@ func (b *Broker) ServeWebSocket(w http.ResponseWriter, r *http.Request) {
 		raw = tc.NetConn()
 	}
 	_ = raw.SetDeadline(time.Now().Add(b.cfg.ConnectTimeout))
-	b.serve(newDevConnOver(b, raw, &wsStream{c: c, raw: raw, cs: cs}))
+	b.serve(newDevConnOver(b, raw, &wsStream{Stream: wsstream.New(c), c: c, raw: raw, cs: cs}))
 }
 
-// wsStream carries an MQTT byte stream in binary WebSocket messages. Read is called from one
-// goroutine (mochi's reader); writes are serialised.
+// wsStream carries an MQTT byte stream in binary WebSocket messages (internal/wsstream) over the
+// HTTPS connection raw.
 type wsStream struct {
+	*wsstream.Stream
 	c   *websocket.Conn
 	raw net.Conn
 	cs  tls.ConnectionState
-
-	r   io.Reader // the message being read
-	wmu sync.Mutex
-}
-
-func (s *wsStream) Read(p []byte) (int, error) {
-	for {
-		if s.r == nil {
-			typ, r, err := s.c.NextReader()
-			if err != nil {
-				var ce *websocket.CloseError
-				if errors.As(err, &ce) {
-					return 0, io.EOF
-				}
-				return 0, err
-			}
-			if typ != websocket.BinaryMessage {
-				return 0, errNotBinary
-			}
-			s.r = r
-		}
-		n, err := s.r.Read(p)
-		if errors.Is(err, io.EOF) {
-			s.r = nil
-			if n == 0 {
-				continue
-			}
-			err = nil
-		}
-		return n, err
-	}
-}
-
-func (s *wsStream) Write(p []byte) (int, error) {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	if err := s.c.WriteMessage(websocket.BinaryMessage, p); err != nil {
-		return 0, err
-	}
-	return len(p), nil
 }
 
 // CloseWrite sends a WebSocket close frame.
