@@ -348,9 +348,10 @@ func checkClock(ctx context.Context, f *checkFlags, ep *agent.Endpoint, roots *x
 		r.Verdict, r.Detail = verdictWarning, fmt.Sprintf("%s sent no usable Date header", url)
 		return r
 	}
-	// The Date is whole seconds, taken at some point during the round trip.
+	// The Date is the server's clock truncated to whole seconds, read at some point during the
+	// round trip: the server's time at mid-trip is best estimated half a second after it.
 	local := sent.Add(rtt / 2).Add(f.clockOffset)
-	skew := local.Sub(date).Round(time.Second)
+	skew := local.Sub(date.Add(time.Second / 2)).Round(time.Second)
 	abs := skew
 	if abs < 0 {
 		abs = -abs
