@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/iothubby/iothubby/internal/rlimit"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/clock"
@@ -59,11 +60,8 @@ type Fleet struct {
 }
 
 // filesPerDevice is the open files a device may hold at once (its hub connection, and during
-// provisioning a DPS connection); reservedFiles covers the process's own.
-const (
-	filesPerDevice = 2
-	reservedFiles  = 64
-)
+// provisioning a DPS connection); rlimit.Reserve covers the process's own.
+const filesPerDevice = 2
 
 // Prepare checks cfg and creates the shard's devices without starting any: every error here is
 // a configuration error (agent.ErrConfig) except failures of the registry's bulk creation.
@@ -113,11 +111,10 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 	}
 	limit := o.NoFileLimit
 	if limit == 0 {
-		if limit, err = raiseNoFile(); err != nil {
-			log.Warn("cannot read the open-file limit", zap.Error(err))
-		}
+		// Logs a failure itself; limit is then the unchanged soft limit, or 0 if unreadable.
+		limit, _ = rlimit.RaiseNoFile(log)
 	}
-	if need := uint64(n)*filesPerDevice + reservedFiles; limit > 0 && need > limit {
+	if need := uint64(n)*filesPerDevice + rlimit.Reserve; limit > 0 && need > limit {
 		return nil, fmt.Errorf("%w: %d devices need about %d open files but the open-file limit (RLIMIT_NOFILE) is %d: lower count, split the fleet into shards, or raise the hard limit (ulimit -Hn, LimitNOFILE=)", ErrConfig, n, need, limit)
 	}
 
