@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	goamqp "github.com/Azure/go-amqp"
@@ -14,7 +12,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/hubsim"
-	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/service"
 )
@@ -62,103 +59,56 @@ func benchC2D(ctx context.Context, n, samples int, report func(string, float64, 
 		return err
 	}
 
-	clients := make([]paho.Client, 0, n)
-	defer func() { disconnectAll(clients) }()
 	inbox := make([]chan string, n)
-	for i := range n {
-		d, err := srv.Registry().Create(registry.Device{DeviceID: devID(i)})
-		if err != nil {
-			return err
-		}
-		key, err := sas.ParseKey(d.Authentication.SymmetricKey.PrimaryKey)
-		if err != nil {
-			return err
-		}
-		c, err := connectPaho(ctx, ep.MQTTAddress, ep.HubHostName, devID(i), key, tlsCfg)
-		if err != nil {
-			return fmt.Errorf("device %d: %w", i, err)
-		}
-		clients = append(clients, c)
+	clients, err := connectSwarm(ctx, srv, n, func(i int, c paho.Client) error {
 		ch := make(chan string, 16)
 		inbox[i] = ch
-		tok := c.Subscribe("devices/"+devID(i)+"/messages/devicebound/#", 1, func(_ paho.Client, m paho.Message) { ch <- string(m.Payload()) })
-		if !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-			return fmt.Errorf("subscribe %d: %v", i, tok.Error())
-		}
+		return subscribeWait(c, "devices/"+devID(i)+"/messages/devicebound/#", 1, func(_ paho.Client, m paho.Message) { ch <- string(m.Payload()) })
+	})
+	defer func() { disconnectAll(clients) }()
+	if err != nil {
+		return err
 	}
 
-	var (
-		mu        sync.Mutex
-		amqpRT    []time.Duration
-		restRT    []time.Duration
-		next      atomic.Int64
-		first     error
-		once      sync.Once
-		wg        sync.WaitGroup
-		failed    atomic.Bool
-		deviceFor = func(w int) (string, chan string) { return devID(w), inbox[w] }
-	)
-	fail := func(err error) { once.Do(func() { first = err; failed.Store(true) }) }
-	for w := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			id, in := deviceFor(w)
-			to := "/devices/" + id + "/messages/devicebound"
-			for k := 0; ; k++ {
-				i := int(next.Add(1) - 1)
-				if i >= 2*samples || ctx.Err() != nil || failed.Load() {
-					return
-				}
-				body := strconv.Itoa(i)
-				start := time.Now()
-				if k%2 == 0 {
-					sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-					err := snd.Send(sctx, &goamqp.Message{Properties: &goamqp.MessageProperties{To: &to}, Data: [][]byte{[]byte(body)}}, nil)
-					cancel()
-					if err != nil {
-						fail(fmt.Errorf("amqp send: %w", err))
-						return
-					}
-				} else if _, err := svc.SendC2D(ctx, id, service.C2DMessage{Body: body}); err != nil {
-					fail(fmt.Errorf("rest send: %w", err))
-					return
-				}
-				select {
-				case got := <-in:
-					if got != body {
-						fail(fmt.Errorf("device %s got %q, want %q", id, got, body))
-						return
-					}
-				case <-time.After(30 * time.Second):
-					fail(fmt.Errorf("device %s: message %s not delivered", id, body))
-					return
-				}
-				el := time.Since(start)
-				mu.Lock()
-				if k%2 == 0 {
-					amqpRT = append(amqpRT, el)
-				} else {
-					restRT = append(restRT, el)
-				}
-				mu.Unlock()
+	// one worker per device, so a device never has two messages in flight; the sample's
+	// number is the body the device must receive
+	roundTrip := func(send func(id, body string) error) func(w, i int) error {
+		return func(w, i int) error {
+			id, body := devID(w), strconv.Itoa(i)
+			if err := send(id, body); err != nil {
+				return err
 			}
-		}()
+			select {
+			case got := <-inbox[w]:
+				if got != body {
+					return fmt.Errorf("device %s got %q, want %q", id, got, body)
+				}
+				return nil
+			case <-time.After(30 * time.Second):
+				return fmt.Errorf("device %s: message %s not delivered", id, body)
+			}
+		}
 	}
-	wg.Wait()
-	if first != nil {
-		return first
+	viaAMQP := roundTrip(func(id, body string) error {
+		to := "/devices/" + id + "/messages/devicebound"
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if err := snd.Send(sctx, &goamqp.Message{Properties: &goamqp.MessageProperties{To: &to}, Data: [][]byte{[]byte(body)}}, nil); err != nil {
+			return fmt.Errorf("amqp send: %w", err)
+		}
+		return nil
+	})
+	viaREST := roundTrip(func(id, body string) error {
+		if _, err := svc.SendC2D(ctx, id, service.C2DMessage{Body: body}); err != nil {
+			return fmt.Errorf("rest send: %w", err)
+		}
+		return nil
+	})
+	amqpRT, restRT, err := pairedLatency(ctx, n, samples, viaAMQP, viaREST)
+	if err != nil {
+		return err
 	}
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	ap50, ap99 := pct(amqpRT, 0.50), pct(amqpRT, 0.99)
-	rp50, rp99 := pct(restRT, 0.50), pct(restRT, 0.99)
-	fmt.Printf("c2d: %d devices, %d samples: AMQP send to device p50 %v p99 %v; REST (/hubsim/) send to device p50 %v p99 %v\n",
-		n, len(amqpRT)+len(restRT), ap50, ap99, rp50, rp99)
-	report(fmt.Sprintf("c2d AMQP p50 / REST p50 (%d)", n), float64(ap50)/float64(rp50), true, "(informational)")
-	r99 := float64(ap99) / float64(rp99)
-	report(fmt.Sprintf("c2d AMQP p99 / REST p99 (%d)", n), r99, r99 <= 2, "<= 2")
+	reportPair(report, "c2d (AMQP vs the /hubsim/ REST send, to the device)", "c2d AMQP", "REST", n, amqpRT, restRT, 2)
 	return nil
 }
 

@@ -5,16 +5,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/hubsim"
-	"github.com/iothubby/iothubby/pkg/hubsim/registry"
-	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -42,103 +38,38 @@ func benchMethods(ctx context.Context, n, samples int, report func(string, float
 		return err
 	}
 	defer svc.Close()
-	tlsCfg := srv.ClientTLSConfig()
 
-	clients := make([]paho.Client, 0, n)
-	defer func() { disconnectAll(clients) }()
-	for i := range n {
-		d, err := srv.Registry().Create(registry.Device{DeviceID: devID(i)})
-		if err != nil {
-			return err
-		}
-		key, err := sas.ParseKey(d.Authentication.SymmetricKey.PrimaryKey)
-		if err != nil {
-			return err
-		}
-		c, err := connectPaho(ctx, ep.MQTTAddress, ep.HubHostName, devID(i), key, tlsCfg)
-		if err != nil {
-			return fmt.Errorf("device %d: %w", i, err)
-		}
-		clients = append(clients, c)
-		// the device answers every call with its payload; the callback only publishes (QoS 0,
-		// no wait), so it never blocks
-		tok := c.Subscribe(wire.MethodsFilter, 0, func(cl paho.Client, m paho.Message) {
+	// the device answers every call with its payload; the callback only publishes (QoS 0, no
+	// wait), so it never blocks
+	clients, err := connectSwarm(ctx, srv, n, func(_ int, c paho.Client) error {
+		return subscribeWait(c, wire.MethodsFilter, 0, func(cl paho.Client, m paho.Message) {
 			t, err := wire.Parse(m.Topic())
 			if err != nil || t.Kind != wire.KindMethodRequest {
 				return
 			}
 			cl.Publish(wire.MethodResponse(200, t.RequestID), 0, false, m.Payload())
 		})
-		if !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-			return fmt.Errorf("subscribe %d: %v", i, tok.Error())
-		}
+	})
+	defer func() { disconnectAll(clients) }()
+	if err != nil {
+		return err
 	}
 
-	var (
-		mu       sync.Mutex
-		methodRT []time.Duration
-		ackRT    []time.Duration
-		next     atomic.Int64
-		first    error
-		once     sync.Once
-		wg       sync.WaitGroup
-		failed   atomic.Bool
-	)
-	fail := func(err error) { once.Do(func() { first = err; failed.Store(true) }) }
-	for range parallel {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= 2*samples || ctx.Err() != nil || failed.Load() {
-					return
-				}
-				dev := i % n
-				if i%2 == 0 {
-					payload := json.RawMessage(fmt.Sprintf(`{"seq":%d}`, i))
-					start := time.Now()
-					res, err := svc.InvokeMethod(ctx, devID(dev), service.MethodCall{MethodName: "bench", Payload: payload, ResponseTimeout: 30 * time.Second})
-					if err != nil {
-						fail(fmt.Errorf("invoke: %w", err))
-						return
-					}
-					if res.Status != 200 || string(res.Payload) != string(payload) {
-						fail(fmt.Errorf("invoke answered %d %s", res.Status, res.Payload))
-						return
-					}
-					el := time.Since(start)
-					mu.Lock()
-					methodRT = append(methodRT, el)
-					mu.Unlock()
-				} else {
-					start := time.Now()
-					tok := clients[dev].Publish(wire.Telemetry(devID(dev), nil), 1, false, []byte(`{"bench":true}`))
-					if !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-						fail(fmt.Errorf("telemetry PUBACK: %v", tok.Error()))
-						return
-					}
-					el := time.Since(start)
-					mu.Lock()
-					ackRT = append(ackRT, el)
-					mu.Unlock()
-				}
-			}
-		}()
+	invoke := func(_, i int) error {
+		payload := json.RawMessage(fmt.Sprintf(`{"seq":%d}`, i))
+		res, err := svc.InvokeMethod(ctx, devID(i%n), service.MethodCall{MethodName: "bench", Payload: payload, ResponseTimeout: 30 * time.Second})
+		if err != nil {
+			return fmt.Errorf("invoke: %w", err)
+		}
+		if res.Status != 200 || string(res.Payload) != string(payload) {
+			return fmt.Errorf("invoke answered %d %s", res.Status, res.Payload)
+		}
+		return nil
 	}
-	wg.Wait()
-	if first != nil {
-		return first
+	methodRT, ackRT, err := pairedLatency(ctx, parallel, samples, invoke, telemetryAck(clients))
+	if err != nil {
+		return err
 	}
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	mp50, mp99 := pct(methodRT, 0.50), pct(methodRT, 0.99)
-	ap50, ap99 := pct(ackRT, 0.50), pct(ackRT, 0.99)
-	fmt.Printf("methods: %d devices, %d samples each: method round trip (REST) p50 %v p99 %v; QoS 1 PUBACK p50 %v p99 %v\n",
-		n, samples, mp50, mp99, ap50, ap99)
-	report(fmt.Sprintf("method p50 / PUBACK p50 (%d)", n), float64(mp50)/float64(ap50), true, "(informational)")
-	r99 := float64(mp99) / float64(ap99)
-	report(fmt.Sprintf("method p99 / PUBACK p99 (%d)", n), r99, r99 <= 3, "<= 3")
+	reportPair(report, "methods (REST round trip vs QoS 1 PUBACK)", "method", "PUBACK", n, methodRT, ackRT, 3)
 	return nil
 }
