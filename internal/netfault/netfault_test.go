@@ -1,0 +1,320 @@
+package netfault_test
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/iothubby/iothubby/internal/netfault"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// deadline bounds every blocking read or write in these tests.
+const deadline = 20 * time.Second
+
+// echoServer echoes every connection until closed; it records how many bytes it read.
+type echoServer struct {
+	ln    net.Listener
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func startEcho(t *testing.T) *echoServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &echoServer{ln: ln}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.mu.Lock()
+			s.conns = append(s.conns, c)
+			s.mu.Unlock()
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		s.mu.Lock()
+		for _, c := range s.conns {
+			c.Close()
+		}
+		s.mu.Unlock()
+		s.wg.Wait()
+	})
+	return s
+}
+
+func dial(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, deadline)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// roundTrip writes msg and reads the echo back, returning the elapsed time.
+func roundTrip(t *testing.T, c net.Conn, msg []byte) time.Duration {
+	t.Helper()
+	start := time.Now()
+	_ = c.SetDeadline(time.Now().Add(deadline))
+	if _, err := c.Write(msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("read echo: %v", err)
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatalf("echo %q, want %q", got, msg)
+	}
+	return time.Since(start)
+}
+
+func pattern(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte('a' + i%26)
+	}
+	return b
+}
+
+func TestPassThroughAndAddresses(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	if p.Upstream() != e.ln.Addr().String() {
+		t.Fatalf("Upstream %s", p.Upstream())
+	}
+	host, port, err := net.SplitHostPort(p.Addr())
+	if err != nil || host != "127.0.0.1" || port == "0" {
+		t.Fatalf("Addr %q is not a bound loopback address (%v)", p.Addr(), err)
+	}
+	c := dial(t, p.Addr())
+	roundTrip(t, c, []byte("hello through the proxy"))
+	roundTrip(t, c, pattern(100_000))
+}
+
+// Latency is a lower bound on the round trip (it is added each way); an upper bound would be a
+// timed assertion on speed, so there is none.
+func TestLatencyDelaysBothWaysAndLifts(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	c := dial(t, p.Addr())
+	roundTrip(t, c, []byte("warm"))
+	f, err := p.Latency(150*time.Millisecond, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Faults(); len(got) != 1 || got[0] != "latency" || f.Kind() != "latency" {
+		t.Fatalf("Faults() = %v", got)
+	}
+	if d := roundTrip(t, c, []byte("slow")); d < 300*time.Millisecond {
+		t.Fatalf("round trip %v with 150ms latency each way", d)
+	}
+	// Only one direction: still at least the one delay.
+	if err := f.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Remove(); err != nil {
+		t.Fatalf("second Remove: %v", err)
+	}
+	if _, err := p.Latency(150*time.Millisecond, 0, netfault.Downstream); err != nil {
+		t.Fatal(err)
+	}
+	if d := roundTrip(t, c, []byte("one way")); d < 150*time.Millisecond {
+		t.Fatalf("round trip %v with 150ms downstream latency", d)
+	}
+	if err := p.Clear(); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Faults(); len(got) != 0 {
+		t.Fatalf("faults after Clear: %v", got)
+	}
+	roundTrip(t, c, []byte("fast again"))
+}
+
+func TestBandwidthLimitsThenDrains(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	c := dial(t, p.Addr())
+	if _, err := p.Bandwidth(10, netfault.Upstream); err != nil {
+		t.Fatal(err)
+	}
+	// 4000 bytes at 10 KB/s take at least 400 ms upstream.
+	msg := pattern(4000)
+	if d := roundTrip(t, c, msg); d < 400*time.Millisecond {
+		t.Fatalf("4000 bytes at 10 KB/s in %v", d)
+	}
+	// Lifted while data is held back: nothing is lost, in order.
+	f, err := p.Bandwidth(1, netfault.Downstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(deadline))
+	big := pattern(20_000)
+	if _, err := c.Write(big); err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, 10)
+	if _, err := io.ReadFull(c, first); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Clear(); err != nil {
+		t.Fatal(err)
+	}
+	_ = f
+	rest := make([]byte, len(big)-len(first))
+	if _, err := io.ReadFull(c, rest); err != nil {
+		t.Fatalf("after lifting the limit: %v", err)
+	}
+	if !bytes.Equal(append(first, rest...), big) {
+		t.Fatal("data changed or reordered through the bandwidth limit")
+	}
+}
+
+func TestSlicerKeepsTheStreamIntact(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	if _, err := p.Slicer(7, 3, time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	c := dial(t, p.Addr())
+	for range 3 {
+		roundTrip(t, c, pattern(500))
+	}
+}
+
+func TestResetEndsConnectionsWithRST(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	f, err := p.Reset()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dial(t, p.Addr())
+	_ = c.SetDeadline(time.Now().Add(deadline))
+	if _, err := c.Write([]byte("first byte resets")); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Read(make([]byte, 10))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("read after reset: %v, want connection reset by peer", err)
+	}
+	if err := f.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, dial(t, p.Addr()), []byte("after the reset"))
+}
+
+func TestBlackholeSilenceThenCloseOnLift(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	c := dial(t, p.Addr())
+	roundTrip(t, c, []byte("before"))
+	f, err := p.Blackhole()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("into the void")); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing comes back: the read ends at its own deadline, not with data or EOF.
+	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	n, err := c.Read(make([]byte, 10))
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read through a blackhole: %d bytes, %v; want a deadline error", n, err)
+	}
+	// A new connection is accepted and hears nothing either.
+	c2 := dial(t, p.Addr())
+	_, _ = c2.Write([]byte("hello?"))
+	_ = c2.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	if _, err := c2.Read(make([]byte, 10)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("new connection through a blackhole: %v", err)
+	}
+	if err := f.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	// Lifting closes the blackholed connections.
+	_ = c.SetReadDeadline(time.Now().Add(deadline))
+	if _, err := c.Read(make([]byte, 10)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("blackholed connection after the lift: %v, want closed", err)
+	}
+	roundTrip(t, dial(t, p.Addr()), []byte("after"))
+}
+
+func TestDownClosesAndRefusesThenUp(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	c := dial(t, p.Addr())
+	roundTrip(t, c, []byte("before"))
+	p.Down()
+	_ = c.SetReadDeadline(time.Now().Add(deadline))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection after Down: %v, want closed", err)
+	}
+	if c2, err := net.DialTimeout("tcp", p.Addr(), deadline); err == nil {
+		c2.Close()
+		t.Fatal("dial succeeded while the proxy is down")
+	} else if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("dial while down: %v, want connection refused", err)
+	}
+	if err := p.Up(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Up(); err != nil {
+		t.Fatalf("Up twice: %v", err)
+	}
+	roundTrip(t, dial(t, p.Addr()), []byte("after"))
+}
+
+func TestBadArguments(t *testing.T) {
+	if _, err := netfault.New("127.0.0.1:0", "no-port", nil); err == nil {
+		t.Fatal("upstream without a port accepted")
+	}
+	if _, err := netfault.New("256.0.0.1:1", "127.0.0.1:1", nil); err == nil {
+		t.Fatal("unlistenable address accepted")
+	}
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	if _, err := p.Bandwidth(0); err == nil {
+		t.Error("bandwidth 0 accepted")
+	}
+	if _, err := p.Slicer(5, 5, 0); err == nil {
+		t.Error("slicer variation >= average accepted")
+	}
+	if _, err := p.Latency(time.Second, 0, netfault.Upstream, netfault.Downstream); err == nil {
+		t.Error("two streams accepted")
+	}
+	if len(p.Faults()) != 0 {
+		t.Fatalf("a refused fault is listed: %v", p.Faults())
+	}
+	p.Close()
+	p.Close()
+	if _, err := p.Latency(time.Second, 0); err == nil {
+		t.Error("fault added to a closed proxy")
+	}
+}
