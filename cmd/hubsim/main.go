@@ -3,7 +3,7 @@
 //	hubsim serve --state DIR [--hostname localhost] [--mqtt-addr 127.0.0.1:8883]
 //	             [--https-addr 127.0.0.1:8443] [--token-grace 0s] [--log-level info]
 //	             [--log-format console|json] [--image-max-total 1073741824]
-//	             [--image-max-upload 268435456]
+//	             [--image-max-upload 268435456] [--tier F1|S1|S2|S3|B1|B2|B3 --units N]
 //
 // serve writes DIR/endpoints.json once both listeners accept connections and removes it on a
 // clean stop. SIGINT and SIGTERM stop it cleanly (exit status 0).
@@ -25,6 +25,7 @@ import (
 	"github.com/iothubby/iothubby/internal/rlimit"
 	"github.com/iothubby/iothubby/internal/version"
 	"github.com/iothubby/iothubby/pkg/hubsim"
+	"github.com/iothubby/iothubby/pkg/hubsim/throttle"
 )
 
 func main() {
@@ -64,6 +65,9 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if cfg.MaxConcurrentJobs < 1 || cfg.JobParallelism < 1 {
 				return fmt.Errorf("--max-concurrent-jobs and --job-parallelism must be at least 1 (got %d and %d)", cfg.MaxConcurrentJobs, cfg.JobParallelism)
+			}
+			if err := checkTier(cfg.Tier, cfg.Units); err != nil {
+				return err
 			}
 			log, err := newLogger(logOut, level, format)
 			if err != nil {
@@ -108,10 +112,29 @@ func serveCmd(logOut io.Writer) *cobra.Command {
 	f.DurationVar(&cfg.Events.Retention, "event-retention", 24*time.Hour, "how long the Event Hubs-compatible endpoint keeps events")
 	f.IntVar(&cfg.Events.MaxEvents, "event-max", 100000, "events kept per partition of the Event Hubs-compatible endpoint")
 	f.StringSliceVar(&cfg.Events.ConsumerGroups, "consumer-groups", nil, "consumer groups to create besides $Default (comma-separated)")
+	f.StringVar(&cfg.Tier, "tier", "", "throttle like an IoT Hub of this tier: F1, S1, S2, S3 (B1-B3 as S1-S3); connects get CONNACK 3, service and twin requests 429, telemetry over the rate closes the connection (empty: no throttling)")
+	f.IntVar(&cfg.Units, "units", 0, "IoT Hub units of --tier (default 1)")
 	f.StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&format, "log-format", "console", "log format: console or json")
 	_ = cmd.MarkFlagRequired("state")
 	return cmd
+}
+
+// checkTier refuses a tier or unit count hubsim cannot throttle as, before anything starts.
+func checkTier(tier string, units int) error {
+	if tier == "" {
+		if units != 0 {
+			return fmt.Errorf("--units %d needs --tier", units)
+		}
+		return nil
+	}
+	if units == 0 {
+		units = 1
+	}
+	if _, err := throttle.ForTier(tier, units); err != nil {
+		return fmt.Errorf("--tier/--units: %w", err)
+	}
+	return nil
 }
 
 func newLogger(w io.Writer, level, format string) (*zap.Logger, error) {

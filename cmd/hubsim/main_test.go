@@ -100,4 +100,16 @@ func TestBadCommandLines(t *testing.T) {
 			t.Errorf("%v: no error", args)
 		}
 	}
+	for _, args := range [][]string{
+		{"--tier", "S4"}, {"--tier", "F1", "--units", "2"}, {"--tier", "S1", "--units", "-1"}, {"--units", "2"},
+	} {
+		dir := t.TempDir()
+		err := run(context.Background(), append([]string{"serve", "--state", dir}, args...), io.Discard, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "--tier") {
+			t.Errorf("%v: error %v, want one naming --tier", args, err)
+		}
+		if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+			t.Errorf("%v: the state directory was used before the tier was refused", args)
+		}
+	}
 }

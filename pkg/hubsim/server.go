@@ -43,6 +43,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/hubsim/rest"
+	"github.com/iothubby/iothubby/pkg/hubsim/throttle"
 	"github.com/iothubby/iothubby/pkg/hubsim/twins"
 )
 
@@ -130,6 +131,15 @@ type Config struct {
 	// Events configures the Event Hubs-compatible endpoint's store (StateDir/eventhubs.db):
 	// partitions, retention, consumer groups.
 	Events EventsConfig
+
+	// Tier, when set (F1, S1, S2, S3, B1-B3), throttles like an IoT Hub of that tier with Units
+	// units (0: 1): new connections, telemetry, twin reads and updates, registry, direct
+	// methods, jobs and queries at the documented rates (pkg/hubsim/throttle), and DPS
+	// registrations at DPS's 1,000/min unless DPSRegistrationRate is set. Empty: no throttling.
+	Tier  string
+	Units int
+	// Clock is the throttles' clock (nil: the real one); tests advance a fake one.
+	Clock clock.Clock
 }
 
 // Endpoints is what endpoints.json holds.
@@ -147,6 +157,7 @@ type Server struct {
 	brk       *broker.Broker
 	faults    *faults.Injector
 	amqp      *hubamqp.Server
+	throttle  *throttle.Limiter
 	api       *rest.Server
 	dps       *dps.Server
 	images    *images.Store
@@ -204,6 +215,10 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		return nil, err
 	}
 
+	lim, err := s.tierThrottle()
+	if err != nil {
+		return nil, err
+	}
 	if s.ca, err = pki.LoadOrCreateCA(dir); err != nil {
 		return nil, err
 	}
@@ -231,7 +246,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	s.dps, err = dps.Open(dps.Config{
 		Path: filepath.Join(dir, DPSDatabaseFile), IDScope: cfg.IDScope, ServiceHostName: cfg.HostName,
 		Hubs: append([]string{cfg.HostName}, cfg.HubHostNames...), Registry: s.reg, RetryAfter: retryAfter,
-		RegistrationRate: cfg.DPSRegistrationRate, RegistrationBurst: cfg.DPSRegistrationBurst,
+		RegistrationRate: s.cfg.DPSRegistrationRate, RegistrationBurst: s.cfg.DPSRegistrationBurst,
 		ApplyInitialTwin: s.applyInitialTwin,
 	}, log.Named("dps"))
 	if err != nil {
@@ -256,7 +271,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		TelemetryPerDevice: cfg.TelemetryPerDevice, TelemetryBytes: cfg.TelemetryBytes, Twins: twinHandler, Methods: methodHandler,
 		OutboundBytes: cfg.DeviceOutboundBytes, WriteTimeout: cfg.DeviceWriteTimeout,
 		OnEvent: cfg.OnEvent, DPS: s.dps, HostNames: cfg.HubHostNames, HubOf: s.dps.HubOf,
-		OnTelemetry: s.recordEvent, Faults: s.faults,
+		OnTelemetry: s.recordEvent, Faults: s.faults, Throttle: lim,
 	}, log.Named("mqtt"))
 	if err != nil {
 		return nil, err
@@ -286,7 +301,8 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		return nil, err
 	}
 	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods,
-		Images: s.images.ServeAdmin, Jobs: s.jobs, Faults: s.faults.ServeAdmin}, log.Named("rest"))
+		Images: s.images.ServeAdmin, Jobs: s.jobs, Faults: s.faults.ServeAdmin,
+		Throttle: lim, ThrottleExtra: s.dpsThrottleCounters}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
 	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: h, ws: s.brk}, log.Named("https")); err != nil {

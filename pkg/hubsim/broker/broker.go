@@ -35,6 +35,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/hubsim/faults"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
+	"github.com/iothubby/iothubby/pkg/hubsim/throttle"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -104,6 +105,9 @@ type Config struct {
 	// HostName and HostNames; a CONNECT naming another of them is refused, as the other hub
 	// would not know the device. ok false: no restriction.
 	HubOf func(deviceID, generationID string) (hub string, ok bool)
+	// Throttle applies an IoT Hub tier's rates to CONNECTs, telemetry and twin requests
+	// (throttle.go); nil throttles nothing.
+	Throttle *throttle.Limiter
 }
 
 // DPSHandler serves a DPS MQTT connection handed over after its CONNECT was read and checked.
@@ -134,6 +138,8 @@ type Broker struct {
 
 	cancel context.CancelFunc
 	grp    group
+
+	throttleLog *zap.Logger // sampled (throttle.go)
 
 	connsMu sync.Mutex
 	conns   map[*devConn]struct{}
@@ -186,6 +192,7 @@ func Start(cfg Config, log *zap.Logger) (*Broker, error) {
 		conns:   map[*devConn]struct{}{},
 		devices: map[string]*deviceState{},
 	}
+	b.throttleLog = newThrottleLog(log)
 	if b.twins == nil {
 		b.twins = stubTwins{}
 	}

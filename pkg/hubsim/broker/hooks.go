@@ -10,6 +10,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubsim/throttle"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -51,6 +52,9 @@ func sessionOf(cl *mqtt.Client) *session {
 func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if h.b.refuseByFault(cl, pk) {
 		return errFaultRefused
+	}
+	if h.b.refuseByThrottle(cl, pk) {
+		return errThrottled
 	}
 	if ka := cl.State.Keepalive; ka == 0 || ka > maxKeepAlive {
 		cl.State.Keepalive = maxKeepAlive
@@ -161,6 +165,9 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 				s.log.Info("telemetry too large", zap.Int("bytes", n), zap.Int("limit", MaxTelemetrySize))
 				return s.violation(ReasonTelemetryTooLarge, pk.TopicName)
 			}
+			if s.throttleTelemetry() {
+				return packets.Packet{}, packets.ErrRejectPacket
+			}
 		}
 		s.pending, s.hasPending = t, true
 	case packets.Subscribe:
@@ -215,9 +222,13 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		h.b.emit(Event{Kind: EventTelemetry, DeviceID: s.deviceID, Remote: s.remote, MessageID: m.SystemProperties["message-id"]})
 		s.faultProps = t.Properties // acted on once the PUBACK is out (OnPacketProcessed)
 	case wire.KindTwinGet:
-		s.respondTwin(t.RequestID, h.b.twins.GetTwin(s.caller()))
+		if !s.throttledTwin(t.RequestID, throttle.TwinRead) {
+			s.respondTwin(t.RequestID, h.b.twins.GetTwin(s.caller()))
+		}
 	case wire.KindTwinPatchReported:
-		s.respondTwin(t.RequestID, h.b.twins.PatchReported(s.caller(), pk.Payload))
+		if !s.throttledTwin(t.RequestID, throttle.TwinUpdate) {
+			s.respondTwin(t.RequestID, h.b.twins.PatchReported(s.caller(), pk.Payload))
+		}
 	case wire.KindMethodResponse:
 		h.b.methods.MethodResponse(s.caller(), t.RequestID, t.Status, pk.Payload)
 	}

@@ -32,6 +32,8 @@ func (h *handler) hubsimRoute(r *http.Request, seg []string) func(http.ResponseW
 		return h.cfg.Images
 	case len(seg) >= 1 && seg[0] == "faults" && h.cfg.Faults != nil: // pkg/hubsim/faults
 		return h.cfg.Faults
+	case len(seg) == 1 && seg[0] == "throttle": // throttle.go
+		return onlyMethod(http.MethodGet, h.getThrottle)
 	}
 	return func(w http.ResponseWriter, r *http.Request, _ []string) {
 		writeError(w, errNotFound.WithText("no such resource: %s %s", r.Method, r.URL.Path))

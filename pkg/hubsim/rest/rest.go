@@ -24,6 +24,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
+	"github.com/iothubby/iothubby/pkg/hubsim/throttle"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -64,6 +65,11 @@ type Config struct {
 	Jobs Jobs
 	// Now is the clock for token expiry; nil means time.Now.
 	Now func() time.Time
+	// Throttle applies an IoT Hub tier's rates to service requests (429 ThrottlingException,
+	// throttle.go) and is shown at GET /hubsim/throttle; nil throttles nothing.
+	Throttle *throttle.Limiter
+	// ThrottleExtra, if set, adds rows to GET /hubsim/throttle (DPS registrations).
+	ThrottleExtra func() []throttle.Counter
 }
 
 type handler struct {
@@ -71,6 +77,8 @@ type handler struct {
 	log *zap.Logger
 	// refusedLog logs refused requests, sampled: a flood of bad keys must not flood the log.
 	refusedLog *zap.Logger
+	// throttleLog logs throttled requests, sampled the same way.
+	throttleLog *zap.Logger
 }
 
 // Refused requests are logged at most refusedFirst times a second per message, then one in
@@ -91,7 +99,7 @@ func NewHandler(cfg Config, log *zap.Logger) http.Handler {
 	sampled := log.WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
 		return zapcore.NewSamplerWithOptions(c, time.Second, refusedFirst, refusedThereafter)
 	}))
-	return &handler{cfg: cfg, log: log, refusedLog: sampled}
+	return &handler{cfg: cfg, log: log, refusedLog: sampled, throttleLog: sampled}
 }
 
 // Server serves the API over TLS.
@@ -245,6 +253,9 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request) {
 	if err := h.authorize(r, need); err != nil {
 		h.refusedLog.Info(LogRequestRefused, zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.Error(err))
 		writeError(w, err)
+		return
+	}
+	if h.throttled(w, r, seg) {
 		return
 	}
 	fn(w, r, seg)

@@ -1,8 +1,8 @@
 // Package throttle holds IoT Hub's per-tier operation throttles as token buckets on an injected
 // clock: Limits gives the documented rates of a tier and unit count (protocol-amqp.md §9,
 // performance.md §2.1, from the IoT Hub quotas and throttling page), and a Limiter answers whether
-// one more operation of a kind is allowed now, counting the refusals. Hooks into the broker and the
-// REST server are not part of this package.
+// one more operation of a kind is allowed now, counting the refusals. The hooks live where the
+// operations are served (pkg/hubsim/broker/throttle.go, pkg/hubsim/rest/throttle.go).
 package throttle
 
 import (
@@ -27,10 +27,11 @@ const (
 	Method       Op = "method"        // direct-method calls, counted as 4 KB meters
 	JobOp        Op = "job"           // jobs create/update/list/delete
 	JobDeviceOps Op = "job-device-op" // twin updates and method calls made by jobs
+	Query        Op = "query"         // registry queries (POST /devices/query)
 )
 
 // Ops lists every operation, in a fixed order for views.
-var Ops = []Op{Connect, D2C, Registry, TwinRead, TwinUpdate, Method, JobOp, JobDeviceOps}
+var Ops = []Op{Connect, D2C, Registry, TwinRead, TwinUpdate, Method, JobOp, JobDeviceOps, Query}
 
 // Limits gives, per operation, the allowed rate in operations per second.
 type Limits map[Op]float64
@@ -53,16 +54,19 @@ func ForTier(tier string, units int) (Limits, error) {
 		return Limits{
 			Connect: max(100, 12*u), D2C: max(100, 12*u), Registry: perMin(100) * u,
 			TwinRead: 100, TwinUpdate: 50, Method: 40 * u, JobOp: perMin(100) * u, JobDeviceOps: 10,
+			Query: perMin(20) * u,
 		}, nil
 	case "S2", "B2":
 		return Limits{
 			Connect: 120 * u, D2C: 120 * u, Registry: perMin(100) * u,
 			TwinRead: max(100, 10*u), TwinUpdate: max(50, 5*u), Method: 120 * u, JobOp: perMin(100) * u, JobDeviceOps: max(10, u),
+			Query: perMin(20) * u,
 		}, nil
 	case "S3", "B3":
 		return Limits{
 			Connect: 6000 * u, D2C: 6000 * u, Registry: perMin(5000) * u,
 			TwinRead: 500 * u, TwinUpdate: 250 * u, Method: 6000 * u, JobOp: perMin(5000) * u, JobDeviceOps: 50 * u,
+			Query: perMin(1000) * u,
 		}, nil
 	}
 	return nil, fmt.Errorf("unknown tier %q (want F1, S1, S2 or S3)", tier)
@@ -76,6 +80,8 @@ type bucket struct {
 
 // Limiter applies Limits on a clock. Safe for concurrent use.
 type Limiter struct {
+	tier    string
+	units   int
 	clk     clock.Clock
 	mu      sync.Mutex
 	buckets map[Op]*bucket
@@ -94,9 +100,35 @@ func New(limits Limits, clk clock.Clock) *Limiter {
 	return l
 }
 
+// NewTier returns a Limiter with the throttles of tier and units (ForTier), which Status names.
+func NewTier(tier string, units int, clk clock.Clock) (*Limiter, error) {
+	limits, err := ForTier(tier, units)
+	if err != nil {
+		return nil, err
+	}
+	l := New(limits, clk)
+	l.tier, l.units = strings.ToUpper(tier), units
+	return l, nil
+}
+
 // Allow takes one token for op and reports whether it was there; a refusal is counted.
 // A nil Limiter allows everything.
-func (l *Limiter) Allow(op Op) bool {
+func (l *Limiter) Allow(op Op) bool { return l.AllowN(op, 1) }
+
+// MethodUnits is how many 4 KB meters a direct-method call of size bytes counts as (at least
+// one: a 0-4 KB call is one, 4-8 KB two, ...).
+func MethodUnits(size int64) int {
+	if size <= 0 {
+		return 1
+	}
+	return int((size + 4095) / 4096)
+}
+
+// AllowN takes n tokens for op (an operation that counts n times, such as a direct method of
+// several 4 KB meters) and reports whether they were there; a refusal is counted once. n is
+// capped at the bucket size, so that an operation the tier allows once a second is never
+// refused for ever. A nil Limiter allows everything.
+func (l *Limiter) AllowN(op Op, n int) bool {
 	if l == nil {
 		return true
 	}
@@ -112,13 +144,27 @@ func (l *Limiter) Allow(op Op) bool {
 		b.tokens = min(b.size, b.tokens+el*b.rate)
 		b.last = now
 	}
-	if b.tokens < 1 {
+	need := min(float64(max(n, 1)), b.size)
+	if b.tokens < need {
 		l.refused[op]++
 		return false
 	}
-	b.tokens--
+	b.tokens -= need
 	l.allowed[op]++
 	return true
+}
+
+// Rate is op's limit in operations per second (0: not throttled).
+func (l *Limiter) Rate(op Op) float64 {
+	if l == nil {
+		return 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if b := l.buckets[op]; b != nil {
+		return b.rate
+	}
+	return 0
 }
 
 // Counter is one operation's figures in a Snapshot.
@@ -145,4 +191,22 @@ func (l *Limiter) Snapshot() []Counter {
 		out = append(out, c)
 	}
 	return out
+}
+
+// Status is the counters view hubsim serves at GET /hubsim/throttle.
+type Status struct {
+	// Tier and Units are what hubsim was started with; Tier is "" when throttling is off.
+	Tier  string `json:"tier"`
+	Units int    `json:"units"`
+	// Operations has one entry per operation (Ops order, then any the caller adds).
+	Operations []Counter `json:"operations"`
+}
+
+// Status returns the tier, units and counters; a nil Limiter gives an empty Status (throttling
+// off).
+func (l *Limiter) Status() Status {
+	if l == nil {
+		return Status{Operations: []Counter{}}
+	}
+	return Status{Tier: l.tier, Units: l.units, Operations: l.Snapshot()}
 }

@@ -90,3 +90,55 @@ func TestLimiterRefusesOverTheRateAndRefillsWithTheClock(t *testing.T) {
 		t.Fatalf("connect counters %+v, want allowed 201, throttled 3, 100/s", c)
 	}
 }
+
+func TestAllowNCountsMetersAndCapsAtTheBucket(t *testing.T) {
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
+	l, err := NewTier("s1", 1, clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		size int64
+		want int
+	}{{0, 1}, {1, 1}, {4096, 1}, {4097, 2}, {160 * 1024, 40}, {1 << 20, 256}} {
+		if got := MethodUnits(c.size); got != c.want {
+			t.Errorf("MethodUnits(%d) = %d, want %d", c.size, got, c.want)
+		}
+	}
+	// S1 x1: 40 meters a second. A 12 KB call takes 3; 13 of them use 39, the 14th is refused.
+	for i := range 13 {
+		if !l.AllowN(Method, 3) {
+			t.Fatalf("call %d of 3 meters refused with %d meters used", i+1, 3*i)
+		}
+	}
+	if l.AllowN(Method, 3) {
+		t.Fatal("a 3-meter call allowed with 1 meter left")
+	}
+	if !l.AllowN(Method, 1) {
+		t.Fatal("a 1-meter call refused with 1 meter left")
+	}
+	// A call larger than the bucket needs a full bucket, not more: it passes after a second.
+	clk.Advance(time.Second)
+	if !l.AllowN(Method, 256) || l.AllowN(Method, 1) {
+		t.Fatal("a 1 MB call on a full 40-meter bucket: want allowed, emptying it")
+	}
+	st := l.Status()
+	if st.Tier != "S1" || st.Units != 1 || len(st.Operations) != len(Ops) {
+		t.Fatalf("status %+v", st)
+	}
+	var m Counter
+	for _, c := range st.Operations {
+		if c.Op == Method {
+			m = c
+		}
+	}
+	if m.Allowed != 15 || m.Throttled != 2 || m.PerSecond != 40 {
+		t.Fatalf("method counters %+v, want 15 allowed, 2 throttled, 40/s", m)
+	}
+	if q, _ := ForTier("S3", 2); q[Query] != 2000.0/60 {
+		t.Fatalf("S3 x2 queries %v/s, want 1,000/min/unit", q[Query])
+	}
+	if s := (*Limiter)(nil).Status(); s.Tier != "" || s.Operations == nil {
+		t.Fatalf("nil limiter status %+v", s)
+	}
+}
