@@ -151,6 +151,7 @@ type runFlags struct {
 func newRunCmd(stderr io.Writer) *cobra.Command {
 	var f runFlags
 	var of obsFlags
+	var tf testHookFlags
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Connect the device and run until SIGINT/SIGTERM",
@@ -162,6 +163,11 @@ $` + EnvConnectionString + ` or --connection-string (visible in ps; avoid), or
 Flags override the config file; the environment variable overrides the file's identity.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			hooks, stopHooks, err := tf.setup()
+			if err != nil {
+				return err
+			}
+			defer stopHooks()
 			hup, stopHup := notifySignals()
 			defer stopHup()
 			cfg, err := loadConfig(cmd, &f)
@@ -184,11 +190,12 @@ Flags override the config file; the environment variable overrides the file's id
 				obs.attach(&c)
 				return c, err
 			}
-			return serve(cmd.Context(), cfg, load, hup, log, level)
+			return serve(cmd.Context(), cfg, load, hup, log, level, hooks)
 		},
 	}
 	bindRunFlags(cmd, &f)
 	bindObsFlags(cmd, &of)
+	bindTestHookFlags(cmd, &tf)
 	return cmd
 }
 

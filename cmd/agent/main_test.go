@@ -211,3 +211,25 @@ func TestRunNotAuthorizedExit3(t *testing.T) {
 		t.Error("run only returned at the test deadline")
 	}
 }
+
+// The wedge test hook is refused (usage error, exit 2, saying why) unless $IOTHUBBY_TEST_HOOKS
+// is 1, and with an unknown loop name even then.
+func TestTestWedgeRefusedUnlessEnabled(t *testing.T) {
+	args := []string{"run", "--host", "h", "--device-id", "d", "--key", keyB64, "--test-wedge", "telemetry"}
+	for _, tc := range []struct{ env, loop, want string }{
+		{"", "telemetry", EnvTestHooks + "=1"},
+		{"yes", "telemetry", EnvTestHooks + "=1"},
+		{"1", "network", `"network"`},
+	} {
+		t.Setenv(EnvTestHooks, tc.env)
+		args[len(args)-1] = tc.loop
+		err := run(context.Background(), args, &bytes.Buffer{}, &syncBuffer{})
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("env %q loop %q: error %v, want one mentioning %s", tc.env, tc.loop, err, tc.want)
+			continue
+		}
+		if code := exitCode(err, &bytes.Buffer{}); code != exitConfig {
+			t.Errorf("env %q loop %q: exit %d, want %d", tc.env, tc.loop, code, exitConfig)
+		}
+	}
+}

@@ -35,6 +35,9 @@ import (
 	"github.com/iothubby/iothubby/pkg/hub"
 )
 
+// msgWatchdogWithheld is logged (with the wedged loops) when the watchdog pings stop.
+const msgWatchdogWithheld = "not pinging the systemd watchdog: a loop makes no progress"
+
 // notifier sends sd_notify messages; a no-op when the agent does not run under systemd.
 type notifier struct {
 	log     *zap.Logger
@@ -123,7 +126,7 @@ func serveLogger(c agent.LogConfig, stderr io.Writer) (*zap.Logger, zap.AtomicLe
 // serve runs the device of cfg until ctx ends, reloading on SIGHUP with load's configuration,
 // and talks to systemd throughout. hup delivers SIGHUP (registered before the configuration is
 // read, so an early reload does not kill the process).
-func serve(ctx context.Context, cfg agent.Config, load func() (agent.Config, error), hup <-chan os.Signal, log *zap.Logger, level zap.AtomicLevel) error {
+func serve(ctx context.Context, cfg agent.Config, load func() (agent.Config, error), hup <-chan os.Signal, log *zap.Logger, level zap.AtomicLevel, hooks testHooks) error {
 	n := newNotifier(log)
 	var tick <-chan time.Time
 	period := watchdogPeriod(log)
@@ -177,16 +180,24 @@ func serve(ctx context.Context, cfg agent.Config, load func() (agent.Config, err
 			case <-tick:
 				if err := checkLoops(dev, period); err != nil {
 					if !wedged {
-						log.Error("not pinging the systemd watchdog: a loop makes no progress", zap.Error(err))
+						log.Error(msgWatchdogWithheld, zap.Error(err))
+						n.status("unhealthy, not pinging the watchdog: " + err.Error())
 					}
 					wedged = true
 					continue
 				}
 				if wedged {
 					log.Info("loops make progress again; pinging the systemd watchdog")
+					if st := latest.Load(); st != nil {
+						n.status(statusText(*st))
+					}
 				}
 				wedged = false
 				n.send(daemon.SdNotifyWatchdog)
+			case <-hooks.wedgeSig:
+				if err := dev.WedgeForTest(hooks.wedge); err != nil {
+					log.Error("test hook", zap.Error(err))
+				}
 			case <-hup:
 				n.reloading()
 				next, restart = reload(dev, cfg, load, log, level)

@@ -114,8 +114,11 @@ type Device struct {
 	live *Liveness // the loops' progress (liveness.go)
 	// testBeforeTelemetry, set by tests, runs at the start of each telemetry send (a wedge).
 	testBeforeTelemetry func()
-	connected           atomic.Bool // the session's last status was Connected
-	synced              atomic.Bool // the full twin GET after the latest connect succeeded
+	// wedge is the loop WedgeForTest armed (nil: none); runCtx is Run's context (testhook.go).
+	wedge     atomic.Pointer[string]
+	runCtx    atomic.Pointer[context.Context]
+	connected atomic.Bool // the session's last status was Connected
+	synced    atomic.Bool // the full twin GET after the latest connect succeeded
 
 	// scripts are the configured direct methods, checked by New.
 	scripts map[string]methods.Handler
@@ -249,6 +252,7 @@ func (d *Device) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(d.stopped, cancel)()
+	d.runCtx.Store(&ctx)
 	if err := d.reboot.load(); err != nil {
 		return err
 	}
@@ -338,6 +342,7 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	obs := d.observer()
 	hc.OnStatus = func(st hub.Status) {
 		defer d.live.Enter(LoopSupervisor)()
+		d.wedgeIfArmed(LoopSupervisor)
 		d.noteStatus(st)
 		obs.ConnectionStatus(d.id.deviceID, st)
 		if n := d.cfg.DPS.ReprovisionAfterFailures; d.dpsEnabled() && n > 0 && st.Attempt >= n {
@@ -523,6 +528,7 @@ func (t *telemetrySettings) render(d *Device, seq uint64, now time.Time) ([]byte
 // sendTelemetry renders and enqueues one message; its outcome is logged when it completes.
 func (d *Device) sendTelemetry(sess *hub.Session, now time.Time) {
 	defer d.live.Enter(LoopTelemetry)()
+	d.wedgeIfArmed(LoopTelemetry)
 	if d.testBeforeTelemetry != nil {
 		d.testBeforeTelemetry()
 	}

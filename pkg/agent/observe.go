@@ -36,18 +36,21 @@ func (d *Device) watchDelivery(hc *hub.Config) {
 	if f := hc.OnC2D; f != nil {
 		hc.OnC2D = func(ctx context.Context, m *hub.C2DMessage) {
 			defer d.live.Enter(LoopSupervisor)()
+			d.wedgeIfArmed(LoopSupervisor)
 			f(ctx, m)
 		}
 	}
 	if f := hc.OnDesired; f != nil {
 		hc.OnDesired = func(ctx context.Context, p *hub.DesiredPatch) {
 			defer d.live.Enter(LoopSupervisor)()
+			d.wedgeIfArmed(LoopSupervisor)
 			f(ctx, p)
 		}
 	}
 	if f := hc.OnMethod; f != nil {
 		hc.OnMethod = func(ctx context.Context, r *hub.MethodRequest) {
 			defer d.live.Enter(LoopSupervisor)()
+			d.wedgeIfArmed(LoopSupervisor)
 			f(ctx, r)
 		}
 	}
@@ -81,6 +84,7 @@ type observedSession struct {
 
 func (o observedSession) TwinGet(ctx context.Context) (hub.Response, error) {
 	defer o.d.live.Enter(LoopTwin)()
+	o.d.wedgeIfArmed(LoopTwin)
 	start := time.Now()
 	r, err := o.s.TwinGet(ctx)
 	if err == nil && r.Status/100 == 2 && o.d.connected.Load() {
@@ -92,6 +96,7 @@ func (o observedSession) TwinGet(ctx context.Context) (hub.Response, error) {
 
 func (o observedSession) TwinPatchReported(ctx context.Context, patch []byte) (hub.Response, error) {
 	defer o.d.live.Enter(LoopTwin)()
+	o.d.wedgeIfArmed(LoopTwin)
 	start := time.Now()
 	r, err := o.s.TwinPatchReported(ctx, patch)
 	o.observe("patch", start, r, err)
@@ -112,6 +117,7 @@ func (o observedSession) observe(op string, start time.Time, r hub.Response, err
 func (d *Device) watchHandler(h twinsync.Handler) twinsync.Handler {
 	return func(ctx context.Context, c twinsync.Change) twinsync.Ack {
 		defer d.live.Enter(LoopTwin)()
+		d.wedgeIfArmed(LoopTwin)
 		return h(ctx, c)
 	}
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/agent"
 	hubsess "github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/service"
 )
 
 // notifySocket is a fake systemd: the unixgram socket $NOTIFY_SOCKET names, recording every
@@ -235,5 +236,99 @@ func TestReloadTelemetryInterval(t *testing.T) {
 	a.mu.Unlock()
 	if connects != "1" {
 		t.Errorf("session connects %s, want 1 (the reload reconnected)", connects)
+	}
+}
+
+// A wedged loop stops the watchdog pings: for each loop, the agent pings at WATCHDOG_USEC/2
+// while its loops progress; the test hook (--test-wedge, on SIGUSR1) then makes that loop's next
+// piece of work never finish, and no WATCHDOG=1 comes for more than WATCHDOG_USEC (systemd would
+// restart the agent) while STATUS= still does, naming the loop, and /healthz fails naming it.
+func TestSystemdWatchdogStopsWhenLoopWedged(t *testing.T) {
+	h := newHub(t)
+	const watchdog = 2 * time.Second
+	for _, tc := range []struct {
+		loop    string
+		trigger func(t *testing.T, deviceID string) // makes the loop start a piece of work
+	}{
+		{agent.LoopTelemetry, func(*testing.T, string) {}}, // the next telemetry tick
+		{agent.LoopTwin, func(t *testing.T, id string) { // a desired-property handler
+			if _, err := h.svc.UpdateTwin(ctxT(t), id, map[string]any{"properties": map[string]any{"desired": map[string]any{"mode": "eco"}}}, "*"); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{agent.LoopSupervisor, func(t *testing.T, id string) { // the delivery of a C2D message
+			if _, err := h.svc.SendC2D(ctxT(t), id, service.C2DMessage{Body: `{}`, MessageID: "wedge-1"}); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.loop, func(t *testing.T) {
+			d := createDevice(t, h, "e2e-wedge-"+tc.loop)
+			cs := connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey)
+			ns := newNotifySocket(t)
+			cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
+			writeAgentConfig(t, cfgPath, h.ep.CAFile, "200ms")
+			health := freeAddr(t)
+			t.Setenv("IOTHUBBY_TEST_HOOKS", "1")
+			a := startNotifyAgent(t, h, ns, cs, cfgPath, watchdog, "--test-wedge", tc.loop,
+				"--health-addr", health, "--health-wedge-after", "500ms")
+			ns.await("STATUS connected", "STATUS", "connected to the hub")
+			prev := ns.await("a watchdog ping before the wedge", "WATCHDOG", "1")
+			next := ns.await("a watchdog ping before the wedge", "WATCHDOG", "1")
+			if gap := next.at.Sub(prev.at); gap > watchdog {
+				t.Errorf("watchdog pings %s apart before the wedge: past WATCHDOG_USEC=%s", gap, watchdog)
+			}
+			if code, body := httpGet(t, "http://"+health+"/healthz"); code != 200 {
+				t.Fatalf("/healthz before the wedge = %d %q", code, body)
+			}
+
+			from := a.numLines()
+			if err := a.cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+			a.await(from, "the hook armed", and(msgIs(agent.MsgTestWedgeArmed), field("loop", tc.loop)))
+			tc.trigger(t, d.DeviceID)
+			a.await(from, "the wedge", and(msgIs(agent.MsgTestWedged), field("loop", tc.loop)))
+			wedgedAt := time.Now() // the wedge began before its log line was read
+
+			// Read the socket for twice WATCHDOG_USEC. One ping may still come from a check
+			// made while the wedged work was younger than the ping period; after it, none.
+			lastPing, pings, unhealthy := next.at, 0, ""
+			deadline := time.NewTimer(2 * watchdog)
+		read:
+			for {
+				select {
+				case m := <-ns.msgs:
+					if m.fields["WATCHDOG"] == "1" {
+						lastPing, pings = m.at, pings+1
+					}
+					if s := m.fields["STATUS"]; strings.HasPrefix(s, "unhealthy") {
+						unhealthy = s
+					}
+				case <-deadline.C:
+					break read
+				}
+			}
+			end := wedgedAt.Add(2 * watchdog)
+			if pings > 1 {
+				t.Errorf("%d watchdog pings after the %s loop wedged, want at most 1", pings, tc.loop)
+			}
+			if quiet := end.Sub(lastPing); quiet <= watchdog {
+				t.Errorf("last watchdog ping %s before the end of the window: systemd (WATCHDOG_USEC=%s) would not have restarted the agent", quiet, watchdog)
+			}
+			if !strings.Contains(unhealthy, tc.loop) {
+				t.Errorf("STATUS while wedged = %q, want unhealthy naming %s", unhealthy, tc.loop)
+			}
+			a.await(from, "the log line withholding the pings", and(msgIs("not pinging the systemd watchdog: a loop makes no progress"),
+				func(m map[string]any) bool { return strings.Contains(fmt.Sprint(m["error"]), tc.loop) }))
+			if code, body := httpGet(t, "http://"+health+"/healthz"); code != 503 || !strings.Contains(body, tc.loop) {
+				t.Errorf("/healthz while wedged = %d %q, want 503 naming %s", code, body, tc.loop)
+			}
+
+			// SIGTERM releases the wedged work with the device: a clean exit.
+			if err := a.stop(); err != nil {
+				t.Fatalf("agent exit: %v", err)
+			}
+		})
 	}
 }
