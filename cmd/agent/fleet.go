@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"strconv"
 	"time"
@@ -34,6 +36,7 @@ type fleetFlags struct {
 	config                 string
 	summary                string
 	metricsAddr            string
+	pprof                  bool
 	shardIndex, shardCount int
 	logLevel, logFormat    string
 }
@@ -58,6 +61,7 @@ $` + EnvShardIndex + ` (a Kubernetes Indexed Job) and $` + EnvShardCount + `.`,
 	fl.StringVarP(&f.config, "config", "c", "", "fleet file (see configs/fleet.yaml); required")
 	fl.StringVar(&f.summary, "summary", "", "write a JSON summary to this file at exit")
 	fl.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address, e.g. :9090")
+	fl.BoolVar(&f.pprof, "pprof", false, "also serve Go's /debug/pprof/ (heap, goroutine, CPU profiles) on --metrics-addr")
 	fl.IntVar(&f.shardIndex, "shard-index", 0, "this process's shard, 0-based [$"+EnvShardIndex+"]")
 	fl.IntVar(&f.shardCount, "shard-count", 1, "number of shards the fleet is split into [$"+EnvShardCount+"]")
 	fl.StringVar(&f.logLevel, "log-level", "", "log level: debug, info, warn, error (default: the file's, info)")
@@ -95,6 +99,9 @@ func runFleet(cmd *cobra.Command, f *fleetFlags, stderr io.Writer) error {
 	if err := shardFromEnv(cmd, f); err != nil {
 		return err
 	}
+	if f.pprof && f.metricsAddr == "" {
+		return usageError{fmt.Errorf("--pprof needs --metrics-addr")}
+	}
 	cfg, err := fleet.Load(f.config)
 	if err != nil {
 		return err
@@ -128,7 +135,11 @@ func runFleet(cmd *cobra.Command, f *fleetFlags, stderr io.Writer) error {
 	}
 	defer fl.Close()
 	if m != nil {
-		srv, err := metrics.Listen(f.metricsAddr, metrics.Handler(m, nil))
+		var h http.Handler = metrics.Handler(m, nil)
+		if f.pprof {
+			h = withPprof(h)
+		}
+		srv, err := metrics.Listen(f.metricsAddr, h)
 		if err != nil {
 			return fmt.Errorf("%w: --metrics-addr: %w", agent.ErrConfig, err)
 		}
@@ -159,6 +170,19 @@ func runFleet(cmd *cobra.Command, f *fleetFlags, stderr io.Writer) error {
 		}
 	}
 	return runErr
+}
+
+// withPprof serves Go's profiles under /debug/pprof/ beside h (e.g. /debug/pprof/heap?gc=1
+// runs a garbage collection and returns a heap profile: where a fleet's bytes go).
+func withPprof(h http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", h)
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }
 
 // showProgress shows the ramp on a terminal as a live progress line (connected / target,

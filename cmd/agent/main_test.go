@@ -118,11 +118,12 @@ log:
 func TestConfigErrorsExit2(t *testing.T) {
 	t.Setenv(EnvConnectionString, "")
 	for name, args := range map[string][]string{
-		"missing file":   {"run", "--config", "/nonexistent/agent.yaml"},
-		"no identity":    {"run"},
-		"service string": {"run", "--connection-string", "HostName=h;SharedAccessKeyName=owner;SharedAccessKey=" + keyB64},
-		"bad log format": {"run", "--host", "h", "--device-id", "d", "--key", keyB64, "--log-format", "xml"},
-		"unknown flag":   {"run", "--colour"},
+		"missing file":                {"run", "--config", "/nonexistent/agent.yaml"},
+		"no identity":                 {"run"},
+		"service string":              {"run", "--connection-string", "HostName=h;SharedAccessKeyName=owner;SharedAccessKey=" + keyB64},
+		"bad log format":              {"run", "--host", "h", "--device-id", "d", "--key", keyB64, "--log-format", "xml"},
+		"unknown flag":                {"run", "--colour"},
+		"fleet pprof without metrics": {"fleet", "--config", write(t, "fleet.yaml", "count: 1\n", 0o600), "--pprof"},
 		"insecure key file": {"run", "--host", "h", "--device-id", "d",
 			"--key-file", write(t, "key", keyB64, 0o644)},
 		"two YAML documents": {"run", "--host", "h", "--device-id", "d", "--key", keyB64,

@@ -59,9 +59,14 @@ type Fleet struct {
 	lo, hi  int
 }
 
-// filesPerDevice is the open files a device may hold at once (its hub connection, and during
-// provisioning a DPS connection); rlimit.Reserve covers the process's own.
-const filesPerDevice = 2
+// filesPerDevice is the open files a device may hold at once: its hub connection, and with a
+// DPS identity a DPS connection while provisioning. rlimit.Reserve covers the process's own.
+func filesPerDevice(c *Config) uint64 {
+	if c.ConnectionStringsFile != "" || c.Registry.ConnectionStringFile != "" {
+		return 1
+	}
+	return 2
+}
 
 // Prepare checks cfg and creates the shard's devices without starting any: every error here is
 // a configuration error (agent.ErrConfig) except failures of the registry's bulk creation.
@@ -114,7 +119,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 		// Logs a failure itself; limit is then the unchanged soft limit, or 0 if unreadable.
 		limit, _ = rlimit.RaiseNoFile(log)
 	}
-	if need := uint64(n)*filesPerDevice + rlimit.Reserve; limit > 0 && need > limit {
+	if need := uint64(n)*filesPerDevice(&c) + rlimit.Reserve; limit > 0 && need > limit {
 		return nil, fmt.Errorf("%w: %d devices need about %d open files but the open-file limit (RLIMIT_NOFILE) is %d: lower count, split the fleet into shards, or raise the hard limit (ulimit -Hn, LimitNOFILE=)", ErrConfig, n, need, limit)
 	}
 

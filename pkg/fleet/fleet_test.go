@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -207,5 +208,72 @@ func TestPrepareShard(t *testing.T) {
 	}
 	if s := f.Summary(); s.Devices != 5 || s.Connected != 0 || s.Telemetry.Sent != 0 {
 		t.Fatalf("summary before Run: %+v", s)
+	}
+}
+
+// recorder is a next observer that also observes twin round trips and connect attempts.
+type recorder struct {
+	agent.NopObserver
+	twin     []string
+	attempts []string
+}
+
+func (r *recorder) TwinRequest(device, op string, _ time.Duration, _ error) {
+	r.twin = append(r.twin, device+" "+op)
+}
+func (r *recorder) ConnectAttempt(device string, _ time.Time) { r.attempts = append(r.attempts, device) }
+
+// The fleet's counters sit between the devices and the metrics: the optional twin and connect
+// observations must reach the metrics too (the fleet's histograms were empty without this).
+func TestCountersForwardOptionalObservations(t *testing.T) {
+	r := &recorder{}
+	var o agent.Observer = newCounters([]string{"a"}, r)
+	to, ok := o.(agent.TwinObserver)
+	if !ok {
+		t.Fatal("counters do not implement agent.TwinObserver")
+	}
+	co, ok := o.(agent.ConnectObserver)
+	if !ok {
+		t.Fatal("counters do not implement agent.ConnectObserver")
+	}
+	to.TwinRequest("a", "get", time.Millisecond, nil)
+	co.ConnectAttempt("a", time.Now())
+	if len(r.twin) != 1 || r.twin[0] != "a get" || len(r.attempts) != 1 || r.attempts[0] != "a" {
+		t.Fatalf("next saw twin %v, attempts %v; want [a get], [a]", r.twin, r.attempts)
+	}
+	// A next without the extensions is fine.
+	plain := newCounters([]string{"a"}, agent.NopObserver{})
+	plain.TwinRequest("a", "get", 0, nil)
+	plain.ConnectAttempt("a", time.Now())
+}
+
+// Without DPS a device holds one connection: 100 connection-string devices fit a limit of 200
+// (100 + 64) that 100 DPS devices (2 x 100 + 64) do not.
+func TestOpenFileBudgetByIdentity(t *testing.T) {
+	dir := t.TempDir()
+	var cs strings.Builder
+	for i := range 100 {
+		fmt.Fprintf(&cs, "HostName=h.example;DeviceId=d%03d;SharedAccessKey=8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==\n", i)
+	}
+	file := filepath.Join(dir, "devices.cs")
+	if err := os.WriteFile(file, []byte(cs.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Prepare(context.Background(), Config{StateDir: filepath.Join(dir, "cs"), ConnectionStringsFile: file}, Options{NoFileLimit: 200})
+	if err != nil {
+		t.Fatalf("100 connection-string devices with an open-file limit of 200: %v", err)
+	}
+	if len(f.Devices()) != 100 {
+		t.Fatalf("%d devices, want 100", len(f.Devices()))
+	}
+	f.Close()
+	key := filepath.Join(dir, "group.key")
+	if err := os.WriteFile(key, []byte("8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Prepare(context.Background(), Config{Count: 100, StateDir: filepath.Join(dir, "dps"),
+		DPS: DPSConfig{IDScope: "0ne00000001", GlobalEndpoint: "127.0.0.1:1", GroupKeyFile: key}}, Options{NoFileLimit: 200})
+	if err == nil || !strings.Contains(err.Error(), "need about 264 open files") {
+		t.Fatalf("100 DPS devices with a limit of 200: got %v, want a refusal naming 264 files", err)
 	}
 }

@@ -134,6 +134,22 @@ func (c *counters) MethodAnswered(device, method string, status int, d time.Dura
 	c.next.MethodAnswered(device, method, status, d)
 }
 
+// TwinRequest forwards a twin round trip to next when it observes them (agent.TwinObserver),
+// so the fleet's metrics carry the twin histogram as the single agent's do.
+func (c *counters) TwinRequest(device, op string, d time.Duration, err error) {
+	if to, ok := c.next.(agent.TwinObserver); ok {
+		to.TwinRequest(device, op, d, err)
+	}
+}
+
+// ConnectAttempt forwards the start of a connection attempt to next when it observes them
+// (agent.ConnectObserver): the connect-time histogram.
+func (c *counters) ConnectAttempt(device string, at time.Time) {
+	if co, ok := c.next.(agent.ConnectObserver); ok {
+		co.ConnectAttempt(device, at)
+	}
+}
+
 // FailureReason names why a telemetry message failed, from the hub package's errors (a
 // bounded set, fit for a summary key or a metric label).
 func FailureReason(err error) string {
