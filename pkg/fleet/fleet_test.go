@@ -221,7 +221,9 @@ type recorder struct {
 func (r *recorder) TwinRequest(device, op string, _ time.Duration, _ error) {
 	r.twin = append(r.twin, device+" "+op)
 }
-func (r *recorder) ConnectAttempt(device string, _ time.Time) { r.attempts = append(r.attempts, device) }
+func (r *recorder) ConnectAttempt(device string, _ time.Time) {
+	r.attempts = append(r.attempts, device)
+}
 
 // The fleet's counters sit between the devices and the metrics: the optional twin and connect
 // observations must reach the metrics too (the fleet's histograms were empty without this).
