@@ -17,6 +17,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
+	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -308,11 +309,11 @@ func TestMQTT5AndGarbageAreRejected(t *testing.T) {
 		"mqtt 3.1 (MQIsdp level 3)": {packetOf(0x10, append(str("MQIsdp"), 3, 0x02, 0, 60, 0, 1, 'x')), true, `"MQIsdp" level 3`},
 		"garbage":                   {[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false, "is not CONNECT"},
 		"publish first":             {publishPkt("devices/x/messages/events/", nil, 0, 0, false), false, "is not CONNECT"},
-		"connect truncated":         {connectPkt(4, d.DeviceID, user, "tok", false)[:9], false, broker.ErrMalformedConnect.Error()},
+		"connect truncated":         {connectPkt(4, d.DeviceID, user, "tok", false)[:9], false, mqttpkt.ErrMalformedConnect.Error()},
 		"bad protocol name":         {packetOf(0x10, append(str("MQTX"), 4, 0x02, 0, 60, 0, 1, 'x')), false, `protocol name "MQTX"`},
 		"reserved flag":             {packetOf(0x10, append(str("MQTT"), 4, 0x03, 0, 60, 0, 1, 'x')), false, "reserved flag set"},
 		"trailing bytes":            {packetOf(0x10, append(str("MQTT"), 4, 0x02, 0, 60, 0, 1, 'x', 9)), false, "1 trailing bytes"},
-		"huge remaining length":     {[]byte{0x10, 0xff, 0xff, 0xff, 0x7f}, false, broker.ErrMalformedConnect.Error()},
+		"huge remaining length":     {[]byte{0x10, 0xff, 0xff, 0xff, 0x7f}, false, mqttpkt.ErrMalformedConnect.Error()},
 		"varint too long":           {[]byte{0x10, 0xff, 0xff, 0xff, 0xff, 0x01}, false, "remaining length longer than 4 bytes"},
 	}
 	for name, c := range cases {

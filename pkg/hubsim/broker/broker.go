@@ -1,8 +1,8 @@
 // Package broker is hubsim's device-facing MQTT endpoint: a mochi-mqtt broker behind a TLS
 // listener, with hooks that make it behave as Azure IoT Hub does.
 //
-//   - The first packet of every connection is checked before mochi reads it (readConnect,
-//     ParseConnect): MQTT 3.1.1 only; any other protocol level gets CONNACK 1 and is closed;
+//   - The first packet of every connection is checked before mochi reads it (mqttpkt.Screen):
+//     MQTT 3.1.1 only; any other protocol level gets CONNACK 1 and is closed;
 //     garbage is closed.
 //   - Authentication: SAS tokens (device keys, or a policy with DeviceConnect) and X.509
 //     (thumbprint or registered CA). Failures get CONNACK 5 and a logged reason. A connection is
@@ -34,6 +34,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/hubsim/faults"
+	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/hubsim/throttle"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -114,7 +115,7 @@ type Config struct {
 // It runs on the connection's goroutine, owns conn until it returns, and must return when conn
 // is closed.
 type DPSHandler interface {
-	ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect []byte, ci ConnectInfo)
+	ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect []byte, ci mqttpkt.ConnectInfo)
 }
 
 // hostOK reports whether a host named by a device is one of this endpoint's hub names.

@@ -12,12 +12,13 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // devConn is one device's network connection as mochi sees it: TLS over the accepted TCP
 // connection (or a WebSocket over the HTTPS listener's TLS, see ws.go), with the first packet
-// read and checked by readConnect before mochi may read it. mochi reads from a single goroutine,
+// read and checked by mqttpkt.Screen before mochi may read it. mochi reads from a single goroutine,
 // so the sniff state needs no lock.
 //
 // mochi keeps a client with CleanSession 0 after it disconnects (its session lives on), and with
@@ -34,7 +35,7 @@ type devConn struct {
 
 	sniffed   bool
 	replay    []byte
-	connectCI ConnectInfo
+	connectCI mqttpkt.ConnectInfo
 
 	sess   atomic.Pointer[session]
 	closed atomic.Bool
@@ -154,28 +155,16 @@ func (c *devConn) sniff(tc stream) error {
 			return err
 		}
 	}
-	pkt, remaining, err := readConnect(tc, maxPacketSize)
-	var ve *VersionError
+	pkt, ci, remaining, err := mqttpkt.Screen(tc, maxPacketSize)
+	var ve *mqttpkt.VersionError
 	if errors.As(err, &ve) {
 		log.Info("connection refused: CONNACK 1 (unacceptable protocol version)", zap.String("reason", ve.Error()))
-		lingerAfter(tc, connackUnacceptableVersion, remaining)
+		lingerAfter(tc, mqttpkt.ConnackUnacceptableVersion, remaining)
 		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: ve.Error()})
 		return err
 	}
 	if err != nil {
 		log.Info("connection closed: first packet is not an acceptable CONNECT", zap.Error(err))
-		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: err.Error()})
-		return err
-	}
-	ci, err := ParseConnect(pkt)
-	if err != nil {
-		if errors.As(err, &ve) {
-			log.Info("connection refused: CONNACK 1 (unacceptable protocol version)", zap.String("reason", ve.Error()))
-			lingerAfter(tc, connackUnacceptableVersion, 0)
-			c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: ve.Error()})
-			return err
-		}
-		log.Info("connection closed: malformed CONNECT", zap.Error(err))
 		c.b.emit(Event{Kind: EventRejected, Remote: c.remote.String(), Reason: err.Error()})
 		return err
 	}

@@ -1,22 +1,25 @@
 package dps
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"encoding/json"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
 	"go.uber.org/goleak"
 
-	"github.com/iothubby/iothubby/pkg/hubsim/broker"
+	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -299,28 +302,30 @@ func TestDeviceEndpointErrorsAndThrottle(t *testing.T) {
 }
 
 // connectPacket builds a DPS CONNECT as the Node SDK sends it.
-func connectPacket(clientID, username, password string, keepAlive uint16) []byte {
-	var body []byte
-	body = appendString(body, "MQTT")
-	body = append(body, 4, 0xc2)
-	body = binary.BigEndian.AppendUint16(body, keepAlive)
-	body = appendString(body, clientID)
-	body = appendString(body, username)
-	body = appendString(body, password)
-	pkt := []byte{0x10}
-	n := len(body)
-	for {
-		b := byte(n % 128)
-		n /= 128
-		if n > 0 {
-			b |= 0x80
-		}
-		pkt = append(pkt, b)
-		if n == 0 {
-			break
-		}
+func connectPacket(t testing.TB, clientID, username, password string, keepAlive uint16) []byte {
+	t.Helper()
+	b, err := mqttpkt.Encode(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
+		Clean: true, Keepalive: keepAlive, ClientIdentifier: clientID,
+		UsernameFlag: true, Username: []byte(username), PasswordFlag: true, Password: []byte(password)}})
+	if err != nil {
+		t.Fatal(err)
 	}
-	return append(pkt, body...)
+	return b
+}
+
+// readPackets decodes what a DPS session wrote.
+func readPackets(t testing.TB, out []byte) []packets.Packet {
+	t.Helper()
+	var pks []packets.Packet
+	r := bytes.NewReader(out)
+	for r.Len() > 0 {
+		pk, err := mqttpkt.Read(r, maxPacket)
+		if err != nil {
+			t.Fatalf("the session wrote a packet the codec refuses: %v (output %q)", err, out)
+		}
+		pks = append(pks, pk)
+	}
+	return pks
 }
 
 // runMQTT serves one DPS MQTT session over a pipe, writes in, and returns what the server wrote
@@ -332,8 +337,8 @@ func runMQTT(t testing.TB, s *Server, regID, password string, in []byte) []byte 
 	}
 	defer ln.Close()
 	username := s.IDScope() + "/registrations/" + regID + "/api-version=2019-03-31&ClientVersion=azure-iot-provisioning-device%2F1.9.1"
-	pkt := connectPacket(regID, username, password, 60)
-	ci, err := broker.ParseConnect(pkt)
+	pkt := connectPacket(t, regID, username, password, 60)
+	ci, err := mqttpkt.ParseConnect(pkt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -367,24 +372,29 @@ func TestMQTTSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	tok := deviceToken(t, s.IDScope(), "m1", deriveB64(testGroupKey, "m1"), true)
-	var in []byte
-	sub := append([]byte{0, 1}, appendString(nil, wire.DPSResponseFilter)...)
-	in = append(in, 0x82, byte(len(sub)+1))
-	in = append(in, sub...)
-	in = append(in, 1)
-	pub := appendString(nil, wire.DPSRegisterTopic("r1"))
-	pub = append(pub, 0, 7)
-	pub = append(pub, `{"registrationId":"m1"}`...)
-	in = append(in, 0x32, byte(len(pub)))
-	in = append(in, pub...)
-	out := string(runMQTT(t, s, "m1", tok, in))
-	if !strings.HasPrefix(out, "\x20\x02\x00\x00") || !strings.Contains(out, "\x90\x03\x00\x01\x01") ||
-		!strings.Contains(out, "$dps/registrations/res/202/?$rid=r1&retry-after=0") || !strings.Contains(out, `"status":"assigning"`) {
-		t.Fatalf("session output %q", out)
+	// What a provisioning client sends: the table's SUBSCRIBE and register PUBLISH (packet ID 7,
+	// $rid r1, registration ID m1).
+	sub, reg := mqttpkt.Cases.Get("SUBSCRIBE to DPS responses"), mqttpkt.Cases.Get("register PUBLISH, QoS 1")
+	out := readPackets(t, runMQTT(t, s, "m1", tok, slices.Concat(sub.Raw, reg.Raw)))
+	if len(out) != 4 {
+		t.Fatalf("session wrote %d packets, want CONNACK, SUBACK, PUBACK and the reply: %+v", len(out), out)
+	}
+	for i, want := range []packets.Packet{mqttpkt.Cases.Get("CONNACK accepted").Want, mqttpkt.Cases.Get("SUBACK granted QoS 1").Want} {
+		if !reflect.DeepEqual(out[i], want) {
+			t.Fatalf("packet %d: %+v, want %+v", i, out[i], want)
+		}
+	}
+	if ack := out[2]; ack.FixedHeader.Type != packets.Puback || ack.PacketID != reg.Want.PacketID {
+		t.Fatalf("want PUBACK %d of the register PUBLISH, got %+v", reg.Want.PacketID, ack)
+	}
+	rep := out[3]
+	if rep.FixedHeader.Type != packets.Publish || rep.FixedHeader.Qos != 1 || rep.PacketID != 1 ||
+		rep.TopicName != "$dps/registrations/res/202/?$rid=r1&retry-after=0" || !strings.Contains(string(rep.Payload), `"status":"assigning"`) {
+		t.Fatalf("reply %+v (%s)", rep, rep.Payload)
 	}
 	// A wrong key: CONNACK 5.
 	bad := deviceToken(t, s.IDScope(), "m1", testGroupKey, true)
-	if out := runMQTT(t, s, "m1", bad, nil); string(out) != "\x20\x02\x00\x05" {
+	if out := runMQTT(t, s, "m1", bad, nil); !bytes.Equal(out, mqttpkt.Cases.Get("CONNACK not authorized").Raw) {
 		t.Fatalf("wrong key: %q", out)
 	}
 }
@@ -396,6 +406,9 @@ func FuzzDPSMQTTSession(f *testing.F) {
 	f.Add([]byte("\x32\x40\x00\x2b$dps/registrations/PUT/iotdps-register/?$rid=1\x00\x01{\"registrationId\":\"m1\",\"payload\":{}}"))
 	f.Add([]byte("\x30\x3e\x00\x3a$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId=x \xc0\x00"))
 	f.Add([]byte("\xa2\x05\x00\x01\x00\x01#"))
+	for _, c := range mqttpkt.Cases {
+		f.Add(c.Raw)
+	}
 	s, _, _ := newServer(f, func(c *Config) { c.RetryAfter = -1 })
 	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
 		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
@@ -404,7 +417,7 @@ func FuzzDPSMQTTSession(f *testing.F) {
 	tok := deviceToken(f, s.IDScope(), "m1", deriveB64(testGroupKey, "m1"), true)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		out := runMQTT(t, s, "m1", tok, in)
-		if len(out) < 4 || string(out[:4]) != "\x20\x02\x00\x00" {
+		if !bytes.HasPrefix(out, mqttpkt.Cases.Get("CONNACK accepted").Raw) {
 			t.Fatalf("no CONNACK 0: %q", out)
 		}
 	})

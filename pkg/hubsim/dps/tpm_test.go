@@ -16,7 +16,9 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/tpm/activation"
@@ -440,17 +442,17 @@ func TestTPMOverMQTTRefused(t *testing.T) {
 		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
-	// packet frames an MQTT packet; subscribe and publish are what a DPS client sends.
-	packet := func(hdr byte, body []byte) []byte {
-		var b bytes.Buffer
-		if err := writePacket(&b, hdr, body); err != nil {
+	// subscribe and publish are what a DPS client sends.
+	encode := func(pk packets.Packet) []byte {
+		b, err := mqttpkt.Encode(pk)
+		if err != nil {
 			t.Fatal(err)
 		}
-		return b.Bytes()
+		return b
 	}
-	subscribe := packet(0x82, append(append([]byte{0, 1}, appendString(nil, wire.DPSResponseFilter)...), 1))
+	subscribe := encode(mqttpkt.Subscribe(1, 1, wire.DPSResponseFilter))
 	publish := func(topic, body string) []byte {
-		return packet(0x32, append(append(appendString(nil, topic), 0, 7), body...))
+		return encode(mqttpkt.Publish(topic, 1, 7, []byte(body)))
 	}
 	session := func(regID, body string) []byte {
 		in := slices.Concat(subscribe, publish(wire.DPSRegisterTopic("r1"), body), publish(wire.DPSPollTopic("r2", "op"), ""))
@@ -461,14 +463,14 @@ func TestTPMOverMQTTRefused(t *testing.T) {
 	// A TPM enrollment: the session opens (it has no credentials to present), and both the
 	// register and the poll are refused with 400.
 	out := string(session("t1", d.body("t1")))
-	if !strings.HasPrefix(out, "\x20\x02\x00\x00") || !strings.Contains(out, "$dps/registrations/res/400/?$rid=r1") ||
+	if !strings.HasPrefix(out, string(mqttpkt.Cases.Get("CONNACK accepted").Raw)) || !strings.Contains(out, "$dps/registrations/res/400/?$rid=r1") ||
 		!strings.Contains(out, "$dps/registrations/res/400/?$rid=r2") || strings.Count(out, msg) != 2 || !strings.Contains(out, `"errorCode":400004`) {
 		t.Fatalf("TPM enrollment over MQTT: %q", out)
 	}
 	// A symmetric-key device that sends a tpm body: refused the same way.
 	tok := deviceToken(t, s.IDScope(), "m1", deriveB64(testGroupKey, "m1"), true)
 	out = string(runMQTT(t, s, "m1", tok, slices.Concat(subscribe, publish(wire.DPSRegisterTopic("r3"), d.body("m1")))))
-	if !strings.HasPrefix(out, "\x20\x02\x00\x00") || !strings.Contains(out, "$dps/registrations/res/400/?$rid=r3") || !strings.Contains(out, msg) {
+	if !strings.HasPrefix(out, string(mqttpkt.Cases.Get("CONNACK accepted").Raw)) || !strings.Contains(out, "$dps/registrations/res/400/?$rid=r3") || !strings.Contains(out, msg) {
 		t.Fatalf("tpm body over MQTT: %q", out)
 	}
 	for _, id := range []string{"t1", "m1"} {
