@@ -12,4 +12,7 @@ const (
 	MsgDisconnected = "disconnected"
 	// MsgClosed: the session was closed by its owner (State Disabled).
 	MsgClosed = "closed"
+	// MsgIdentityInUse: the hub keeps closing this device's connections right after accepting
+	// them, the pattern of two clients sharing one device identity (a warning, rate-limited).
+	MsgIdentityInUse = "another client is connected with this device identity (IoT Hub allows one connection per device; the newer one wins)"
 )

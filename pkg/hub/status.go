@@ -45,10 +45,15 @@ const (
 	NoNetwork
 	CommunicationError
 	ClientClose
+	// IdentityInUse is ours, not the SDKs': connections closed by the hub right after they were
+	// accepted, again and again, as when another client uses the same device identity (IoT Hub
+	// allows one connection per device and closes the older one). The SDKs say
+	// Communication_Error here.
+	IdentityInUse
 )
 
 var reasonNames = [...]string{"", "Connection_Ok", "Expired_SAS_Token", "Device_Disabled",
-	"Bad_Credential", "Retry_Expired", "No_Network", "Communication_Error", "Client_Close"}
+	"Bad_Credential", "Retry_Expired", "No_Network", "Communication_Error", "Client_Close", "Identity_In_Use"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) && r != 0 {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"syscall"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -26,7 +28,92 @@ var (
 	errPubackTimeout = errors.New("hub: no PUBACK within the operation timeout")
 	errSubackTimeout = errors.New("hub: no SUBACK within the operation timeout")
 	errAborted       = errors.New("hub: aborted by Close")
+
+	// ErrIdentityInUse wraps the error of a lost connection when the hub has closed this
+	// device's connections right after accepting them identityLosses times within
+	// identityWindow: the pattern of another client connected with the same device identity.
+	// The status then has Reason IdentityInUse.
+	ErrIdentityInUse = errors.New("hub: " + MsgIdentityInUse)
 )
+
+// Detecting two clients that share one device identity. IoT Hub (and hubsim) keep one connection
+// per device: a new CONNECT closes the older connection, and MQTT 3.1.1 has no server
+// DISCONNECT, so the older client sees only its TCP connection closed by the peer. Two agents
+// with one identity then take the connection from each other, each one's connection living
+// about the other's reconnect delay (the 1 s floor, growing with the backoff).
+const (
+	// identityLosses is how many such closes make the pattern.
+	identityLosses = 3
+	// identityShortUp: a connection closed by the hub within this time of its CONNACK counts.
+	identityShortUp = 10 * time.Second
+	// identityWindow is how far back the closes are counted.
+	identityWindow = 2 * time.Minute
+	// identityWarnEvery rate-limits the warning.
+	identityWarnEvery = 10 * time.Minute
+)
+
+// identityWatch is the supervisor's record of connections the hub closed soon after accepting.
+type identityWatch struct {
+	losses   []time.Time
+	warnedAt time.Time
+}
+
+// lost records a connection that ended with err after being up for upFor and reports whether the
+// pattern holds now.
+func (w *identityWatch) lost(now time.Time, upFor time.Duration, err error) bool {
+	if upFor >= StableAfter {
+		w.losses = w.losses[:0] // a stable connection ends any earlier pattern
+	}
+	if upFor >= identityShortUp || !closedByPeer(err) {
+		return false
+	}
+	kept := w.losses[:0]
+	for _, t := range w.losses {
+		if now.Sub(t) < identityWindow {
+			kept = append(kept, t)
+		}
+	}
+	w.losses = append(kept, now)
+	return len(w.losses) >= identityLosses
+}
+
+// warn reports whether the rate-limited warning is due now (and notes it).
+func (w *identityWatch) warn(now time.Time) bool {
+	if !w.warnedAt.IsZero() && now.Sub(w.warnedAt) < identityWarnEvery {
+		return false
+	}
+	w.warnedAt = now
+	return true
+}
+
+// closedByPeer reports whether err is the peer closing the connection (end of stream or reset),
+// not a keep-alive or operation timeout of ours.
+func closedByPeer(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// lostAfterConnack marks a connection accepted (CONNACK 0) and then lost before its SUBACK.
+type lostAfterConnack struct{ err error }
+
+func (e *lostAfterConnack) Error() string { return e.err.Error() }
+func (e *lostAfterConnack) Unwrap() error { return e.err }
+
+// identityStatus turns st into the identity-in-use status when the watch says so, and logs the
+// rate-limited warning.
+func (s *Session) identityStatus(w *identityWatch, st Status, upFor time.Duration) Status {
+	now := s.clock.Now()
+	if !w.lost(now, upFor, st.Err) {
+		return st
+	}
+	if w.warn(now) {
+		s.log.Warn(MsgIdentityInUse, zap.Int("closed_after_connect", len(w.losses)),
+			zap.Duration("within", now.Sub(w.losses[0])), zap.Error(st.Err))
+	}
+	st.Reason = IdentityInUse
+	st.Err = fmt.Errorf("%w: %w", ErrIdentityInUse, st.Err)
+	return st
+}
 
 // supervise is the supervisor goroutine.
 func (s *Session) supervise() {
@@ -35,6 +122,7 @@ func (s *Session) supervise() {
 		fatal        error
 		attempt      int
 		failingSince time.Time
+		ident        identityWatch
 	)
 	defer func() { s.finish(fatal) }()
 	for {
@@ -67,6 +155,10 @@ func (s *Session) supervise() {
 				s.setStatus(Status{State: Disconnected, Reason: RetryExpired, Err: fatal})
 				return
 			}
+			var lac *lostAfterConnack
+			if errors.As(err, &lac) {
+				st = s.identityStatus(&ident, st, 0)
+			}
 			st.RetryIn = s.backoff.Delay(attempt, s.cfg.Rand())
 			attempt++
 			st.Attempt = attempt
@@ -90,13 +182,15 @@ func (s *Session) supervise() {
 			continue // reconnect at once: planned, not a failure
 		}
 		s.stats.connLost.Add(1)
-		if s.clock.Now().Sub(upAt) >= StableAfter {
+		upFor := s.clock.Now().Sub(upAt)
+		if upFor >= StableAfter {
 			attempt = 0
 		}
-		delay := s.backoff.Delay(attempt, s.cfg.Rand())
+		st := s.identityStatus(&ident, Status{State: DisconnectedRetrying, Reason: CommunicationError, Err: err}, upFor)
+		st.RetryIn = s.backoff.Delay(attempt, s.cfg.Rand())
 		attempt++
-		if !s.sleep(Status{State: DisconnectedRetrying, Reason: CommunicationError, Err: err,
-			Attempt: attempt, RetryIn: delay}) {
+		st.Attempt = attempt
+		if !s.sleep(st) {
 			return
 		}
 	}
@@ -233,12 +327,16 @@ func (s *Session) connect() (*conn, error) {
 		c, err := dial(ctx, p)
 		var sub paho.Token
 		if err == nil {
+			// Pending before the SUBSCRIBE: the hub may send a method request as soon as the
+			// subscription is live, and an answer given at once must find this connection.
+			s.setPending(c)
 			sub = c.subscribe(p.cfg) // here too, not on the supervisor's stack
 		}
 		ch <- dialResult{c, sub, err}
 	}()
 	s.log.Debug("connecting", zap.String("address", s.cfg.Address), zap.String("username", s.cfg.Username()))
 	var r dialResult
+	defer s.setPending(nil)
 	closeCh := s.closeCh
 	for waiting := true; waiting; {
 		select {
@@ -258,8 +356,6 @@ func (s *Session) connect() (*conn, error) {
 		return nil, r.err
 	}
 	c, st := r.c, r.sub
-	s.setPending(c)
-	defer s.setPending(nil)
 	var serr error
 	select {
 	case <-st.Done():
@@ -275,8 +371,13 @@ func (s *Session) connect() (*conn, error) {
 	}
 	s.disarm()
 	if serr != nil {
+		lost := c.Err() != nil // ended by the peer or the network, not by us
 		c.close(0)
-		return nil, fmt.Errorf("hub: subscribe: %w", serr)
+		err := fmt.Errorf("hub: subscribe: %w", serr)
+		if lost {
+			return nil, &lostAfterConnack{err}
+		}
+		return nil, err
 	}
 	s.mu.Lock()
 	s.cur = c

@@ -180,7 +180,7 @@ func (m *Metrics) ConnectionStatus(device string, st hub.Status) {
 }
 
 func reasonLabel(r hub.Reason) string {
-	if r < hub.ConnectionOK || r > hub.ClientClose {
+	if r < hub.ConnectionOK || r > hub.IdentityInUse {
 		return "other"
 	}
 	return r.String()
