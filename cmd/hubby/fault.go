@@ -10,10 +10,11 @@ import (
 	"github.com/iothubby/iothubby/pkg/service"
 )
 
-// hubsimCommand is `hubby hubsim`: hubsim's own additions (fault injection).
+// hubsimCommand is `hubby hubsim`: hubsim's own additions (fault injection, tier throttles).
 func hubsimCommand(g *globals) *cobra.Command {
 	h := &cobra.Command{Use: "hubsim", Short: "hubsim's own additions (not in a real IoT Hub)"}
 	h.AddCommand(faultCommand(g))
+	h.AddCommand(throttleCommand(g)) // throttle.go
 	return h
 }
 

@@ -1,0 +1,67 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/iothubby/iothubby/pkg/clock"
+	"github.com/iothubby/iothubby/pkg/hubsim"
+	"github.com/iothubby/iothubby/pkg/hubsim/registry"
+	"github.com/iothubby/iothubby/pkg/hubsim/throttle"
+)
+
+func TestHubsimThrottleCommand(t *testing.T) {
+	// A clock that stands still: S1's registry bucket (100/min) holds 1.67 calls, so exactly one.
+	clk := clock.NewFake(time.Unix(1_800_000_000, 0))
+	srv, err := hubsim.Start(context.Background(), hubsim.Config{StateDir: t.TempDir(), MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0",
+		Tier: "S1", Units: 1, Clock: clk}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if _, err := srv.Registry().Create(registry.Device{DeviceID: "d1"}); err != nil {
+		t.Fatal(err)
+	}
+	st := "--hubsim-state=" + srv.StateDir()
+	if _, err := hubby(t, st, "device", "show", "d1"); err != nil {
+		t.Fatalf("first registry call: %v", err)
+	}
+	if _, err := hubby(t, st, "device", "show", "d1"); err == nil || !strings.Contains(err.Error(), "ThrottlingException") {
+		t.Fatalf("second registry call in the same instant: %v, want a ThrottlingException", err)
+	}
+	out, err := hubby(t, st, "hubsim", "throttle")
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "hubsim-throttle", out)
+	out, err = hubby(t, st, "hubsim", "throttle", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got throttle.Status
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("json: %v\n%s", err, out)
+	}
+	reg := got.Operations[2]
+	if got.Tier != "S1" || reg.Op != throttle.Registry || reg.Allowed != 1 || reg.Throttled != 1 {
+		t.Fatalf("json status %+v", got)
+	}
+}
+
+func TestHubsimThrottleCommandWithoutTier(t *testing.T) {
+	srv, err := hubsim.Start(context.Background(), hubsim.Config{StateDir: t.TempDir(), MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0"}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	out, err := hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle")
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "hubsim-throttle-off", out)
+}
