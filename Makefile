@@ -7,9 +7,10 @@ BIN       := bin
 STATE     ?= .hubby
 FUZZTIME  ?= 5s
 FUZZLONG  ?= 2m
+SOAK      ?= 10m
 PKGS      := ./...
 
-.PHONY: all build test test-unit fuzz-brief fuzz-long e2e conformance bench lint cross run clean package package-test
+.PHONY: all build test test-unit fuzz-brief fuzz-long e2e conformance soak soak-brief bench lint cross run clean package package-test
 
 all: build
 
@@ -18,8 +19,9 @@ build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
 ## test: everything CI runs: lint, the agent's ARM cross-build, unit tests with -race, brief
-## fuzzing, end-to-end tests on the real binaries, and Microsoft's SDKs against hubsim.
-test: lint cross test-unit fuzz-brief e2e conformance package-test
+## fuzzing, end-to-end tests on the real binaries, Microsoft's SDKs against hubsim, and a
+## two-minute fault soak.
+test: lint cross test-unit fuzz-brief e2e conformance package-test soak-brief
 
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
@@ -38,6 +40,14 @@ conformance: build
 	@test -d test/conformance/node_modules || (cd test/conformance && npm ci --ignore-scripts --no-audit --no-fund)
 	HUBSIM_BIN=$(CURDIR)/$(BIN)/hubsim node test/conformance/run.js
 
+## soak: hubsim and 3 agents through a seeded schedule of faults for $(SOAK) (SOAK_SEED=N to
+## replay a schedule), then the invariants and a table (test/soak).
+soak: build
+	SOAK=$(SOAK) IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -v -tags soak -timeout 2h -run '^TestSoak$$' ./test/soak/
+
+soak-brief:
+	$(MAKE) soak SOAK=2m
+
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./pkg/...
 	GODEBUG=adaptivestackstart=0 IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) run ./test/bench
@@ -48,6 +58,8 @@ lint:
 	$(GO) vet -tags e2e ./test/e2e/...
 	$(GO) tool staticcheck $(PKGS)
 	$(GO) tool staticcheck -tags e2e ./test/e2e/...
+	$(GO) vet -tags soak ./test/soak/...
+	$(GO) tool staticcheck -tags soak ./test/soak/...
 
 ## cross: the agent for the edge hardware it mostly runs on (linux/arm64, linux/arm v7), without
 ## cgo, so without the in-process TPM simulator; and the clear error that backend gives there.

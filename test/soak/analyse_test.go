@@ -1,0 +1,283 @@
+//go:build soak
+
+package soak
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+)
+
+// allLines returns an agent's kept log lines over all its processes, in order, with the index
+// of the process each came from.
+func (a *agent) allLines() ([]line, []int) {
+	a.mu.Lock()
+	procs := append([]*agentProc(nil), a.procs...)
+	a.mu.Unlock()
+	var ls []line
+	var pi []int
+	for i, p := range procs {
+		for _, l := range p.snapshot() {
+			ls = append(ls, l)
+			pi = append(pi, i)
+		}
+	}
+	return ls, pi
+}
+
+// ownRun is the run id of the messages an agent process created itself: the run it mentions
+// most (resent messages of earlier processes carry theirs).
+func ownRun(p *proc) string {
+	counts := map[string]int{}
+	for _, l := range p.snapshot() {
+		if mid := l.str("message_id"); mid != "" {
+			if id, err := ParseMsgID(mid); err == nil {
+				counts[id.Run]++
+			}
+		}
+	}
+	best, n := "", 0
+	for r, c := range counts {
+		if c > n || (c == n && r < best) {
+			best, n = r, c
+		}
+	}
+	return best
+}
+
+func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error, stopErrs map[string]error) *Report {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rep := &Report{Seed: s.seed, Duration: time.Since(s.start), Agents: len(s.agents), Faults: map[string]int{},
+		Skipped: s.skipped, SkipWhy: s.unsuppor, Methods: s.methods, Converged: converged}
+	add := func(name string, ok bool, format string, args ...any) {
+		rep.Invariants = append(rep.Invariants, Invariant{Name: name, OK: ok, Detail: fmt.Sprintf(format, args...)})
+	}
+	for _, f := range s.faults {
+		rep.Faults[f.kind]++
+	}
+
+	// Telemetry: accepted = handed and not refused; each received, failed with a reason, or
+	// acknowledged just before a hubsim SIGKILL after its last poll.
+	led := NewLedger()
+	for _, w := range s.unobserved {
+		led.Unobserved(w.from, w.to)
+	}
+	for _, r := range s.records {
+		led.Record(r.mid, r.key)
+	}
+	runs := map[*proc]string{}
+	for _, h := range s.handed {
+		run, ok := runs[h.p]
+		if !ok {
+			run = ownRun(h.p)
+			runs[h.p] = run
+		}
+		if run != "" {
+			led.Handed(s.agents[h.agent].id, run, h.sent)
+		}
+	}
+	stoppedFailed := 0
+	for _, a := range s.agents {
+		ls, _ := a.allLines()
+		for _, l := range ls {
+			mid := l.str("message_id")
+			switch l.msg() {
+			case "telemetry delivered":
+				led.Acked(mid, l.at)
+			case "telemetry message failed":
+				led.Failed(mid, l.str("error"))
+			case "telemetry message refused":
+				led.Refused(mid)
+			case "telemetry kept on disk for the next start":
+				led.Seen(mid)
+			case "stopped":
+				stoppedFailed += int(l.num("failed"))
+			}
+		}
+	}
+	rep.Telemetry = led.Tally()
+	missing, dups, dupBad, failed := 0, 0, []string{}, 0
+	for i := range rep.Telemetry {
+		tl := &rep.Telemetry[i]
+		var a *agent
+		for _, x := range s.agents {
+			if x.id == tl.Device {
+				a = x
+			}
+		}
+		if a != nil {
+			connects := 0
+			ls, _ := a.allLines()
+			for _, l := range ls {
+				if l.msg() == "connected" {
+					connects++
+				}
+			}
+			// Each reconnect may resend the in-flight window; each SIGKILL also what was
+			// acknowledged but not yet recorded on disk (one fsyncInterval of telemetry).
+			perKill := maxInFlight + int(fsyncInterval/telemetryInterval) + 1
+			tl.DuplicateAllowed = maxInFlight*max(connects-1, 0) + perKill*a.kills
+		}
+		missing += tl.MissingCount
+		dups += tl.Duplicates
+		failed += tl.Failed
+		if tl.Duplicates > tl.DuplicateAllowed {
+			dupBad = append(dupBad, fmt.Sprintf("%s: %d > %d", tl.Device, tl.Duplicates, tl.DuplicateAllowed))
+		}
+	}
+	var missDetail []string
+	accepted := 0
+	for _, tl := range rep.Telemetry {
+		accepted += tl.Accepted
+		if tl.MissingCount > 0 {
+			missDetail = append(missDetail, fmt.Sprintf("%s: %d, e.g. %s", tl.Device, tl.MissingCount, strings.Join(tl.Missing[:min(5, len(tl.Missing))], " ")))
+		}
+	}
+	add("telemetry: every accepted message received or failed with a reason", missing == 0 && accepted > 0,
+		"%d accepted, %d missing %s; %d failed with a reason", accepted, missing, strings.Join(missDetail, "; "), failed)
+	add("telemetry: duplicates within the in-flight window per reconnect", len(dupBad) == 0,
+		"%d duplicates %s", dups, strings.Join(dupBad, "; "))
+	if bad := led.BadIDs(); len(bad) > 0 {
+		add("telemetry: message ids well-formed", false, "%d unparsable, e.g. %q", len(bad), bad[0])
+	}
+
+	// Desired versions applied in order; reported state converged.
+	var orderErrs []string
+	applied := 0
+	for _, a := range s.agents {
+		ls, pi := a.allLines()
+		var evs []DesiredEvent
+		last := 0
+		for i, l := range ls {
+			if pi[i] != last {
+				evs = append(evs, DesiredEvent{Kind: Restart})
+				last = pi[i]
+			}
+			switch l.msg() {
+			case "desired version applied":
+				evs = append(evs, DesiredEvent{Kind: Applied, Version: l.num("version")})
+			case "desired version went back; applying the hub's twin":
+				evs = append(evs, DesiredEvent{Kind: WentBack})
+			}
+		}
+		n, err := CheckDesiredOrder(evs)
+		applied += n
+		if err != nil {
+			orderErrs = append(orderErrs, fmt.Sprintf("%s: %v", a.id, err))
+		}
+	}
+	add("desired versions applied in order", len(orderErrs) == 0 && applied > 0,
+		"%d applications (%d desired PATCHes: %v; %d acknowledged versions lost to hubsim SIGKILLs) %s",
+		applied, s.patchErrs["ok"], s.patchErrs, s.lostDesired, strings.Join(orderErrs, "; "))
+	if convErr != nil {
+		add("reported state converged within 30s of the last fault", false, "%v", convErr)
+	} else {
+		add("reported state converged within 30s of the last fault", converged <= convergeBound, "after %v", converged.Round(time.Millisecond))
+	}
+
+	// One answer per method call: the driver saw one outcome per call (tallied); 200s carried
+	// their own call's payload (checked as they came); the agents answered each request once.
+	// Request ids are hubsim's, counted per hubsim process: an answer belongs to the instance
+	// that was serving when it was logged.
+	var twice []string
+	instance := func(at time.Time) int {
+		i := 0
+		for j, h := range s.hubs {
+			if !h.up.After(at) {
+				i = j
+			}
+		}
+		return i
+	}
+	for _, a := range s.agents {
+		seen := map[string]int{}
+		ls, _ := a.allLines()
+		for _, l := range ls {
+			if l.msg() == "direct method answered" {
+				seen[fmt.Sprintf("%d/%s", instance(l.at), l.str("rid"))]++
+			}
+		}
+		for rid, c := range seen {
+			if c > 1 {
+				twice = append(twice, fmt.Sprintf("%s rid %s answered %d times", a.id, rid, c))
+			}
+		}
+	}
+	calls := 0
+	for _, c := range s.methods {
+		calls += c
+	}
+	add("methods: exactly one answer per call", len(twice) == 0 && s.methods["200"] > 0,
+		"%d calls, %d answered 200 with their own payload %s", calls, s.methods["200"], strings.Join(twice, "; "))
+
+	// Resources over the second half of the run.
+	half := s.dur / 2
+	var growthBad []string
+	fit := func(process, name string, ss []sample) {
+		var ts []time.Duration
+		var vs []float64
+		for _, x := range ss {
+			if x.at >= half {
+				ts = append(ts, x.at)
+				vs = append(vs, x.v)
+			}
+		}
+		if len(ts) < 5 {
+			growthBad = append(growthBad, fmt.Sprintf("%s %s: only %d samples in the second half", process, name, len(ts)))
+			return
+		}
+		g := FitGrowth(process, name, ts, vs, growthBounds[name])
+		rep.Growth = append(rep.Growth, g)
+		if !g.OK() {
+			growthBad = append(growthBad, fmt.Sprintf("%s %s grew %.1f > %.0f", process, name, g.Growth, g.Bound))
+		}
+	}
+	for _, k := range []string{"agent/go_goroutines", "agent/process_open_fds", "agent/go_memstats_heap_inuse_bytes"} {
+		fit(s.agents[0].id, k, s.samples[k])
+	}
+	lastHub := s.hubs[len(s.hubs)-1].proc
+	for _, k := range []string{"hubsim/threads", "hubsim/open_fds", "hubsim/rss_kb"} {
+		fit("hubsim", k, s.hubSamples[lastHub][k])
+	}
+	add("no growth of goroutines, open files, heap (second half, fitted)", len(growthBad) == 0, "%s", strings.Join(growthBad, "; "))
+
+	// Recovery: fault end -> the agent's next "twin synced" after it lost its connection.
+	unrecovered := 0
+	for _, f := range s.faults {
+		for _, ai := range f.agents {
+			ls, pi := s.agents[ai].allLines()
+			lost := false
+			startProc := -1
+			for i, l := range ls {
+				if l.at.Before(f.start) {
+					startProc = pi[i]
+					continue
+				}
+				if pi[i] != startProc || l.msg() == "disconnected, retrying" || l.msg() == "disconnected" {
+					lost = true
+				}
+				if lost && l.msg() == "twin synced" {
+					rep.Recoveries = append(rep.Recoveries, max(l.at.Sub(f.end), 0))
+					break
+				}
+				if i == len(ls)-1 && lost {
+					unrecovered++
+				}
+			}
+		}
+	}
+	add("every disconnected agent recovered", unrecovered == 0, "%d recoveries measured, %d never synced again", len(rep.Recoveries), unrecovered)
+
+	var exits []string
+	for id, err := range stopErrs {
+		exits = append(exits, fmt.Sprintf("%s: %v", id, err))
+	}
+	sort.Strings(exits)
+	add("agents stop cleanly (SIGTERM, exit 0)", len(exits) == 0, "%s", strings.Join(exits, "; "))
+	add("no unexpected errors from the driver or hubsim's API", len(s.unexpected) == 0, "%d %s", len(s.unexpected),
+		strings.Join(s.unexpected[:min(5, len(s.unexpected))], "; "))
+	_ = stoppedFailed
+	return rep
+}
