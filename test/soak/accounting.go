@@ -40,14 +40,14 @@ type runKey struct{ device, run string }
 // Ledger accounts for telemetry: what the agents accepted, what hubsim recorded, what the agents
 // reported failed. Not safe for concurrent use.
 type Ledger struct {
-	maxSeq   map[runKey]uint64 // highest seq known to have been accepted or refused, per run
-	refused  map[MsgID]bool
-	failed   map[MsgID]string // reason
-	acked    map[MsgID]time.Time
-	records  map[MsgID]map[string]bool // distinct records per id (hubsim instance + enqueued time)
-	excused  []window                  // hubsim lifetimes' unobserved tails (polled, then SIGKILLed)
-	badIDs   []string
-	devices  map[string]bool
+	maxSeq  map[runKey]uint64 // highest seq known to have been accepted or refused, per run
+	refused map[MsgID]bool
+	failed  map[MsgID]string // reason
+	acked   map[MsgID]time.Time
+	records map[MsgID]map[string]bool // distinct records per id (hubsim instance + enqueued time)
+	excused []window                  // hubsim lifetimes' unobserved tails (polled, then SIGKILLed)
+	badIDs  []string
+	devices map[string]bool
 }
 
 type window struct{ from, to time.Time }
