@@ -18,13 +18,8 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
-	"go.uber.org/zap"
-
-	"github.com/iothubby/iothubby/pkg/agent"
-	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/service"
@@ -189,9 +184,8 @@ func goMem() (heapStack uint64, goroutines uint64) {
 	return s[0].Value.Uint64() + s[1].Value.Uint64() + s[2].Value.Uint64(), s[3].Value.Uint64()
 }
 
-// runFleetChild is the child side: hold the spec's devices as bare paho clients ("paho") or as
-// pkg/agent devices ("agent", the stand-in for `agent fleet` sharing roots and a TLS session
-// cache as a fleet does), print BASE/HELD with Go memory figures, and end when stdin closes.
+// runFleetChild is the child side: hold the spec's devices as bare paho clients ("paho"), print
+// BASE/HELD with Go memory figures, and end when stdin closes.
 func runFleetChild(kind, specFile string) error {
 	b, err := os.ReadFile(specFile)
 	if err != nil {
@@ -222,8 +216,6 @@ func runFleetChild(kind, specFile string) error {
 			}
 		}
 		release, err = holdPaho(ctx, endpoints.Endpoints{MQTTAddress: spec.MQTTAddress, HubHostName: spec.Host}, tlsCfg, keys)
-	case "agent":
-		release, err = holdAgents(ctx, spec, pool)
 	default:
 		return fmt.Errorf("unknown child %q", kind)
 	}
@@ -245,72 +237,66 @@ func runFleetChild(kind, specFile string) error {
 	return nil
 }
 
-// holdAgents runs one pkg/agent Device per spec device until each reports connected.
-func holdAgents(ctx context.Context, spec fleetSpec, pool *x509.CertPool) (func(), error) {
-	cache := tls.NewLRUClientSessionCache(len(spec.Devices))
-	// A fleet parses each profile's telemetry template once (agent.Shared.Template).
-	tmpl, err := agent.ParseTemplate(agent.DefaultTemplate)
-	if err != nil {
-		return nil, err
-	}
-	devs := make([]*agent.Device, len(spec.Devices))
-	done := make([]chan error, len(spec.Devices))
-	release := func() {
-		_ = forEach(len(devs), func(i int) error {
-			if devs[i] != nil {
-				devs[i].Close()
-				<-done[i]
-			}
-			return nil
-		})
-	}
-	err = forEach(len(spec.Devices), func(i int) error {
-		d := spec.Devices[i]
-		cfg := agent.Default()
-		cfg.Host = spec.Host
-		cfg.Address = spec.MQTTAddress
-		cfg.DeviceID = d.ID
-		cfg.Auth.SymmetricKey = d.Key
-		cfg.Connection.KeepAlive = 60 * time.Second
-		cfg.Telemetry.Interval = time.Duration(spec.TelemetryMs) * time.Millisecond
-		cfg.Shared = agent.Shared{Index: i, RootCAs: pool, TLSSessionCache: cache, Template: tmpl}
-		dev, err := agent.New(cfg, zap.NewNop())
-		if err != nil {
-			return err
-		}
-		up := make(chan struct{})
-		var once sync.Once
-		dev.OnStatus(func(st hub.Status) {
-			if st.State == hub.Connected {
-				once.Do(func() { close(up) })
-			}
-		})
-		devs[i] = dev
-		done[i] = make(chan error, 1)
-		go func() { done[i] <- dev.Run(ctx) }()
-		select {
-		case <-up:
-			return nil
-		case err := <-done[i]:
-			done[i] <- err
-			return fmt.Errorf("%s: run ended: %v", d.ID, err)
-		case <-time.After(120 * time.Second):
-			return fmt.Errorf("%s: not connected in 120s", d.ID)
-		}
-	})
-	return release, err
-}
-
 // fleetSide is what one side of the memory comparison held.
 type fleetSide struct {
 	rssBaseKiB, rssHeldKiB int64
+	baseDevices            int     // devices already held at the base figures (agent fleet: 1)
 	cpuHeld                float64 // utime+stime seconds from start to HELD
 	heapStackPerDev        float64 // Go sides only
 	goroutinesPerDev       float64
 }
 
 func (s fleetSide) rssPerDevKiB(n int) float64 {
-	return float64(s.rssHeldKiB-s.rssBaseKiB) / float64(n)
+	return float64(s.rssHeldKiB-s.rssBaseKiB) / float64(n-s.baseDevices)
+}
+
+// runAgentFleet measures the real `agent fleet` process: once with one device (the process's
+// footprint: it creates its devices before connecting any, so there is no moment with the
+// devices' memory and no connection to read) and once with n; the per-device figures are the
+// differences over n-1 devices. Heap+stack and goroutines come from the fleet's own Go metrics
+// (--metrics-addr) after it collected garbage (/debug/pprof/heap?gc=1, --pprof).
+func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n int) (fleetSide, error) {
+	s := fleetSide{baseDevices: 1}
+	var hs0, g0 float64
+	for _, count := range []int{1, n} {
+		dir, err := os.MkdirTemp("", "iothubby-bench-fleet-")
+		if err != nil {
+			return s, err
+		}
+		defer os.RemoveAll(dir)
+		file, err := writeFleetFile(dir, spec, fleetFile{count: count, connectRate: 10000, telemetry: 60 * time.Second})
+		if err != nil {
+			return s, err
+		}
+		p, err := startFleet(ctx, binDir, file)
+		if err != nil {
+			return s, err
+		}
+		err = p.waitHeld(ctx, count, 10*time.Minute)
+		var hs, g float64
+		if err == nil {
+			hs, g, err = p.goMem(ctx)
+		}
+		var rss int64
+		if err == nil {
+			rss, err = procStatusKiB(p.pid(), "VmRSS")
+		}
+		if err == nil && count == n {
+			s.cpuHeld, err = procCPU(p.pid())
+		}
+		p.stop()
+		if err != nil {
+			return s, err
+		}
+		if count == 1 {
+			s.rssBaseKiB, hs0, g0 = rss, hs, g
+		} else {
+			s.rssHeldKiB = rss
+			s.heapStackPerDev = (hs - hs0) / float64(n-1)
+			s.goroutinesPerDev = (g - g0) / float64(n-1)
+		}
+	}
+	return s, nil
 }
 
 // runSide starts one side, records RSS at BASE and HELD, and stops it.
@@ -350,10 +336,10 @@ func runSide(ctx context.Context, cmd *exec.Cmd, n int) (fleetSide, error) {
 }
 
 // benchFleetMemory holds n devices against one hubsim process three ways, each in its own
-// process: bare paho clients (the heap+stack baseline), the fleet (pkg/agent devices sharing
-// roots and a TLS session cache; telemetry every 60 s) and Microsoft's Node device SDK
+// process: bare paho clients (the heap+stack baseline), `agent fleet` (registry identities from
+// a connection-strings file, telemetry every 60 s) and Microsoft's Node device SDK
 // (test/bench/node/fleet.js, the RSS baseline). RSS per device is the process's VmRSS once all
-// are connected minus its VmRSS before the first connect.
+// are connected minus its VmRSS before the first connect (for the fleet: with one device).
 func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report func(string, float64, bool, string)) error {
 	if _, err := os.Stat(filepath.Join(repo, "test/conformance/node_modules/azure-iot-device-mqtt")); err != nil {
 		return fmt.Errorf("the Node SDK side needs test/conformance/node_modules: cd test/conformance && npm ci --ignore-scripts (%w)", err)
@@ -398,17 +384,17 @@ func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report fu
 	}
 	sides := map[string]fleetSide{}
 	for _, kind := range []string{"paho", "fleet", "node"} {
-		var cmd *exec.Cmd
+		start := time.Now()
+		var s fleetSide
+		var err error
 		switch kind {
 		case "paho":
-			cmd = goChild("paho")
+			s, err = runSide(ctx, goChild("paho"), n)
 		case "fleet":
-			cmd = goChild("agent")
+			s, err = runAgentFleet(ctx, binDir, spec, n)
 		case "node":
-			cmd = nodeChild()
+			s, err = runSide(ctx, nodeChild(), n)
 		}
-		start := time.Now()
-		s, err := runSide(ctx, cmd, n)
 		if err != nil {
 			return fmt.Errorf("%s: %w", kind, err)
 		}

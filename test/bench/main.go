@@ -27,12 +27,13 @@
 //	         partition); the read rate is compared with the publish rate of the same run.
 //	         Target: read/publish >= 1.
 //	fleet-memory: -fleet-n devices (default 2,000; the issue's figure is 10,000) held against one
-//	         hubsim process, each side in its own process: bare paho clients, the fleet
-//	         (pkg/agent devices sharing roots and a TLS session cache, telemetry every 60 s; the
-//	         stand-in until `agent fleet` lands) and Microsoft's Node device SDK
-//	         (test/bench/node/fleet.js). Heap+stack per device from runtime/metrics, fleet/paho
-//	         <= 1.3; RSS per device (VmRSS held minus VmRSS before the first connect), fleet/Node
-//	         <= 0.6. Needs test/conformance/node_modules (npm ci --ignore-scripts).
+//	         hubsim process, each side in its own process: bare paho clients, the real
+//	         `agent fleet` (bin/agent; devices from hubsim's registry as a connection-strings
+//	         file, telemetry every 60 s; its Go metrics from --metrics-addr after GCs forced
+//	         through --pprof; run once with 1 device for the footprint, once with N) and
+//	         Microsoft's Node device SDK (test/bench/node/fleet.js). Heap+stack per device,
+//	         fleet/paho <= 1.3; RSS per device above the footprint, fleet/Node <= 0.6. Needs
+//	         test/conformance/node_modules (npm ci --ignore-scripts).
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
@@ -98,7 +99,7 @@ func run(ctx context.Context, args []string) error {
 	methodsN := fs.Int("methods-n", 200, "devices connected in the method round-trip comparison")
 	methodsSamples := fs.Int("methods-samples", 2000, "round trips of each kind in the method comparison")
 	fleetN := fs.Int("fleet-n", 2000, "devices in the fleet comparisons (the issue's figure is 10,000: -fleet-n 10000)")
-	binDir := fs.String("bin", os.Getenv("IOTHUBBY_BIN"), "folder with the hubsim binary (memory benchmark)")
+	binDir := fs.String("bin", os.Getenv("IOTHUBBY_BIN"), "folder with the hubsim and agent binaries (memory and fleet benchmarks)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
