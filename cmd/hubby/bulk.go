@@ -19,6 +19,7 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/backoff"
 	"github.com/iothubby/iothubby/pkg/clock"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -405,7 +406,7 @@ func bulkSetStatus(g *globals) *cobra.Command {
 				if err != nil {
 					return failure(err)
 				}
-				d.Status = status
+				d.Status = hubapi.Status(status)
 				if reason != "" {
 					d.StatusReason = reason
 				}

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/iothubby/iothubby/pkg/connstr"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -32,7 +33,7 @@ func deviceCommand(g *globals) *cobra.Command {
 				d.Status = "disabled"
 			}
 			if edge {
-				d.Capabilities = &service.Capabilities{IoTEdge: true}
+				d.Capabilities = service.Capabilities{IoTEdge: true}
 			}
 			if authMethod == "" {
 				authMethod = "shared_private_key"
@@ -49,16 +50,16 @@ func deviceCommand(g *globals) *cobra.Command {
 						}
 					}
 				}
-				d.Authentication = &service.Authentication{Type: "sas",
-					SymmetricKey: &service.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary}}
+				d.Authentication = service.Authentication{Type: hubapi.AuthSAS,
+					SymmetricKey: service.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary}}
 			case "x509_thumbprint":
 				if thumb1 == "" {
 					return errors.New("--auth-method x509_thumbprint needs --primary-thumbprint")
 				}
-				d.Authentication = &service.Authentication{Type: "selfSigned",
-					X509Thumbprint: &service.X509Thumbprint{PrimaryThumbprint: thumb1, SecondaryThumbprint: thumb2}}
+				d.Authentication = service.Authentication{Type: hubapi.AuthSelfSigned,
+					X509Thumbprint: service.X509Thumbprint{PrimaryThumbprint: thumb1, SecondaryThumbprint: thumb2}}
 			case "x509_ca":
-				d.Authentication = &service.Authentication{Type: "certificateAuthority"}
+				d.Authentication = service.Authentication{Type: hubapi.AuthCertificateAuthority}
 			default:
 				return usageError{fmt.Errorf("--auth-method must be shared_private_key, x509_thumbprint or x509_ca, not %q", authMethod)}
 			}
@@ -137,17 +138,19 @@ func deviceCommand(g *globals) *cobra.Command {
 						*dst, changed = v, true
 					}
 				}
-				set(&d.Status, status)
+				if status != "" {
+					d.Status, changed = hubapi.Status(status), true
+				}
 				set(&d.StatusReason, reason)
 				if upk != "" || usk != "" {
-					if d.Authentication == nil || d.Authentication.Type != "sas" || d.Authentication.SymmetricKey == nil {
+					if d.Authentication.Type != hubapi.AuthSAS {
 						return fmt.Errorf("device %s does not use symmetric keys", d.DeviceID)
 					}
 					set(&d.Authentication.SymmetricKey.PrimaryKey, upk)
 					set(&d.Authentication.SymmetricKey.SecondaryKey, usk)
 				}
 				if utp1 != "" || utp2 != "" {
-					if d.Authentication == nil || d.Authentication.Type != "selfSigned" || d.Authentication.X509Thumbprint == nil {
+					if d.Authentication.Type != hubapi.AuthSelfSigned {
 						return fmt.Errorf("device %s does not use X.509 thumbprints", d.DeviceID)
 					}
 					set(&d.Authentication.X509Thumbprint.PrimaryThumbprint, utp1)
@@ -203,7 +206,7 @@ func deviceCommand(g *globals) *cobra.Command {
 				}
 				out := connstr.ConnectionString{HostName: c.HostName(), DeviceID: d.DeviceID, GatewayHostName: g.mqttAddress}
 				switch {
-				case d.Authentication != nil && d.Authentication.SymmetricKey != nil && d.Authentication.Type == "sas":
+				case d.Authentication.Type == hubapi.AuthSAS:
 					out.SharedAccessKey = d.Authentication.SymmetricKey.PrimaryKey
 					if secondaryKey {
 						out.SharedAccessKey = d.Authentication.SymmetricKey.SecondaryKey
@@ -239,7 +242,7 @@ func keysCommand(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				k, err := sasKeys(d)
+				k, err := sasKeys(&d)
 				if err != nil {
 					return err
 				}
@@ -267,7 +270,7 @@ next token renewal.`,
 				if err != nil {
 					return err
 				}
-				k, err := sasKeys(d)
+				k, err := sasKeys(&d)
 				if err != nil {
 					return err
 				}
@@ -285,7 +288,7 @@ next token renewal.`,
 				if err != nil {
 					return err
 				}
-				k, err = sasKeys(out)
+				k, err = sasKeys(&out)
 				if err != nil {
 					return err
 				}
@@ -298,11 +301,12 @@ next token renewal.`,
 	return keys
 }
 
-func sasKeys(d service.Device) (*service.SymmetricKey, error) {
-	if d.Authentication == nil || d.Authentication.Type != "sas" || d.Authentication.SymmetricKey == nil {
+// sasKeys returns d's keys, to read or change in place, or an error when d does not use them.
+func sasKeys(d *service.Device) (*service.SymmetricKey, error) {
+	if d.Authentication.Type != hubapi.AuthSAS {
 		return nil, fmt.Errorf("device %s does not use symmetric keys", d.DeviceID)
 	}
-	return d.Authentication.SymmetricKey, nil
+	return &d.Authentication.SymmetricKey, nil
 }
 
 func newKey() string {
@@ -340,15 +344,11 @@ func (g *globals) printDevices(ds []service.Device) error {
 func (g *globals) deviceTable(ds []service.Device) error {
 	rows := make([][]string, 0, len(ds))
 	for _, d := range ds {
-		auth := ""
-		if d.Authentication != nil {
-			auth = d.Authentication.Type
-		}
 		last := "-"
-		if d.LastActivityTime != nil && !d.LastActivityTime.IsZero() && d.LastActivityTime.Year() > 1 {
+		if !d.LastActivityTime.IsZero() {
 			last = d.LastActivityTime.UTC().Format(time.RFC3339)
 		}
-		rows = append(rows, []string{d.DeviceID, d.Status, strings.ToLower(d.ConnectionState), auth, last})
+		rows = append(rows, []string{d.DeviceID, string(d.Status), strings.ToLower(string(d.ConnectionState)), string(d.Authentication.Type), last})
 	}
 	return g.table([]string{"DEVICE", "STATUS", "CONNECTION", "AUTH", "LAST ACTIVITY"}, rows)
 }

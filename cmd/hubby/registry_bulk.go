@@ -301,8 +301,8 @@ results carry no keys. The output holds secrets: keep it safe.`,
 						continue
 					}
 					d := got[i]
-					b, err := json.Marshal(exportRow{ID: d.DeviceID, Status: d.Status, StatusReason: d.StatusReason,
-						Authentication: d.Authentication, Capabilities: d.Capabilities})
+					b, err := json.Marshal(exportRow{ID: d.DeviceID, Status: string(d.Status), StatusReason: d.StatusReason,
+						Authentication: &d.Authentication, Capabilities: &d.Capabilities})
 					if err != nil {
 						return err
 					}

@@ -58,7 +58,7 @@ func (r *registry) ensure(ctx context.Context, ids []string) error {
 			}
 			r.keys[id] = key
 			rows[i] = service.BulkDevice{ID: id, ImportMode: service.ImportCreate, Status: "enabled",
-				Authentication: &service.Authentication{Type: "sas", SymmetricKey: &service.SymmetricKey{PrimaryKey: key, SecondaryKey: key}}}
+				Authentication: &service.Authentication{Type: "sas", SymmetricKey: service.SymmetricKey{PrimaryKey: key, SecondaryKey: key}}}
 		}
 		cctx, cancel := context.WithTimeout(ctx, time.Minute)
 		res, err := r.svc.BulkDevices(cctx, rows)
@@ -96,7 +96,7 @@ func (r *registry) reuse(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	if d.Authentication == nil || d.Authentication.SymmetricKey == nil || d.Authentication.SymmetricKey.PrimaryKey == "" {
+	if d.Authentication.SymmetricKey.PrimaryKey == "" {
 		return errors.New("exists without a symmetric key")
 	}
 	k := d.Authentication.SymmetricKey.PrimaryKey

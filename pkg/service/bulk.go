@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+
+	"github.com/iothubby/iothubby/pkg/hubapi"
 )
 
 // MaxBulkDevices is the most devices one bulk registry call may carry.
-const MaxBulkDevices = 100
+const MaxBulkDevices = hubapi.MaxBulkDevices
 
 // Import modes of a bulk registry operation. IoT Hub's enum is lower camel case; Microsoft's
 // Node SDK sends some capitalised ("Update", "DeleteIfMatchETag"), and the service compares
@@ -35,28 +37,15 @@ type BulkDevice struct {
 	Capabilities   *Capabilities   `json:"capabilities,omitempty"`
 }
 
-// BulkResult is IoT Hub's BulkRegistryOperationResult.
-type BulkResult struct {
-	IsSuccessful bool          `json:"isSuccessful"`
-	Errors       []BulkError   `json:"errors"`
-	Warnings     []BulkWarning `json:"warnings"`
-}
-
-// BulkError is one device's failure in a bulk operation.
-type BulkError struct {
-	DeviceID    string `json:"deviceId"`
-	ModuleID    string `json:"moduleId,omitempty"`
-	Operation   string `json:"operation,omitempty"`
-	ErrorCode   string `json:"errorCode"`
-	ErrorStatus string `json:"errorStatus"`
-}
-
-// BulkWarning is one device's warning in a bulk operation.
-type BulkWarning struct {
-	DeviceID      string `json:"deviceId"`
-	WarningCode   string `json:"warningCode"`
-	WarningStatus string `json:"warningStatus"`
-}
+// The bulk operation's answer is hubapi's, shared with hubsim.
+type (
+	// BulkResult is IoT Hub's BulkRegistryOperationResult.
+	BulkResult = hubapi.BulkResult
+	// BulkError is one device's failure in a bulk operation.
+	BulkError = hubapi.BulkError
+	// BulkWarning is one device's warning in a bulk operation.
+	BulkWarning = hubapi.BulkWarning
+)
 
 // BulkDevices runs one bulk registry operation (POST /devices) over 1 to MaxBulkDevices rows,
 // each with its own import mode. Rows that fail are listed in the result's Errors and
@@ -75,7 +64,7 @@ func (c *Client) BulkDevices(ctx context.Context, devs []BulkDevice) (*BulkResul
 			return nil, fmt.Errorf("service: bulk row %d (%s) has no import mode", i, d.ID)
 		}
 		if strings.EqualFold(d.ImportMode, ImportCreate) && d.Authentication == nil {
-			d.Authentication = &Authentication{Type: "sas", SymmetricKey: &SymmetricKey{}}
+			d.Authentication = &Authentication{Type: hubapi.AuthSAS}
 		}
 		body[i] = d
 	}

@@ -32,7 +32,7 @@ func TestBulkRegistry(t *testing.T) {
 	}
 	bulkCreate(t, c, ids...)
 	d, err := c.GetDevice(ctx(t), "bulk-042")
-	if err != nil || d.Authentication == nil || len(d.Authentication.SymmetricKey.PrimaryKey) != 44 {
+	if err != nil || len(d.Authentication.SymmetricKey.PrimaryKey) != 44 {
 		t.Fatalf("bulk-created device %+v %v", d, err)
 	}
 	if _, err := c.BulkDevices(ctx(t), make([]service.BulkDevice, 101)); err == nil {

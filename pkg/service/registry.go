@@ -5,77 +5,61 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"time"
+
+	"github.com/iothubby/iothubby/pkg/hubapi"
 )
 
-// Device is a device identity as the registry serves it.
-type Device struct {
-	DeviceID                   string          `json:"deviceId"`
-	GenerationID               string          `json:"generationId,omitempty"`
-	ETag                       string          `json:"etag,omitempty"`
-	ConnectionState            string          `json:"connectionState,omitempty"`
-	Status                     string          `json:"status,omitempty"`
-	StatusReason               string          `json:"statusReason,omitempty"`
-	ConnectionStateUpdatedTime *time.Time      `json:"connectionStateUpdatedTime,omitempty"`
-	StatusUpdatedTime          *time.Time      `json:"statusUpdatedTime,omitempty"`
-	LastActivityTime           *time.Time      `json:"lastActivityTime,omitempty"`
-	CloudToDeviceMessageCount  int             `json:"cloudToDeviceMessageCount,omitempty"`
-	Authentication             *Authentication `json:"authentication,omitempty"`
-	Capabilities               *Capabilities   `json:"capabilities,omitempty"`
-}
+// The registry's documents are hubapi's, defined once for this client and hubsim's REST API.
+type (
+	// Device is a device identity in Azure's JSON shape (hubapi.Device).
+	Device = hubapi.Device
+	// Authentication is a device's authentication mechanism; Type is "sas", "selfSigned",
+	// "certificateAuthority" or "none".
+	Authentication = hubapi.Authentication
+	// SymmetricKey holds a device's keys. Empty keys in a create ask the service to generate them.
+	SymmetricKey = hubapi.SymmetricKey
+	// X509Thumbprint holds the thumbprints of a self-signed device certificate.
+	X509Thumbprint = hubapi.X509Thumbprint
+	// Capabilities of a device.
+	Capabilities = hubapi.Capabilities
+	// RegistryStatistics are the registry's device counts.
+	RegistryStatistics = hubapi.RegistryStatistics
+)
 
-// Authentication is a device's authentication mechanism.
-type Authentication struct {
-	// Type is "sas", "selfSigned", "certificateAuthority" or "none".
-	Type           string          `json:"type"`
-	SymmetricKey   *SymmetricKey   `json:"symmetricKey,omitempty"`
-	X509Thumbprint *X509Thumbprint `json:"x509Thumbprint,omitempty"`
-}
-
-// SymmetricKey holds a device's keys. Empty keys in a create ask the service to generate them.
-type SymmetricKey struct {
-	PrimaryKey   string `json:"primaryKey"`
-	SecondaryKey string `json:"secondaryKey"`
-}
-
-// X509Thumbprint holds the thumbprints of a self-signed device certificate.
-type X509Thumbprint struct {
-	PrimaryThumbprint   string `json:"primaryThumbprint,omitempty"`
-	SecondaryThumbprint string `json:"secondaryThumbprint,omitempty"`
-}
-
-// Capabilities of a device.
-type Capabilities struct {
-	IoTEdge bool `json:"iotEdge"`
-}
-
-// RegistryStatistics are the registry's device counts.
-type RegistryStatistics struct {
-	TotalDeviceCount    int `json:"totalDeviceCount"`
-	EnabledDeviceCount  int `json:"enabledDeviceCount"`
-	DisabledDeviceCount int `json:"disabledDeviceCount"`
+// withDefaults fills what Microsoft's SDKs fill before they send a device: status enabled, and
+// an authentication type (selfSigned with a thumbprint, else sas) so that the service never
+// reads an empty type.
+func withDefaults(d Device) Device {
+	if d.Status == "" {
+		d.Status = hubapi.StatusEnabled
+	}
+	if d.Authentication.Type == "" {
+		d.Authentication.Type = hubapi.AuthSAS
+		if d.Authentication.X509Thumbprint != (X509Thumbprint{}) {
+			d.Authentication.Type = hubapi.AuthSelfSigned
+		}
+	}
+	return d
 }
 
 func devicePath(id string) string { return "/devices/" + url.PathEscape(id) }
 
-// CreateDevice creates a device (PUT without If-Match). A device with no authentication gets
-// generated symmetric keys, as Microsoft's SDK asks for them.
+// CreateDevice creates a device (PUT without If-Match). As Microsoft's SDKs do, a device without
+// a status is enabled, and one without an authentication type is selfSigned when it has a
+// thumbprint and sas otherwise (empty keys: the service generates them).
 func (c *Client) CreateDevice(ctx context.Context, d Device) (Device, error) {
-	if d.Authentication == nil {
-		d.Authentication = &Authentication{Type: "sas", SymmetricKey: &SymmetricKey{}}
-	}
 	var out Device
-	_, err := c.do(ctx, request{method: http.MethodPut, path: devicePath(d.DeviceID), body: d}, &out)
+	_, err := c.do(ctx, request{method: http.MethodPut, path: devicePath(d.DeviceID), body: withDefaults(d)}, &out)
 	return out, err
 }
 
-// UpdateDevice replaces a device. etag "" means unconditional ("*").
+// UpdateDevice replaces a device, with CreateDevice's defaults. etag "" means unconditional ("*").
 func (c *Client) UpdateDevice(ctx context.Context, d Device, etag string) (Device, error) {
 	if etag == "" {
 		etag = "*"
 	}
 	var out Device
-	_, err := c.do(ctx, request{method: http.MethodPut, path: devicePath(d.DeviceID), body: d, ifMatch: etag}, &out)
+	_, err := c.do(ctx, request{method: http.MethodPut, path: devicePath(d.DeviceID), body: withDefaults(d), ifMatch: etag}, &out)
 	return out, err
 }
 

@@ -48,7 +48,7 @@ func TestRegistryCRUD(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.Authentication == nil || d.Authentication.Type != "sas" || len(d.Authentication.SymmetricKey.PrimaryKey) != 44 || d.ETag == "" {
+	if d.Authentication.Type != "sas" || len(d.Authentication.SymmetricKey.PrimaryKey) != 44 || d.ETag == "" {
 		t.Fatalf("created %+v", d)
 	}
 	if _, err := c.CreateDevice(ctx(t), service.Device{DeviceID: "dev-1"}); !errors.Is(err, wire.ErrDeviceAlreadyExists) {

@@ -29,7 +29,7 @@ func createDevice(t *testing.T, h *hub, id string) service.Device {
 	if err != nil {
 		t.Fatalf("create %s: %v", id, err)
 	}
-	if d.Authentication == nil || d.Authentication.SymmetricKey == nil || d.Authentication.SymmetricKey.PrimaryKey == "" {
+	if d.Authentication.SymmetricKey.PrimaryKey == "" {
 		t.Fatalf("device %s has no generated key: %+v", id, d.Authentication)
 	}
 	return d

@@ -257,7 +257,7 @@ func TestDPSX509IndividualAndGroup(t *testing.T) {
 		a.await(0, "provisioned", and(msgIs(dps.MsgProvisioned), field("device", tc.id)))
 		a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", tc.id)))
 		d, err := h.svc.GetDevice(ctxT(t), tc.id)
-		if err != nil || d.Authentication == nil || d.Authentication.Type != "selfSigned" {
+		if err != nil || d.Authentication.Type != "selfSigned" {
 			t.Fatalf("hub device %+v %v", d, err)
 		}
 		if err := a.stop(); err != nil {

@@ -29,7 +29,7 @@ func fleetKeys(t *testing.T, h *hub, ids []string) map[string]string {
 			_, _ = rand.Read(b)
 			keys[id] = base64.StdEncoding.EncodeToString(b)
 			rows = append(rows, service.BulkDevice{ID: id, ImportMode: service.ImportCreate,
-				Authentication: &service.Authentication{Type: "sas", SymmetricKey: &service.SymmetricKey{PrimaryKey: keys[id], SecondaryKey: keys[id]}}})
+				Authentication: &service.Authentication{Type: "sas", SymmetricKey: service.SymmetricKey{PrimaryKey: keys[id], SecondaryKey: keys[id]}}})
 		}
 		res, err := h.svc.BulkDevices(ctxT(t), rows)
 		if err != nil || !res.IsSuccessful {

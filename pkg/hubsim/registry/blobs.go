@@ -4,6 +4,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/iothubby/iothubby/pkg/hubapi"
 )
 
 // Blobs are opaque per-device records that other hubsim components (the twin store) keep in the
@@ -55,4 +57,4 @@ func (r *Registry) StoreBlobs(bucket string, put map[string][]byte, del []string
 }
 
 // FormatTime renders a time as the REST API does ("0001-01-01T00:00:00Z" when never set).
-func FormatTime(t time.Time) string { return formatTime(t) }
+func FormatTime(t time.Time) string { return hubapi.FormatTime(t) }

@@ -4,219 +4,45 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
-	"fmt"
 	"strings"
-	"time"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
-// AuthType is a device's authentication type, as the service REST API spells it.
-type AuthType string
-
-// Authentication types.
-const (
-	AuthSAS                  AuthType = "sas"
-	AuthSelfSigned           AuthType = "selfSigned"
-	AuthCertificateAuthority AuthType = "certificateAuthority"
-	AuthNone                 AuthType = "none"
+// The device document is hubapi's, defined once for hubsim and the service client; these names
+// keep the registry's API as it was.
+type (
+	// AuthType is a device's authentication type.
+	AuthType = hubapi.AuthType
+	// Status is whether a device may connect.
+	Status = hubapi.Status
+	// ConnectionState is the registry's view of a device's MQTT connection.
+	ConnectionState = hubapi.ConnectionState
+	// SymmetricKey holds a SAS device's two base64 keys.
+	SymmetricKey = hubapi.SymmetricKey
+	// X509Thumbprint holds a self-signed device's two certificate thumbprints.
+	X509Thumbprint = hubapi.X509Thumbprint
+	// Authentication is a device's authentication mechanism.
+	Authentication = hubapi.Authentication
+	// Capabilities are a device's capabilities.
+	Capabilities = hubapi.Capabilities
+	// Device is a device identity in Azure's JSON shape (see hubapi.Device).
+	Device = hubapi.Device
 )
 
-// Status is whether a device may connect.
-type Status string
-
-// Device statuses.
+// Authentication types, statuses and connection states.
 const (
-	StatusEnabled  Status = "enabled"
-	StatusDisabled Status = "disabled"
+	AuthSAS                  = hubapi.AuthSAS
+	AuthSelfSigned           = hubapi.AuthSelfSigned
+	AuthCertificateAuthority = hubapi.AuthCertificateAuthority
+	AuthNone                 = hubapi.AuthNone
+	StatusEnabled            = hubapi.StatusEnabled
+	StatusDisabled           = hubapi.StatusDisabled
+	Connected                = hubapi.Connected
+	Disconnected             = hubapi.Disconnected
 )
-
-// ConnectionState is the registry's view of a device's MQTT connection.
-type ConnectionState string
-
-// Connection states.
-const (
-	Connected    ConnectionState = "Connected"
-	Disconnected ConnectionState = "Disconnected"
-)
-
-// SymmetricKey holds a SAS device's two base64 keys.
-type SymmetricKey struct {
-	PrimaryKey   string
-	SecondaryKey string
-}
-
-// X509Thumbprint holds a self-signed device's two certificate thumbprints (hex SHA-1 or SHA-256).
-type X509Thumbprint struct {
-	PrimaryThumbprint   string
-	SecondaryThumbprint string
-}
-
-// Authentication is a device's authentication mechanism.
-type Authentication struct {
-	Type           AuthType
-	SymmetricKey   SymmetricKey
-	X509Thumbprint X509Thumbprint
-}
-
-// Capabilities are a device's capabilities.
-type Capabilities struct {
-	IotEdge bool
-}
-
-// Device is a device identity as the service REST API shows it. Its JSON form is Azure's
-// (camelCase fields, nulls for unset keys, thumbprints and status reason, and
-// "0001-01-01T00:00:00Z" for times never set).
-type Device struct {
-	DeviceID                   string
-	GenerationID               string
-	ETag                       string
-	ConnectionState            ConnectionState
-	Status                     Status
-	StatusReason               string
-	ConnectionStateUpdatedTime time.Time
-	StatusUpdatedTime          time.Time
-	LastActivityTime           time.Time
-	CloudToDeviceMessageCount  int
-	Authentication             Authentication
-	Capabilities               Capabilities
-}
-
-type deviceJSON struct {
-	DeviceID                   string    `json:"deviceId"`
-	GenerationID               string    `json:"generationId"`
-	ETag                       string    `json:"etag"`
-	ConnectionState            string    `json:"connectionState"`
-	Status                     string    `json:"status"`
-	StatusReason               *string   `json:"statusReason"`
-	ConnectionStateUpdatedTime string    `json:"connectionStateUpdatedTime"`
-	StatusUpdatedTime          string    `json:"statusUpdatedTime"`
-	LastActivityTime           string    `json:"lastActivityTime"`
-	CloudToDeviceMessageCount  int       `json:"cloudToDeviceMessageCount"`
-	Authentication             *authJSON `json:"authentication"`
-	Capabilities               *capsJSON `json:"capabilities"`
-}
-
-type authJSON struct {
-	SymmetricKey   *keysJSON   `json:"symmetricKey"`
-	X509Thumbprint *thumbsJSON `json:"x509Thumbprint"`
-	Type           string      `json:"type"`
-}
-
-type keysJSON struct {
-	PrimaryKey   *string `json:"primaryKey"`
-	SecondaryKey *string `json:"secondaryKey"`
-}
-
-type thumbsJSON struct {
-	PrimaryThumbprint   *string `json:"primaryThumbprint"`
-	SecondaryThumbprint *string `json:"secondaryThumbprint"`
-}
-
-type capsJSON struct {
-	IotEdge bool `json:"iotEdge"`
-}
-
-func nullable(s string) *string {
-	if s == "" {
-		return nil
-	}
-	return &s
-}
-
-func deref(p *string) string {
-	if p == nil {
-		return ""
-	}
-	return *p
-}
-
-// TimeFormat renders registry times: RFC 3339 in UTC with up to seven fractional digits, as
-// .NET does.
-const TimeFormat = "2006-01-02T15:04:05.9999999Z"
-
-func formatTime(t time.Time) string {
-	if t.IsZero() {
-		return "0001-01-01T00:00:00Z"
-	}
-	return t.UTC().Format(TimeFormat)
-}
-
-func parseTime(s string) time.Time {
-	t, err := time.Parse(time.RFC3339Nano, s)
-	if err != nil || t.Year() <= 1 {
-		return time.Time{}
-	}
-	return t
-}
-
-// MarshalJSON renders Azure's device shape.
-func (d Device) MarshalJSON() ([]byte, error) {
-	j := deviceJSON{
-		DeviceID:                   d.DeviceID,
-		GenerationID:               d.GenerationID,
-		ETag:                       d.ETag,
-		ConnectionState:            string(d.ConnectionState),
-		Status:                     string(d.Status),
-		StatusReason:               nullable(d.StatusReason),
-		ConnectionStateUpdatedTime: formatTime(d.ConnectionStateUpdatedTime),
-		StatusUpdatedTime:          formatTime(d.StatusUpdatedTime),
-		LastActivityTime:           formatTime(d.LastActivityTime),
-		CloudToDeviceMessageCount:  d.CloudToDeviceMessageCount,
-		Authentication: &authJSON{
-			SymmetricKey: &keysJSON{
-				PrimaryKey:   nullable(d.Authentication.SymmetricKey.PrimaryKey),
-				SecondaryKey: nullable(d.Authentication.SymmetricKey.SecondaryKey),
-			},
-			X509Thumbprint: &thumbsJSON{
-				PrimaryThumbprint:   nullable(d.Authentication.X509Thumbprint.PrimaryThumbprint),
-				SecondaryThumbprint: nullable(d.Authentication.X509Thumbprint.SecondaryThumbprint),
-			},
-			Type: string(d.Authentication.Type),
-		},
-		Capabilities: &capsJSON{IotEdge: d.Capabilities.IotEdge},
-	}
-	if j.ConnectionState == "" {
-		j.ConnectionState = string(Disconnected)
-	}
-	return json.Marshal(j)
-}
-
-// UnmarshalJSON reads Azure's device shape. Unknown fields are ignored, nulls read as empty, and
-// times that do not parse read as zero.
-func (d *Device) UnmarshalJSON(b []byte) error {
-	var j deviceJSON
-	if err := json.Unmarshal(b, &j); err != nil {
-		return err
-	}
-	*d = Device{
-		DeviceID:                   j.DeviceID,
-		GenerationID:               j.GenerationID,
-		ETag:                       j.ETag,
-		ConnectionState:            ConnectionState(j.ConnectionState),
-		Status:                     Status(j.Status),
-		StatusReason:               deref(j.StatusReason),
-		ConnectionStateUpdatedTime: parseTime(j.ConnectionStateUpdatedTime),
-		StatusUpdatedTime:          parseTime(j.StatusUpdatedTime),
-		LastActivityTime:           parseTime(j.LastActivityTime),
-		CloudToDeviceMessageCount:  j.CloudToDeviceMessageCount,
-	}
-	if j.Authentication != nil {
-		d.Authentication.Type = AuthType(j.Authentication.Type)
-		if k := j.Authentication.SymmetricKey; k != nil {
-			d.Authentication.SymmetricKey = SymmetricKey{deref(k.PrimaryKey), deref(k.SecondaryKey)}
-		}
-		if t := j.Authentication.X509Thumbprint; t != nil {
-			d.Authentication.X509Thumbprint = X509Thumbprint{deref(t.PrimaryThumbprint), deref(t.SecondaryThumbprint)}
-		}
-	}
-	if j.Capabilities != nil {
-		d.Capabilities.IotEdge = j.Capabilities.IotEdge
-	}
-	return nil
-}
 
 // Identity is what device authentication needs, precomputed: parsed keys and normalised
 // thumbprints. It is immutable; the registry replaces it on every update.
@@ -339,8 +165,4 @@ func ETagMatches(ifMatch, etag string) bool {
 		return true
 	}
 	return v == etag
-}
-
-func (d Device) String() string {
-	return fmt.Sprintf("device %s (%s, %s)", d.DeviceID, d.Authentication.Type, d.Status)
 }

@@ -29,6 +29,7 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -481,11 +482,7 @@ func (r *Registry) List(top int) []Device {
 }
 
 // Stats are the registry statistics the service API reports.
-type Stats struct {
-	TotalDeviceCount    int `json:"totalDeviceCount"`
-	EnabledDeviceCount  int `json:"enabledDeviceCount"`
-	DisabledDeviceCount int `json:"disabledDeviceCount"`
-}
+type Stats = hubapi.RegistryStatistics
 
 // Stats counts devices.
 func (r *Registry) Stats() Stats {

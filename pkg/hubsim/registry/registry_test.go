@@ -146,7 +146,7 @@ func TestDeviceJSON(t *testing.T) {
 	if err := json.Unmarshal([]byte(in), &d); err != nil {
 		t.Fatal(err)
 	}
-	if d.DeviceID != "x" || d.Status != StatusDisabled || d.Authentication.X509Thumbprint.PrimaryThumbprint != "AB" || !d.Capabilities.IotEdge || d.LastActivityTime.Nanosecond() != 546546500 {
+	if d.DeviceID != "x" || d.Status != StatusDisabled || d.Authentication.X509Thumbprint.PrimaryThumbprint != "AB" || !d.Capabilities.IoTEdge || d.LastActivityTime.Nanosecond() != 546546500 {
 		t.Fatalf("%+v", d)
 	}
 	b, _ := json.Marshal(Device{DeviceID: "y"})

@@ -57,7 +57,7 @@ func shapeDevices() map[string]Device {
 			Authentication: Authentication{Type: AuthSelfSigned, X509Thumbprint: X509Thumbprint{
 				PrimaryThumbprint:   "ABABABABABABABABABABABABABABABABABABABAB",
 				SecondaryThumbprint: "CDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCDCD"}},
-			Capabilities: Capabilities{IotEdge: true},
+			Capabilities: Capabilities{IoTEdge: true},
 		},
 		"device-ca": {
 			DeviceID: "ca-1", GenerationID: "638000000000000003", ETag: "Mw==", ConnectionState: Disconnected,

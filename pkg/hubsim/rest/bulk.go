@@ -4,8 +4,8 @@ import (
 	"encoding/json"
 	"net/http"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
-	"github.com/iothubby/iothubby/pkg/service"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
@@ -27,8 +27,8 @@ func (h *handler) bulkDevices(w http.ResponseWriter, r *http.Request, _ []string
 	case len(rows) == 0:
 		writeError(w, wire.ErrArgumentInvalid.WithText("a bulk operation needs at least one device"))
 		return
-	case len(rows) > service.MaxBulkDevices:
-		writeError(w, errTooManyDevices.WithText("a bulk operation takes at most %d devices, not %d", service.MaxBulkDevices, len(rows)))
+	case len(rows) > hubapi.MaxBulkDevices:
+		writeError(w, errTooManyDevices.WithText("a bulk operation takes at most %d devices, not %d", hubapi.MaxBulkDevices, len(rows)))
 		return
 	}
 	ops := make([]registry.BulkOp, len(rows))
@@ -72,9 +72,9 @@ func (h *handler) bulkDevices(w http.ResponseWriter, r *http.Request, _ []string
 		writeError(w, err)
 		return
 	}
-	res := service.BulkResult{IsSuccessful: len(failed) == 0, Errors: []service.BulkError{}, Warnings: []service.BulkWarning{}}
+	res := hubapi.BulkResult{IsSuccessful: len(failed) == 0, Errors: []hubapi.BulkError{}, Warnings: []hubapi.BulkWarning{}}
 	for _, f := range failed {
-		res.Errors = append(res.Errors, service.BulkError{DeviceID: f.DeviceID, Operation: string(f.Operation),
+		res.Errors = append(res.Errors, hubapi.BulkError{DeviceID: f.DeviceID, Operation: string(f.Operation),
 			ErrorCode: f.Err.Code, ErrorStatus: f.Err.Text})
 	}
 	status := http.StatusOK
