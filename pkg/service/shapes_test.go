@@ -41,7 +41,7 @@ func goldenJSON(t *testing.T, name string, v any) {
 // Since the merge they are hubapi.Device and render exactly as hubsim answers.
 func TestDeviceWireShape(t *testing.T) {
 	at := time.Date(2026, 12, 2, 4, 5, 6, 123456700, time.UTC)
-		for name, d := range map[string]Device{
+	for name, d := range map[string]Device{
 		"device-sas-connected": {
 			DeviceID: "dev-1", GenerationID: "638000000000000001", ETag: "MQ==",
 			ConnectionState: "Connected", Status: "enabled",
