@@ -120,8 +120,15 @@ type Device struct {
 	connected atomic.Bool // the session's last status was Connected
 	synced    atomic.Bool // the full twin GET after the latest connect succeeded
 
-	// scripts are the configured direct methods, checked by New.
-	scripts map[string]methods.Handler
+	// behaviourMu guards what a reload changes in place (reload.go): the scripted direct
+	// methods and the twin behaviours, and the running session's dispatcher and twin sync that
+	// use them. Held only to swap them, never across I/O.
+	behaviourMu sync.Mutex
+	scripts     map[string]methods.Handler // the scripted direct methods
+	scriptCfg   map[string]methods.Script  // their configuration
+	twinB       TwinConfig                 // the twin behaviours (Properties, Default)
+	disp        *methods.Dispatcher        // the running session's, or nil
+	twinSync    *twinsync.Sync             // the running session's, or nil
 
 	reboot *rebooter
 	fw     *firmwareUpdates // nil when firmware updates are off
@@ -193,6 +200,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		teleChanged: make(chan struct{}, 1),
 	}
 	d.tele.Store(&telemetrySettings{cfg: cfg.Telemetry, tmpl: tmpl})
+	d.twinB, d.scriptCfg = cfg.Twin, cfg.Methods
 	if d.live = cfg.Shared.Liveness; d.live == nil {
 		d.live = NewLiveness(nil)
 	}
@@ -325,6 +333,7 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	}
 	d.sync.Store(ts)
 	defer d.sync.CompareAndSwap(ts, nil) // reports after this session go to the next one
+	defer d.sessionEnded(ts)
 	d.reboot.reportTo(ts)
 	if d.fw != nil {
 		d.report(map[string]any{"firmwareVersion": d.fw.u.Status().Version})

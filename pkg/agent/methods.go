@@ -74,9 +74,12 @@ func (d *Device) newDispatcher(respond methods.Responder, refuseNow func(string,
 		Logger:        d.log.Named("methods"),
 		RespondNow:    refuseNow,
 	}, respond)
+	d.behaviourMu.Lock() // a reload swaps the scripts in the running session's dispatcher
 	for name, h := range d.scripts {
 		disp.Register(name, h)
 	}
+	d.disp = disp
+	d.behaviourMu.Unlock()
 	if d.fw != nil {
 		disp.Register("firmwareUpdate", d.firmwareMethod(d.fw))
 	}
@@ -91,6 +94,20 @@ func (d *Device) newDispatcher(respond methods.Responder, refuseNow func(string,
 		}))
 	}
 	return disp
+}
+
+// builtinMethod reports whether name is one of the device's built-in methods (registered after
+// the scripts, so it wins over a script of the same name).
+func (d *Device) builtinMethod(name string) bool {
+	switch name {
+	case "firmwareUpdate":
+		return d.fw != nil
+	case "reboot":
+		return d.cfg.Reboot.Mode != ""
+	case "reprovision":
+		return d.dpsEnabled()
+	}
+	return false
 }
 
 // methodObserver tells the Observer each direct-method call's name and the status it was

@@ -10,12 +10,15 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/methods"
+	"github.com/iothubby/iothubby/pkg/twinsync"
 )
 
 // ErrRestartNeeded is returned by Device.Reload when the new configuration changes something a
 // running session cannot take (identity, endpoint, credentials, TLS, connection tuning, queue,
-// twin behaviours, methods, firmware, reboot, state directory): the caller stops this Device and
-// runs a new one with the new configuration, which reconnects.
+// the twin's reported facts, method timeout and concurrency, firmware, reboot, state
+// directory): the caller stops this Device and runs a new one with the new configuration, which
+// reconnects.
 var ErrRestartNeeded = errors.New("agent: the new configuration needs a new session")
 
 // telemetrySettings are what the telemetry loop reads for each message; Reload swaps them
@@ -29,12 +32,19 @@ type telemetrySettings struct {
 // session (from the session's delivery goroutine: it must not block). Call it before Run.
 func (d *Device) OnStatus(f func(hub.Status)) { d.statusHook = f }
 
-// Reload applies a new configuration to the running device. Telemetry (interval, template,
-// content type and encoding, properties) changes at once, on the same connection: the next
-// message is rendered with the new template and the interval restarts from the reload. The log
-// settings are the caller's (cmd/agent builds the logger). Anything else that differs makes
-// Reload return ErrRestartNeeded, with nothing applied. An invalid configuration is refused with
-// an error matching ErrConfig, and the running one is kept.
+// Reload applies a new configuration to the running device, on the same connection:
+//   - telemetry (interval, template, content type and encoding, properties) changes at once:
+//     the next message is rendered with the new template and the interval restarts from the
+//     reload;
+//   - the scripted direct methods (methods) are swapped in one step: a call that arrives after
+//     Reload runs the new script (a removed name is answered 501), calls already running finish
+//     with the script they started with;
+//   - the twin behaviours (twin.properties, twin.default) apply to the desired changes that
+//     arrive after Reload; values already acknowledged are not acknowledged again.
+//
+// The log settings are the caller's (cmd/agent builds the logger). Anything else that differs
+// makes Reload return ErrRestartNeeded, with nothing applied. An invalid configuration is
+// refused with an error matching ErrConfig, and the running one is kept.
 func (d *Device) Reload(cfg Config) error {
 	if _, err := cfg.resolve(); err != nil {
 		return err
@@ -51,7 +61,8 @@ func (d *Device) Reload(cfg Config) error {
 	if err := cfg.Twin.check(); err != nil {
 		return err
 	}
-	if _, err := cfg.checkMethods(d.dpsEnabled()); err != nil {
+	scripts, err := cfg.checkMethods(d.dpsEnabled())
+	if err != nil {
 		return err
 	}
 	tmpl, err := ParseTemplate(cfg.Telemetry.Template)
@@ -62,10 +73,13 @@ func (d *Device) Reload(cfg Config) error {
 	if _, err := next.render(d, 0, time.Now()); err != nil {
 		return fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
 	}
-	// What a running session cannot take: everything but telemetry and the log settings.
+	// What a running session cannot take: everything but telemetry, the scripted methods, the
+	// twin behaviours and the log settings.
 	old, nw := d.cfg, cfg
-	old.Telemetry, nw.Telemetry = TelemetryConfig{}, TelemetryConfig{}
-	old.Log, nw.Log = LogConfig{}, LogConfig{}
+	for _, c := range []*Config{&old, &nw} {
+		c.Telemetry, c.Log, c.Methods = TelemetryConfig{}, LogConfig{}, nil
+		c.Twin.Properties, c.Twin.Default = nil, TwinBehaviour{}
+	}
 	if !reflect.DeepEqual(old, nw) {
 		return ErrRestartNeeded
 	}
@@ -74,9 +88,54 @@ func (d *Device) Reload(cfg Config) error {
 	case d.teleChanged <- struct{}{}:
 	default: // a change is already pending; the loop reads the latest settings
 	}
+	methodsChanged, twinChanged := d.setBehaviours(cfg, scripts)
 	d.log.Info(MsgConfigReloaded, zap.Duration("telemetry_interval", cfg.Telemetry.Interval),
-		zap.Bool("template_changed", prev == nil || prev.cfg.Template != cfg.Telemetry.Template))
+		zap.Bool("template_changed", prev == nil || prev.cfg.Template != cfg.Telemetry.Template),
+		zap.Bool("methods_changed", methodsChanged), zap.Bool("twin_changed", twinChanged))
 	return nil
+}
+
+// setBehaviours puts cfg's scripted methods (built as scripts) and twin behaviours in force,
+// in the running session's dispatcher and twin sync too, and reports which changed.
+func (d *Device) setBehaviours(cfg Config, scripts map[string]methods.Handler) (methodsChanged, twinChanged bool) {
+	d.behaviourMu.Lock()
+	defer d.behaviourMu.Unlock()
+	methodsChanged = !reflect.DeepEqual(d.scriptCfg, cfg.Methods)
+	twinChanged = !reflect.DeepEqual(d.twinB.Properties, cfg.Twin.Properties) || !reflect.DeepEqual(d.twinB.Default, cfg.Twin.Default)
+	if methodsChanged {
+		var remove []string
+		for name := range d.scripts {
+			if !d.builtinMethod(name) {
+				remove = append(remove, name)
+			}
+		}
+		add := make(map[string]methods.Handler, len(scripts))
+		for name, h := range scripts {
+			if !d.builtinMethod(name) {
+				add[name] = h
+			}
+		}
+		d.scripts, d.scriptCfg = scripts, cfg.Methods
+		if d.disp != nil {
+			d.disp.Replace(remove, add)
+		}
+	}
+	if twinChanged {
+		d.twinB.Properties, d.twinB.Default = cfg.Twin.Properties, cfg.Twin.Default
+		if d.twinSync != nil {
+			d.twinSync.SetHandlers(d.twinHandlers(d.twinB))
+		}
+	}
+	return methodsChanged, twinChanged
+}
+
+// sessionEnded forgets the dispatcher and twin sync of a session that ended (ts is its sync).
+func (d *Device) sessionEnded(ts *twinsync.Sync) {
+	d.behaviourMu.Lock()
+	defer d.behaviourMu.Unlock()
+	if d.twinSync == ts {
+		d.twinSync, d.disp = nil, nil
+	}
 }
 
 // newTicker returns the telemetry tick channel for interval (nil: no telemetry) and its stop.

@@ -238,21 +238,35 @@ func bootTime() (time.Time, bool) {
 	return time.Time{}, false
 }
 
-// newSync builds the device's twin sync.
+// newSync builds the device's twin sync, with the twin behaviours in force; it becomes the
+// sync a reload updates.
 func (d *Device) newSync(ses twinsync.Session) (*twinsync.Sync, error) {
+	d.behaviourMu.Lock()
+	defer d.behaviourMu.Unlock()
+	handlers, def := d.twinHandlers(d.twinB)
+	ts, err := twinsync.New(ses, twinsync.Config{
+		DeviceID: d.id.deviceID,
+		StateDir: d.cfg.StateDir,
+		Handlers: handlers,
+		Default:  def,
+		Facts:    d.facts(),
+		Logger:   d.log.Named("twin"),
+	})
+	if err == nil {
+		d.twinSync = ts
+	}
+	return ts, err
+}
+
+// twinHandlers builds the twin sync's handlers for the behaviours of tc (and the firmware
+// property when firmware updates are on).
+func (d *Device) twinHandlers(tc TwinConfig) (map[string]twinsync.Handler, twinsync.Handler) {
 	handlers := map[string]twinsync.Handler{}
-	for p, b := range d.cfg.Twin.Properties {
+	for p, b := range tc.Properties {
 		handlers[p] = d.watchHandler(d.handler(b))
 	}
 	if d.fw != nil {
 		handlers["firmware"] = d.watchHandler(d.firmwareDesired(d.fw))
 	}
-	return twinsync.New(ses, twinsync.Config{
-		DeviceID: d.id.deviceID,
-		StateDir: d.cfg.StateDir,
-		Handlers: handlers,
-		Default:  d.watchHandler(d.handler(d.cfg.Twin.Default)),
-		Facts:    d.facts(),
-		Logger:   d.log.Named("twin"),
-	})
+	return handlers, d.watchHandler(d.handler(tc.Default))
 }

@@ -148,6 +148,20 @@ func (d *Dispatcher) Register(name string, h Handler) {
 	d.mu.Unlock()
 }
 
+// Replace swaps part of the handler table in one step: the handlers named in remove go, those
+// in add are registered (replacing any of the same name). A call dispatched after Replace sees
+// only the new table; calls already running finish with the handler they started with.
+func (d *Dispatcher) Replace(remove []string, add map[string]Handler) {
+	d.mu.Lock()
+	for _, n := range remove {
+		delete(d.handlers, n)
+	}
+	for n, h := range add {
+		d.handlers[n] = h
+	}
+	d.mu.Unlock()
+}
+
 // Dispatch starts a call and returns at once; the answer is sent from a goroutine the
 // dispatcher owns. It never blocks on a handler or on sending an answer (refusals included), so
 // it may be called from the session's delivery goroutine: a slow or lost connection never holds

@@ -645,10 +645,13 @@ func (s *Sync) applyPatches(ctx context.Context) {
 // document and next, records next as applied at version, and queues the acks.
 func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, full bool) {
 	prev := s.desired
+	s.mu.Lock()
+	handlers, def := s.cfg.Handlers, s.cfg.Default // SetHandlers may swap them
+	s.mu.Unlock()
 	acks := map[string]any{}
 	covered := map[string]bool{}
-	paths := make([]string, 0, len(s.cfg.Handlers))
-	for p := range s.cfg.Handlers {
+	paths := make([]string, 0, len(handlers))
+	for p := range handlers {
 		paths = append(paths, p)
 		covered[strings.SplitN(p, ".", 2)[0]] = true
 	}
@@ -660,7 +663,7 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 			continue
 		}
 		c := Change{Path: p, Value: val, Deleted: !ok, Version: version, s: s}
-		ack := s.cfg.Handlers[p](ctx, c)
+		ack := handlers[p](ctx, c)
 		s.log.Info(MsgDesiredPropertyApplied, zap.String("path", p), zap.Int64("version", version), zap.Int("ac", ack.Status))
 		setAck(acks, p, c, ack)
 	}
@@ -684,11 +687,11 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 			continue
 		}
 		c := Change{Path: k, Value: val, Deleted: !ok, Version: version, s: s}
-		if s.cfg.Default == nil {
+		if def == nil {
 			s.log.Info(MsgDesiredPropertyRecorded, zap.String("path", k), zap.Int64("version", version))
 			continue
 		}
-		ack := s.cfg.Default(ctx, c)
+		ack := def(ctx, c)
 		s.log.Info(MsgDesiredPropertyApplied, zap.String("path", k), zap.Int64("version", version), zap.Int("ac", ack.Status))
 		setAck(acks, k, c, ack)
 	}
@@ -707,6 +710,16 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 	// handlers ran and the acks go out, so the sync carries on from memory.
 	_ = s.persist(seq)
 	s.log.Info(MsgDesiredVersionApplied, zap.Int64("version", version), zap.Bool("full", full))
+}
+
+// SetHandlers replaces Config.Handlers and Config.Default (an agent reload): the desired
+// changes applied after it go to the new handlers; what was applied and acknowledged before
+// stays as it is (a changed behaviour takes effect with the next change of the property).
+// Safe to call while the sync runs; a change being applied finishes with the old handlers.
+func (s *Sync) SetHandlers(handlers map[string]Handler, def Handler) {
+	s.mu.Lock()
+	s.cfg.Handlers, s.cfg.Default = handlers, def
+	s.mu.Unlock()
 }
 
 // lookup finds a dotted path in a document.

@@ -559,3 +559,45 @@ func TestSyncDamagedStateSetAside(t *testing.T) {
 		return ac == 200
 	})
 }
+
+// SetHandlers swaps the handlers of a running sync: the next change goes to the new handlers
+// (a new path, and the default), what was acknowledged before is not acknowledged again.
+func TestSyncSetHandlers(t *testing.T) {
+	f := newFakeHub()
+	f.setDesired(`{"mode":"a","other":1}`) // version 2
+	accept := func(context.Context, twinsync.Change) twinsync.Ack { return twinsync.Ack{Status: 200} }
+	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d1", Logger: zaptest.NewLogger(t),
+		Handlers: map[string]twinsync.Handler{"mode": accept}, Default: accept})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	defer stop()
+	s.Connected()
+	f.waitReported(t, "acks for version 2", func(r map[string]any) bool {
+		ac, av, _ := ackOf(r, "mode")
+		ac2, _, _ := ackOf(r, "other")
+		return ac == 200 && av == 2 && ac2 == 200
+	})
+	reject := func(context.Context, twinsync.Change) twinsync.Ack { return twinsync.Ack{Status: 409, Value: "kept"} }
+	s.SetHandlers(map[string]twinsync.Handler{"mode": reject, "net.speed": reject}, nil)
+	patches := f.patchCount()
+	s.Desired(f.setDesired(`{"mode":"b","net":{"speed":9},"other":2}`)) // version 3
+	r := f.waitReported(t, "acks for version 3", func(r map[string]any) bool {
+		_, av, _ := ackOf(r, "mode")
+		return av == 3
+	})
+	if ac, _, v := ackOf(r, "mode"); ac != 409 || v != "kept" {
+		t.Errorf("mode after SetHandlers: ac %v value %v, want the new handler's 409", ac, v)
+	}
+	speed, _ := r["net"].(map[string]any)
+	if ac, _, _ := ackOf(speed, "speed"); ac != 409 {
+		t.Errorf("net.speed (a path only the new handlers cover): ac %v, want 409", ac)
+	}
+	if _, av, _ := ackOf(r, "other"); av != 2 {
+		t.Errorf("other acknowledged at version %v after the default was removed, want still 2", av)
+	}
+	if n := f.patchCount() - patches; n != 1 {
+		t.Errorf("%d reported patches for version 3, want 1", n)
+	}
+}

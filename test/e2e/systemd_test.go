@@ -332,3 +332,102 @@ func TestSystemdWatchdogStopsWhenLoopWedged(t *testing.T) {
 		})
 	}
 }
+
+// writeBehaviourConfig writes an agent configuration with scripted method ping answering
+// pingPayload (plus the extra methods YAML) and twin property mode handled by modeAction.
+func writeBehaviourConfig(t *testing.T, path, caFile, pingPayload, extraMethods, modeAction string) {
+	t.Helper()
+	cfg := fmt.Sprintf("log:\n  format: json\n  level: debug\ntls:\n  caFile: %q\ntelemetry:\n  interval: 1h\n"+
+		"methods:\n  ping:\n    payload: %q\n%stwin:\n  properties:\n    mode: %s\n", caFile, pingPayload, extraMethods, modeAction)
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// SIGHUP with new scripted methods and twin behaviours applies them on the same connection:
+// the method answers with the new payload, a new method answers, a desired change gets the new
+// behaviour's ack, and hubsim saw one connect of the device; an invalid file is refused and the
+// reloaded behaviours stay.
+func TestReloadMethodsAndTwinInPlace(t *testing.T) {
+	h := newHub(t)
+	d := createDevice(t, h, "e2e-reload-behaviours")
+	cs := connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey)
+	ns := newNotifySocket(t)
+	cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
+	writeBehaviourConfig(t, cfgPath, h.ep.CAFile, "v1", "", "{action: accept}")
+	a := startNotifyAgent(t, h, ns, cs, cfgPath, 0)
+	ns.await("STATUS connected", "STATUS", "connected to the hub")
+	call := func(name string) service.MethodResult {
+		t.Helper()
+		res, err := h.svc.InvokeMethod(ctxT(t), d.DeviceID, service.MethodCall{MethodName: name, ResponseTimeout: 10 * time.Second})
+		if err != nil {
+			t.Fatalf("invoke %s: %v", name, err)
+		}
+		return res
+	}
+	if res := call("ping"); string(res.Payload) != `"v1"` {
+		t.Fatalf("ping before the reload: %d %s", res.Status, res.Payload)
+	}
+
+	writeBehaviourConfig(t, cfgPath, h.ep.CAFile, "v2", "  fresh:\n    status: 201\n    payload: {new: true}\n",
+		"{action: reject, status: 409, description: frozen}")
+	from := a.numLines()
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	a.await(from, "the reload", and(msgIs(agent.MsgConfigReloaded), field("methods_changed", true), field("twin_changed", true)))
+	ns.await("READY=1 after the reload", "READY", "1")
+	if res := call("ping"); res.Status != 200 || string(res.Payload) != `"v2"` {
+		t.Errorf("ping after the reload: %d %s, want 200 \"v2\"", res.Status, res.Payload)
+	}
+	if res := call("fresh"); res.Status != 201 || string(res.Payload) != `{"new":true}` {
+		t.Errorf("new method after the reload: %d %s, want 201 {\"new\":true}", res.Status, res.Payload)
+	}
+	if _, err := h.svc.UpdateTwin(ctxT(t), d.DeviceID, map[string]any{"properties": map[string]any{"desired": map[string]any{"mode": "eco"}}}, "*"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the reloaded twin behaviour's ack", func() error {
+		tw, err := h.svc.GetTwin(ctxT(t), d.DeviceID)
+		if err != nil {
+			return err
+		}
+		ack, _ := tw.Properties.Reported["mode"].(map[string]any)
+		if fmt.Sprint(ack["ac"]) != "409" || ack["ad"] != "frozen" {
+			return fmt.Errorf("reported mode %v, want ac 409 ad frozen", ack)
+		}
+		return nil
+	})
+
+	// Invalid (two payload kinds for one method): refused, the reloaded behaviours stay.
+	if err := os.WriteFile(cfgPath, []byte("methods:\n  ping:\n    payload: v3\n    echo: true\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	from = a.numLines()
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	refused := a.await(from, "the refusal", msgIs("reload refused: keeping the running configuration"))
+	a.mu.Lock()
+	reason := fmt.Sprint(a.lines[refused]["error"])
+	a.mu.Unlock()
+	if !strings.Contains(reason, "methods.ping") {
+		t.Errorf("refusal reason %q does not name methods.ping", reason)
+	}
+	if res := call("ping"); string(res.Payload) != `"v2"` {
+		t.Errorf("ping after the refused reload: %d %s, want the reloaded \"v2\"", res.Status, res.Payload)
+	}
+
+	if err := a.stop(); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+	if n := h.count(and(msgIs("device connected"), field("device", d.DeviceID))); n != 1 {
+		t.Errorf("hubsim saw %d connects of the device, want 1 (a reload reconnected)", n)
+	}
+	stopped := a.await(0, "the stop summary", msgIs(agent.MsgStopped))
+	a.mu.Lock()
+	connects := fmt.Sprint(a.lines[stopped]["connects"])
+	a.mu.Unlock()
+	if connects != "1" {
+		t.Errorf("session connects %s, want 1", connects)
+	}
+}
