@@ -228,8 +228,12 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		return true
 	}
 	tok := rec.Token
-	if tok == nil || tok.Verify(h.b.Key, time.Now()) != nil ||
-		!tok.Authorizes(sas.DeviceResource(Host, strings.SplitN(rec.ClientID, "/", 2)[0])) {
+	// A module identity's client ID is {deviceId}/{moduleId}, and its token names the module.
+	resource := sas.DeviceResource(Host, rec.ClientID)
+	if dev, mod, ok := strings.Cut(rec.ClientID, "/"); ok {
+		resource = sas.ModuleResource(Host, dev, mod)
+	}
+	if tok == nil || tok.Verify(h.b.Key, time.Now()) != nil || !tok.Authorizes(resource) {
 		rec.Refused = 5
 		h.notify("refused")
 		return false
