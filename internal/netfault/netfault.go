@@ -20,6 +20,7 @@ import (
 	"time"
 
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/Shopify/toxiproxy/v2/toxics"
 	"github.com/rs/zerolog"
 	"go.uber.org/zap"
 )
@@ -67,7 +68,7 @@ type Fault struct {
 	names []string
 }
 
-// Kind is the fault's kind (latency, bandwidth, slicer, reset, blackhole).
+// Kind is the fault's kind (latency, bandwidth, slicer, reset_peer, netfault_blackhole).
 func (f *Fault) Kind() string { return f.kind }
 
 // New starts a proxy listening on listen (use "127.0.0.1:0" for a free port) that forwards every
@@ -80,6 +81,8 @@ func New(listen, upstream string, log *zap.Logger) (*Proxy, error) {
 	if _, _, err := net.SplitHostPort(upstream); err != nil {
 		return nil, fmt.Errorf("netfault: upstream %q: %w", upstream, err)
 	}
+	// Idempotent: the registry maps the name to the same type on every call.
+	toxics.Register(blackholeType, new(holdToxic))
 	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
 	tp := toxiproxy.NewProxy(srv, "netfault-"+upstream, listen, upstream)
 	if err := tp.Start(); err != nil {
@@ -144,13 +147,40 @@ func (p *Proxy) Reset(s ...Stream) (*Fault, error) {
 	return p.add("reset_peer", map[string]any{"timeout": 0}, s)
 }
 
-// Blackhole drops all data silently in the given directions (toxiproxy's timeout toxic with
-// timeout 0): the TCP connection stays open and nothing arrives, as behind a dead NAT entry.
-// New connections are accepted and then hear nothing. Removing it closes the connections that
-// were blackholed (toxiproxy's cleanup of the timeout toxic).
+// Blackhole drops all data silently in the given directions, the end of the stream included:
+// the connection stays open and nothing arrives, not even the other side's close, as behind a
+// dead NAT entry or a pulled cable; only the client's own keep-alive can tell. New connections
+// are accepted and then hear nothing. Removing it closes the connections that were blackholed.
+// (Toxiproxy's timeout toxic with timeout 0 drops data but passes the peer's close on, so a
+// server's keep-alive timeout would reach the client: this is that toxic without the close.)
 func (p *Proxy) Blackhole(s ...Stream) (*Fault, error) {
-	return p.add("timeout", map[string]any{"timeout": 0}, s)
+	return p.add(blackholeType, map[string]any{}, s)
 }
+
+// blackholeType is the name holdToxic is registered under in toxiproxy's toxic registry.
+const blackholeType = "netfault_blackhole"
+
+// holdToxic drops every chunk and holds the stream open when its input ends, until it is
+// removed (Cleanup then closes the stream).
+type holdToxic struct{}
+
+// Pipe drops data until interrupted; after the input ends it only waits for the interrupt.
+func (holdToxic) Pipe(stub *toxics.ToxicStub) {
+	for {
+		select {
+		case <-stub.Interrupt:
+			return
+		case c := <-stub.Input:
+			if c == nil {
+				<-stub.Interrupt
+				return
+			}
+		}
+	}
+}
+
+// Cleanup closes the stream when the toxic is removed.
+func (holdToxic) Cleanup(stub *toxics.ToxicStub) { stub.Close() }
 
 // Down stops the listener and closes every proxied connection: clients see their connection
 // closed and new dials refused. Up listens again on the same address.

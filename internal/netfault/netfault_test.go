@@ -67,6 +67,15 @@ func startEcho(t *testing.T) *echoServer {
 	return s
 }
 
+// closeAll closes the server side of every connection so far.
+func (s *echoServer) closeAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+}
+
 func dial(t *testing.T, addr string) net.Conn {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", addr, deadline)
@@ -254,6 +263,12 @@ func TestBlackholeSilenceThenCloseOnLift(t *testing.T) {
 	_ = c2.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
 	if _, err := c2.Read(make([]byte, 10)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("new connection through a blackhole: %v", err)
+	}
+	// The server closing its side does not get through either: no EOF, only silence.
+	e.closeAll()
+	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, err := c.Read(make([]byte, 10)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("server close through a blackhole: %d bytes, %v; want a deadline error", n, err)
 	}
 	if err := f.Remove(); err != nil {
 		t.Fatal(err)
