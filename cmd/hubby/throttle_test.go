@@ -64,4 +64,21 @@ func TestHubsimThrottleCommandWithoutTier(t *testing.T) {
 		t.Fatal(err)
 	}
 	golden(t, "hubsim-throttle-off", out)
+	out, err = hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle", "set", "s3", "--units", "2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "hubsim-throttle-set", out)
+	if st := srv.Throttle(); st.Tier != "S3" || st.Units != 2 {
+		t.Fatalf("after set: %+v", st)
+	}
+	if _, err := hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle", "set", "S5"); err == nil || !strings.Contains(err.Error(), "unknown tier") {
+		t.Fatalf("set S5: %v, want the tier refused", err)
+	}
+	if _, err := hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle", "off"); err != nil {
+		t.Fatal(err)
+	}
+	if st := srv.Throttle(); st.Tier != "" {
+		t.Fatalf("after off: %+v", st)
+	}
 }

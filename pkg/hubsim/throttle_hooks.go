@@ -20,34 +20,52 @@ const (
 // DPSRegistrationOp is the row of DPS registrations in GET /hubsim/throttle.
 const DPSRegistrationOp throttle.Op = "dps-registration"
 
-// tierThrottle builds the throttles of Config.Tier (nil when it is empty) and sets DPS's rate.
+// tierThrottle builds the throttles (off when Config.Tier is empty; POST /hubsim/throttle can
+// turn them on later) and, with a tier, sets DPS's rate.
 func (s *Server) tierThrottle() (*throttle.Limiter, error) {
-	if s.cfg.Tier == "" {
-		if s.cfg.Units != 0 {
-			return nil, fmt.Errorf("hubsim: units (%d) need a tier", s.cfg.Units)
-		}
-		return nil, nil
-	}
-	if s.cfg.Units == 0 {
-		s.cfg.Units = 1
-	}
 	clk := s.cfg.Clock
 	if clk == nil {
 		clk = clock.Real()
 	}
-	lim, err := throttle.NewTier(s.cfg.Tier, s.cfg.Units, clk)
-	if err != nil {
+	s.throttle = throttle.Off(clk)
+	if s.cfg.Tier == "" {
+		if s.cfg.Units != 0 {
+			return nil, fmt.Errorf("hubsim: units (%d) need a tier", s.cfg.Units)
+		}
+		return s.throttle, nil
+	}
+	if s.cfg.Units == 0 {
+		s.cfg.Units = 1
+	}
+	if err := s.throttle.SetTier(s.cfg.Tier, s.cfg.Units); err != nil {
 		return nil, fmt.Errorf("hubsim: tier: %w", err)
 	}
 	if s.cfg.DPSRegistrationRate == 0 {
 		s.cfg.DPSRegistrationRate, s.cfg.DPSRegistrationBurst = dpsTierRate, dpsTierBurst
 	}
-	s.throttle = lim
-	st := lim.Status()
+	s.logTier()
+	return s.throttle, nil
+}
+
+func (s *Server) logTier() {
+	st := s.throttle.Status()
+	if st.Tier == "" {
+		s.log.Info("tier throttling off")
+		return
+	}
 	s.log.Info("throttling as an IoT Hub tier", zap.String("tier", st.Tier), zap.Int("units", st.Units),
-		zap.Float64("connects_per_second", lim.Rate(throttle.Connect)), zap.Float64("d2c_per_second", lim.Rate(throttle.D2C)),
+		zap.Float64("connects_per_second", s.throttle.Rate(throttle.Connect)), zap.Float64("d2c_per_second", s.throttle.Rate(throttle.D2C)),
 		zap.Float64("dps_registrations_per_second", s.cfg.DPSRegistrationRate))
-	return lim, nil
+}
+
+// SetTier changes the tier throttles while hubsim runs (POST/DELETE /hubsim/throttle): tier ""
+// turns them off. Buckets start full and counters from zero. DPS's rate stays as started.
+func (s *Server) SetTier(tier string, units int) error {
+	if err := s.throttle.SetTier(tier, units); err != nil {
+		return err
+	}
+	s.logTier()
+	return nil
 }
 
 // Throttle returns the tier, units and counters of the throttles (GET /hubsim/throttle), DPS

@@ -191,8 +191,8 @@ func TestNoTierThrottlesNothing(t *testing.T) {
 	if r.status != 200 || st.Tier != "" || len(st.Operations) != 1 || st.Operations[0].Op != hubsim.DPSRegistrationOp || st.Operations[0].PerSecond != 0 {
 		t.Fatalf("GET /hubsim/throttle without a tier: %d %s", r.status, r.body)
 	}
-	if r := e.do("POST", "/hubsim/throttle", nil, ""); r.status != 405 {
-		t.Fatalf("POST /hubsim/throttle: %d, want 405", r.status)
+	if r := e.do("PUT", "/hubsim/throttle", nil, ""); r.status != 405 {
+		t.Fatalf("PUT /hubsim/throttle: %d, want 405", r.status)
 	}
 }
 
@@ -207,5 +207,45 @@ func TestTierRefusedWhenUnknown(t *testing.T) {
 		if !strings.Contains(err.Error(), "tier") {
 			t.Fatalf("tier %q units %d: error %q does not name the tier", c.Tier, c.Units, err)
 		}
+	}
+}
+
+// TestTierSetAtRuntime: POST /hubsim/throttle turns a tier on in a running hubsim, DELETE off.
+func TestTierSetAtRuntime(t *testing.T) {
+	clk := clock.NewFake(time.Now())
+	e := newEnv(t, func(c *hubsim.Config) { c.Clock = clk })
+	e.createSAS("rt1")
+	get := func() response { return e.do("GET", "/devices/rt1?api-version=2021-04-12", nil, "") }
+	for range 3 {
+		if r := get(); r.status != 200 {
+			t.Fatalf("registry GET without a tier: %d %s", r.status, r.body)
+		}
+	}
+	for _, bad := range []string{`{"tier":"S7"}`, `{"tier":"S1","unitz":1}`, `not json`, `{"tier":"F1","units":4}`} {
+		if r := e.do("POST", "/hubsim/throttle", []byte(bad), ""); r.status != 400 || r.errorCode(t) != "ArgumentInvalid" {
+			t.Fatalf("POST /hubsim/throttle %s: %d %s, want 400 ArgumentInvalid", bad, r.status, r.body)
+		}
+	}
+	r := e.do("POST", "/hubsim/throttle", []byte(`{"tier":"s2","units":2}`), "")
+	var st throttle.Status
+	r.json(t, &st)
+	if r.status != 200 || st.Tier != "S2" || st.Units != 2 {
+		t.Fatalf("POST /hubsim/throttle: %d %s", r.status, r.body)
+	}
+	// S2 x2: registry 200/min, a bucket of 3.33 calls.
+	for i := range 3 {
+		if r := get(); r.status != 200 {
+			t.Fatalf("registry GET %d of 3 under S2 x2: %d", i+1, r.status)
+		}
+	}
+	expectThrottled(t, "the fourth registry GET under S2 x2", get())
+	if r := e.do("DELETE", "/hubsim/throttle", nil, ""); r.status != 200 {
+		t.Fatalf("DELETE /hubsim/throttle: %d %s", r.status, r.body)
+	}
+	if r := get(); r.status != 200 {
+		t.Fatalf("registry GET after DELETE: %d %s", r.status, r.body)
+	}
+	if st := e.srv.Throttle(); st.Tier != "" || len(st.Operations) != 1 {
+		t.Fatalf("status after DELETE: %+v", st)
 	}
 }

@@ -33,7 +33,7 @@ func (h *handler) hubsimRoute(r *http.Request, seg []string) func(http.ResponseW
 	case len(seg) >= 1 && seg[0] == "faults" && h.cfg.Faults != nil: // pkg/hubsim/faults
 		return h.cfg.Faults
 	case len(seg) == 1 && seg[0] == "throttle": // throttle.go
-		return onlyMethod(http.MethodGet, h.getThrottle)
+		return h.throttleRoute(r)
 	}
 	return func(w http.ResponseWriter, r *http.Request, _ []string) {
 		writeError(w, errNotFound.WithText("no such resource: %s %s", r.Method, r.URL.Path))

@@ -70,6 +70,8 @@ type Config struct {
 	Throttle *throttle.Limiter
 	// ThrottleExtra, if set, adds rows to GET /hubsim/throttle (DPS registrations).
 	ThrottleExtra func() []throttle.Counter
+	// SetTier, if set, serves POST /hubsim/throttle (a tier) and DELETE (off); "" is off.
+	SetTier func(tier string, units int) error
 }
 
 type handler struct {

@@ -53,6 +53,44 @@ func (h *handler) throttled(w http.ResponseWriter, r *http.Request, seg []string
 	return true
 }
 
+// throttleRoute serves /hubsim/throttle: GET the counters, POST {"tier","units"} to throttle as
+// that tier from now on, DELETE to stop throttling; POST and DELETE answer with the new status.
+func (h *handler) throttleRoute(r *http.Request) func(http.ResponseWriter, *http.Request, []string) {
+	switch {
+	case r.Method == http.MethodGet:
+		return h.getThrottle
+	case r.Method == http.MethodPost && h.cfg.SetTier != nil:
+		return h.postThrottle
+	case r.Method == http.MethodDelete && h.cfg.SetTier != nil:
+		return func(w http.ResponseWriter, r *http.Request, seg []string) {
+			if err := h.cfg.SetTier("", 0); err != nil {
+				writeError(w, err)
+				return
+			}
+			h.getThrottle(w, r, seg)
+		}
+	}
+	return methodNotAllowed
+}
+
+func (h *handler) postThrottle(w http.ResponseWriter, r *http.Request, seg []string) {
+	b, err := readBody(w, r)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	req, err := throttle.ParseRequest(b)
+	if err != nil {
+		writeError(w, wire.ErrArgumentInvalid.WithText("%v", err))
+		return
+	}
+	if err := h.cfg.SetTier(req.Tier, req.Units); err != nil {
+		writeError(w, wire.ErrArgumentInvalid.WithText("%v", err))
+		return
+	}
+	h.getThrottle(w, r, seg)
+}
+
 // getThrottle serves GET /hubsim/throttle: the tier, units and each operation's limit and
 // counters (throttle.Status, plus what Config.ThrottleExtra adds).
 func (h *handler) getThrottle(w http.ResponseWriter, _ *http.Request, _ []string) {

@@ -6,9 +6,13 @@
 package throttle
 
 import (
+	"bytes"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/iothubby/iothubby/pkg/clock"
@@ -78,12 +82,14 @@ type bucket struct {
 	last               time.Time
 }
 
-// Limiter applies Limits on a clock. Safe for concurrent use.
+// Limiter applies Limits on a clock. Safe for concurrent use. A Limiter that is off (Off, or
+// SetTier("")) allows everything at the cost of one atomic load and counts nothing.
 type Limiter struct {
-	tier    string
-	units   int
+	on      atomic.Bool
 	clk     clock.Clock
 	mu      sync.Mutex
+	tier    string
+	units   int
 	buckets map[Op]*bucket
 	allowed map[Op]uint64
 	refused map[Op]uint64
@@ -91,24 +97,53 @@ type Limiter struct {
 
 // New returns a Limiter for limits; operations absent from limits are never throttled.
 func New(limits Limits, clk clock.Clock) *Limiter {
-	l := &Limiter{clk: clk, buckets: map[Op]*bucket{}, allowed: map[Op]uint64{}, refused: map[Op]uint64{}}
-	now := clk.Now()
-	for op, rate := range limits {
-		size := max(rate, 1)
-		l.buckets[op] = &bucket{rate: rate, size: size, tokens: size, last: now}
-	}
+	l := &Limiter{clk: clk}
+	l.set(limits, "", 0)
 	return l
 }
 
+// Off returns a Limiter that throttles nothing until SetTier.
+func Off(clk clock.Clock) *Limiter { return &Limiter{clk: clk} }
+
 // NewTier returns a Limiter with the throttles of tier and units (ForTier), which Status names.
 func NewTier(tier string, units int, clk clock.Clock) (*Limiter, error) {
-	limits, err := ForTier(tier, units)
-	if err != nil {
+	l := Off(clk)
+	if err := l.SetTier(tier, units); err != nil {
 		return nil, err
 	}
-	l := New(limits, clk)
-	l.tier, l.units = strings.ToUpper(tier), units
 	return l, nil
+}
+
+// SetTier replaces the throttles with those of tier and units, with full buckets and counters
+// from zero; tier "" turns throttling off. An unknown tier or unit count changes nothing.
+func (l *Limiter) SetTier(tier string, units int) error {
+	if tier == "" {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.on.Store(false)
+		l.tier, l.units, l.buckets, l.allowed, l.refused = "", 0, nil, nil, nil
+		return nil
+	}
+	limits, err := ForTier(tier, units)
+	if err != nil {
+		return err
+	}
+	l.set(limits, strings.ToUpper(tier), units)
+	return nil
+}
+
+func (l *Limiter) set(limits Limits, tier string, units int) {
+	buckets := map[Op]*bucket{}
+	now := l.clk.Now()
+	for op, rate := range limits {
+		size := max(rate, 1)
+		buckets[op] = &bucket{rate: rate, size: size, tokens: size, last: now}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.tier, l.units, l.buckets = tier, units, buckets
+	l.allowed, l.refused = map[Op]uint64{}, map[Op]uint64{}
+	l.on.Store(true)
 }
 
 // Allow takes one token for op and reports whether it was there; a refusal is counted.
@@ -129,11 +164,14 @@ func MethodUnits(size int64) int {
 // capped at the bucket size, so that an operation the tier allows once a second is never
 // refused for ever. A nil Limiter allows everything.
 func (l *Limiter) AllowN(op Op, n int) bool {
-	if l == nil {
+	if l == nil || !l.on.Load() {
 		return true
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.allowed == nil {
+		return true // turned off meanwhile
+	}
 	b := l.buckets[op]
 	if b == nil {
 		l.allowed[op]++
@@ -177,12 +215,19 @@ type Counter struct {
 
 // Snapshot returns the counters of every operation, in Ops order.
 func (l *Limiter) Snapshot() []Counter {
-	out := make([]Counter, 0, len(Ops))
 	if l == nil {
-		return out
+		return []Counter{}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	return l.snapshotLocked()
+}
+
+func (l *Limiter) snapshotLocked() []Counter {
+	out := make([]Counter, 0, len(Ops))
+	if l.allowed == nil {
+		return out
+	}
 	for _, op := range Ops {
 		c := Counter{Op: op, Allowed: l.allowed[op], Throttled: l.refused[op]}
 		if b := l.buckets[op]; b != nil {
@@ -208,5 +253,36 @@ func (l *Limiter) Status() Status {
 	if l == nil {
 		return Status{Operations: []Counter{}}
 	}
-	return Status{Tier: l.tier, Units: l.units, Operations: l.Snapshot()}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return Status{Tier: l.tier, Units: l.units, Operations: l.snapshotLocked()}
+}
+
+// Request is the body of POST /hubsim/throttle: the tier and units to throttle as from now on.
+type Request struct {
+	Tier  string `json:"tier"`
+	Units int    `json:"units"`
+}
+
+// ParseRequest reads a POST /hubsim/throttle body: one JSON object with a known tier and a unit
+// count it allows (units 0 or absent: 1). Unknown fields are refused, so a typo is not silently
+// ignored.
+func ParseRequest(b []byte) (Request, error) {
+	var r Request
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		return Request{}, fmt.Errorf("throttle request: %w", err)
+	}
+	if dec.More() {
+		return Request{}, errors.New("throttle request: more than one JSON value")
+	}
+	if r.Units == 0 {
+		r.Units = 1
+	}
+	if _, err := ForTier(r.Tier, r.Units); err != nil {
+		return Request{}, fmt.Errorf("throttle request: %w", err)
+	}
+	r.Tier = strings.ToUpper(r.Tier)
+	return r, nil
 }

@@ -142,3 +142,76 @@ func TestAllowNCountsMetersAndCapsAtTheBucket(t *testing.T) {
 		t.Fatalf("nil limiter status %+v", s)
 	}
 }
+
+func TestSetTierSwitchesAtRuntime(t *testing.T) {
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
+	l := Off(clk)
+	for range 1000 {
+		if !l.Allow(Connect) {
+			t.Fatal("an off limiter refused")
+		}
+	}
+	if st := l.Status(); st.Tier != "" || len(st.Operations) != 0 {
+		t.Fatalf("off: status %+v, want no tier and no rows", st)
+	}
+	if err := l.SetTier("S9", 1); err == nil {
+		t.Fatal("SetTier(S9) accepted")
+	}
+	if err := l.SetTier("s1", 1); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Allow(Registry) || l.Allow(Registry) {
+		t.Fatal("S1 registry after SetTier: want one allowed, then refused")
+	}
+	if st := l.Status(); st.Tier != "S1" || st.Operations[2].Throttled != 1 {
+		t.Fatalf("status after SetTier %+v", st)
+	}
+	if err := l.SetTier("S3", 1); err != nil || !l.Allow(Registry) {
+		t.Fatalf("S3 (83/s) after S1: %v, want a fresh bucket", err)
+	}
+	if st := l.Status(); st.Operations[2].Allowed != 1 || st.Operations[2].Throttled != 0 {
+		t.Fatalf("counters not restarted by SetTier: %+v", st.Operations[2])
+	}
+	if err := l.SetTier("", 0); err != nil {
+		t.Fatal(err)
+	}
+	for range 10 {
+		if !l.Allow(Registry) {
+			t.Fatal("refused after SetTier(\"\")")
+		}
+	}
+}
+
+func TestParseRequest(t *testing.T) {
+	for _, c := range []struct {
+		in    string
+		tier  string
+		units int
+	}{{`{"tier":"s2","units":3}`, "S2", 3}, {`{"tier":"F1"}`, "F1", 1}, {` {"tier":"B3","units":1} `, "B3", 1}} {
+		r, err := ParseRequest([]byte(c.in))
+		if err != nil || r.Tier != c.tier || r.Units != c.units {
+			t.Errorf("ParseRequest(%s) = %+v, %v", c.in, r, err)
+		}
+	}
+	for _, bad := range []string{``, `null`, `[]`, `{"tier":"S4"}`, `{"tier":"S1","units":-1}`, `{"tier":"F1","units":2}`,
+		`{"tier":"S1","unit":2}`, `{"tier":"S1"} {}`, `{"tier":1}`, "{\"tier\":\"S1\xff\"}", `{"tier":""}`} {
+		if r, err := ParseRequest([]byte(bad)); err == nil {
+			t.Errorf("ParseRequest(%q) accepted: %+v", bad, r)
+		}
+	}
+}
+
+func FuzzParseRequest(f *testing.F) {
+	for _, s := range []string{`{"tier":"S1","units":1}`, `{"tier":"f1"}`, `{"tier":"S3","units":200}`, `{`, `{"tier":"S1","x":1}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := ParseRequest(b)
+		if err != nil {
+			return
+		}
+		if _, err := ForTier(r.Tier, r.Units); err != nil || r.Units < 1 {
+			t.Fatalf("accepted %q as %+v, which ForTier refuses: %v", b, r, err)
+		}
+	})
+}
