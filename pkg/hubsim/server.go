@@ -138,7 +138,8 @@ type Config struct {
 	// registrations at DPS's 1,000/min unless DPSRegistrationRate is set. Empty: no throttling.
 	Tier  string
 	Units int
-	// Clock is the throttles' clock (nil: the real one); tests advance a fake one.
+	// Clock is the clock of the throttles and of injected faults' delays and durations (nil:
+	// the real one); tests advance a fake one.
 	Clock clock.Clock
 }
 
@@ -243,11 +244,12 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if retryAfter == 0 {
 		retryAfter = 1
 	}
+	s.faults = faults.New(cfg.Clock, log.Named("faults"))
 	s.dps, err = dps.Open(dps.Config{
 		Path: filepath.Join(dir, DPSDatabaseFile), IDScope: cfg.IDScope, ServiceHostName: cfg.HostName,
 		Hubs: append([]string{cfg.HostName}, cfg.HubHostNames...), Registry: s.reg, RetryAfter: retryAfter,
 		RegistrationRate: s.cfg.DPSRegistrationRate, RegistrationBurst: s.cfg.DPSRegistrationBurst,
-		ApplyInitialTwin: s.applyInitialTwin,
+		ApplyInitialTwin: s.applyInitialTwin, Fault: s.dpsFault,
 	}, log.Named("dps"))
 	if err != nil {
 		return nil, err
@@ -264,7 +266,6 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err := s.openEvents(); err != nil {
 		return nil, err
 	}
-	s.faults = faults.New(clock.Real(), log.Named("faults"))
 	s.brk, err = broker.Start(broker.Config{
 		HostName: cfg.HostName, Addr: cfg.MQTTAddr, TLS: tlsConf, Registry: s.reg,
 		ConnectTimeout: cfg.ConnectTimeout, TokenGrace: cfg.TokenGrace,
@@ -276,7 +277,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	if err != nil {
 		return nil, err
 	}
-	s.faults.SetDropper(s.dropConnections)
+	s.faults.SetConns(faultConns{s})
 	s.twins.SetNotifier(s.brk)
 	s.methods.SetSender(s.brk)
 	if err := ctx.Err(); err != nil {
@@ -305,7 +306,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 		Throttle: lim, ThrottleExtra: s.dpsThrottleCounters, SetTier: s.SetTier}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
-	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: h, ws: s.brk}, log.Named("https")); err != nil {
+	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: s.faults.WrapREST(h), ws: s.brk}, log.Named("https")); err != nil {
 		return nil, err
 	}
 	owner, ok := s.reg.Policy("iothubowner")
@@ -446,6 +447,24 @@ func (s *Server) dropConnections(deviceID string) int {
 		}
 	}
 	return n
+}
+
+// dpsFault applies the dps-delay and dps-error faults to a device registration request.
+func (s *Server) dpsFault(ctx context.Context, regID string) (status, retryAfter int) {
+	f := s.faults.DPSFault(regID)
+	if err := s.faults.Sleep(ctx, f.Delay); err != nil {
+		return http.StatusServiceUnavailable, 1 // hubsim is stopping (or the client left)
+	}
+	return f.Status, f.RetryAfter
+}
+
+// faultConns is what admin faults do to device connections.
+type faultConns struct{ s *Server }
+
+func (c faultConns) Drop(deviceID string) int        { return c.s.dropConnections(deviceID) }
+func (c faultConns) ExpireToken(deviceID string) int { return c.s.brk.ExpireToken(deviceID) }
+func (c faultConns) Stall(deviceID string, release <-chan struct{}) int {
+	return c.s.brk.Stall(deviceID, release)
 }
 
 // Faults is the fault injector (AzIoTHub_Fault* telemetry, GET /hubsim/faults).

@@ -239,6 +239,7 @@ type outgoing struct {
 	topic string
 	body  []byte
 	pid   uint16
+	mid   string
 }
 
 func (b *Broker) pump(ds *deviceState) {
@@ -255,7 +256,7 @@ func (b *Broker) pump(ds *deviceState) {
 				}
 				e.sess, e.pid = s, ds.nextPacketID(s)
 				e.deliveries++
-				batch = append(batch, outgoing{topic: c2dTopic(ds.id, &e.msg), body: e.msg.Body, pid: e.pid})
+				batch = append(batch, outgoing{topic: c2dTopic(ds.id, &e.msg), body: e.msg.Body, pid: e.pid, mid: e.msg.MessageID})
 			}
 		}
 		if len(batch) == 0 {
@@ -273,6 +274,19 @@ func (b *Broker) pump(ds *deviceState) {
 				Payload:     o.body,
 				PacketID:    o.pid,
 			})
+			if err == nil && b.c2dDuplicate(ds.id, o.mid) {
+				// c2d-duplicate fault: the same message again under another packet ID (whose
+				// PUBACK completes nothing).
+				ds.mu.Lock()
+				pid := ds.nextPacketID(s)
+				ds.mu.Unlock()
+				err = s.send(packets.Packet{
+					FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+					TopicName:   o.topic,
+					Payload:     o.body,
+					PacketID:    pid,
+				})
+			}
 			if err != nil {
 				// The connection is ending; its disconnect returns the messages to the queue.
 				b.log.Debug("cloud-to-device message not sent", zap.String("device", ds.id), zap.Error(err))

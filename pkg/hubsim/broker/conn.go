@@ -39,6 +39,13 @@ type devConn struct {
 
 	sess   atomic.Pointer[session]
 	closed atomic.Bool
+	done   chan struct{} // closed by Close
+
+	// stall, when set, holds reads and writes until the channel it points to is closed (the
+	// stall fault).
+	stall atomic.Pointer[<-chan struct{}]
+	// readWindow is the length of the last read deadline set (0: none).
+	readWindow atomic.Int64
 }
 
 // stream is what a device's MQTT bytes travel over: a *tls.Conn, or a wsStream.
@@ -63,7 +70,7 @@ func newDevConn(b *Broker, raw net.Conn) *devConn {
 // directly).
 func newDevConnOver(b *Broker, raw net.Conn, st stream) *devConn {
 	_, ws := st.(*wsStream)
-	c := &devConn{raw: raw, local: raw.LocalAddr(), remote: raw.RemoteAddr(), b: b, ws: ws}
+	c := &devConn{raw: raw, local: raw.LocalAddr(), remote: raw.RemoteAddr(), b: b, ws: ws, done: make(chan struct{})}
 	c.tc.Store(&streamRef{st})
 	return c
 }
@@ -110,12 +117,33 @@ func (c *devConn) Read(p []byte) (int, error) {
 		}
 		return n, nil
 	}
-	return tc.Read(p)
+	for {
+		if !c.waitStall() {
+			return 0, net.ErrClosed
+		}
+		n, err := tc.Read(p)
+		var ne net.Error
+		if n > 0 || err == nil || c.stall.Load() == nil || !errors.As(err, &ne) || !ne.Timeout() {
+			return n, err
+		}
+		// A stall began while this read waited, and mochi's keep-alive deadline passed
+		// meanwhile: the peer's silence is the stall's doing (hubsim is the half-dead side), so
+		// hold the read until the stall ends and give it its window again.
+		if !c.waitStall() {
+			return 0, net.ErrClosed
+		}
+		if w := c.readWindow.Load(); w > 0 {
+			_ = c.raw.SetReadDeadline(time.Now().Add(time.Duration(w)))
+		}
+	}
 }
 
 // Write writes with a deadline of WriteTimeout, so that no writer (mochi's or the outbound
 // queue's) waits forever on a device that does not read.
 func (c *devConn) Write(p []byte) (int, error) {
+	if !c.waitStall() {
+		return 0, net.ErrClosed
+	}
 	tc := c.stream()
 	if tc == nil {
 		return 0, net.ErrClosed
@@ -129,8 +157,26 @@ func (c *devConn) Write(p []byte) (int, error) {
 func (c *devConn) LocalAddr() net.Addr  { return c.local }
 func (c *devConn) RemoteAddr() net.Addr { return c.remote }
 
-func (c *devConn) SetDeadline(t time.Time) error      { return c.raw.SetDeadline(t) }
-func (c *devConn) SetReadDeadline(t time.Time) error  { return c.raw.SetReadDeadline(t) }
+// SetDeadline and SetReadDeadline remember the read window they set (mochi's keep-alive), so
+// that a read held by a stall gets it again afterwards.
+func (c *devConn) SetDeadline(t time.Time) error {
+	c.noteWindow(t)
+	return c.raw.SetDeadline(t)
+}
+
+func (c *devConn) SetReadDeadline(t time.Time) error {
+	c.noteWindow(t)
+	return c.raw.SetReadDeadline(t)
+}
+
+func (c *devConn) noteWindow(t time.Time) {
+	if t.IsZero() {
+		c.readWindow.Store(0)
+		return
+	}
+	c.readWindow.Store(int64(time.Until(t)))
+}
+
 func (c *devConn) SetWriteDeadline(t time.Time) error { return c.raw.SetWriteDeadline(t) }
 
 // ConnectionState is the TLS state (peer certificates); zero after release.
@@ -191,6 +237,7 @@ func (c *devConn) Close() error {
 	if c.closed.Swap(true) {
 		return nil
 	}
+	close(c.done)
 	return c.raw.Close()
 }
 

@@ -92,3 +92,99 @@ func (b *Broker) refuseByFault(cl *mqtt.Client, pk packets.Packet) bool {
 	b.emit(Event{Kind: EventRefused, DeviceID: id, Remote: cl.Net.Remote, Reason: reason})
 	return true
 }
+
+// ReasonTokenExpiredByFault is the close reason of a token-expire fault: the SAS token
+// expiry's own reason, marked as injected.
+const ReasonTokenExpiredByFault = ReasonTokenExpired + " (fault injected: token-expire)"
+
+// currentSessions returns deviceID's current session, or every device's for "".
+func (b *Broker) currentSessions(deviceID string) []*session {
+	var states []*deviceState
+	if deviceID != "" {
+		if ds := b.existingState(deviceID); ds != nil {
+			states = append(states, ds)
+		}
+	} else {
+		b.devMu.Lock()
+		for _, ds := range b.devices {
+			states = append(states, ds)
+		}
+		b.devMu.Unlock()
+	}
+	var out []*session
+	for _, ds := range states {
+		ds.mu.Lock()
+		if s := ds.current; s != nil {
+			out = append(out, s)
+		}
+		ds.mu.Unlock()
+	}
+	return out
+}
+
+// ExpireToken closes deviceID's connection (every device's for "") as the hub does when its
+// SAS token expires, and returns how many it closed (the token-expire fault).
+func (b *Broker) ExpireToken(deviceID string) int {
+	ss := b.currentSessions(deviceID)
+	for _, s := range ss {
+		s.log.Info("closing device connection", zap.String("reason", ReasonTokenExpiredByFault))
+		s.close(ReasonTokenExpiredByFault)
+	}
+	return len(ss)
+}
+
+// Stall stops reading from and writing to deviceID's connection (every device's for "") until
+// release is closed; the connections stay open. It returns how many it stalled.
+func (b *Broker) Stall(deviceID string, release <-chan struct{}) int {
+	ss := b.currentSessions(deviceID)
+	for _, s := range ss {
+		s.log.Info("device connection stalled by a fault")
+		s.dc.stall.Store(&release)
+	}
+	return len(ss)
+}
+
+// waitStall blocks while the connection is stalled by a fault; false means it was closed
+// meanwhile.
+func (c *devConn) waitStall() bool {
+	p := c.stall.Load()
+	if p == nil {
+		return true
+	}
+	select {
+	case <-*p:
+		c.stall.CompareAndSwap(p, nil)
+		return true
+	case <-c.done:
+		return false
+	}
+}
+
+// pubackFault applies a puback-drop or puback-delay rule to a telemetry publish with packet ID
+// pid. handled means the hook answers for mochi: the PUBACK is not mochi's to send. record says
+// whether the message is still recorded (not for a drop: the hub never accepted it).
+func (s *session) pubackFault(pid uint16) (handled, record bool) {
+	in := s.b.cfg.Faults
+	if in == nil {
+		return false, true
+	}
+	delay, drop := in.PubackFault(s.deviceID)
+	switch {
+	case drop:
+		s.log.Debug("telemetry PUBACK dropped by a fault", zap.Uint16("packet_id", pid))
+		return true, false
+	case delay > 0:
+		in.AfterDelay(delay, func() {
+			if err := s.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pid}); err != nil {
+				s.log.Debug("delayed PUBACK not sent", zap.Error(err))
+			}
+		})
+		return true, true
+	}
+	return false, true
+}
+
+// c2dDuplicate reports whether a cloud-to-device delivery is to be made twice (c2d-duplicate).
+func (b *Broker) c2dDuplicate(deviceID, messageID string) bool {
+	return b.cfg.Faults != nil && b.cfg.Faults.C2DDuplicate(deviceID, messageID)
+}

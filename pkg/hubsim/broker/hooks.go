@@ -214,13 +214,25 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	now := time.Now()
 	switch t.Kind {
 	case wire.KindTelemetry:
-		m := s.newMessage(pk.Payload, t.Properties, pk.FixedHeader.Retain, now)
-		h.b.record(s.ds, m)
-		if f := h.b.cfg.OnTelemetry; f != nil {
-			f(s.deviceID, m)
+		ackByFault, keep := false, true
+		if pk.FixedHeader.Qos == 1 {
+			ackByFault, keep = s.pubackFault(pk.PacketID)
 		}
-		h.b.emit(Event{Kind: EventTelemetry, DeviceID: s.deviceID, Remote: s.remote, MessageID: m.SystemProperties["message-id"]})
-		s.faultProps = t.Properties // acted on once the PUBACK is out (OnPacketProcessed)
+		if keep {
+			m := s.newMessage(pk.Payload, t.Properties, pk.FixedHeader.Retain, now)
+			h.b.record(s.ds, m)
+			if f := h.b.cfg.OnTelemetry; f != nil {
+				f(s.deviceID, m)
+			}
+			h.b.emit(Event{Kind: EventTelemetry, DeviceID: s.deviceID, Remote: s.remote, MessageID: m.SystemProperties["message-id"]})
+			s.faultProps = t.Properties // acted on once the PUBACK is out (OnPacketProcessed)
+		}
+		if ackByFault {
+			// A puback-delay or puback-drop fault: mochi must not send the PUBACK (an error
+			// return makes it skip the PUBACK and the message; the hook has recorded it).
+			h.b.reg.RecordActivity(s.deviceID, s.generationID, now)
+			return pk, packets.ErrRejectPacket
+		}
 	case wire.KindTwinGet:
 		if !s.throttledTwin(t.RequestID, throttle.TwinRead) {
 			s.respondTwin(t.RequestID, h.b.twins.GetTwin(s.caller()))

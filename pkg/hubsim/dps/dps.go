@@ -1,6 +1,7 @@
 package dps
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -55,6 +56,11 @@ type Config struct {
 	ApplyInitialTwin func(deviceID string, initialTwin json.RawMessage) error
 	// Now is the clock; nil is time.Now.
 	Now func() time.Time
+	// Fault, when set, is asked before a device's register or operation-status request is
+	// served (after authentication, over MQTT and HTTPS): it may hold the request (dps-delay)
+	// and returns a status (429, 500 or 503; 0: none) to answer instead, with its retry-after in
+	// seconds (dps-error).
+	Fault func(ctx context.Context, registrationID string) (status, retryAfter int)
 }
 
 // Stats are counters hubsim exposes under /hubsim/dps/stats.
@@ -228,6 +234,21 @@ type apiError struct {
 }
 
 func (e *apiError) Error() string { return fmt.Sprintf("%d %d %s", e.status, e.code, e.msg) }
+
+// faultReply asks Config.Fault about a device request of regID: ok means answer rep instead.
+func (s *Server) faultReply(ctx context.Context, regID string) (rep reply, ok bool) {
+	if s.cfg.Fault == nil {
+		return reply{}, false
+	}
+	status, retryAfter := s.cfg.Fault(ctx, regID)
+	if status == 0 {
+		return reply{}, false
+	}
+	rep = errorReply(errf(status, status*1000+1, "fault injected: dps-error %d", status))
+	rep.retryAfter = retryAfter
+	s.log.Info("DPS request answered by a fault", zap.String("registration_id", regID), zap.Int("status", status), zap.Int("retry_after", retryAfter))
+	return rep, true
+}
 
 func errf(status, code int, format string, args ...any) *apiError {
 	return &apiError{status: status, code: code, msg: fmt.Sprintf(format, args...)}

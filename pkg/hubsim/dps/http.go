@@ -85,7 +85,7 @@ func (s *Server) writeReply(w http.ResponseWriter, rep reply) {
 		return // already written
 	}
 	w.Header().Set("Content-Type", contentType)
-	if rep.retryAfter >= 0 && (rep.status == 202 || rep.status == 429) {
+	if rep.retryAfter >= 0 && (rep.status == 202 || rep.status == 429 || rep.status >= 500) {
 		w.Header().Set("Retry-After", strconv.Itoa(rep.retryAfter))
 	}
 	switch b := rep.body.(type) {
@@ -391,6 +391,11 @@ func (s *Server) serveDevice(r *http.Request, seg []string) reply {
 	if aerr != nil {
 		s.log.Info("DPS registration refused", zap.String("registration_id", regID), zap.String("transport", "https"), zap.String("reason", aerr.msg))
 		return errorReply(aerr)
+	}
+	if route != "status" {
+		if rep, ok := s.faultReply(r.Context(), regID); ok {
+			return rep
+		}
 	}
 	switch route {
 	case "register":

@@ -2,6 +2,7 @@ package dps
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
@@ -136,7 +137,17 @@ func (s *Server) ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect 
 				return
 			}
 			var rep reply
+			frep, faulted := reply{}, false
+			if !tpmOnly {
+				frep, faulted = s.faultReply(context.Background(), m.regID)
+				_ = conn.SetWriteDeadline(time.Now().Add(10 * time.Second)) // after a dps-delay
+			}
 			switch {
+			case faulted:
+				if t.Kind == wire.DPSRegister {
+					s.registerRequests.Add(1)
+				}
+				rep = frep
 			case tpmOnly || (t.Kind == wire.DPSRegister && hasTPM(pk.Payload)):
 				if t.Kind == wire.DPSRegister {
 					s.registerRequests.Add(1)

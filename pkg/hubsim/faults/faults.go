@@ -47,6 +47,8 @@ const (
 	KindThrottle
 	KindQuota
 	KindAuth
+	// KindAdmin marks the records of admin faults (POST /hubsim/faults).
+	KindAdmin Kind = 100
 )
 
 func (k Kind) String() string {
@@ -61,6 +63,8 @@ func (k Kind) String() string {
 		return "quota"
 	case KindAuth:
 		return "auth"
+	case KindAdmin:
+		return "admin"
 	}
 	return "unknown"
 }
@@ -186,7 +190,7 @@ type Injector struct {
 	closed   bool
 	rules    []*Rule
 	nextID   int
-	drop     func(deviceID string) int
+	conns    Conns
 }
 
 // New returns an Injector on clk; Close stops its timers.
@@ -226,7 +230,7 @@ func (in *Injector) Schedule(deviceID string, spec Spec, apply func(Spec) (actio
 			return
 		case <-t.C():
 		}
-		if spec.Duration > 0 && spec.Kind >= KindThrottle {
+		if spec.Duration > 0 && spec.Kind >= KindThrottle && spec.Kind <= KindAuth {
 			in.mu.Lock()
 			in.windows[deviceID] = append(in.windows[deviceID], window{spec: spec, until: in.clk.Now().Add(spec.Duration)})
 			in.mu.Unlock()
@@ -312,6 +316,10 @@ func (in *Injector) Status() Status {
 func (in *Injector) Close() {
 	in.mu.Lock()
 	in.closed = true
+	for _, r := range in.rules {
+		r.end() // stalled connections go on (to their close)
+	}
+	in.rules = nil
 	in.mu.Unlock()
 	in.cancel()
 	in.wg.Wait()

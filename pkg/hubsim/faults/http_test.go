@@ -17,10 +17,15 @@ func FuzzServeAdminPost(f *testing.F) {
 	f.Add(`{"action":"refuse-connect","deviceId":"d","code":3,"durationSecs":30,"probability":0.5,"seed":42}`)
 	f.Add(`{"action":"refuse-connect","durationSecs":1e308,"probability":-1}`)
 	f.Add(`[`)
+	f.Add(`{"action":"rest-error","code":429,"retryAfterSecs":7,"pathPrefix":"/devices","method":"put","durationSecs":9}`)
+	f.Add(`{"action":"stall","deviceId":"d","durationSecs":5}`)
+	f.Add(`{"action":"token-expire","delaySecs":3}`)
+	f.Add(`{"action":"c2d-duplicate","count":2}`)
+	f.Add(`{"action":"puback-delay","delaySecs":1e9,"durationSecs":1}`)
 	f.Fuzz(func(t *testing.T, body string) {
 		in := New(clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), nil)
 		defer in.Close()
-		in.SetDropper(func(string) int { return 0 })
+		in.SetConns(nopConns{})
 		w := httptest.NewRecorder()
 		in.ServeAdmin(w, httptest.NewRequest(http.MethodPost, "/hubsim/faults", strings.NewReader(body)), []string{"hubsim", "faults"})
 		switch w.Code {
@@ -29,8 +34,8 @@ func FuzzServeAdminPost(f *testing.F) {
 			t.Fatalf("status %d for %q", w.Code, body)
 		}
 		for _, r := range in.Status().Rules {
-			if r.Code < 1 || r.Code > 5 || r.Probability <= 0 || r.Probability > 1 {
-				t.Fatalf("rule out of bounds: %+v", r)
+			if err := ruleInBounds(r); err != nil {
+				t.Fatalf("rule out of bounds: %+v: %v", r, err)
 			}
 		}
 	})
