@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/service"
 )
@@ -67,21 +68,24 @@ func (e *enrollmentFlags) apply(c *cobra.Command, doc map[string]any, group, cre
 			att, _ := doc["attestation"].(map[string]any)
 			typ, _ = att["type"].(string)
 		}
-		att := map[string]any{"type": typ}
+		att := hubapi.AttestationMechanism{Type: typ}
 		switch typ {
-		case "symmetricKey":
-			att["symmetricKey"] = map[string]any{"primaryKey": e.primaryKey, "secondaryKey": e.secondaryKey}
-		case "tpm":
+		case hubapi.AttestationSymmetricKey:
+			att.SymmetricKey = &hubapi.SymmetricKeyAttestation{PrimaryKey: e.primaryKey, SecondaryKey: e.secondaryKey}
+		case hubapi.AttestationTPM:
 			if group {
 				return usageError{errors.New("enrollment groups cannot use TPM attestation")}
 			}
 			if e.endorsementKey == "" {
 				return usageError{errors.New("tpm attestation needs --endorsement-key")}
 			}
-			att["tpm"] = map[string]any{"endorsementKey": e.endorsementKey}
-		case "x509":
-			certs := map[string]any{}
-			for _, p := range []struct{ slot, path string }{{"primary", e.certPath}, {"secondary", e.secondaryCertPath}} {
+			att.TPM = &hubapi.TPMAttestation{EndorsementKey: e.endorsementKey}
+		case hubapi.AttestationX509:
+			var certs hubapi.X509Certificates
+			for _, p := range []struct {
+				slot **hubapi.X509CertificateWithInfo
+				path string
+			}{{&certs.Primary, e.certPath}, {&certs.Secondary, e.secondaryCertPath}} {
 				if p.path == "" {
 					continue
 				}
@@ -89,20 +93,20 @@ func (e *enrollmentFlags) apply(c *cobra.Command, doc map[string]any, group, cre
 				if err != nil {
 					return err
 				}
-				certs[p.slot] = map[string]any{"certificate": string(pem)}
+				*p.slot = &hubapi.X509CertificateWithInfo{Certificate: string(pem)}
 			}
-			x := map[string]any{}
+			x := &hubapi.X509Attestation{}
 			switch {
 			case group && e.caName != "":
-				x["caReferences"] = map[string]any{"primary": e.caName}
-			case len(certs) == 0:
+				x.CAReferences, _ = json.Marshal(map[string]string{"primary": e.caName})
+			case certs.Primary == nil && certs.Secondary == nil:
 				return usageError{errors.New("x509 attestation needs --certificate-path" + map[bool]string{true: " or --ca-name"}[group])}
 			case group:
-				x["signingCertificates"] = certs
+				x.SigningCertificates = &certs
 			default:
-				x["clientCertificates"] = certs
+				x.ClientCertificates = &certs
 			}
-			att["x509"] = x
+			att.X509 = x
 		default:
 			return usageError{fmt.Errorf("--attestation-type must be symmetricKey, x509%s, not %q", map[bool]string{false: " or tpm"}[group], typ)}
 		}
@@ -139,10 +143,11 @@ func (e *enrollmentFlags) apply(c *cobra.Command, doc map[string]any, group, cre
 		doc["provisioningStatus"] = e.status
 	}
 	if e.reprovision != "" {
-		pol := map[string]map[string]any{
-			"reprovisionandmigratedata": {"updateHubAssignment": true, "migrateDeviceData": true},
-			"reprovisionandresetdata":   {"updateHubAssignment": true, "migrateDeviceData": false},
-			"never":                     {"updateHubAssignment": false, "migrateDeviceData": false},
+		yes, no := true, false
+		pol := map[string]*hubapi.ReprovisionPolicy{
+			"reprovisionandmigratedata": {UpdateHubAssignment: &yes, MigrateDeviceData: &yes},
+			"reprovisionandresetdata":   {UpdateHubAssignment: &yes, MigrateDeviceData: &no},
+			"never":                     {UpdateHubAssignment: &no, MigrateDeviceData: &no},
 		}[strings.ToLower(e.reprovision)]
 		if pol == nil {
 			return usageError{fmt.Errorf("--reprovision-policy must be reprovisionandmigratedata, reprovisionandresetdata or never, not %q", e.reprovision)}
@@ -161,7 +166,7 @@ func (e *enrollmentFlags) apply(c *cobra.Command, doc map[string]any, group, cre
 		doc["iotHubs"] = e.hubs
 	}
 	if changed("edge-enabled") {
-		doc["capabilities"] = map[string]any{"iotEdge": e.edge}
+		doc["capabilities"] = hubapi.Capabilities{IoTEdge: e.edge}
 	}
 	return nil
 }
@@ -392,30 +397,23 @@ func (g *globals) printEnrollments(items []json.RawMessage, group, single bool) 
 	}
 	var rows [][]string
 	for _, raw := range items {
-		var e struct {
-			RegistrationID    string `json:"registrationId"`
-			EnrollmentGroupID string `json:"enrollmentGroupId"`
-			DeviceID          string `json:"deviceId"`
-			Attestation       struct {
-				Type string `json:"type"`
-			} `json:"attestation"`
-			ProvisioningStatus string `json:"provisioningStatus"`
-			RegistrationState  *struct {
-				Status string `json:"status"`
-			} `json:"registrationState"`
-		}
+		var e hubapi.Enrollment
 		if err := json.Unmarshal(raw, &e); err != nil {
 			return err
 		}
+		att := ""
+		if e.Attestation != nil {
+			att = e.Attestation.Type
+		}
 		if group {
-			rows = append(rows, []string{e.EnrollmentGroupID, e.Attestation.Type, str(e.ProvisioningStatus)})
+			rows = append(rows, []string{e.EnrollmentGroupID, att, str(e.ProvisioningStatus)})
 			continue
 		}
 		reg := "-"
 		if e.RegistrationState != nil {
 			reg = str(e.RegistrationState.Status)
 		}
-		rows = append(rows, []string{e.RegistrationID, e.Attestation.Type, str(e.ProvisioningStatus), str(e.DeviceID), reg})
+		rows = append(rows, []string{e.RegistrationID, att, str(e.ProvisioningStatus), str(e.DeviceID), reg})
 	}
 	sort.Slice(rows, func(i, j int) bool { return rows[i][0] < rows[j][0] })
 	if group {

@@ -8,8 +8,10 @@ import (
 )
 
 // DPS service API (use a Client made from a provisioningserviceowner connection string). The
-// enrollment documents are Azure's JSON (IndividualEnrollment, EnrollmentGroup); they are passed
-// through as raw JSON so that every field Azure defines survives.
+// enrollment documents are Azure's JSON (IndividualEnrollment, EnrollmentGroup), typed once as
+// hubapi.Enrollment, which hubsim serves. Bodies go out as given (a hubapi.Enrollment, or a
+// decoded document that a read-change-write keeps whole) and answers come back as raw JSON, so
+// that every field Azure defines survives a round trip, including ones hubapi does not name.
 
 // PutEnrollment creates or updates an individual enrollment (PUT /enrollments/{id}); etag, when
 // set, is sent as If-Match.

@@ -84,7 +84,7 @@ func (s *Server) authSAS(scope, regID, token string) (*match, *apiError) {
 		sk := e.Attestation.SymmetricKey
 		for _, pair := range [][2]string{{sk.PrimaryKey, sk.SecondaryKey}, {sk.SecondaryKey, sk.PrimaryKey}} {
 			if verify(pair[0]) {
-				return &match{regID: regID, enrollment: *e, key: pair[0], otherKey: pair[1], disabled: !e.enabled()}, nil
+				return &match{regID: regID, enrollment: *e, key: pair[0], otherKey: pair[1], disabled: !e.Enabled()}, nil
 			}
 		}
 		return nil, errf(401, 401002, "token signature does not match enrollment %s", regID)
@@ -102,7 +102,7 @@ func (s *Server) authSAS(scope, regID, token string) (*match, *apiError) {
 		p, sec := deriveB64(sk.PrimaryKey, regID), deriveB64(sk.SecondaryKey, regID)
 		for _, pair := range [][2]string{{p, sec}, {sec, p}} {
 			if verify(pair[0]) {
-				return &match{regID: regID, enrollment: *g, key: pair[0], otherKey: pair[1], disabled: !g.enabled()}, nil
+				return &match{regID: regID, enrollment: *g, key: pair[0], otherKey: pair[1], disabled: !g.Enabled()}, nil
 			}
 		}
 	}
@@ -133,7 +133,7 @@ func (s *Server) authX509(regID string, certs []*x509.Certificate) (*match, *api
 		cc := e.Attestation.X509.ClientCertificates
 		for _, c := range []*X509CertificateWithInfo{cc.Primary, cc.Secondary} {
 			if c != nil && c.Info != nil && c.Info.SHA256Thumbprint == tp {
-				return &match{regID: regID, enrollment: *e, leaf: leaf, disabled: !e.enabled()}, nil
+				return &match{regID: regID, enrollment: *e, leaf: leaf, disabled: !e.Enabled()}, nil
 			}
 		}
 		return nil, errf(401, 401002, "certificate does not match enrollment %s", regID)
@@ -175,5 +175,5 @@ func (s *Server) authX509(regID string, certs []*x509.Certificate) (*match, *api
 	if best == nil {
 		return nil, errf(401, 401002, "no enrollment or enrollment group matches the certificate chain of %s", regID)
 	}
-	return &match{regID: regID, enrollment: *best, leaf: leaf, signer: bestSigner, disabled: !best.enabled()}, nil
+	return &match{regID: regID, enrollment: *best, leaf: leaf, signer: bestSigner, disabled: !best.Enabled()}, nil
 }

@@ -176,7 +176,7 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	m, bucket := s.maps(group)
-	k := keyOf(e.id())
+	k := keyOf(e.ID())
 	now := timestamp(s.now())
 	s.mu.Lock()
 	old := m[k]
@@ -192,7 +192,7 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 		e.CreatedDateTimeUTC = oldCreated
 	} else {
 		if ifMatch != "" && ifMatch != "*" && ifMatch != `"*"` {
-			return Enrollment{}, errf(404, 404201, "enrollment %s does not exist", e.id())
+			return Enrollment{}, errf(404, 404201, "enrollment %s does not exist", e.ID())
 		}
 		e.CreatedDateTimeUTC = now
 	}
@@ -210,7 +210,7 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 
 // withState adds the registration state to an individual enrollment's view. Call with s.mu.
 func (s *Server) withState(e Enrollment) Enrollment {
-	if !e.isGroup() {
+	if !e.IsGroup() {
 		if r := s.regs[keyOf(e.RegistrationID)]; r != nil {
 			st := r.State
 			e.RegistrationState = &st
@@ -268,7 +268,7 @@ func (s *Server) ListEnrollments(group bool) []Enrollment {
 	for _, e := range m {
 		out = append(out, s.withState(*e))
 	}
-	slices.SortFunc(out, func(a, b Enrollment) int { return strings.Compare(keyOf(a.id()), keyOf(b.id())) })
+	slices.SortFunc(out, func(a, b Enrollment) int { return strings.Compare(keyOf(a.ID()), keyOf(b.ID())) })
 	return out
 }
 

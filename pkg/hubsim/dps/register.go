@@ -90,10 +90,10 @@ func (s *Server) register(m *match, body []byte) reply {
 		notBefore: now.Add(time.Duration(s.cfg.RetryAfter) * time.Second)}
 	switch {
 	case m.disabled:
-		s.log.Info("DPS registration of a disabled enrollment", zap.String("registration_id", m.regID), zap.String("enrollment", m.enrollment.id()))
+		s.log.Info("DPS registration of a disabled enrollment", zap.String("registration_id", m.regID), zap.String("enrollment", m.enrollment.ID()))
 		op.result = wire.DPSOperationStatus{OperationID: op.id, Status: wire.DPSStatusDisabled, RegistrationState: &wire.DPSRegistrationState{
 			RegistrationID: m.regID, Status: wire.DPSStatusDisabled, ErrorCode: 401003,
-			ErrorMessage: "enrollment " + m.enrollment.id() + " is disabled", LastUpdatedDateTimeUTC: timestamp(now)}}
+			ErrorMessage: "enrollment " + m.enrollment.ID() + " is disabled", LastUpdatedDateTimeUTC: timestamp(now)}}
 	case aerr != nil:
 		op.result = wire.DPSOperationStatus{OperationID: op.id, Status: wire.DPSStatusFailed, RegistrationState: &wire.DPSRegistrationState{
 			RegistrationID: m.regID, Status: wire.DPSStatusFailed, ErrorCode: aerr.code, ErrorMessage: aerr.msg,
@@ -167,7 +167,7 @@ func (s *Server) allocate(e *Enrollment, regID string) (string, *apiError) {
 func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistrationState, *apiError) {
 	e := &m.enrollment
 	deviceID := m.regID
-	if !e.isGroup() && e.DeviceID != "" {
+	if !e.IsGroup() && e.DeviceID != "" {
 		deviceID = e.DeviceID
 	}
 	k := keyOf(m.regID)
@@ -194,12 +194,12 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 		created = prevCopy.State.CreatedDateTimeUTC
 		prevHub := strings.TrimSuffix(prevCopy.State.AssignedHub, s.suffix())
 		switch {
-		case !e.ReprovisionPolicy.update():
+		case !e.ReprovisionPolicy.UpdatesHubAssignment():
 			hub, substatus, applyTwin = prevHub, prevCopy.State.Substatus, !exists
 			if substatus == "" {
 				substatus = wire.SubstatusInitialAssignment
 			}
-		case e.ReprovisionPolicy.migrate():
+		case e.ReprovisionPolicy.MigratesDeviceData():
 			applyTwin = !exists
 			if !strings.EqualFold(hub, prevHub) {
 				substatus = wire.SubstatusDeviceDataMigrated
@@ -227,17 +227,17 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 		LastUpdatedDateTimeUTC: timestamp(now), ETag: newETag(), Payload: payload,
 	}
 	rec := &Registration{State: st, Hub: hub, GenerationID: gen}
-	if e.isGroup() {
+	if e.IsGroup() {
 		rec.EnrollmentGroupID = e.EnrollmentGroupID
 	}
 	switch e.Attestation.Type {
 	case AttestationSymmetricKey:
-		if e.isGroup() {
+		if e.IsGroup() {
 			st.SymmetricKey = &wire.DPSGroupRef{EnrollmentGroupID: e.EnrollmentGroupID}
 		}
 	case AttestationX509:
 		x := &wire.DPSX509Result{CertificateInfo: certInfo(m.leaf)}
-		if e.isGroup() {
+		if e.IsGroup() {
 			x.EnrollmentGroupID = e.EnrollmentGroupID
 			x.SigningCertificateInfo = certInfo(m.signer)
 		}

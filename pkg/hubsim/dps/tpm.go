@@ -177,7 +177,7 @@ func (s *Server) authTPMLocked(regID string, e *Enrollment, tok *sas.Token, now 
 	if tok.Verify(ch.key, now) != nil {
 		return nil, errf(401, 401002, "token signature does not match the key DPS sent to the TPM of %s", regID)
 	}
-	return &match{regID: regID, enrollment: *e, tpm: true, disabled: !e.enabled()}, nil
+	return &match{regID: regID, enrollment: *e, tpm: true, disabled: !e.Enabled()}, nil
 }
 
 // newTPMKey returns tpmKeyBytes random bytes.
@@ -257,7 +257,7 @@ func (s *Server) challengeTPM(regID string, e *Enrollment, ek, srk []byte) reply
 	}
 	s.tpmChallenges[keyOf(regID)] = &tpmChallenge{key: k1, ek: bytes.Clone(ek), expires: now.Add(tpmChallengeTTL)}
 	s.mu.Unlock()
-	s.log.Info("DPS TPM challenge issued", zap.String("registration_id", regID), zap.String("enrollment", e.id()))
+	s.log.Info("DPS TPM challenge issued", zap.String("registration_id", regID), zap.String("enrollment", e.ID()))
 	return reply{status: 401, retryAfter: -1, body: wire.DPSTPMChallenge{
 		ErrorCode: 401002,
 		Message: "TPM challenge: activate authenticationKey in the TPM, then repeat the request with a SAS token " +

@@ -10,114 +10,41 @@ package dps
 import (
 	"encoding/json"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
-// Attestation types.
-const (
-	AttestationSymmetricKey = "symmetricKey"
-	AttestationX509         = "x509"
-	AttestationTPM          = "tpm"
+// The enrollment documents are hubapi's, defined once for hubsim and the service client; these
+// names keep this package's API as it was.
+type (
+	// AttestationMechanism is DPS's AttestationMechanism.
+	AttestationMechanism = hubapi.AttestationMechanism
+	// TPMAttestation is a TPM individual enrollment's attestation.
+	TPMAttestation = hubapi.TPMAttestation
+	// X509Attestation holds client certificates (individual) or signing certificates (group).
+	X509Attestation = hubapi.X509Attestation
+	// X509Certificates is a primary and an optional secondary certificate.
+	X509Certificates = hubapi.X509Certificates
+	// X509CertificateWithInfo is a PEM certificate and what the service computed from it.
+	X509CertificateWithInfo = hubapi.X509CertificateWithInfo
+	// SymmetricKeyAttestation holds two base64 keys.
+	SymmetricKeyAttestation = hubapi.SymmetricKeyAttestation
+	// ReprovisionPolicy says what a repeated registration does.
+	ReprovisionPolicy = hubapi.ReprovisionPolicy
+	// Enrollment is an IndividualEnrollment or an EnrollmentGroup in Azure's JSON shape.
+	Enrollment = hubapi.Enrollment
 )
 
-// Allocation policies.
+// Attestation types and allocation policies.
 const (
-	AllocationHashed     = "hashed"
-	AllocationStatic     = "static"
-	AllocationGeoLatency = "geoLatency"
-	AllocationCustom     = "custom"
+	AttestationSymmetricKey = hubapi.AttestationSymmetricKey
+	AttestationX509         = hubapi.AttestationX509
+	AttestationTPM          = hubapi.AttestationTPM
+	AllocationHashed        = hubapi.AllocationHashed
+	AllocationStatic        = hubapi.AllocationStatic
+	AllocationGeoLatency    = hubapi.AllocationGeoLatency
+	AllocationCustom        = hubapi.AllocationCustom
 )
-
-// AttestationMechanism is DPS's AttestationMechanism.
-type AttestationMechanism struct {
-	Type         string                   `json:"type"`
-	TPM          *TPMAttestation          `json:"tpm,omitempty"`
-	X509         *X509Attestation         `json:"x509,omitempty"`
-	SymmetricKey *SymmetricKeyAttestation `json:"symmetricKey,omitempty"`
-}
-
-// TPMAttestation is a TPM individual enrollment's attestation: base64 of the marshalled
-// TPM2B_PUBLIC of the device's endorsement key, and optionally of its storage root key
-// (protocol-device.md §4.2). Both are public keys; nothing in it is secret.
-type TPMAttestation struct {
-	EndorsementKey string `json:"endorsementKey"`
-	StorageRootKey string `json:"storageRootKey,omitempty"`
-}
-
-// X509Attestation holds client certificates (individual) or signing certificates (group).
-type X509Attestation struct {
-	ClientCertificates  *X509Certificates `json:"clientCertificates,omitempty"`
-	SigningCertificates *X509Certificates `json:"signingCertificates,omitempty"`
-	CAReferences        json.RawMessage   `json:"caReferences,omitempty"`
-}
-
-// X509Certificates is a primary and an optional secondary certificate.
-type X509Certificates struct {
-	Primary   *X509CertificateWithInfo `json:"primary,omitempty"`
-	Secondary *X509CertificateWithInfo `json:"secondary,omitempty"`
-}
-
-// X509CertificateWithInfo is a PEM certificate and what the service computed from it.
-type X509CertificateWithInfo struct {
-	Certificate string                    `json:"certificate,omitempty"`
-	Info        *wire.X509CertificateInfo `json:"info,omitempty"`
-}
-
-// SymmetricKeyAttestation holds two base64 keys.
-type SymmetricKeyAttestation struct {
-	PrimaryKey   string `json:"primaryKey"`
-	SecondaryKey string `json:"secondaryKey"`
-}
-
-// ReprovisionPolicy says what a repeated registration does.
-type ReprovisionPolicy struct {
-	UpdateHubAssignment *bool `json:"updateHubAssignment,omitempty"`
-	MigrateDeviceData   *bool `json:"migrateDeviceData,omitempty"`
-}
-
-func (p *ReprovisionPolicy) update() bool {
-	return p == nil || p.UpdateHubAssignment == nil || *p.UpdateHubAssignment
-}
-
-func (p *ReprovisionPolicy) migrate() bool {
-	return p == nil || p.MigrateDeviceData == nil || *p.MigrateDeviceData
-}
-
-// Enrollment is an IndividualEnrollment (RegistrationID set) or an EnrollmentGroup
-// (EnrollmentGroupID set), in Azure's JSON shape.
-type Enrollment struct {
-	RegistrationID             string                     `json:"registrationId,omitempty"`
-	EnrollmentGroupID          string                     `json:"enrollmentGroupId,omitempty"`
-	DeviceID                   string                     `json:"deviceId,omitempty"`
-	RegistrationState          *wire.DPSRegistrationState `json:"registrationState,omitempty"`
-	OptionalDeviceInformation  json.RawMessage            `json:"optionalDeviceInformation,omitempty"`
-	Attestation                *AttestationMechanism      `json:"attestation"`
-	Capabilities               json.RawMessage            `json:"capabilities,omitempty"`
-	IoTHubHostName             string                     `json:"iotHubHostName,omitempty"`
-	InitialTwin                json.RawMessage            `json:"initialTwin,omitempty"`
-	ETag                       string                     `json:"etag,omitempty"`
-	ProvisioningStatus         string                     `json:"provisioningStatus"`
-	ReprovisionPolicy          *ReprovisionPolicy         `json:"reprovisionPolicy,omitempty"`
-	CreatedDateTimeUTC         string                     `json:"createdDateTimeUtc,omitempty"`
-	LastUpdatedDateTimeUTC     string                     `json:"lastUpdatedDateTimeUtc,omitempty"`
-	AllocationPolicy           string                     `json:"allocationPolicy,omitempty"`
-	IoTHubs                    []string                   `json:"iotHubs,omitempty"`
-	CustomAllocationDefinition json.RawMessage            `json:"customAllocationDefinition,omitempty"`
-}
-
-// isGroup reports whether e is an enrollment group.
-func (e *Enrollment) isGroup() bool { return e.EnrollmentGroupID != "" }
-
-// id is the enrollment's key (registration ID or group ID).
-func (e *Enrollment) id() string {
-	if e.isGroup() {
-		return e.EnrollmentGroupID
-	}
-	return e.RegistrationID
-}
-
-// enabled reports whether the enrollment may provision.
-func (e *Enrollment) enabled() bool { return e.ProvisioningStatus != "disabled" }
 
 // Registration is what DPS remembers of one registration ID: the state the service API shows,
 // the enrollment it matched, and the initial twin applied to its device (kept here so that a
