@@ -137,8 +137,10 @@ type Device struct {
 	tpm     *tpm.Device
 	tpmOnce sync.Once
 
-	// spool is the disk queue (queue.persist), open while Run runs.
-	spool *spool.Spool
+	// spool is the disk queue (queue.persist), open while Run runs; spoolRef is the same for
+	// QueueStats, which may be called from any goroutine.
+	spool    *spool.Spool
+	spoolRef atomic.Pointer[spool.Spool]
 }
 
 // New checks cfg, loads the credential and prepares the device; it does no network I/O, but
@@ -270,6 +272,7 @@ func (d *Device) Run(ctx context.Context) error {
 			return err
 		}
 		d.spool = sp
+		d.spoolRef.Store(sp)
 		defer func() {
 			if err := sp.Close(); err != nil {
 				d.log.Warn("queue spool: close", zap.Error(err))
@@ -444,6 +447,17 @@ func (d *Device) telemetryTicker() (<-chan time.Time, func()) {
 		return nil, func() {}
 	}
 	return newTelemetryTicker(cfg.Interval)
+}
+
+// QueueStats returns the counters of the device's disk queue (queue.persist): records appended
+// and acknowledged, fsyncs, damaged segments, what it holds. false when the device has no disk
+// queue, or Run has not opened it yet. After Run returned they are the final counts.
+func (d *Device) QueueStats() (spool.Stats, bool) {
+	sp := d.spoolRef.Load()
+	if sp == nil {
+		return spool.Stats{}, false
+	}
+	return sp.Stats(), true
 }
 
 // openSpool opens the disk queue in StateDir/queue-<deviceId>[-<moduleId>].

@@ -66,4 +66,23 @@ func TestPersistentQueueDelivers(t *testing.T) {
 	if len(stopped) != 1 || stopped[0].ContextMap()["delivered"] != uint64(5) || stopped[0].ContextMap()["queued"] != int64(0) {
 		t.Fatalf("stopped log: %v", stopped)
 	}
+	// The spool's counters (the durable benchmark's fsyncs per message): 5 appended and acked,
+	// none held, and at least the cursor written and forced at Close.
+	st, ok := d.QueueStats()
+	if !ok || st.Appends != 5 || st.Acked != 5 || st.Records != 0 || st.Fsyncs == 0 {
+		t.Fatalf("QueueStats = %+v, %v; want 5 appended and acked, none held, fsyncs > 0", st, ok)
+	}
+	d.Close()
+}
+
+func TestQueueStatsWithoutPersist(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	d, err := agent.New(deviceConfig(t, b), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if st, ok := d.QueueStats(); ok {
+		t.Fatalf("QueueStats without queue.persist = %+v, true", st)
+	}
 }

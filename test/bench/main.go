@@ -35,6 +35,11 @@
 //	         fleet/paho <= 1.3; RSS per device above the footprint, fleet/Node <= 0.6. Needs
 //	         test/conformance/node_modules (npm ci --ignore-scripts).
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
+//	durable: one pkg/agent device in this process sends -durable-n telemetry messages as fast as
+//	         its loop goes to an in-process hubsim, with the in-memory queue and with
+//	         queue.persist (default fsync policy), alternating; the median rates (first queued
+//	         to last PUBACK) are compared, and the spool's fsyncs per message printed.
+//	         Target: persisted/in-memory >= 0.5.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
 //	         median rates are compared. Target: dps/plain >= 0.4.
@@ -82,7 +87,8 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,fleet-memory,twin,dps,methods,tpm,c2d,jobs,eventhubs", "comma-separated benchmarks to run (sas, connect, memory, fleet-memory, twin, dps, methods, tpm, c2d, jobs, eventhubs)")
+	only := fs.String("only", "sas,connect,memory,fleet-memory,twin,dps,methods,tpm,c2d,jobs,eventhubs,durable", "comma-separated benchmarks to run (sas, connect, memory, fleet-memory, twin, dps, methods, tpm, c2d, jobs, eventhubs, durable)")
+	durableN := fs.Int("durable-n", 20000, "telemetry messages per round in the durable queue comparison")
 	jobsN := fs.Int("jobs-n", 1000, "devices a twin-update job covers in the jobs comparison")
 	jobsParallelism := fs.Int("jobs-parallelism", 16, "hubsim's --job-parallelism in the jobs comparison")
 	ehN := fs.Int("eventhubs-n", 16, "devices publishing in the Event Hubs comparison")
@@ -170,6 +176,11 @@ func run(ctx context.Context, args []string) error {
 	if want["eventhubs"] {
 		if err := benchEventHubs(ctx, *ehN, *ehEvents, report); err != nil {
 			return fmt.Errorf("eventhubs: %w", err)
+		}
+	}
+	if want["durable"] {
+		if err := benchDurable(ctx, *durableN, max(*rounds, 1), report); err != nil {
+			return fmt.Errorf("durable: %w", err)
 		}
 	}
 	if want["tpm"] {
