@@ -16,11 +16,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/iothubby/iothubby/pkg/hubsim"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
+	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 )
@@ -256,27 +258,11 @@ func (rc *rawConn) read() (packet, error) {
 }
 
 func readPkt(r *bufio.Reader) (packet, error) {
-	b0, err := r.ReadByte()
+	first, body, err := mqttpkt.ReadRaw(r, 1<<28)
 	if err != nil {
 		return packet{}, err
 	}
-	n, mult := 0, 1
-	for i := 0; i < 4; i++ {
-		b, err := r.ReadByte()
-		if err != nil {
-			return packet{}, err
-		}
-		n += int(b&0x7f) * mult
-		if b&0x80 == 0 {
-			break
-		}
-		mult *= 128
-	}
-	body := make([]byte, n)
-	if _, err := io.ReadFull(r, body); err != nil {
-		return packet{}, err
-	}
-	return packet{typ: b0 >> 4, flags: b0 & 0x0f, body: body}, nil
+	return packet{typ: first >> 4, flags: first & 0x0f, body: body}, nil
 }
 
 func (rc *rawConn) mustRead() packet {
@@ -327,83 +313,41 @@ func (e *env) connectSAS(d registry.Device) *rawConn {
 	return rc
 }
 
-func encLen(n int) []byte {
-	var b []byte
-	for {
-		c := byte(n % 128)
-		n /= 128
-		if n > 0 {
-			c |= 0x80
-		}
-		b = append(b, c)
-		if n == 0 {
-			return b
-		}
-	}
-}
-
 func str(s string) []byte {
 	b := make([]byte, 2, 2+len(s))
 	binary.BigEndian.PutUint16(b, uint16(len(s)))
 	return append(b, s...)
 }
 
-func packetOf(first byte, body []byte) []byte {
-	return append(append([]byte{first}, encLen(len(body))...), body...)
+// packetOf frames body as a packet whose first byte is first (any bytes, malformed or not).
+func packetOf(first byte, body []byte) []byte { return mqttpkt.Frame(first, body) }
+
+// encode is mqttpkt.Encode for packets a test builds on purpose; it cannot fail for them.
+func encode(pk packets.Packet) []byte {
+	b, err := mqttpkt.Encode(pk)
+	if err != nil {
+		panic(err)
+	}
+	return b
 }
 
 func connectPkt(level byte, clientID, username, password string, clean bool) []byte {
-	var body []byte
-	body = append(body, str("MQTT")...)
-	flags := byte(0)
-	if clean {
-		flags |= 0x02
-	}
-	if username != "" {
-		flags |= 0x80
-	}
-	if password != "" {
-		flags |= 0x40
-	}
-	body = append(body, level, flags, 0, 60)
-	if level == 5 {
-		body = append(body, 0) // no properties
-	}
-	body = append(body, str(clientID)...)
-	if username != "" {
-		body = append(body, str(username)...)
-	}
-	if password != "" {
-		body = append(body, str(password)...)
-	}
-	return packetOf(0x10, body)
+	return encode(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: level,
+		Connect: packets.ConnectParams{Clean: clean, Keepalive: 60, ClientIdentifier: clientID,
+			UsernameFlag: username != "", Username: []byte(username), PasswordFlag: password != "", Password: []byte(password)}})
 }
 
 func publishPkt(topic string, payload []byte, qos byte, pid uint16, retain bool) []byte {
-	body := str(topic)
-	if qos > 0 {
-		body = binary.BigEndian.AppendUint16(body, pid)
-	}
-	body = append(body, payload...)
-	first := byte(0x30) | qos<<1
-	if retain {
-		first |= 1
-	}
-	return packetOf(first, body)
+	pk := mqttpkt.Publish(topic, qos, pid, payload)
+	pk.FixedHeader.Retain = retain
+	return encode(pk)
 }
 
 func subscribePkt(pid uint16, filters ...string) []byte {
-	body := binary.BigEndian.AppendUint16(nil, pid)
-	for _, f := range filters {
-		body = append(body, str(f)...)
-		body = append(body, 1)
-	}
-	return packetOf(0x82, body)
+	return encode(mqttpkt.Subscribe(pid, 1, filters...))
 }
 
-func pubackPkt(pid uint16) []byte {
-	return packetOf(0x40, binary.BigEndian.AppendUint16(nil, pid))
-}
+func pubackPkt(pid uint16) []byte { return encode(mqttpkt.Puback(pid)) }
 
 // subscribe sends SUBSCRIBE and returns the SUBACK codes.
 func (rc *rawConn) subscribe(pid uint16, filters ...string) []byte {
@@ -433,18 +377,11 @@ type publish struct {
 
 func parsePublish(t *testing.T, p packet) publish {
 	t.Helper()
-	if p.typ != 3 {
-		t.Fatalf("expected PUBLISH, got type %d", p.typ)
+	pk, err := mqttpkt.Decode(mqttpkt.Frame(p.typ<<4|p.flags, p.body))
+	if err != nil || pk.FixedHeader.Type != packets.Publish {
+		t.Fatalf("expected PUBLISH, got type %d (%v)", p.typ, err)
 	}
-	n := int(binary.BigEndian.Uint16(p.body))
-	pub := publish{topic: string(p.body[2 : 2+n]), qos: (p.flags >> 1) & 3}
-	rest := p.body[2+n:]
-	if pub.qos > 0 {
-		pub.pid = binary.BigEndian.Uint16(rest)
-		rest = rest[2:]
-	}
-	pub.payload = rest
-	return pub
+	return publish{topic: pk.TopicName, qos: pk.FixedHeader.Qos, pid: pk.PacketID, payload: pk.Payload}
 }
 
 func deviceTokenWithPolicy(t *testing.T, host, id string, p *registry.Policy) string {

@@ -29,22 +29,42 @@ var ErrMalformed = errors.New("malformed MQTT packet")
 // from r are returned as they are (io.EOF when the peer closed between packets); anything
 // malformed wraps ErrMalformed (ErrMalformedConnect for a CONNECT).
 func Read(r io.Reader, max int) (packets.Packet, error) {
-	var first [1]byte
-	if _, err := io.ReadFull(r, first[:]); err != nil {
+	first, body, err := ReadRaw(r, max)
+	if err != nil {
 		return packets.Packet{}, err
+	}
+	return decodeBody(first, body)
+}
+
+// ReadRaw reads one packet's framing from r: its first byte and its remaining bytes (at most
+// max), undecoded. It reads exactly the packet's bytes; errors are as Read's.
+func ReadRaw(r io.Reader, max int) (first byte, body []byte, err error) {
+	var b [1]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return 0, nil, err
 	}
 	rem, _, err := readLength(r, nil)
 	if err != nil {
-		return packets.Packet{}, lengthError(ErrMalformed, err)
+		return 0, nil, lengthError(ErrMalformed, err)
 	}
 	if rem > max {
-		return packets.Packet{}, fmt.Errorf("%w: %d bytes, limit %d", ErrMalformed, rem, max)
+		return 0, nil, fmt.Errorf("%w: %d bytes, limit %d", ErrMalformed, rem, max)
 	}
-	body := make([]byte, rem)
+	body = make([]byte, rem)
 	if _, err := io.ReadFull(r, body); err != nil {
-		return packets.Packet{}, fmt.Errorf("%w: %v", ErrMalformed, unexpected(err))
+		return 0, nil, fmt.Errorf("%w: %v", ErrMalformed, unexpected(err))
 	}
-	return decodeBody(first[0], body)
+	return b[0], body, nil
+}
+
+// Frame puts the fixed header (first byte and remaining length) in front of body, for tests that
+// build packets Encode would refuse to write.
+func Frame(first byte, body []byte) []byte {
+	var buf bytes.Buffer
+	fh := packets.FixedHeader{Type: first >> 4, Dup: first&0x08 != 0, Qos: (first >> 1) & 3, Retain: first&1 != 0, Remaining: len(body)}
+	fh.Encode(&buf)
+	buf.Write(body)
+	return buf.Bytes()
 }
 
 // Decode decodes b, which must hold exactly one packet.

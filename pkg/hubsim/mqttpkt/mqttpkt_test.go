@@ -140,6 +140,31 @@ func TestParseConnectFraming(t *testing.T) {
 	}
 }
 
+func TestFrame(t *testing.T) {
+	for _, c := range append(append(Table{}, ConnectCases...), Cases...) {
+		first, body, err := ReadRaw(bytes.NewReader(c.Raw), 1<<20)
+		if err != nil {
+			continue // not framed well: nothing to compare
+		}
+		if got := Frame(first, body); !bytes.Equal(got, c.Raw) && c.Name != "remaining length over the limit" {
+			t.Errorf("%s: Frame gives %x, want %x", c.Name, got, c.Raw)
+		}
+	}
+	// Every first byte; remaining lengths of one, two, three and four bytes.
+	for first := range 256 {
+		for _, n := range []int{0, 127, 128, 16383, 16384, 2097152} {
+			if n > 16384 && first != 0x30 {
+				continue
+			}
+			b := Frame(byte(first), make([]byte, n))
+			f, body, err := ReadRaw(bytes.NewReader(b), n)
+			if err != nil || f != byte(first) || len(body) != n {
+				t.Fatalf("Frame(0x%02x, %d bytes) reads back as 0x%02x, %d bytes, %v", first, n, f, len(body), err)
+			}
+		}
+	}
+}
+
 func TestSizeLimits(t *testing.T) {
 	big, err := Encode(Publish("t", 0, 0, make([]byte, testLimit)))
 	if err != nil {
