@@ -34,20 +34,11 @@ func TestWireCasesReachTheSession(t *testing.T) {
 			c2d := make(chan *hub.C2DMessage, 1)
 			desired := make(chan *hub.DesiredPatch, 1)
 			methods := make(chan *hub.MethodRequest, 1)
-			s, err := hub.New(hub.Config{Host: hubtest.Host, Address: b.Addr, DeviceID: id, Signer: b.Key, RootCAs: b.CAPool,
+			_, ctx := connected(t, b, hub.Config{DeviceID: id,
 				OnC2D:     func(_ context.Context, m *hub.C2DMessage) { c2d <- m },
 				OnDesired: func(_ context.Context, p *hub.DesiredPatch) { desired <- p },
 				OnMethod:  func(_ context.Context, r *hub.MethodRequest) { methods <- r },
 			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
-			defer func() { _ = s.Close(ctx) }()
-			if err := s.WaitConnected(ctx); err != nil {
-				t.Fatal(err)
-			}
 			b.Publish(c.Topic, []byte(`{}`), 1)
 			select {
 			case m := <-c2d:
@@ -138,17 +129,8 @@ func TestWireCasesTheSessionPublishes(t *testing.T) {
 				id = "dev1"
 			}
 			methods := make(chan *hub.MethodRequest, 1)
-			s, err := hub.New(hub.Config{Host: hubtest.Host, Address: b.Addr, DeviceID: id, ModuleID: w.ModuleID, Signer: b.Key,
-				RootCAs: b.CAPool, OnMethod: func(_ context.Context, r *hub.MethodRequest) { methods <- r }})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
-			defer func() { _ = s.Close(ctx) }()
-			if err := s.WaitConnected(ctx); err != nil {
-				t.Fatal(err)
-			}
+			s, ctx := connected(t, b, hub.Config{DeviceID: id, ModuleID: w.ModuleID,
+				OnMethod: func(_ context.Context, r *hub.MethodRequest) { methods <- r }})
 			if w.Kind == wire.KindTelemetry {
 				m.Body = []byte(`{}`)
 				if err := s.Send(ctx, &m); err != nil {
@@ -181,20 +163,11 @@ func TestWireBadCasesNeverReachTheSession(t *testing.T) {
 	b := hubtest.NewBroker(t)
 	const id = "d"
 	events := make(chan string, 16)
-	s, err := hub.New(hub.Config{Host: hubtest.Host, Address: b.Addr, DeviceID: id, Signer: b.Key, RootCAs: b.CAPool,
+	s, ctx := connected(t, b, hub.Config{DeviceID: id,
 		OnC2D:     func(_ context.Context, m *hub.C2DMessage) { events <- "c2d " + m.Topic },
 		OnDesired: func(_ context.Context, p *hub.DesiredPatch) { events <- fmt.Sprintf("desired %d", p.Version) },
 		OnMethod:  func(_ context.Context, r *hub.MethodRequest) { events <- "method " + r.Name + " " + r.RequestID },
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	defer func() { _ = s.Close(ctx) }()
-	if err := s.WaitConnected(ctx); err != nil {
-		t.Fatal(err)
-	}
 	subscribed := []string{wire.C2DFilter(id), wire.TwinResponseFilter, wire.TwinDesiredFilter, wire.MethodsFilter}
 	tried := 0
 	for i, c := range wire.BadCases {
@@ -223,4 +196,24 @@ func TestWireBadCasesNeverReachTheSession(t *testing.T) {
 	if tried < 5 {
 		t.Fatalf("only %d bad topics fall under the session's subscriptions; the filter list is wrong", tried)
 	}
+}
+
+// connected starts a session with cfg against b and waits until it is connected; ctx ends (and
+// the session closes) with the test.
+func connected(t *testing.T, b *hubtest.Broker, cfg hub.Config) (*hub.Session, context.Context) {
+	t.Helper()
+	cfg.Host, cfg.Address, cfg.Signer, cfg.RootCAs = hubtest.Host, b.Addr, b.Key, b.CAPool
+	s, err := hub.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(func() {
+		_ = s.Close(ctx)
+		cancel()
+	})
+	if err := s.WaitConnected(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return s, ctx
 }
