@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iothubby/iothubby/internal/netfault"
 	"github.com/iothubby/iothubby/pkg/connstr"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/service"
@@ -85,6 +86,7 @@ type agentProc struct {
 type agent struct {
 	idx      int
 	id       string
+	proxy    *netfault.Proxy // between the agent and hubsim's MQTT listener
 	stateDir string
 	cfgPath  string
 	csPath   string
@@ -131,6 +133,7 @@ type soak struct {
 	hubHost  string
 	agents   []*agent
 	rng      *rand.Rand // the schedule's; only the scheduler goroutine draws from it
+	bg       sync.WaitGroup // goroutines that lift timed network faults
 	unsuppor map[string]string
 
 	// gate: the desired driver and the telemetry poller hold it shared; a hubsim restart holds
@@ -307,6 +310,7 @@ func (s *soak) run(n int) *Report {
 	}
 	drvStop()
 	drv.Wait()
+	s.bg.Wait() // every network fault lifted (each ends by windowEnd)
 
 	s.mu.Lock()
 	lastEnd := s.start.Add(warmup)
@@ -412,8 +416,14 @@ func (s *soak) newAgent(i int, id, key string) (*agent, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	cs := connstr.ConnectionString{HostName: s.hubHost, DeviceID: id, SharedAccessKey: key, GatewayHostName: s.mqtt}.String()
-	a := &agent{idx: i, id: id, stateDir: filepath.Join(dir, "state"), cfgPath: filepath.Join(dir, "agent.yaml"), csPath: filepath.Join(dir, "cs")}
+	px, err := netfault.New("127.0.0.1:0", s.mqtt, nil)
+	if err != nil {
+		return nil, err
+	}
+	s.t.Cleanup(px.Close)
+	// The agent dials the proxy; TLS and authentication are hubsim's, end to end.
+	cs := connstr.ConnectionString{HostName: s.hubHost, DeviceID: id, SharedAccessKey: key, GatewayHostName: px.Addr()}.String()
+	a := &agent{idx: i, id: id, proxy: px, stateDir: filepath.Join(dir, "state"), cfgPath: filepath.Join(dir, "agent.yaml"), csPath: filepath.Join(dir, "cs")}
 	if err := os.WriteFile(a.csPath, []byte(cs), 0o600); err != nil {
 		return nil, err
 	}
@@ -482,7 +492,8 @@ func (s *soak) inject(ctx context.Context, hubKillAllowed bool, windowEnd time.T
 		weight int
 	}
 	choices := []choice{{"drop", 3}, {"drop-all", 1}, {"refuse-connect", 2}, {"agent-kill", 3},
-		{"puback-drop", 2}, {"puback-delay", 1}, {"token-expire", 2}, {"stall", 1}, {"rest-error", 1}}
+		{"puback-drop", 2}, {"puback-delay", 1}, {"token-expire", 2}, {"stall", 1}, {"rest-error", 1},
+		{"net-latency", 1}, {"net-bandwidth", 1}, {"net-slicer", 1}, {"net-reset", 1}, {"net-blackhole", 2}, {"net-down", 1}}
 	if hubKillAllowed {
 		choices = append(choices, choice{"hubsim-kill", 3})
 	}
@@ -547,6 +558,17 @@ func (s *soak) inject(ctx context.Context, hubKillAllowed bool, windowEnd time.T
 		err = s.adminFault(ctx, kind, map[string]any{"action": "rest-error", "code": 503, "durationSecs": dur,
 			"pathPrefix": "/twins/", "probability": 0.5, "seed": fseed})
 		f.end = start.Add(time.Duration(dur * float64(time.Second)))
+	case "net-latency", "net-bandwidth", "net-slicer", "net-reset", "net-blackhole", "net-down":
+		d := time.Duration(dur * float64(time.Second))
+		switch kind {
+		case "net-reset":
+			d = min(d, time.Second) // long enough to reset a reconnect attempt or two
+		case "net-blackhole":
+			// Up to past 1.5 keep-alives: the agent must notice a connection that hears nothing.
+			d = min(2*d, max(time.Until(windowEnd), 500*time.Millisecond))
+		}
+		f.end = start.Add(d)
+		err = s.netFault(ctx, s.agents[ai].proxy, kind, f.end)
 	case "agent-kill":
 		ai = 1 + s.rng.IntN(len(s.agents)-1) // agent 0 lives through the run: its resources are sampled
 		f.agents = []int{ai}
@@ -606,6 +628,45 @@ func (s *soak) adminFault(ctx context.Context, kind string, body map[string]any)
 		return errUnsupported
 	}
 	return err
+}
+
+// netFault puts a network fault on an agent's proxy until end; a goroutine the soak owns (s.bg)
+// lifts it then, or when ctx ends.
+func (s *soak) netFault(ctx context.Context, px *netfault.Proxy, kind string, end time.Time) error {
+	var f *netfault.Fault
+	var err error
+	switch kind {
+	case "net-latency":
+		f, err = px.Latency(300*time.Millisecond, 100*time.Millisecond)
+	case "net-bandwidth":
+		f, err = px.Bandwidth(2)
+	case "net-slicer":
+		f, err = px.Slicer(64, 32, time.Millisecond)
+	case "net-reset":
+		f, err = px.Reset()
+	case "net-blackhole":
+		f, err = px.Blackhole()
+	case "net-down":
+		px.Down()
+	}
+	if err != nil {
+		return err
+	}
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		s.sleepUntil(ctx, end) // the fault's duration
+		if f != nil {
+			if err := f.Remove(); err != nil {
+				s.violation("lift %s: %v", kind, err)
+			}
+			return
+		}
+		if err := px.Up(); err != nil {
+			s.violation("lift %s: %v", kind, err)
+		}
+	}()
+	return nil
 }
 
 func (s *soak) killAgent(ctx context.Context, a *agent, offline time.Duration) error {
