@@ -132,7 +132,7 @@ type soak struct {
 	caFile   string
 	hubHost  string
 	agents   []*agent
-	rng      *rand.Rand // the schedule's; only the scheduler goroutine draws from it
+	rng      *rand.Rand     // the schedule's; only the scheduler goroutine draws from it
 	bg       sync.WaitGroup // goroutines that lift timed network faults
 	unsuppor map[string]string
 
