@@ -289,7 +289,7 @@ func (d *Device) Run(ctx context.Context) error {
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
-	return d.runHub(ctx, d.hcfg)
+	return d.runHub(ctx, &d.hcfg)
 }
 
 // component is a part of a device with work of its own, run while the device runs. Run(ctx)
@@ -321,7 +321,34 @@ func startComponents(comps ...component) (stop func()) {
 // runSession runs one hub session with hc, and the twin sync over it, until ctx is done, Close
 // is called, the session stops by itself, or (with DPS) the device must provision again
 // (errReprovision).
-func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
+//
+// Set-up and teardown are functions of their own so that their frames are gone while the
+// device's goroutine waits in sessionLoop: the runtime keeps a goroutine's stack as large as
+// four times what is in use, and a fleet holds thousands of these goroutines (a single
+// function holding it all kept a 16 KiB stack per device).
+func (d *Device) runSession(ctx context.Context, hc *hub.Config) error {
+	r, err := d.startSession(hc)
+	if err != nil {
+		return err
+	}
+	return d.endSession(r, d.sessionLoop(ctx, r))
+}
+
+// sessionRun is one running session and what its end releases.
+type sessionRun struct {
+	sess        *hub.Session
+	ts          *twinsync.Sync
+	disp        *methods.Dispatcher
+	reprovision chan struct{}
+	simReboot   chan struct{}
+	stopSync    context.CancelFunc
+	deviceID    string
+}
+
+// startSession creates the twin sync, the method dispatcher and the hub session (from a copy of
+// hc), and starts the sync.
+func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
+	hc := *hcIn
 	reprovision := make(chan struct{}, 1)
 	requestReprovision := func() {
 		select {
@@ -332,11 +359,9 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	var sessRef atomic.Pointer[hub.Session]
 	ts, err := d.newSync(d.observedSession(lazySession{&sessRef}))
 	if err != nil {
-		return fmt.Errorf("device %s: %w", d.id.deviceID, err)
+		return nil, fmt.Errorf("device %s: %w", d.id.deviceID, err)
 	}
 	d.sync.Store(ts)
-	defer d.sync.CompareAndSwap(ts, nil) // reports after this session go to the next one
-	defer d.sessionEnded(ts)
 	d.reboot.reportTo(ts)
 	if d.fw != nil {
 		d.report(map[string]any{"firmwareVersion": d.fw.u.Status().Version})
@@ -374,12 +399,14 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 		default:
 		}
 	})
-	defer disp.Close()
 	d.deliverTo(&hc, ts, disp, mo)
 	d.watchDelivery(&hc)
 	sess, err := hub.New(hc)
 	if err != nil {
-		return fmt.Errorf("%w: %w", ErrConfig, err)
+		disp.Close()
+		d.sessionEnded(ts)
+		d.sync.CompareAndSwap(ts, nil)
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	sessRef.Store(sess)
 	d.log.Info("starting", zap.String("host", hc.Host), zap.String("address", sess.Config().Address),
@@ -388,28 +415,28 @@ func (d *Device) runSession(ctx context.Context, hc hub.Config) error {
 	// The sync holds a goroutine only while it has work or a timer to wait for.
 	syncCtx, stopSync := context.WithCancel(context.Background())
 	ts.Start(syncCtx)
-	defer func() { stopSync(); ts.Wait() }()
+	return &sessionRun{sess: sess, ts: ts, disp: disp, reprovision: reprovision, simReboot: simReboot, stopSync: stopSync, deviceID: hc.DeviceID}, nil
+}
 
+// sessionLoop sends telemetry on the session until ctx is done, Close is called, the session
+// stops by itself, or a reprovision or simulated reboot is asked for; it returns why it ended
+// (nil for ctx and Close).
+func (d *Device) sessionLoop(ctx context.Context, r *sessionRun) error {
 	tick, stopTick := d.telemetryTicker()
 	defer func() { stopTick() }()
-	var runErr error
-loop:
 	for {
 		select {
 		case <-ctx.Done():
-			break loop
-		case <-sess.Done():
-			runErr = sess.Err()
-			break loop
-		case <-reprovision:
-			runErr = errReprovision
-			break loop
-		case <-simReboot:
+			return nil
+		case <-r.sess.Done():
+			return r.sess.Err()
+		case <-r.reprovision:
+			return errReprovision
+		case <-r.simReboot:
 			d.log.Info(MsgSimRebootDisconnecting)
-			runErr = errSimulatedReboot
-			break loop
+			return errSimulatedReboot
 		case now := <-tick:
-			d.sendTelemetry(sess, now)
+			d.sendTelemetry(r.sess, now)
 			if n := d.tele.Load().cfg.Count; n > 0 && d.seq.Load() >= n {
 				stopTick()
 				tick, stopTick = nil, func() {}
@@ -420,21 +447,28 @@ loop:
 			tick, stopTick = d.telemetryTicker()
 		}
 	}
+}
+
+// endSession drains and closes the session within ShutdownTimeout, stops the sync and the
+// dispatcher, and returns runErr with the device named.
+func (d *Device) endSession(r *sessionRun, runErr error) error {
+	defer d.sync.CompareAndSwap(r.ts, nil) // reports after this session go to the next one
+	defer d.sessionEnded(r.ts)
 	d.log.Info("shutting down", zap.Duration("drain_timeout", d.cfg.ShutdownTimeout))
-	disp.Close()
-	stopSync()
-	ts.Wait()
+	r.disp.Close()
+	r.stopSync()
+	r.ts.Wait()
 	cctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout)
 	defer cancel()
-	if err := sess.Close(cctx); err != nil {
+	if err := r.sess.Close(cctx); err != nil {
 		d.log.Warn("shutdown left telemetry undelivered", zap.Error(err))
 	}
-	st := sess.Stats()
+	st := r.sess.Stats()
 	d.log.Info(MsgStopped, zap.Uint64("delivered", st.Sent), zap.Uint64("failed", st.Failed),
 		zap.Uint64("refused", st.Rejected), zap.Uint64("dropped", st.Dropped), zap.Int("queued", st.Queued),
 		zap.Uint64("connects", st.Connects))
 	if runErr != nil {
-		return fmt.Errorf("device %s: %w", hc.DeviceID, runErr)
+		return fmt.Errorf("device %s: %w", r.deviceID, runErr)
 	}
 	return nil
 }

@@ -258,7 +258,8 @@ func (d *Device) runDPS(ctx context.Context) error {
 			d.log.Error(MsgProvisioningFailed, zap.Error(err))
 			return fmt.Errorf("device %s: %w", d.id.registrationID, err)
 		}
-		err = d.runHub(ctx, d.hubConfigFor(res))
+		hc := d.hubConfigFor(res)
+		err = d.runHub(ctx, &hc)
 		switch {
 		case errors.Is(err, errReprovision):
 			d.log.Info("provisioning again", zap.String("reason", "requested or too many failed connection attempts"))

@@ -315,7 +315,7 @@ func (d *rebooter) simulateBoot(ctx context.Context) bool {
 
 // runHub runs hub sessions with hc, with a simulated boot between them after each simulated
 // reboot.
-func (d *Device) runHub(ctx context.Context, hc hub.Config) error {
+func (d *Device) runHub(ctx context.Context, hc *hub.Config) error {
 	for {
 		err := d.runSession(ctx, hc)
 		if !errors.Is(err, errSimulatedReboot) {

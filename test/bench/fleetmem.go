@@ -171,9 +171,39 @@ func (c *childProc) stop() {
 	}
 }
 
-// goMem is heap (in-use spans) + goroutine stacks from runtime/metrics, the figure the fleet
-// exposes as its own Go metrics, after GCs let grown stacks shrink.
-func goMem() (heapStack uint64, goroutines uint64) {
+// goMemFig is a Go process's memory from its runtime metrics after GCs let grown stacks shrink:
+// heap objects, the unused part of in-use heap spans (fragmentation), goroutine stacks, and the
+// goroutine count. Objects+unused+stacks is what the fleet exposes as go_memstats_heap_inuse_bytes
+// + go_memstats_stack_inuse_bytes.
+type goMemFig struct{ objects, unused, stacks, goroutines float64 }
+
+func (m goMemFig) heapStack() float64 { return m.objects + m.unused + m.stacks }
+
+func (m goMemFig) String() string {
+	return fmt.Sprintf("%.0f %.0f %.0f %.0f", m.objects, m.unused, m.stacks, m.goroutines)
+}
+
+func parseGoMem(f []string) (goMemFig, error) {
+	var v [4]float64
+	if len(f) != 4 {
+		return goMemFig{}, fmt.Errorf("want 4 memory figures, got %q", f)
+	}
+	for i := range v {
+		var err error
+		if v[i], err = strconv.ParseFloat(f[i], 64); err != nil {
+			return goMemFig{}, err
+		}
+	}
+	return goMemFig{v[0], v[1], v[2], v[3]}, nil
+}
+
+// perDev is (m - base) / n.
+func (m goMemFig) perDev(base goMemFig, n int) goMemFig {
+	d := float64(n)
+	return goMemFig{(m.objects - base.objects) / d, (m.unused - base.unused) / d, (m.stacks - base.stacks) / d, (m.goroutines - base.goroutines) / d}
+}
+
+func goMem() goMemFig {
 	for range 4 {
 		runtime.GC()
 	}
@@ -181,7 +211,7 @@ func goMem() (heapStack uint64, goroutines uint64) {
 	s := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/unused:bytes"},
 		{Name: "/memory/classes/heap/stacks:bytes"}, {Name: "/sched/goroutines:goroutines"}}
 	metrics.Read(s)
-	return s[0].Value.Uint64() + s[1].Value.Uint64() + s[2].Value.Uint64(), s[3].Value.Uint64()
+	return goMemFig{float64(s[0].Value.Uint64()), float64(s[1].Value.Uint64()), float64(s[2].Value.Uint64()), float64(s[3].Value.Uint64())}
 }
 
 // runFleetChild is the child side: hold the spec's devices as bare paho clients ("paho"), print
@@ -201,8 +231,7 @@ func runFleetChild(kind, specFile string) error {
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(pem)
-	hs0, g0 := goMem()
-	fmt.Printf("BASE %d %d\n", hs0, g0)
+	fmt.Printf("BASE %s\n", goMem())
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var release func()
@@ -222,7 +251,7 @@ func runFleetChild(kind, specFile string) error {
 	if err != nil {
 		return err
 	}
-	hs1, g1 := goMem()
+	held := goMem()
 	if prof := os.Getenv("BENCH_HEAP_PROFILE"); prof != "" {
 		for _, p := range []string{"heap", "goroutine"} {
 			if f, err := os.Create(prof + "." + p + "." + kind); err == nil {
@@ -231,7 +260,7 @@ func runFleetChild(kind, specFile string) error {
 			}
 		}
 	}
-	fmt.Printf("HELD %d %d %d\n", len(spec.Devices), hs1, g1)
+	fmt.Printf("HELD %d %s\n", len(spec.Devices), held)
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	release()
 	return nil
@@ -240,10 +269,9 @@ func runFleetChild(kind, specFile string) error {
 // fleetSide is what one side of the memory comparison held.
 type fleetSide struct {
 	rssBaseKiB, rssHeldKiB int64
-	baseDevices            int     // devices already held at the base figures (agent fleet: 1)
-	cpuHeld                float64 // utime+stime seconds from start to HELD
-	heapStackPerDev        float64 // Go sides only
-	goroutinesPerDev       float64
+	baseDevices            int      // devices already held at the base figures (agent fleet: 1)
+	cpuHeld                float64  // utime+stime seconds from start to HELD
+	goPerDev               goMemFig // Go sides only
 }
 
 func (s fleetSide) rssPerDevKiB(n int) float64 {
@@ -257,7 +285,7 @@ func (s fleetSide) rssPerDevKiB(n int) float64 {
 // (--metrics-addr) after it collected garbage (/debug/pprof/heap?gc=1, --pprof).
 func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n int) (fleetSide, error) {
 	s := fleetSide{baseDevices: 1}
-	var hs0, g0 float64
+	var base goMemFig
 	for _, count := range []int{1, n} {
 		dir, err := os.MkdirTemp("", "iothubby-bench-fleet-")
 		if err != nil {
@@ -273,9 +301,9 @@ func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n int) (f
 			return s, err
 		}
 		err = p.waitHeld(ctx, count, 10*time.Minute)
-		var hs, g float64
+		var m goMemFig
 		if err == nil {
-			hs, g, err = p.goMem(ctx)
+			m, err = p.goMem(ctx)
 		}
 		var rss int64
 		if err == nil {
@@ -289,11 +317,10 @@ func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n int) (f
 			return s, err
 		}
 		if count == 1 {
-			s.rssBaseKiB, hs0, g0 = rss, hs, g
+			s.rssBaseKiB, base = rss, m
 		} else {
 			s.rssHeldKiB = rss
-			s.heapStackPerDev = (hs - hs0) / float64(n-1)
-			s.goroutinesPerDev = (g - g0) / float64(n-1)
+			s.goPerDev = m.perDev(base, n-1)
 		}
 	}
 	return s, nil
@@ -324,13 +351,16 @@ func runSide(ctx context.Context, cmd *exec.Cmd, n int) (fleetSide, error) {
 	if s.cpuHeld, err = procCPU(c.cmd.Process.Pid); err != nil {
 		return s, err
 	}
-	if len(base) == 2 && len(held) == 3 {
-		hs0, _ := strconv.ParseFloat(base[0], 64)
-		g0, _ := strconv.ParseFloat(base[1], 64)
-		hs1, _ := strconv.ParseFloat(held[1], 64)
-		g1, _ := strconv.ParseFloat(held[2], 64)
-		s.heapStackPerDev = (hs1 - hs0) / float64(n)
-		s.goroutinesPerDev = (g1 - g0) / float64(n)
+	if len(base) > 0 && len(held) > 1 {
+		g0, err := parseGoMem(base)
+		if err != nil {
+			return s, err
+		}
+		g1, err := parseGoMem(held[1:])
+		if err != nil {
+			return s, err
+		}
+		s.goPerDev = g1.perDev(g0, n)
 	}
 	return s, nil
 }
@@ -402,11 +432,13 @@ func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report fu
 		fmt.Printf("fleet-memory: %-5s %d devices in %.0fs (%.1f CPU s): RSS %.1f KiB/device (base %d KiB, held %d KiB)",
 			kind, n, time.Since(start).Seconds(), s.cpuHeld, s.rssPerDevKiB(n), s.rssBaseKiB, s.rssHeldKiB)
 		if kind != "node" {
-			fmt.Printf(", heap+stack %.1f KiB/device, %.1f goroutines/device", s.heapStackPerDev/1024, s.goroutinesPerDev)
+			g := s.goPerDev
+			fmt.Printf(", heap+stack %.1f KiB/device (objects %.1f, unused span bytes %.1f, stacks %.1f), %.1f goroutines/device",
+				g.heapStack()/1024, g.objects/1024, g.unused/1024, g.stacks/1024, g.goroutines)
 		}
 		fmt.Println()
 	}
-	hs := sides["fleet"].heapStackPerDev / sides["paho"].heapStackPerDev
+	hs := sides["fleet"].goPerDev.heapStack() / sides["paho"].goPerDev.heapStack()
 	rss := sides["fleet"].rssPerDevKiB(n) / sides["node"].rssPerDevKiB(n)
 	report("fleet heap+stack/dev / paho", hs, hs <= 1.3, "<= 1.3")
 	report("fleet RSS/dev / Node SDK", rss, rss <= 0.6, "<= 0.6")

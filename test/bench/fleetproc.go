@@ -183,13 +183,13 @@ func (p *fleetProc) get(ctx context.Context, path string, w io.Writer) error {
 }
 
 // goMem makes the fleet collect garbage four times (/debug/pprof/heap?gc=1, as the Go children
-// do with runtime.GC) and returns heap in use + stacks in use and goroutines from its Go
-// metrics. With BENCH_HEAP_PROFILE set it keeps the heap and goroutine profiles as
+// do with runtime.GC) and reads heap objects (heap_alloc), the rest of heap_inuse, stack_inuse
+// and goroutines from its Go metrics. With BENCH_HEAP_PROFILE set it keeps the heap and goroutine profiles as
 // <path>.heap.fleet and <path>.goroutine.fleet.
-func (p *fleetProc) goMem(ctx context.Context) (heapStack, goroutines float64, err error) {
+func (p *fleetProc) goMem(ctx context.Context) (goMemFig, error) {
 	for range 4 {
 		if err := p.get(ctx, "/debug/pprof/heap?gc=1", io.Discard); err != nil {
-			return 0, 0, err
+			return goMemFig{}, err
 		}
 	}
 	if prof := os.Getenv("BENCH_HEAP_PROFILE"); prof != "" {
@@ -202,7 +202,9 @@ func (p *fleetProc) goMem(ctx context.Context) (heapStack, goroutines float64, e
 	}
 	f, err := p.scrape(ctx)
 	if err != nil {
-		return 0, 0, err
+		return goMemFig{}, err
 	}
-	return f.Get("go_memstats_heap_inuse_bytes") + f.Get("go_memstats_stack_inuse_bytes"), f.Get("go_goroutines"), nil
+	objects := f.Get("go_memstats_heap_alloc_bytes")
+	return goMemFig{objects: objects, unused: f.Get("go_memstats_heap_inuse_bytes") - objects,
+		stacks: f.Get("go_memstats_stack_inuse_bytes"), goroutines: f.Get("go_goroutines")}, nil
 }
