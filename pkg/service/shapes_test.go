@@ -1,40 +1,16 @@
 package service
 
 import (
-	"encoding/json"
 	"flag"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/iothubby/iothubby/internal/golden"
 )
 
 var updateGolden = flag.Bool("update", false, "rewrite testdata/golden/*.json from the current output")
 
-// goldenJSON compares the exact bytes that encoding/json writes for v (what goes on the wire)
-// with testdata/golden/<name>.json, or rewrites that file with -update.
-func goldenJSON(t *testing.T, name string, v any) {
-	t.Helper()
-	got, err := json.Marshal(v)
-	if err != nil {
-		t.Fatalf("%s: marshal: %v", name, err)
-	}
-	got = append(got, '\n')
-	path := filepath.Join("testdata", "golden", name+".json")
-	if *updateGolden {
-		if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("golden %s: %v (run with -update to create it)", name, err)
-	}
-	if string(want) != string(got) {
-		t.Errorf("%s: the wire shape changed\n--- want %s\n%s--- got\n%s", name, path, want, got)
-	}
-}
+func goldenJSON(t *testing.T, name string, v any) { t.Helper(); golden.JSON(t, name, v, *updateGolden) }
 
 // TestDeviceWireShape pins the JSON of service.Device byte for byte: the devices of hubsim's
 // registry shape test as the client holds them, and the body CreateDevice sends for a bare ID.
@@ -69,5 +45,22 @@ func TestDeviceWireShape(t *testing.T) {
 		"device-create-bare": withDefaults(Device{DeviceID: "new-1"}),
 	} {
 		goldenJSON(t, name, d)
+	}
+}
+
+// TestTwinWireShape pins the JSON of service.Twin byte for byte: the twins of hubsim's twin shape
+// test as the client holds them.
+func TestTwinWireShape(t *testing.T) {
+	full := Twin{DeviceID: "dev-1", ETag: "AAAAAAAAAAc=", Version: 7, Status: "enabled", ConnectionState: "Connected",
+		LastActivityTime: "2026-12-02T04:05:07.1234567Z", Tags: map[string]any{"site": "lab", "floor": 3.0}}
+	full.Properties.Desired = map[string]any{"interval": 5.0, "$version": 4.0,
+		"$metadata": map[string]any{"$lastUpdated": "2026-12-02T04:05:06.1234567Z", "$lastUpdatedVersion": 4.0}}
+	full.Properties.Reported = map[string]any{"fw": "1.0", "$version": 2.0, "$metadata": map[string]any{"$lastUpdated": "2026-12-02T04:05:06.1234567Z"}}
+	edge := Twin{DeviceID: "edge-1", ETag: "AAAAAAAAAAE=", Version: 1, Status: "disabled", ConnectionState: "Disconnected",
+		LastActivityTime: "0001-01-01T00:00:00Z", Tags: map[string]any{}}
+	edge.Properties.Desired = map[string]any{"$version": 1.0, "$metadata": map[string]any{"$lastUpdated": "2026-12-02T04:05:06.1234567Z"}}
+	edge.Properties.Reported = map[string]any{"$version": 1.0, "$metadata": map[string]any{"$lastUpdated": "2026-12-02T04:05:06.1234567Z"}}
+	for name, tw := range map[string]Twin{"twin-sas-connected": full, "twin-selfsigned-edge": edge, "twin-zero": {}} {
+		goldenJSON(t, name, tw)
 	}
 }

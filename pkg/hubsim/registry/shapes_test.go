@@ -3,38 +3,15 @@ package registry
 import (
 	"encoding/json"
 	"flag"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/iothubby/iothubby/internal/golden"
 )
 
 var updateGolden = flag.Bool("update", false, "rewrite testdata/golden/*.json from the current output")
 
-// goldenJSON compares the exact bytes that encoding/json writes for v (what goes on the wire)
-// with testdata/golden/<name>.json, or rewrites that file with -update.
-func goldenJSON(t *testing.T, name string, v any) {
-	t.Helper()
-	got, err := json.Marshal(v)
-	if err != nil {
-		t.Fatalf("%s: marshal: %v", name, err)
-	}
-	got = append(got, '\n')
-	path := filepath.Join("testdata", "golden", name+".json")
-	if *updateGolden {
-		if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("golden %s: %v (run with -update to create it)", name, err)
-	}
-	if string(want) != string(got) {
-		t.Errorf("%s: the wire shape changed\n--- want %s\n%s--- got\n%s", name, path, want, got)
-	}
-}
+func goldenJSON(t *testing.T, name string, v any) { t.Helper(); golden.JSON(t, name, v, *updateGolden) }
 
 // shapeDevices are devices as hubsim's REST API answers them: one of each authentication type,
 // with and without runtime state, and the zero device.
