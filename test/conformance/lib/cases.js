@@ -36,6 +36,7 @@ const ehCases = require('./eventhubs-cases');
 const amqpCases = require('./amqp-cases');
 const jobCases = require('./job-cases');
 const faultCases = require('./fault-cases');
+const throttleCases = require('./throttle-cases');
 
 const CASE_DEADLINE_MS = 60000; // whole case, including its own cleanup budget below
 const OPEN_DEADLINE_MS = 20000; // device client open()
@@ -632,6 +633,7 @@ const CASES = [
   ['eventhubs-read-agent-telemetry', ehCases.eventHubsReadAgentTelemetry],
   ['eventhubs-properties', ehCases.eventHubsProperties],
   ['device-fault-killtcp', faultCases.deviceKillTcp],
+  ['service-throttled-429', throttleCases.serviceThrottled429],
 ];
 
 // ---------------------------------------------------------------------------------------------
