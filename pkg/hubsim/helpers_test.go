@@ -313,15 +313,6 @@ func (e *env) connectSAS(d registry.Device) *rawConn {
 	return rc
 }
 
-func str(s string) []byte {
-	b := make([]byte, 2, 2+len(s))
-	binary.BigEndian.PutUint16(b, uint16(len(s)))
-	return append(b, s...)
-}
-
-// packetOf frames body as a packet whose first byte is first (any bytes, malformed or not).
-func packetOf(first byte, body []byte) []byte { return mqttpkt.Frame(first, body) }
-
 // encode is mqttpkt.Encode for packets a test builds on purpose; it cannot fail for them.
 func encode(pk packets.Packet) []byte {
 	b, err := mqttpkt.Encode(pk)

@@ -17,7 +17,6 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
-	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -289,54 +288,13 @@ func TestX509CertificateAuthority(t *testing.T) {
 	}
 }
 
+// What the screen refuses, and why, is mqttpkt.ConnectCases, sent byte for byte by
+// TestConnectCasesOnTheDeviceEndpoint; here, the refusals that need a live client.
 func TestMQTT5AndGarbageAreRejected(t *testing.T) {
 	e := newEnv(t)
 	d := e.createSAS("dev-after")
 	user := e.host + "/" + d.DeviceID + "/?api-version=2021-04-12"
 	v5 := connectPkt(5, d.DeviceID, user, e.token(d), false)
-	// A v5 CONNECT whose property length claims more than the packet holds.
-	badProps := packetOf(0x10, append(append(str("MQTT"), 5, 0xc2, 0, 60, 0xff, 0xff, 0xff, 0x7f), str("x")...))
-	// reason is what the rejected event must say: the screen's own words, so a close for
-	// another cause (a timeout, a crash) does not pass.
-	cases := map[string]struct {
-		data    []byte
-		connack bool
-		reason  string
-	}{
-		"mqtt5":                     {v5, true, `"MQTT" level 5`},
-		"mqtt5 truncated":           {v5[:12], true, `"MQTT" level 5`},
-		"mqtt5 malformed props":     {badProps, true, `"MQTT" level 5`},
-		"mqtt 3.1 (MQIsdp level 3)": {packetOf(0x10, append(str("MQIsdp"), 3, 0x02, 0, 60, 0, 1, 'x')), true, `"MQIsdp" level 3`},
-		"garbage":                   {[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false, "is not CONNECT"},
-		"publish first":             {publishPkt("devices/x/messages/events/", nil, 0, 0, false), false, "is not CONNECT"},
-		"connect truncated":         {connectPkt(4, d.DeviceID, user, "tok", false)[:9], false, mqttpkt.ErrMalformedConnect.Error()},
-		"bad protocol name":         {packetOf(0x10, append(str("MQTX"), 4, 0x02, 0, 60, 0, 1, 'x')), false, `protocol name "MQTX"`},
-		"reserved flag":             {packetOf(0x10, append(str("MQTT"), 4, 0x03, 0, 60, 0, 1, 'x')), false, "reserved flag set"},
-		"trailing bytes":            {packetOf(0x10, append(str("MQTT"), 4, 0x02, 0, 60, 0, 1, 'x', 9)), false, "1 trailing bytes"},
-		"huge remaining length":     {[]byte{0x10, 0xff, 0xff, 0xff, 0x7f}, false, mqttpkt.ErrMalformedConnect.Error()},
-		"varint too long":           {[]byte{0x10, 0xff, 0xff, 0xff, 0xff, 0x01}, false, "remaining length longer than 4 bytes"},
-	}
-	for name, c := range cases {
-		t.Run(name, func(t *testing.T) {
-			mark := e.ev.mark()
-			rc := e.dial()
-			rc.send(c.data)
-			_ = rc.c.(*tls.Conn).CloseWrite()
-			p, err := rc.read()
-			if c.connack {
-				if err != nil || p.typ != 2 || !bytes.Equal(p.body, []byte{0, 1}) {
-					t.Fatalf("want CONNACK return code 1, got %+v, %v", p, err)
-				}
-			} else if err == nil {
-				t.Fatalf("want close, got packet type %d", p.typ)
-			}
-			rc.expectClosed()
-			ev := e.ev.waitFrom(t, mark, "rejected", func(ev broker.Event) bool { return ev.Kind == broker.EventRejected })
-			if !strings.Contains(ev.Reason, c.reason) {
-				t.Fatalf("rejected for %q, want a reason naming %q", ev.Reason, c.reason)
-			}
-		})
-	}
 	// A v5 client whose connection stays open still gets CONNACK 1 and a close.
 	rc := e.dial()
 	rc.send(v5)

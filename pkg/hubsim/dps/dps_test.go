@@ -18,6 +18,8 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
@@ -396,6 +398,44 @@ func TestMQTTSession(t *testing.T) {
 	bad := deviceToken(t, s.IDScope(), "m1", testGroupKey, true)
 	if out := runMQTT(t, s, "m1", bad, nil); !bytes.Equal(out, mqttpkt.Cases.Get("CONNACK not authorized").Raw) {
 		t.Fatalf("wrong key: %q", out)
+	}
+}
+
+// Every packet the codec's table refuses ends a DPS session, and the log says why in the codec's
+// words; what came before it was answered. A packet over the DPS endpoint's 64 KiB limit is
+// refused on its header.
+func TestMQTTSessionRefusesMalformedPackets(t *testing.T) {
+	s, _, _ := newServer(t, func(c *Config) { c.RetryAfter = -1 })
+	core, logs := observer.New(zap.InfoLevel)
+	s.log = zap.New(core)
+	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
+		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+		t.Fatal(err)
+	}
+	tok := deviceToken(t, s.IDScope(), "m1", deriveB64(testGroupKey, "m1"), true)
+	good := slices.Concat(mqttpkt.Cases.Get("SUBSCRIBE to DPS responses").Raw, mqttpkt.Cases.Get("register PUBLISH, QoS 1").Raw)
+	refused := mqttpkt.Table{{Name: "PUBLISH over 64 KiB", Err: "65537 bytes, limit 65536", Raw: []byte{0x30, 0x81, 0x80, 0x04}}}
+	for _, c := range mqttpkt.Cases {
+		if c.Err != "" {
+			refused = append(refused, c)
+		}
+	}
+	for _, c := range refused {
+		t.Run(c.Name, func(t *testing.T) {
+			logs.TakeAll()
+			out := readPackets(t, runMQTT(t, s, "m1", tok, slices.Concat(good, c.Raw)))
+			var types []byte
+			for _, pk := range out {
+				types = append(types, pk.FixedHeader.Type)
+			}
+			if want := []byte{packets.Connack, packets.Suback, packets.Puback, packets.Publish}; !bytes.Equal(types, want) {
+				t.Fatalf("session wrote packet types %v, want %v (CONNACK, SUBACK, PUBACK, the reply)", types, want)
+			}
+			closed := logs.FilterMessage(MsgMalformedPacket).All()
+			if len(closed) != 1 || !strings.Contains(closed[0].ContextMap()["error"].(string), c.Err) {
+				t.Fatalf("logged %+v, want one %q naming %q", logs.All(), MsgMalformedPacket, c.Err)
+			}
+		})
 	}
 }
 

@@ -21,6 +21,10 @@ import (
 // maxPacket bounds a DPS MQTT packet.
 const maxPacket = 64 * 1024
 
+// MsgMalformedPacket is logged, with the codec's reason, when a DPS MQTT session ends on a packet
+// the codec refuses.
+const MsgMalformedPacket = "DPS connection closed: malformed packet"
+
 // ServeDPSMQTT runs one DPS MQTT session on conn, whose CONNECT (already validated by the
 // broker) is connect. It authenticates the CONNECT (CONNACK 5 on failure), then answers
 // SUBSCRIBE, register and poll PUBLISHes, UNSUBSCRIBE, PINGREQ and DISCONNECT until the client
@@ -87,10 +91,11 @@ func (s *Server) ServeDPSMQTT(conn net.Conn, state tls.ConnectionState, connect 
 	for {
 		_ = conn.SetReadDeadline(time.Now().Add(idle))
 		pk, err := mqttpkt.Read(r, maxPacket)
+		var ve *mqttpkt.VersionError
 		if err != nil {
 			switch {
-			case errors.Is(err, mqttpkt.ErrMalformed), errors.Is(err, mqttpkt.ErrMalformedConnect):
-				log.Info("DPS connection closed: malformed packet", zap.Error(err))
+			case errors.Is(err, mqttpkt.ErrMalformed), errors.Is(err, mqttpkt.ErrMalformedConnect), errors.As(err, &ve):
+				log.Info(MsgMalformedPacket, zap.Error(err))
 			case !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed):
 				log.Debug("DPS connection closed", zap.Error(err))
 			}
