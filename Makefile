@@ -40,8 +40,8 @@ conformance: build
 	@test -d test/conformance/node_modules || (cd test/conformance && npm ci --ignore-scripts --no-audit --no-fund)
 	HUBSIM_BIN=$(CURDIR)/$(BIN)/hubsim node test/conformance/run.js
 
-## soak: hubsim and 3 agents through a seeded schedule of faults for $(SOAK) (SOAK_SEED=N to
-## replay a schedule), then the invariants and a table (test/soak).
+## soak: hubsim, 3 agents and a 20-device fleet through a seeded schedule of faults for $(SOAK)
+## (SOAK_SEED=N replays a schedule; SOAK_AGENTS, SOAK_FLEET), then the invariants and a table.
 soak: build
 	SOAK=$(SOAK) IOTHUBBY_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -v -tags soak -timeout 2h -run '^TestSoak$$' ./test/soak/
 

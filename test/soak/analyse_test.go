@@ -3,7 +3,9 @@
 package soak
 
 import (
+	"encoding/json"
 	"fmt"
+	"os"
 	"sort"
 	"strings"
 	"time"
@@ -107,7 +109,16 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 				a = x
 			}
 		}
-		if a != nil {
+		if a == nil {
+			// A fleet device: it reconnects after a drop of every device and a hubsim restart.
+			mass := 0
+			for _, f := range s.faults {
+				if f.kind == "drop-all" || f.kind == "hubsim-kill" {
+					mass++
+				}
+			}
+			tl.DuplicateAllowed = maxInFlight * mass
+		} else {
 			connects := 0
 			ls, _ := a.allLines()
 			for _, l := range ls {
@@ -141,6 +152,34 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 		"%d duplicates %s", dups, strings.Join(dupBad, "; "))
 	if bad := led.BadIDs(); len(bad) > 0 {
 		add("telemetry: message ids well-formed", false, "%d unparsable, e.g. %q", len(bad), bad[0])
+	}
+
+	// The fleet: its clean stop drained everything; hubsim recorded what it acknowledged.
+	if s.fleet != nil {
+		s.fleetChecks(rep, add)
+	}
+
+	// One row for the fleet's devices in the table.
+	if s.fleet != nil {
+		var rows []DeviceTally
+		agg := DeviceTally{Device: fmt.Sprintf("fleet (%d devices)", len(s.fleet.ids))}
+		for _, tl := range rep.Telemetry {
+			if !strings.HasPrefix(tl.Device, "soak-fleet-") {
+				rows = append(rows, tl)
+				continue
+			}
+			agg.Runs += tl.Runs
+			agg.Accepted += tl.Accepted
+			agg.Refused += tl.Refused
+			agg.Received += tl.Received
+			agg.Failed += tl.Failed
+			agg.AckedUnrecorded += tl.AckedUnrecorded
+			agg.MissingCount += tl.MissingCount
+			agg.Missing = append(agg.Missing, tl.Missing...)
+			agg.Duplicates += tl.Duplicates
+			agg.DuplicateAllowed += tl.DuplicateAllowed
+		}
+		rep.Telemetry = append(rows, agg)
 	}
 
 	// Desired versions applied in order; reported state converged.
@@ -280,4 +319,53 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 		strings.Join(s.unexpected[:min(5, len(s.unexpected))], "; "))
 	_ = stoppedFailed
 	return rep
+}
+
+// fleetChecks reads the fleet's --summary: after a clean stop nothing is pending, every message
+// sent is acknowledged or failed, and hubsim recorded (at least) what was acknowledged, less at
+// most one message per device per hubsim SIGKILL (acknowledged after the last poll of the
+// killed instance: the fleet logs no per-message lines to show it).
+func (s *soak) fleetChecks(rep *Report, add func(string, bool, string, ...any)) {
+	b, err := os.ReadFile(s.fleet.summary)
+	if err != nil {
+		add("fleet: summary written at exit", false, "%v", err)
+		return
+	}
+	var sum struct {
+		Devices   int `json:"devices"`
+		Telemetry struct {
+			Sent, Acknowledged, Failed, Pending uint64
+			FailedBy                            map[string]uint64 `json:"failedByReason"`
+		} `json:"telemetry"`
+		Reconnects   uint64         `json:"reconnects"`
+		DeviceErrors map[string]int `json:"deviceErrors"`
+	}
+	if err := json.Unmarshal(b, &sum); err != nil {
+		add("fleet: summary written at exit", false, "%v", err)
+		return
+	}
+	fleet := map[string]bool{}
+	for _, id := range s.fleet.ids {
+		fleet[id] = true
+	}
+	recorded, missing := 0, 0
+	for _, tl := range rep.Telemetry {
+		if fleet[tl.Device] {
+			recorded += tl.Received
+			missing += tl.MissingCount
+		}
+	}
+	kills := 0
+	for _, f := range s.faults {
+		if f.kind == "hubsim-kill" {
+			kills++
+		}
+	}
+	tel := sum.Telemetry
+	slack := kills * len(s.fleet.ids)
+	ok := sum.Devices == len(s.fleet.ids) && tel.Pending == 0 && tel.Sent == tel.Acknowledged+tel.Failed &&
+		uint64(recorded+slack) >= tel.Acknowledged && missing == 0 && len(sum.DeviceErrors) == 0 && tel.Sent > 0
+	add(fmt.Sprintf("fleet (%d devices): drained, acknowledged messages recorded, no gaps", len(s.fleet.ids)), ok,
+		"sent %d = acknowledged %d + failed %d %v, pending %d; %d distinct recorded (slack %d for hubsim SIGKILLs); %d gaps; %d reconnects; device errors %v",
+		tel.Sent, tel.Acknowledged, tel.Failed, tel.FailedBy, tel.Pending, recorded, slack, missing, sum.Reconnects, sum.DeviceErrors)
 }

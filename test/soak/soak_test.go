@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,9 +32,11 @@ const (
 	maxInFlight       = 8
 	fsyncInterval     = time.Second
 	sampleEvery       = 2 * time.Second
-	pollEvery         = 2 * time.Second
-	waitBound         = 60 * time.Second // bound on any single wait for a process or a view
-	convergeBound     = 30 * time.Second // reported state converged this long after the last fault
+	// hubsim keeps the last 1000 messages per device: at 5 per second that is 200 s, so a poll
+	// every 30 s (and one just before each hubsim SIGKILL) sees every record.
+	pollEvery     = 30 * time.Second
+	waitBound     = 60 * time.Second // bound on any single wait for a process or a view
+	convergeBound = 30 * time.Second // reported state converged this long after the last fault
 )
 
 // Bounds on resource growth over the second half of the run (fitted slope × span).
@@ -132,6 +135,8 @@ type soak struct {
 	caFile   string
 	hubHost  string
 	agents   []*agent
+	fleet    *fleetRun      // nil without SOAK_FLEET
+	targets  []string       // every device id the drivers and the poller work on: agents', then the fleet's
 	rng      *rand.Rand     // the schedule's; only the scheduler goroutine draws from it
 	bg       sync.WaitGroup // goroutines that lift timed network faults
 	unsuppor map[string]string
@@ -185,13 +190,19 @@ func TestSoak(t *testing.T) {
 			t.Fatalf("SOAK_AGENTS=%q: want 2 to 50", v)
 		}
 	}
-	fmt.Printf("soak: SOAK=%v SOAK_SEED=%d SOAK_AGENTS=%d (rerun with the same seed for the same schedule)\n", dur, seed, n)
+	fleetN := 20
+	if v := os.Getenv("SOAK_FLEET"); v != "" {
+		if fleetN, err = strconv.Atoi(v); err != nil || fleetN < 0 || fleetN > 1000 {
+			t.Fatalf("SOAK_FLEET=%q: want 0 to 1000 devices", v)
+		}
+	}
+	fmt.Printf("soak: SOAK=%v SOAK_SEED=%d SOAK_AGENTS=%d SOAK_FLEET=%d (rerun with the same seed for the same schedule)\n", dur, seed, n, fleetN)
 
 	s := &soak{t: t, seed: seed, dur: dur, state: t.TempDir(), rng: rand.New(rand.NewPCG(uint64(seed), 0x50a6)),
 		unsuppor: map[string]string{}, skipped: map[string]int{}, samples: map[string][]sample{},
 		hubSamples: map[*proc]map[string][]sample{}, methods: map[string]int{}, desiredSeq: map[string]int64{},
 		desiredVer: map[string]int64{}, patchErrs: map[string]int{}}
-	rep := s.run(n)
+	rep := s.run(n, fleetN)
 	rep.Write(os.Stdout)
 	for _, inv := range rep.Failed() {
 		t.Errorf("invariant %q violated: %s", inv.Name, inv.Detail)
@@ -221,7 +232,7 @@ func (s *soak) violation(format string, args ...any) {
 func (s *soak) since() time.Duration { return time.Since(s.start) }
 
 // run is the whole soak; it returns the report (whose failed invariants fail the test).
-func (s *soak) run(n int) *Report {
+func (s *soak) run(n, fleetN int) *Report {
 	t := s.t
 	s.start = time.Now()
 	var err error
@@ -276,6 +287,14 @@ func (s *soak) run(n int) *Report {
 		if err := s.awaitSynced(ctx, a, time.Time{}); err != nil {
 			t.Fatal(err)
 		}
+		s.targets = append(s.targets, a.id)
+	}
+	if fleetN > 0 {
+		if s.fleet, err = s.startFleet(ctx, fleetN); err != nil {
+			t.Fatal(err)
+		}
+		defer s.fleet.kill()
+		s.targets = append(s.targets, s.fleet.ids...)
 	}
 
 	warmup := 8 * time.Second
@@ -333,6 +352,13 @@ func (s *soak) run(n int) *Report {
 		sctx, scancel := context.WithTimeout(ctx, waitBound)
 		if err := a.cur().stop(sctx); err != nil {
 			stopErrs[a.id] = err
+		}
+		scancel()
+	}
+	if s.fleet != nil {
+		sctx, scancel := context.WithTimeout(ctx, waitBound)
+		if err := s.fleet.stop(sctx); err != nil {
+			stopErrs["fleet"] = err
 		}
 		scancel()
 	}
@@ -703,22 +729,27 @@ func (s *soak) killHub(ctx context.Context, offline time.Duration) (time.Time, e
 			return back, fmt.Errorf("after the hubsim restart: %w", err)
 		}
 	}
+	if s.fleet != nil {
+		if err := s.awaitFleetConnected(ctx, back); err != nil {
+			return back, fmt.Errorf("after the hubsim restart: %w", err)
+		}
+	}
 	// A PATCH hubsim answered within its last 100 ms may be gone (docs/hubsim.md): count it and
 	// go on from what the hub has, so later versions are not compared against a lost one.
-	for _, a := range s.agents {
+	for _, id := range s.targets {
 		wctx, cancel := context.WithTimeout(ctx, waitBound)
-		tw, err := s.svc.GetTwin(wctx, a.id)
+		tw, err := s.svc.GetTwin(wctx, id)
 		cancel()
 		if err != nil {
-			return back, fmt.Errorf("twin of %s after the hubsim restart: %w", a.id, err)
+			return back, fmt.Errorf("twin of %s after the hubsim restart: %w", id, err)
 		}
 		ver := desiredVersion(tw)
 		s.mu.Lock()
-		if ver < s.desiredVer[a.id] {
-			s.lostDesired += int(s.desiredVer[a.id] - ver)
-			s.desiredVer[a.id] = ver
+		if ver < s.desiredVer[id] {
+			s.lostDesired += int(s.desiredVer[id] - ver)
+			s.desiredVer[id] = ver
 			v, _ := tw.Properties.Desired["soakSeq"].(float64)
-			s.desiredSeq[a.id] = int64(v)
+			s.desiredSeq[id] = int64(v)
 		}
 		s.mu.Unlock()
 	}
@@ -750,13 +781,13 @@ func (s *soak) telemetryPoller(ctx context.Context) {
 // pollTelemetry reads every device's recorded telemetry from instance h (number inst).
 func (s *soak) pollTelemetry(ctx context.Context, h *hubInst, inst int) {
 	started := time.Now()
-	for _, a := range s.agents {
+	for _, id := range s.targets {
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		msgs, err := s.svc.Telemetry(wctx, a.id)
+		msgs, err := s.svc.Telemetry(wctx, id)
 		cancel()
 		if err != nil {
 			if ctx.Err() == nil && h.alive() {
-				s.violation("recorded telemetry of %s: %v", a.id, err)
+				s.violation("recorded telemetry of %s: %v", id, err)
 			}
 			return
 		}
@@ -834,7 +865,7 @@ func (s *soak) desiredDriver(ctx context.Context) {
 		if !s.sleepUntil(ctx, time.Now().Add(500*time.Millisecond+time.Duration(rng.Int64N(int64(1500*time.Millisecond))))) {
 			return
 		}
-		a := s.agents[i%len(s.agents)]
+		a := struct{ id string }{s.targets[i%len(s.targets)]}
 		s.gate.RLock()
 		s.mu.Lock()
 		val := s.desiredSeq[a.id] + 1
@@ -870,7 +901,7 @@ func (s *soak) methodDriver(ctx context.Context) {
 		if !s.sleepUntil(ctx, time.Now().Add(300*time.Millisecond+time.Duration(rng.Int64N(int64(700*time.Millisecond))))) {
 			return
 		}
-		a := s.agents[i%len(s.agents)]
+		a := struct{ id string }{s.targets[i%len(s.targets)]}
 		payload := fmt.Sprintf(`{"call":%d,"device":%q}`, i, a.id)
 		wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 		res, err := s.svc.InvokeMethod(wctx, a.id, service.MethodCall{MethodName: "echo", Payload: json.RawMessage(payload),
@@ -919,8 +950,8 @@ func (s *soak) awaitConverged(ctx context.Context, lastEnd time.Time) (time.Dura
 	wctx, cancel := context.WithDeadline(ctx, lastEnd.Add(convergeBound))
 	defer cancel()
 	err := poll(wctx, "reported state converged", func() error {
-		for _, a := range s.agents {
-			tw, err := s.svc.GetTwin(wctx, a.id)
+		for _, id := range s.targets {
+			tw, err := s.svc.GetTwin(wctx, id)
 			if err != nil {
 				return err
 			}
@@ -930,10 +961,105 @@ func (s *soak) awaitConverged(ctx context.Context, lastEnd time.Time) (time.Dura
 				continue
 			}
 			if ack == nil || ack["av"] != float64(desiredVersion(tw)) || ack["value"] != want || ack["ac"] != float64(200) {
-				return fmt.Errorf("%s: desired soakSeq %v at version %d, reported %v", a.id, want, desiredVersion(tw), ack)
+				return fmt.Errorf("%s: desired soakSeq %v at version %d, reported %v", id, want, desiredVersion(tw), ack)
 			}
 		}
 		return nil
 	})
 	return time.Since(lastEnd), err
+}
+
+// fleetRun is one `agent fleet` process of n devices from a connection-strings file.
+type fleetRun struct {
+	*proc
+	ids     []string
+	summary string
+}
+
+// startFleet creates the fleet's devices, starts `agent fleet` and waits until every device is
+// connected.
+func (s *soak) startFleet(ctx context.Context, n int) (*fleetRun, error) {
+	dir := filepath.Join(s.state, "fleet")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	var css []string
+	f := &fleetRun{summary: filepath.Join(dir, "summary.json")}
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("soak-fleet-%03d", i)
+		wctx, cancel := context.WithTimeout(ctx, waitBound)
+		d, err := s.svc.CreateDevice(wctx, service.Device{DeviceID: id, Status: "enabled"})
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("create %s: %w", id, err)
+		}
+		css = append(css, connstr.ConnectionString{HostName: s.hubHost, DeviceID: id,
+			SharedAccessKey: d.Authentication.SymmetricKey.PrimaryKey, GatewayHostName: s.mqtt}.String())
+		f.ids = append(f.ids, id)
+	}
+	csFile := filepath.Join(dir, "devices.cs")
+	if err := os.WriteFile(csFile, []byte(strings.Join(css, "\n")+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	cfg := fmt.Sprintf(`count: 0
+connectionStringsFile: %q
+stateDir: %q
+shutdownTimeout: 20s
+tls: {caFile: %q}
+profiles:
+  - name: soak
+    weight: 1
+    telemetry: {interval: 1s}
+    queue: {persist: true, capacity: 2000}
+    connection: {keepAlive: 10s, backoffMin: 1s, backoffMax: 4s, operationTimeout: 10s}
+    methodTimeout: 10s
+    methods:
+      echo: {echo: true}
+    twin:
+      default: {action: accept}
+log: {format: json, level: info}
+`, csFile, filepath.Join(dir, "state"), s.caFile)
+	cfgPath := filepath.Join(dir, "fleet.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return nil, err
+	}
+	p, err := startProc(binDir, "agent", func(string) bool { return false }, "fleet", "--config", cfgPath, "--summary", f.summary)
+	if err != nil {
+		return nil, err
+	}
+	f.proc = p
+	s.fleet = f
+	if err := s.awaitFleetConnected(ctx, time.Time{}); err != nil {
+		p.kill()
+		return nil, err
+	}
+	return f, nil
+}
+
+// awaitFleetConnected polls hubsim's connection list until every fleet device has a connection
+// made at or after since, subscribed to its desired patches.
+func (s *soak) awaitFleetConnected(ctx context.Context, since time.Time) error {
+	wctx, cancel := context.WithTimeout(ctx, waitBound)
+	defer cancel()
+	return poll(wctx, "every fleet device connected", func() error {
+		if !s.fleet.alive() {
+			return fmt.Errorf("agent fleet exited: %v\n%s", s.fleet.err, s.fleet.tailText())
+		}
+		cs, err := s.svc.Connections(wctx)
+		if err != nil {
+			return err
+		}
+		up := map[string]bool{}
+		for _, c := range cs {
+			if !c.ConnectedAt.Before(since.Add(-time.Second)) && slices.Contains(c.Subscriptions, "$iothub/twin/PATCH/properties/desired/#") {
+				up[c.DeviceID] = true
+			}
+		}
+		for _, id := range s.fleet.ids {
+			if !up[id] {
+				return fmt.Errorf("%s not connected (%d of %d)", id, len(up), len(s.fleet.ids))
+			}
+		}
+		return nil
+	})
 }
