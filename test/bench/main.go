@@ -40,6 +40,9 @@
 //	         queue.persist (default fsync policy), alternating; the median rates (first queued
 //	         to last PUBACK) are compared, and the spool's fsyncs per message printed.
 //	         Target: persisted/in-memory >= 0.5.
+//	recovery: the real agent against a real hubsim that is SIGKILLed and restarted -recovery-n
+//	         times on the same state and ports (each once the connection is stable); hubsim ready to the agent's next twin sync, as a
+//	         ratio to the agent's backoff floor (1 s), p50 and p99. Targets: p50 <= 1.5, p99 <= 3.
 //	dps:     N devices provision through hubsim's DPS over MQTT and then connect to the hub,
 //	         against the same N devices only connecting (plain TLS connects), alternating; the
 //	         median rates are compared. Target: dps/plain >= 0.4.
@@ -87,7 +90,9 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,fleet-memory,twin,dps,methods,tpm,c2d,jobs,eventhubs,durable", "comma-separated benchmarks to run (sas, connect, memory, fleet-memory, twin, dps, methods, tpm, c2d, jobs, eventhubs, durable)")
+	only := fs.String("only", "sas,connect,memory,fleet-memory,twin,dps,methods,tpm,c2d,jobs,eventhubs,durable,recovery", "comma-separated benchmarks to run (sas, connect, memory, fleet-memory, twin, dps, methods, tpm, c2d, jobs, eventhubs, durable, recovery)")
+	recoveryB2B := fs.Bool("recovery-back-to-back", false, "recovery: kill hubsim as soon as the agent has synced, not once its connection is stable (shows the backoff growing across short-lived connections)")
+	recoveryN := fs.Int("recovery-n", 5, "hubsim SIGKILL+restarts in the recovery benchmark (about 35 s each)")
 	durableN := fs.Int("durable-n", 20000, "telemetry messages per round in the durable queue comparison")
 	jobsN := fs.Int("jobs-n", 1000, "devices a twin-update job covers in the jobs comparison")
 	jobsParallelism := fs.Int("jobs-parallelism", 16, "hubsim's --job-parallelism in the jobs comparison")
@@ -181,6 +186,14 @@ func run(ctx context.Context, args []string) error {
 	if want["durable"] {
 		if err := benchDurable(ctx, *durableN, max(*rounds, 1), report); err != nil {
 			return fmt.Errorf("durable: %w", err)
+		}
+	}
+	if want["recovery"] {
+		if *binDir == "" {
+			return errors.New("recovery: set -bin or IOTHUBBY_BIN to the folder with the hubsim and agent binaries")
+		}
+		if err := benchRecovery(ctx, *binDir, *recoveryN, *recoveryB2B, report); err != nil {
+			return fmt.Errorf("recovery: %w", err)
 		}
 	}
 	if want["tpm"] {
