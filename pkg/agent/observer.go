@@ -75,6 +75,9 @@ type Shared struct {
 	TLSSessionCache tls.ClientSessionCache
 	// Template, when set, is the parsed telemetry.template (parsed once per profile).
 	Template *template.Template
+	// Host, when set, holds the host's facts for the reported properties (read once for the
+	// fleet with ReadHostFacts); nil: each session reads them.
+	Host *HostFacts
 }
 
 // observer returns the configured observer or a no-op one.

@@ -194,6 +194,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 		return nil, err
 	}
 	cache := tls.NewLRUClientSessionCache(64)
+	host := agent.ReadHostFacts()
 	ok := false
 	defer func() {
 		if !ok {
@@ -225,7 +226,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 			return nil, err
 		}
 		ac.Shared = agent.Shared{Index: i, Profile: p.Name, Observer: f.stats,
-			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, Template: tmpls[pi]}
+			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, Template: tmpls[pi], Host: &host}
 		if err := os.MkdirAll(ac.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("%w: stateDir: %w", ErrConfig, err)
 		}

@@ -235,16 +235,18 @@ func runFleetChild(kind, specFile string) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var release func()
+	tlsCfg := &tls.Config{RootCAs: pool, ServerName: spec.Host, MinVersion: tls.VersionTLS12}
+	keys := make([]sas.Key, len(spec.Devices))
+	for i, d := range spec.Devices {
+		if keys[i], err = sas.ParseKey(d.Key); err != nil {
+			return err
+		}
+	}
 	switch kind {
 	case "paho":
-		tlsCfg := &tls.Config{RootCAs: pool, ServerName: spec.Host, MinVersion: tls.VersionTLS12}
-		keys := make([]sas.Key, len(spec.Devices))
-		for i, d := range spec.Devices {
-			if keys[i], err = sas.ParseKey(d.Key); err != nil {
-				return err
-			}
-		}
 		release, err = holdPaho(ctx, endpoints.Endpoints{MQTTAddress: spec.MQTTAddress, HubHostName: spec.Host}, tlsCfg, keys)
+	case "paho-telemetry":
+		return holdPahoTelemetry(ctx, spec, tlsCfg, keys)
 	default:
 		return fmt.Errorf("unknown child %q", kind)
 	}

@@ -34,6 +34,14 @@
 //	         Microsoft's Node device SDK (test/bench/node/fleet.js). Heap+stack per device,
 //	         fleet/paho <= 1.3; RSS per device above the footprint, fleet/Node <= 0.6. Needs
 //	         test/conformance/node_modules (npm ci --ignore-scripts).
+//	fleet-ramp: connects per second of `agent fleet` over -fleet-n registry devices (connection
+//	         strings, connectRate far above what is reached; from its start to all connected in
+//	         its metrics) against a plain paho swarm (32 dialling at once, CONNECT + the four
+//	         subscriptions) on the same hubsim, alternating rounds, medians. Target: >= 0.8.
+//	fleet-cpu: CPU seconds (utime+stime from /proc/PID/stat over -fleet-cpu-window after a
+//	         warm-up) per 1,000 PUBACKed telemetry messages, -fleet-cpu-n devices each sending
+//	         every -fleet-cpu-interval: `agent fleet` against a plain paho swarm in a child
+//	         process publishing QoS 1 at the same rate, same hubsim. Target: <= 1.3.
 //	sas:     device SAS token build and parse+verify against the bare HMAC-SHA256 they wrap.
 //	durable: one pkg/agent device in this process sends -durable-n telemetry messages as fast as
 //	         its loop goes to an in-process hubsim, with the in-memory queue and with
@@ -65,6 +73,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"time"
 )
 
 func main() {
@@ -110,6 +119,9 @@ func run(ctx context.Context, args []string) error {
 	methodsN := fs.Int("methods-n", 200, "devices connected in the method round-trip comparison")
 	methodsSamples := fs.Int("methods-samples", 2000, "round trips of each kind in the method comparison")
 	fleetN := fs.Int("fleet-n", 2000, "devices in the fleet comparisons (the issue's figure is 10,000: -fleet-n 10000)")
+	fleetCPUN := fs.Int("fleet-cpu-n", 1000, "devices sending telemetry in the fleet CPU comparison")
+	fleetCPUInterval := fs.Duration("fleet-cpu-interval", 2*time.Second, "telemetry period of each device in the fleet CPU comparison")
+	fleetCPUWindow := fs.Duration("fleet-cpu-window", 30*time.Second, "measuring window of the fleet CPU comparison")
 	binDir := fs.String("bin", os.Getenv("IOTHUBBY_BIN"), "folder with the hubsim and agent binaries (memory and fleet benchmarks)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -156,6 +168,23 @@ func run(ctx context.Context, args []string) error {
 		}
 		if err := benchFleetMemory(ctx, *binDir, repoRoot(), *fleetN, report); err != nil {
 			return fmt.Errorf("fleet-memory: %w", err)
+		}
+	}
+	for _, mode := range []string{"fleet-ramp", "fleet-cpu"} {
+		if !want[mode] {
+			continue
+		}
+		if *binDir == "" {
+			return fmt.Errorf("%s: set -bin or IOTHUBBY_BIN to the folder with the hubsim and agent binaries", mode)
+		}
+		var err error
+		if mode == "fleet-ramp" {
+			err = benchFleetRamp(ctx, *binDir, *fleetN, max(*rounds, 1), report)
+		} else {
+			err = benchFleetCPU(ctx, *binDir, *fleetCPUN, *fleetCPUInterval, *fleetCPUWindow, report)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", mode, err)
 		}
 	}
 	if want["twin"] {

@@ -1,0 +1,362 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
+	"github.com/iothubby/iothubby/pkg/sas"
+	"github.com/iothubby/iothubby/pkg/wire"
+)
+
+// fleetBench is one hubsim process with n registry devices, shared by the fleet ramp and CPU
+// comparisons.
+type fleetBench struct {
+	ep       endpoints.Endpoints
+	spec     fleetSpec
+	specFile string
+	dir      string
+	keys     []sas.Key
+	tlsCfg   *tls.Config
+	stop     func()
+}
+
+func newFleetBench(ctx context.Context, binDir string, n int, telemetry time.Duration) (*fleetBench, error) {
+	ep, stop, err := startHubsimProc(ctx, binDir)
+	if err != nil {
+		return nil, err
+	}
+	b := &fleetBench{ep: ep, stop: stop}
+	ok := false
+	defer func() {
+		if !ok {
+			b.close()
+		}
+	}()
+	svc, keys, err := serviceAndDevices(ctx, ep, n)
+	if err != nil {
+		return nil, err
+	}
+	svc.Close()
+	b.spec = fleetSpec{Host: ep.HubHostName, MQTTAddress: ep.MQTTAddress, CAFile: ep.CAFile, Parallel: parallel, TelemetryMs: telemetry.Milliseconds()}
+	for i, k := range keys {
+		b.spec.Devices = append(b.spec.Devices, fleetDevice{ID: devID(i), Key: k})
+		sk, err := sas.ParseKey(k)
+		if err != nil {
+			return nil, err
+		}
+		b.keys = append(b.keys, sk)
+	}
+	if b.dir, err = os.MkdirTemp("", "iothubby-bench-fleetspec-"); err != nil {
+		return nil, err
+	}
+	b.specFile = filepath.Join(b.dir, "spec.json")
+	js, _ := json.Marshal(b.spec)
+	if err := os.WriteFile(b.specFile, js, 0o600); err != nil {
+		return nil, err
+	}
+	pem, err := os.ReadFile(ep.CAFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	b.tlsCfg = &tls.Config{RootCAs: pool, ServerName: ep.HubHostName, MinVersion: tls.VersionTLS12}
+	ok = true
+	return b, nil
+}
+
+func (b *fleetBench) close() {
+	if b.dir != "" {
+		os.RemoveAll(b.dir)
+	}
+	b.stop()
+}
+
+// fleetRound starts `agent fleet` over the bench's devices in a fresh state folder.
+func (b *fleetBench) fleetRound(ctx context.Context, binDir string, f fleetFile, env ...string) (*fleetProc, func(), error) {
+	dir, err := os.MkdirTemp(b.dir, "round-")
+	if err != nil {
+		return nil, nil, err
+	}
+	file, err := writeFleetFile(dir, b.spec, f)
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := startFleet(ctx, binDir, file, env...)
+	if err != nil {
+		return nil, nil, err
+	}
+	return p, func() { p.stop(); os.RemoveAll(dir) }, nil
+}
+
+// waitConnected polls the fleet's metrics every 20 ms until n devices are connected.
+func (p *fleetProc) waitConnected(ctx context.Context, n int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		f, err := p.scrape(ctx)
+		if err == nil && f.Get("iothubby_devices", "status", "Connected") >= float64(n) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("agent fleet: not %d connected after %s (%v)", n, timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.done:
+			return fmt.Errorf("agent fleet ended")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// benchFleetRamp compares how fast `agent fleet` connects n devices whose identities are
+// already in the registry (connection strings; connectRate far above what is reached) with a
+// plain paho swarm (32 dialling at once, each CONNECT + the four device subscriptions) against
+// the same hubsim, alternating rounds; medians of devices per second are compared. The fleet's
+// time runs from its "serving metrics" line (its devices are created, none started) to all n
+// connected in its metrics.
+func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report func(string, float64, bool, string)) error {
+	b, err := newFleetBench(ctx, binDir, n, 0)
+	if err != nil {
+		return err
+	}
+	defer b.close()
+	var pahoRates, fleetRates []float64
+	for r := range rounds {
+		cpu0, _ := procCPU(os.Getpid())
+		start := time.Now()
+		release, err := holdPaho(ctx, b.ep, b.tlsCfg, b.keys)
+		el := time.Since(start)
+		cpu1, _ := procCPU(os.Getpid())
+		release()
+		if err != nil {
+			return fmt.Errorf("paho round %d: %w", r, err)
+		}
+		pahoRates = append(pahoRates, float64(n)/el.Seconds())
+		p, stop, err := b.fleetRound(ctx, binDir, fleetFile{count: n, connectRate: 1e6})
+		if err != nil {
+			return err
+		}
+		fcpu0, _ := procCPU(p.pid())
+		start = time.Now()
+		profDone := make(chan struct{})
+		go func() {
+			defer close(profDone)
+			// BENCH_CPU_PROFILE=path keeps a CPU profile of the first fleet ramp's first seconds.
+			if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" && r == 0 {
+				if f, err := os.Create(prof + ".ramp.fleet"); err == nil {
+					_ = p.get(ctx, "/debug/pprof/profile?seconds=3", f)
+					f.Close()
+				}
+			}
+		}()
+		err = p.waitConnected(ctx, n, 10*time.Minute)
+		<-profDone
+		fel := time.Since(start)
+		fcpu1, _ := procCPU(p.pid())
+		stop()
+		if err != nil {
+			return fmt.Errorf("fleet round %d: %w", r, err)
+		}
+		fleetRates = append(fleetRates, float64(n)/fel.Seconds())
+		fmt.Printf("fleet-ramp: round %d: paho swarm %.0f connects/s (%.2f ms CPU per connect), agent fleet %.0f connects/s (%.2f ms CPU per connect)\n",
+			r, pahoRates[r], (cpu1-cpu0)*1000/float64(n), fleetRates[r], (fcpu1-fcpu0)*1000/float64(n))
+	}
+	ratio := median(fleetRates) / median(pahoRates)
+	report("fleet ramp connects/s / paho", ratio, ratio >= 0.8, ">= 0.8")
+	return nil
+}
+
+// benchFleetCPU compares CPU seconds per 1,000 acknowledged telemetry messages at steady
+// state: `agent fleet` with n devices sending every interval against a plain paho swarm (a
+// child process: n clients, each publishing QoS 1 every interval and waiting for the PUBACK)
+// against the same hubsim. CPU is utime+stime from /proc/PID/stat over the window after a
+// warm-up; messages are the PUBACKs counted in the window (the fleet's
+// iothubby_telemetry_acknowledged_total, the child's own count).
+func benchFleetCPU(ctx context.Context, binDir string, n int, interval, window time.Duration, report func(string, float64, bool, string)) error {
+	b, err := newFleetBench(ctx, binDir, n, interval)
+	if err != nil {
+		return err
+	}
+	defer b.close()
+	warm := 2*interval + 2*time.Second
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	// Paho swarm.
+	cmd := exec.CommandContext(ctx, self, b.specFile)
+	cmd.Env = append(os.Environ(), childEnv+"=paho-telemetry")
+	c, err := startChild(ctx, cmd)
+	if err != nil {
+		return err
+	}
+	if _, err := c.expect("BASE", time.Minute); err != nil {
+		c.stop()
+		return err
+	}
+	if _, err := c.expect("HELD", 10*time.Minute); err != nil {
+		c.stop()
+		return err
+	}
+	acks := func() (float64, error) {
+		if _, err := fmt.Fprintln(c.stdin, "?"); err != nil {
+			return 0, err
+		}
+		f, err := c.expect("ACKS", time.Minute)
+		if err != nil || len(f) != 1 {
+			return 0, fmt.Errorf("paho swarm: ACKS: %v %q", err, f)
+		}
+		return strconv.ParseFloat(f[0], 64)
+	}
+	paho, err := cpuWindow(ctx, c.cmd.Process.Pid, acks, warm, window)
+	c.stop()
+	if err != nil {
+		return fmt.Errorf("paho swarm: %w", err)
+	}
+	// agent fleet.
+	p, stop, err := b.fleetRound(ctx, binDir, fleetFile{count: n, connectRate: 1e6, telemetry: interval})
+	if err != nil {
+		return err
+	}
+	defer stop()
+	if err := p.waitHeld(ctx, n, 10*time.Minute); err != nil {
+		return err
+	}
+	fleet, err := cpuWindow(ctx, p.pid(), func() (float64, error) {
+		f, err := p.scrape(ctx)
+		return f.Get("iothubby_telemetry_acknowledged_total"), err
+	}, warm, window)
+	if err != nil {
+		return fmt.Errorf("agent fleet: %w", err)
+	}
+	fmt.Printf("fleet-cpu: %d devices, telemetry every %s, %s window: paho swarm %.3f CPU s per 1,000 messages (%.0f acked), agent fleet %.3f (%.0f acked)\n",
+		n, interval, window, paho.perThousand(), paho.msgs, fleet.perThousand(), fleet.msgs)
+	ratio := fleet.perThousand() / paho.perThousand()
+	report("fleet CPU/1k msgs / paho", ratio, ratio <= 1.3, "<= 1.3")
+	return nil
+}
+
+type cpuFig struct{ cpu, msgs float64 }
+
+func (c cpuFig) perThousand() float64 { return c.cpu / c.msgs * 1000 }
+
+// cpuWindow waits warm, then measures pid's CPU seconds and the growth of acks() over window.
+func cpuWindow(ctx context.Context, pid int, acks func() (float64, error), warm, window time.Duration) (cpuFig, error) {
+	wait := func(d time.Duration) error {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(d):
+			return nil
+		}
+	}
+	if err := wait(warm); err != nil {
+		return cpuFig{}, err
+	}
+	a0, err := acks()
+	if err != nil {
+		return cpuFig{}, err
+	}
+	c0, err := procCPU(pid)
+	if err != nil {
+		return cpuFig{}, err
+	}
+	if err := wait(window); err != nil {
+		return cpuFig{}, err
+	}
+	c1, err := procCPU(pid)
+	if err != nil {
+		return cpuFig{}, err
+	}
+	a1, err := acks()
+	if err != nil {
+		return cpuFig{}, err
+	}
+	if a1 <= a0 {
+		return cpuFig{}, fmt.Errorf("no telemetry acknowledged in the window")
+	}
+	return cpuFig{cpu: c1 - c0, msgs: a1 - a0}, nil
+}
+
+// holdPahoTelemetry is the child side of the CPU comparison: the spec's devices as bare paho
+// clients (as holdPaho), each publishing a telemetry message QoS 1 every TelemetryMs (starts
+// spread over the first period) and waiting for its PUBACK. Each line on stdin is answered
+// with "ACKS <PUBACKs so far>"; end of stdin stops it.
+func holdPahoTelemetry(ctx context.Context, spec fleetSpec, tlsCfg *tls.Config, keys []sas.Key) error {
+	ep := endpoints.Endpoints{MQTTAddress: spec.MQTTAddress, HubHostName: spec.Host}
+	clients := make([]paho.Client, len(keys))
+	noop := func(paho.Client, paho.Message) {}
+	err := forEach(len(keys), func(i int) error {
+		c, err := connectPaho(ctx, ep.MQTTAddress, ep.HubHostName, devID(i), keys[i], tlsCfg)
+		if err != nil {
+			return err
+		}
+		clients[i] = c
+		tok := c.SubscribeMultiple(map[string]byte{wire.C2DFilter(devID(i)): 1, wire.TwinResponseFilter: 0,
+			wire.TwinDesiredFilter: 0, wire.MethodsFilter: 0}, noop)
+		if !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
+			return fmt.Errorf("subscribe: %v", tok.Error())
+		}
+		return nil
+	})
+	defer disconnectAll(clients)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("HELD %d\n", len(keys))
+	ctx, cancel := context.WithCancel(ctx)
+	var acked atomic.Int64
+	var wg sync.WaitGroup
+	interval := time.Duration(spec.TelemetryMs) * time.Millisecond
+	for i, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := devID(i)
+			topic := "devices/" + id + "/messages/events/"
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Duration(i) * interval / time.Duration(len(clients))):
+			}
+			t := time.NewTicker(interval)
+			defer t.Stop()
+			for seq := 1; ; seq++ {
+				body := fmt.Sprintf(`{"deviceId":%q,"seq":%d,"time":%q,"temperature":%.2f}`, id, seq,
+					time.Now().UTC().Format("2006-01-02T15:04:05.000Z07:00"), 20+float64(seq%1000)/100)
+				tok := c.Publish(topic, 1, false, body)
+				if tok.WaitTimeout(30*time.Second) && tok.Error() == nil {
+					acked.Add(1)
+				}
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+		}()
+	}
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		fmt.Printf("ACKS %d\n", acked.Load())
+	}
+	cancel()
+	wg.Wait()
+	return nil
+}
