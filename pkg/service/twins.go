@@ -4,28 +4,19 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"net/url"
 	"strings"
 
-	"net/url"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 )
 
-// Twin is a device twin as the service sees it. Properties keep $version and $metadata.
-type Twin struct {
-	DeviceID         string         `json:"deviceId"`
-	ETag             string         `json:"etag"`
-	Version          int64          `json:"version"`
-	Status           string         `json:"status,omitempty"`
-	ConnectionState  string         `json:"connectionState,omitempty"`
-	LastActivityTime string         `json:"lastActivityTime,omitempty"`
-	Tags             map[string]any `json:"tags"`
-	Properties       TwinProperties `json:"properties"`
-}
-
-// TwinProperties are the desired and reported sections.
-type TwinProperties struct {
-	Desired  map[string]any `json:"desired"`
-	Reported map[string]any `json:"reported"`
-}
+// The twin's service view is hubapi's, shared with hubsim.
+type (
+	// Twin is a device twin as the service sees it. Properties keep $version and $metadata.
+	Twin = hubapi.Twin
+	// TwinProperties are the desired and reported sections.
+	TwinProperties = hubapi.TwinProperties
+)
 
 // TwinPatch is a service-side twin change: tags and desired properties (null deletes).
 type TwinPatch struct {

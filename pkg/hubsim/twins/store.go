@@ -20,6 +20,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/twin"
@@ -374,27 +375,9 @@ func updateMeta(meta map[string]any, patch map[string]any, now string, version a
 	}
 }
 
-// Twin is the service view of a device twin, Azure's JSON shape.
-type Twin struct {
-	DeviceID                  string         `json:"deviceId"`
-	ETag                      string         `json:"etag"`
-	DeviceETag                string         `json:"deviceEtag"`
-	Version                   int64          `json:"version"`
-	Status                    string         `json:"status"`
-	StatusReason              *string        `json:"statusReason"`
-	StatusUpdateTime          string         `json:"statusUpdateTime"`
-	ConnectionState           string         `json:"connectionState"`
-	LastActivityTime          string         `json:"lastActivityTime"`
-	CloudToDeviceMessageCount int            `json:"cloudToDeviceMessageCount"`
-	AuthenticationType        string         `json:"authenticationType"`
-	X509Thumbprint            map[string]any `json:"x509Thumbprint"`
-	Capabilities              map[string]any `json:"capabilities"`
-	Tags                      map[string]any `json:"tags"`
-	Properties                struct {
-		Desired  map[string]any `json:"desired"`
-		Reported map[string]any `json:"reported"`
-	} `json:"properties"`
-}
+// Twin is the service view of a device twin, Azure's JSON shape (hubapi.Twin, shared with the
+// service client).
+type Twin = hubapi.Twin
 
 // ETag renders a twin version as IoT Hub's etags look: base64 of a big-endian 8-byte counter.
 func ETag(version int64) string {

@@ -1,17 +1,10 @@
-package twins
+package hubapi
 
-import (
-	"flag"
-	"testing"
+import "testing"
 
-	"github.com/iothubby/iothubby/internal/golden"
-)
-
-var updateGolden = flag.Bool("update", false, "rewrite testdata/golden/*.json from the current output")
-
-// TestTwinWireShape pins the JSON of the service view of a twin byte for byte: a connected sas
-// device's twin with tags and both property sections, a self-signed edge device's, and the zero
-// twin.
+// TestTwinWireShape pins the JSON of the service view of a twin (hubsim's twins.Twin, the
+// client's service.Twin) byte for byte: a connected sas device's twin with tags and both property
+// sections, a self-signed edge device's, and the zero twin.
 func TestTwinWireShape(t *testing.T) {
 	reason := "maintenance"
 	full := Twin{DeviceID: "dev-1", ETag: "AAAAAAAAAAc=", DeviceETag: "MQ==", Version: 7, Status: "enabled",
@@ -31,6 +24,6 @@ func TestTwinWireShape(t *testing.T) {
 	edge.Properties.Desired = map[string]any{"$version": 1.0, "$metadata": map[string]any{"$lastUpdated": "2026-12-02T04:05:06.1234567Z"}}
 	edge.Properties.Reported = map[string]any{"$version": 1.0, "$metadata": map[string]any{"$lastUpdated": "2026-12-02T04:05:06.1234567Z"}}
 	for name, tw := range map[string]Twin{"twin-sas-connected": full, "twin-selfsigned-edge": edge, "twin-zero": {}} {
-		golden.JSON(t, name, tw, *updateGolden)
+		goldenJSON(t, name, tw)
 	}
 }

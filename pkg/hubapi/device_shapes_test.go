@@ -1,4 +1,4 @@
-package registry
+package hubapi
 
 import (
 	"encoding/json"
@@ -13,7 +13,7 @@ var updateGolden = flag.Bool("update", false, "rewrite testdata/golden/*.json fr
 
 func goldenJSON(t *testing.T, name string, v any) { t.Helper(); golden.JSON(t, name, v, *updateGolden) }
 
-// shapeDevices are devices as hubsim's REST API answers them: one of each authentication type,
+// shapeDevices are devices as hubsim's REST API answers them and the client reads and sends them: one of each authentication type,
 // with and without runtime state, and the zero device.
 func shapeDevices() map[string]Device {
 	at := time.Date(2026, 12, 2, 4, 5, 6, 123456700, time.UTC)
@@ -44,8 +44,8 @@ func shapeDevices() map[string]Device {
 	}
 }
 
-// TestDeviceWireShape pins the JSON of registry.Device byte for byte: Azure's device document as
-// the service answers it (every field, nulls for unset keys, thumbprints and status reason,
+// TestDeviceWireShape pins the JSON of Device (registry.Device in hubsim, service.Device in the
+// client) byte for byte: Azure's device document as the service answers it (every field, nulls for unset keys, thumbprints and status reason,
 // "0001-01-01T00:00:00Z" for times never set).
 func TestDeviceWireShape(t *testing.T) {
 	for name, d := range shapeDevices() {
