@@ -230,3 +230,36 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// FuzzScreen: the CONNECT screen never panics on what a connection sends first, never claims
+// bytes it did not read, and what it lets through mochi decodes to the same CONNECT without
+// panicking and validates (mochi's decoder can crash on malformed input, which is why the
+// screen exists).
+func FuzzScreen(f *testing.F) {
+	for _, c := range ConnectCases {
+		f.Add(c.Raw)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		pkt, ci, _, err := Screen(bytes.NewReader(b), testLimit)
+		if err != nil {
+			return
+		}
+		if !bytes.HasPrefix(b, pkt) {
+			t.Fatalf("Screen returned bytes that were not read")
+		}
+		_, body, err := ReadRaw(bytes.NewReader(pkt), testLimit)
+		if err != nil {
+			t.Fatalf("accepted a CONNECT whose framing does not read back: %v", err)
+		}
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect, Remaining: len(body)}}
+		if err := pk.ConnectDecode(body); err != nil {
+			t.Fatalf("accepted a CONNECT that mochi refuses: %v", err)
+		}
+		if pk.ProtocolVersion != Level || pk.Connect.ClientIdentifier != ci.ClientID || string(pk.Connect.Username) != ci.Username {
+			t.Fatalf("mochi reads %+v, the screen read %+v", pk.Connect, ci)
+		}
+		if code := pk.ConnectValidate(); code != packets.CodeSuccess {
+			t.Fatalf("accepted a CONNECT that mochi's validation refuses: %v", code)
+		}
+	})
+}
