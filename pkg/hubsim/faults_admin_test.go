@@ -301,6 +301,9 @@ func TestFaultTokenExpire(t *testing.T) {
 	if st.Counters["admin:token-expire/token-expired"] != 1 || len(st.Rules) != 0 {
 		t.Fatalf("counters %v rules %+v", st.Counters, st.Rules)
 	}
+	if last := st.Log[len(st.Log)-1]; last.Action != "token-expired" || last.Reason != ev.Reason || last.DeviceID != "te1" || !last.Time.Equal(faultT0.Add(90*time.Second)) {
+		t.Fatalf("fault log record %+v, want the close reason %q at t0+90s", last, ev.Reason)
+	}
 	e.connectSAS(d) // a fresh token connects
 }
 

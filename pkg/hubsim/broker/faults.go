@@ -95,7 +95,7 @@ func (b *Broker) refuseByFault(cl *mqtt.Client, pk packets.Packet) bool {
 
 // ReasonTokenExpiredByFault is the close reason of a token-expire fault: the SAS token
 // expiry's own reason, marked as injected.
-const ReasonTokenExpiredByFault = ReasonTokenExpired + " (fault injected: token-expire)"
+const ReasonTokenExpiredByFault = faults.ReasonTokenExpire
 
 // currentSessions returns deviceID's current session, or every device's for "".
 func (b *Broker) currentSessions(deviceID string) []*session {

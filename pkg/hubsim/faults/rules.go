@@ -48,6 +48,10 @@ const (
 	ActionC2DDuplicate = "c2d-duplicate"
 )
 
+// ReasonTokenExpire is the close reason of a connection ended by token-expire: the reason of a
+// SAS token's own expiry, marked as injected. The fault log records it.
+const ReasonTokenExpire = "SAS token expired (fault injected: token-expire)"
+
 // Actions lists every admin action, in the order the docs describe them.
 var actions = []string{ActionDrop, ActionRefuseConnect, ActionPubackDelay, ActionPubackDrop, ActionRESTError,
 	ActionRESTDelay, ActionDPSError, ActionDPSDelay, ActionTokenExpire, ActionStall, ActionC2DDuplicate}
@@ -313,7 +317,7 @@ func (in *Injector) Apply(req RuleRequest) (Rule, error) {
 				return // cleared before it fired
 			}
 			// Noted before the connections close, so that whoever sees a close sees its record.
-			in.Note(orAll(req.DeviceID), adminSpec(ActionTokenExpire), "token-expired")
+			in.Note(orAll(req.DeviceID), Spec{Type: adminType(ActionTokenExpire), Kind: KindAdmin, CloseReason: ReasonTokenExpire}, "token-expired")
 			if conns != nil {
 				conns.ExpireToken(req.DeviceID)
 			}
