@@ -47,6 +47,7 @@ func TestEventsMoveMetrics(t *testing.T) {
 	m.ConnectionStatus("d1", hub.Status{State: hub.Connected, Reason: hub.ConnectionOK, At: t0.Add(250 * time.Millisecond)})
 	m.ConnectionStatus("d2", hub.Status{State: hub.Connected, Reason: hub.ConnectionOK, At: t0})
 	m.ConnectionStatus("d2", hub.Status{State: hub.DisconnectedRetrying, Reason: hub.NoNetwork, At: t0})
+	m.ConnectionStatus("d2", hub.Status{State: hub.DisconnectedRetrying, Reason: hub.IdentityInUse, At: t0})
 	for range 3 {
 		m.TelemetrySent("d1")
 	}
@@ -77,6 +78,7 @@ func TestEventsMoveMetrics(t *testing.T) {
 		{"iothubby_devices", []string{"status", "Disconnected"}, 0},
 		{"iothubby_connects_total", nil, 2},
 		{"iothubby_disconnects_total", []string{"reason", "No_Network"}, 1},
+		{"iothubby_disconnects_total", []string{"reason", "Identity_In_Use"}, 1},
 		{"iothubby_connect_seconds", nil, 1}, // only d1 announced its attempt
 		{"iothubby_telemetry_sent_total", nil, 3},
 		{"iothubby_telemetry_acknowledged_total", nil, 1},
