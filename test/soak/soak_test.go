@@ -738,10 +738,15 @@ func (s *soak) killHub(ctx context.Context, offline time.Duration) (time.Time, e
 	// go on from what the hub has, so later versions are not compared against a lost one.
 	for _, id := range s.targets {
 		wctx, cancel := context.WithTimeout(ctx, waitBound)
-		tw, err := s.svc.GetTwin(wctx, id)
+		var tw service.Twin
+		err := poll(wctx, "twin of "+id+" after the hubsim restart", func() error { // a rest-error may answer 503
+			var err error
+			tw, err = s.svc.GetTwin(wctx, id)
+			return err
+		})
 		cancel()
 		if err != nil {
-			return back, fmt.Errorf("twin of %s after the hubsim restart: %w", id, err)
+			return back, err
 		}
 		ver := desiredVersion(tw)
 		s.mu.Lock()
