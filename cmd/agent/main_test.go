@@ -234,3 +234,16 @@ func TestTestWedgeRefusedUnlessEnabled(t *testing.T) {
 		}
 	}
 }
+
+func TestFleetGCPercentUnlessGOGCIsSet(t *testing.T) {
+	var set []int
+	record := func(p int) int { set = append(set, p); return 100 }
+	if got := setFleetGC(func(string) (string, bool) { return "", false }, record); got != FleetGOGC || len(set) != 1 || set[0] != FleetGOGC {
+		t.Fatalf("without $GOGC: returned %d, set %v; want %d set once", got, set, FleetGOGC)
+	}
+	set = nil
+	env := func(k string) (string, bool) { return "200", k == "GOGC" }
+	if got := setFleetGC(env, record); got != -1 || len(set) != 0 {
+		t.Fatalf("with $GOGC=200: returned %d, set %v; want -1 and nothing set", got, set)
+	}
+}

@@ -274,6 +274,7 @@ type fleetSide struct {
 	baseDevices            int      // devices already held at the base figures (agent fleet: 1)
 	cpuHeld                float64  // utime+stime seconds from start to HELD
 	goPerDev               goMemFig // Go sides only
+	hubsimRSSKiB           int64    // hubsim's VmRSS while this side held its devices
 }
 
 func (s fleetSide) rssPerDevKiB(n int) float64 {
@@ -285,7 +286,7 @@ func (s fleetSide) rssPerDevKiB(n int) float64 {
 // devices' memory and no connection to read) and once with n; the per-device figures are the
 // differences over n-1 devices. Heap+stack and goroutines come from the fleet's own Go metrics
 // (--metrics-addr) after it collected garbage (/debug/pprof/heap?gc=1, --pprof).
-func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n int) (fleetSide, error) {
+func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n, hubPID int) (fleetSide, error) {
 	s := fleetSide{baseDevices: 1}
 	var base goMemFig
 	for _, count := range []int{1, n} {
@@ -314,6 +315,9 @@ func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n int) (f
 		if err == nil && count == n {
 			s.cpuHeld, err = procCPU(p.pid())
 		}
+		if err == nil && count == n {
+			s.hubsimRSSKiB, err = procStatusKiB(hubPID, "VmRSS")
+		}
 		p.stop()
 		if err != nil {
 			return s, err
@@ -329,7 +333,7 @@ func runAgentFleet(ctx context.Context, binDir string, spec fleetSpec, n int) (f
 }
 
 // runSide starts one side, records RSS at BASE and HELD, and stops it.
-func runSide(ctx context.Context, cmd *exec.Cmd, n int) (fleetSide, error) {
+func runSide(ctx context.Context, cmd *exec.Cmd, n, hubPID int) (fleetSide, error) {
 	var s fleetSide
 	c, err := startChild(ctx, cmd)
 	if err != nil {
@@ -353,6 +357,9 @@ func runSide(ctx context.Context, cmd *exec.Cmd, n int) (fleetSide, error) {
 	if s.cpuHeld, err = procCPU(c.cmd.Process.Pid); err != nil {
 		return s, err
 	}
+	if s.hubsimRSSKiB, err = procStatusKiB(hubPID, "VmRSS"); err != nil {
+		return s, err
+	}
 	if len(base) > 0 && len(held) > 1 {
 		g0, err := parseGoMem(base)
 		if err != nil {
@@ -372,8 +379,8 @@ func runSide(ctx context.Context, cmd *exec.Cmd, n int) (fleetSide, error) {
 // a connection-strings file, telemetry every 60 s) and Microsoft's Node device SDK
 // (test/bench/node/fleet.js, the RSS baseline). RSS per device is the process's VmRSS once all
 // are connected minus its VmRSS before the first connect (for the fleet: with one device).
-func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report func(string, float64, bool, string)) error {
-	if _, err := os.Stat(filepath.Join(repo, "test/conformance/node_modules/azure-iot-device-mqtt")); err != nil {
+func benchFleetMemory(ctx context.Context, binDir, repo string, n int, withNode bool, report func(string, float64, bool, string)) error {
+	if _, err := os.Stat(filepath.Join(repo, "test/conformance/node_modules/azure-iot-device-mqtt")); err != nil && withNode {
 		return fmt.Errorf("the Node SDK side needs test/conformance/node_modules: cd test/conformance && npm ci --ignore-scripts (%w)", err)
 	}
 	ep, stop, err := startHubsimProc(ctx, binDir)
@@ -414,18 +421,27 @@ func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report fu
 		cmd.Env = append(os.Environ(), "NODE_PATH="+filepath.Join(repo, "test/conformance/node_modules"), "NODE_EXTRA_CA_CERTS="+ep.CAFile)
 		return cmd
 	}
+	// hubsim's footprint with the devices in its registry and none connected.
+	hubIdle, err := procStatusKiB(ep.PID, "VmRSS")
+	if err != nil {
+		return err
+	}
 	sides := map[string]fleetSide{}
-	for _, kind := range []string{"paho", "fleet", "node"} {
+	kinds := []string{"paho", "fleet", "node"}
+	if !withNode {
+		kinds = kinds[:2]
+	}
+	for _, kind := range kinds {
 		start := time.Now()
 		var s fleetSide
 		var err error
 		switch kind {
 		case "paho":
-			s, err = runSide(ctx, goChild("paho"), n)
+			s, err = runSide(ctx, goChild("paho"), n, ep.PID)
 		case "fleet":
-			s, err = runAgentFleet(ctx, binDir, spec, n)
+			s, err = runAgentFleet(ctx, binDir, spec, n, ep.PID)
 		case "node":
-			s, err = runSide(ctx, nodeChild(), n)
+			s, err = runSide(ctx, nodeChild(), n, ep.PID)
 		}
 		if err != nil {
 			return fmt.Errorf("%s: %w", kind, err)
@@ -438,12 +454,14 @@ func benchFleetMemory(ctx context.Context, binDir, repo string, n int, report fu
 			fmt.Printf(", heap+stack %.1f KiB/device (objects %.1f, unused span bytes %.1f, stacks %.1f), %.1f goroutines/device",
 				g.heapStack()/1024, g.objects/1024, g.unused/1024, g.stacks/1024, g.goroutines)
 		}
-		fmt.Println()
+		fmt.Printf("; hubsim %.1f KiB RSS/connection above its idle %d KiB\n", float64(s.hubsimRSSKiB-hubIdle)/float64(n), hubIdle)
 	}
 	hs := sides["fleet"].goPerDev.heapStack() / sides["paho"].goPerDev.heapStack()
-	rss := sides["fleet"].rssPerDevKiB(n) / sides["node"].rssPerDevKiB(n)
 	report("fleet heap+stack/dev / paho", hs, hs <= 1.3, "<= 1.3")
-	report("fleet RSS/dev / Node SDK", rss, rss <= 0.6, "<= 0.6")
+	if withNode {
+		rss := sides["fleet"].rssPerDevKiB(n) / sides["node"].rssPerDevKiB(n)
+		report("fleet RSS/dev / Node SDK", rss, rss <= 0.6, "<= 0.6")
+	}
 	return nil
 }
 

@@ -119,6 +119,7 @@ func run(ctx context.Context, args []string) error {
 	methodsN := fs.Int("methods-n", 200, "devices connected in the method round-trip comparison")
 	methodsSamples := fs.Int("methods-samples", 2000, "round trips of each kind in the method comparison")
 	fleetN := fs.Int("fleet-n", 2000, "devices in the fleet comparisons (the issue's figure is 10,000: -fleet-n 10000)")
+	fleetNode := fs.Bool("fleet-node", true, "fleet-memory: also hold the devices with the Node SDK (the RSS baseline)")
 	fleetCPUN := fs.Int("fleet-cpu-n", 1000, "devices sending telemetry in the fleet CPU comparison")
 	fleetCPUInterval := fs.Duration("fleet-cpu-interval", 2*time.Second, "telemetry period of each device in the fleet CPU comparison")
 	fleetCPUWindow := fs.Duration("fleet-cpu-window", 30*time.Second, "measuring window of the fleet CPU comparison")
@@ -166,7 +167,7 @@ func run(ctx context.Context, args []string) error {
 		if *binDir == "" {
 			return errors.New("fleet-memory: set -bin or IOTHUBBY_BIN to the folder with the hubsim binary")
 		}
-		if err := benchFleetMemory(ctx, *binDir, repoRoot(), *fleetN, report); err != nil {
+		if err := benchFleetMemory(ctx, *binDir, repoRoot(), *fleetN, *fleetNode, report); err != nil {
 			return fmt.Errorf("fleet-memory: %w", err)
 		}
 	}
