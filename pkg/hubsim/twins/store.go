@@ -386,34 +386,35 @@ func ETag(version int64) string {
 	return base64.StdEncoding.EncodeToString(b[:])
 }
 
-// view renders the service view; call with t.mu held.
+// nullable is s, or JSON null when s is empty, as the registry's identity fields read in a twin.
+func nullable(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
+// view renders the service view; call with t.mu held. The identity fields are the registry
+// device's, converted here (the one place) to the twin's shape.
 func (s *Store) view(id string, t *devTwin) (Twin, error) {
 	d, err := s.reg.Get(id)
 	if err != nil {
 		return Twin{}, err
 	}
-	var dj struct {
-		ETag           string  `json:"etag"`
-		StatusReason   *string `json:"statusReason"`
-		Authentication struct {
-			X509Thumbprint map[string]any `json:"x509Thumbprint"`
-		} `json:"authentication"`
-		Capabilities map[string]any `json:"capabilities"`
-	}
-	if b, err := json.Marshal(d); err == nil {
-		_ = json.Unmarshal(b, &dj)
-	}
 	v := Twin{
-		DeviceID: id, ETag: ETag(t.Version), DeviceETag: dj.ETag, Version: t.Version,
-		Status: string(d.Status), StatusReason: dj.StatusReason,
+		DeviceID: id, ETag: ETag(t.Version), DeviceETag: d.ETag, Version: t.Version,
+		Status: string(d.Status), StatusReason: nullable(d.StatusReason),
 		StatusUpdateTime:          registry.FormatTime(d.StatusUpdatedTime),
 		ConnectionState:           string(d.ConnectionState),
 		LastActivityTime:          registry.FormatTime(d.LastActivityTime),
 		CloudToDeviceMessageCount: d.CloudToDeviceMessageCount,
 		AuthenticationType:        string(d.Authentication.Type),
-		X509Thumbprint:            dj.Authentication.X509Thumbprint,
-		Capabilities:              dj.Capabilities,
-		Tags:                      twin.Clone(t.Tags).(map[string]any),
+		X509Thumbprint: map[string]any{
+			"primaryThumbprint":   nullable(d.Authentication.X509Thumbprint.PrimaryThumbprint),
+			"secondaryThumbprint": nullable(d.Authentication.X509Thumbprint.SecondaryThumbprint),
+		},
+		Capabilities: map[string]any{"iotEdge": d.Capabilities.IoTEdge},
+		Tags:         twin.Clone(t.Tags).(map[string]any),
 	}
 	v.Properties.Desired = withVersion(twin.Clone(t.Desired).(map[string]any), t.DesiredVersion, twin.Clone(t.DesiredMeta).(map[string]any))
 	v.Properties.Reported = withVersion(twin.Clone(t.Reported).(map[string]any), t.ReportedVersion, twin.Clone(t.ReportedMeta).(map[string]any))

@@ -140,3 +140,45 @@ func TestMatchETag(t *testing.T) {
 		}
 	}
 }
+
+// The identity fields of a twin are the registry device's, as the device document renders them:
+// status reason, thumbprints (null when unset) and capabilities, for a sas and a self-signed
+// edge device.
+func TestTwinIdentityFieldsAreTheDevices(t *testing.T) {
+	reg, s := open(t, filepath.Join(t.TempDir(), "db"))
+	defer func() { _ = s.Close(); _ = reg.Close() }()
+	for _, d := range []registry.Device{
+		{DeviceID: "sas-1"},
+		{DeviceID: "edge-1", Status: registry.StatusDisabled, StatusReason: "maintenance", Capabilities: registry.Capabilities{IoTEdge: true},
+			Authentication: registry.Authentication{Type: registry.AuthSelfSigned, X509Thumbprint: registry.X509Thumbprint{PrimaryThumbprint: "ABABABABABABABABABABABABABABABABABABABAB"}}},
+	} {
+		created, err := reg.Create(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tw, err := s.Get(d.DeviceID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var dev, twin map[string]any
+		b, _ := json.Marshal(created)
+		_ = json.Unmarshal(b, &dev)
+		b, _ = json.Marshal(tw)
+		_ = json.Unmarshal(b, &twin)
+		auth := dev["authentication"].(map[string]any)
+		for _, c := range []struct {
+			field     string
+			got, want any
+		}{
+			{"deviceEtag", twin["deviceEtag"], dev["etag"]},
+			{"statusReason", twin["statusReason"], dev["statusReason"]},
+			{"authenticationType", twin["authenticationType"], auth["type"]},
+			{"x509Thumbprint", twin["x509Thumbprint"], auth["x509Thumbprint"]},
+			{"capabilities", twin["capabilities"], dev["capabilities"]},
+		} {
+			if fmt.Sprint(c.got) != fmt.Sprint(c.want) {
+				t.Errorf("%s: twin %s is %v, the device's %v", d.DeviceID, c.field, c.got, c.want)
+			}
+		}
+	}
+}
