@@ -16,8 +16,7 @@ import (
 
 // ErrRestartNeeded is returned by Device.Reload when the new configuration changes something a
 // running session cannot take (identity, endpoint, credentials, TLS, connection tuning, queue,
-// the twin's reported facts, method timeout and concurrency, firmware, reboot, state
-// directory): the caller stops this Device and runs a new one with the new configuration, which
+// method timeout and concurrency, firmware, reboot, state directory): the caller stops this Device and runs a new one with the new configuration, which
 // reconnects.
 var ErrRestartNeeded = errors.New("agent: the new configuration needs a new session")
 
@@ -40,7 +39,9 @@ func (d *Device) OnStatus(f func(hub.Status)) { d.statusHook = f }
 //     Reload runs the new script (a removed name is answered 501), calls already running finish
 //     with the script they started with;
 //   - the twin behaviours (twin.properties, twin.default) apply to the desired changes that
-//     arrive after Reload; values already acknowledged are not acknowledged again.
+//     arrive after Reload; values already acknowledged are not acknowledged again;
+//   - the reported facts (twin.reported, twin.firmwareVersion) are reported at once: new and
+//     changed ones with their value, removed ones as null.
 //
 // The log settings are the caller's (cmd/agent builds the logger). Anything else that differs
 // makes Reload return ErrRestartNeeded, with nothing applied. An invalid configuration is
@@ -79,6 +80,7 @@ func (d *Device) Reload(cfg Config) error {
 	for _, c := range []*Config{&old, &nw} {
 		c.Telemetry, c.Log, c.Methods = TelemetryConfig{}, LogConfig{}, nil
 		c.Twin.Properties, c.Twin.Default = nil, TwinBehaviour{}
+		c.Twin.Reported, c.Twin.FirmwareVersion = nil, ""
 	}
 	if !reflect.DeepEqual(old, nw) {
 		return ErrRestartNeeded
@@ -88,20 +90,41 @@ func (d *Device) Reload(cfg Config) error {
 	case d.teleChanged <- struct{}{}:
 	default: // a change is already pending; the loop reads the latest settings
 	}
-	methodsChanged, twinChanged := d.setBehaviours(cfg, scripts)
+	methodsChanged, twinChanged, facts := d.setBehaviours(cfg, scripts)
+	if facts != nil {
+		// Outside behaviourMu: Report writes the twin state file.
+		if err := facts.ts.SetFacts(facts.facts); err != nil && !errors.Is(err, twinsync.ErrNotPersisted) {
+			d.log.Error("reload: reported facts not sent", zap.Error(err))
+		}
+	}
 	d.log.Info(MsgConfigReloaded, zap.Duration("telemetry_interval", cfg.Telemetry.Interval),
 		zap.Bool("template_changed", prev == nil || prev.cfg.Template != cfg.Telemetry.Template),
 		zap.Bool("methods_changed", methodsChanged), zap.Bool("twin_changed", twinChanged))
 	return nil
 }
 
-// setBehaviours puts cfg's scripted methods (built as scripts) and twin behaviours in force,
-// in the running session's dispatcher and twin sync too, and reports which changed.
-func (d *Device) setBehaviours(cfg Config, scripts map[string]methods.Handler) (methodsChanged, twinChanged bool) {
+// newFacts are reported facts for a running twin sync to take (twinsync.Sync.SetFacts).
+type newFacts struct {
+	ts    *twinsync.Sync
+	facts map[string]any
+}
+
+// setBehaviours puts cfg's scripted methods (built as scripts), twin behaviours and reported
+// facts in force, in the running session's dispatcher and twin sync too, and reports which
+// changed. New facts for a running sync are returned for the caller to send, since sending
+// them writes the twin state file.
+func (d *Device) setBehaviours(cfg Config, scripts map[string]methods.Handler) (methodsChanged, twinChanged bool, facts *newFacts) {
 	d.behaviourMu.Lock()
 	defer d.behaviourMu.Unlock()
 	methodsChanged = !reflect.DeepEqual(d.scriptCfg, cfg.Methods)
-	twinChanged = !reflect.DeepEqual(d.twinB.Properties, cfg.Twin.Properties) || !reflect.DeepEqual(d.twinB.Default, cfg.Twin.Default)
+	factsChanged := !reflect.DeepEqual(d.twinB.Reported, cfg.Twin.Reported) || d.twinB.FirmwareVersion != cfg.Twin.FirmwareVersion
+	if factsChanged {
+		d.twinB.Reported, d.twinB.FirmwareVersion = cfg.Twin.Reported, cfg.Twin.FirmwareVersion
+		if d.twinSync != nil {
+			facts = &newFacts{ts: d.twinSync, facts: d.facts(d.twinB)}
+		}
+	}
+	twinChanged = factsChanged || !reflect.DeepEqual(d.twinB.Properties, cfg.Twin.Properties) || !reflect.DeepEqual(d.twinB.Default, cfg.Twin.Default)
 	if methodsChanged {
 		var remove []string
 		for name := range d.scripts {
@@ -126,7 +149,7 @@ func (d *Device) setBehaviours(cfg Config, scripts map[string]methods.Handler) (
 			d.twinSync.SetHandlers(d.twinHandlers(d.twinB))
 		}
 	}
-	return methodsChanged, twinChanged
+	return methodsChanged, twinChanged, facts
 }
 
 // sessionEnded forgets the dispatcher and twin sync of a session that ended (ts is its sync).

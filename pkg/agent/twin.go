@@ -200,13 +200,14 @@ func (d *Device) runCommand(ctx context.Context, b TwinBehaviour, c twinsync.Cha
 	return twinsync.Ack{Status: 200, Description: b.Description}
 }
 
-// facts are what the agent reports about itself on every connect.
-func (d *Device) facts() map[string]any {
-	fw := d.cfg.Twin.FirmwareVersion
+// facts are what the agent reports about itself on every connect, with the twin settings tc
+// (twin.reported, twin.firmwareVersion).
+func (d *Device) facts(tc TwinConfig) map[string]any {
+	fw := tc.FirmwareVersion
 	if fw == "" {
 		fw = "unknown"
 	}
-	f, _ := jsonDoc(d.cfg.Twin.Reported)
+	f, _ := jsonDoc(tc.Reported)
 	h := d.cfg.Shared.Host
 	if h == nil {
 		hf := ReadHostFacts()
@@ -272,7 +273,7 @@ func (d *Device) newSync(ses twinsync.Session) (*twinsync.Sync, error) {
 		StateDir: d.cfg.StateDir,
 		Handlers: handlers,
 		Default:  def,
-		Facts:    d.facts(),
+		Facts:    d.facts(d.twinB),
 		Logger:   d.log.Named("twin"),
 	})
 	if err == nil {

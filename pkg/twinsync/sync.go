@@ -513,9 +513,9 @@ func (s *Sync) step(ctx context.Context) {
 		s.connected = false
 		s.needGet = true
 		s.online = true
-		if len(s.cfg.Facts) > 0 {
+		if facts := s.cfg.Facts; len(facts) > 0 { // SetFacts may replace them
 			s.mu.Unlock()
-			if err := s.Report(s.cfg.Facts); err != nil && !errors.Is(err, ErrNotPersisted) {
+			if err := s.Report(facts); err != nil && !errors.Is(err, ErrNotPersisted) {
 				s.log.Error("agent facts not reported", zap.Error(err))
 			}
 			s.mu.Lock()
@@ -720,6 +720,29 @@ func (s *Sync) SetHandlers(handlers map[string]Handler, def Handler) {
 	s.mu.Lock()
 	s.cfg.Handlers, s.cfg.Default = handlers, def
 	s.mu.Unlock()
+}
+
+// SetFacts replaces Config.Facts (an agent reload) and reports what changed at once: new or
+// changed facts with their value, facts no longer given as null (deleted from reported).
+// Safe to call while the sync runs; the error is Report's.
+func (s *Sync) SetFacts(facts map[string]any) error {
+	s.mu.Lock()
+	old := s.cfg.Facts
+	s.cfg.Facts = facts
+	s.mu.Unlock()
+	patch := map[string]any{}
+	for k, v := range facts {
+		patch[k] = v
+	}
+	for k := range old {
+		if _, ok := facts[k]; !ok {
+			patch[k] = nil
+		}
+	}
+	if len(patch) == 0 {
+		return nil
+	}
+	return s.Report(patch)
 }
 
 // lookup finds a dotted path in a document.

@@ -601,3 +601,31 @@ func TestSyncSetHandlers(t *testing.T) {
 		t.Errorf("%d reported patches for version 3, want 1", n)
 	}
 }
+
+// SetFacts reports new and changed facts at once and deletes the facts no longer given; the
+// next connect reports the new facts.
+func TestSyncSetFacts(t *testing.T) {
+	f := newFakeHub()
+	s, err := twinsync.New(f, twinsync.Config{DeviceID: "d1", Logger: zaptest.NewLogger(t),
+		Facts: map[string]any{"agentVersion": "1", "rack": 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	defer stop()
+	s.Connected()
+	f.waitReported(t, "the first facts", func(r map[string]any) bool { return r["rack"] == 3.0 && r["agentVersion"] == "1" })
+	if err := s.SetFacts(map[string]any{"agentVersion": "1", "site": "lab"}); err != nil {
+		t.Fatal(err)
+	}
+	r := f.waitReported(t, "the new facts", func(r map[string]any) bool { return r["site"] == "lab" })
+	if _, ok := r["rack"]; ok {
+		t.Errorf("rack still reported after SetFacts dropped it: %v", r)
+	}
+	f.mu.Lock()
+	last := f.patches[len(f.patches)-1]
+	f.mu.Unlock()
+	if _, sent := last["agentVersion"]; sent {
+		t.Errorf("unchanged fact sent again: %v", last)
+	}
+}

@@ -334,19 +334,21 @@ func TestSystemdWatchdogStopsWhenLoopWedged(t *testing.T) {
 }
 
 // writeBehaviourConfig writes an agent configuration with scripted method ping answering
-// pingPayload (plus the extra methods YAML) and twin property mode handled by modeAction.
-func writeBehaviourConfig(t *testing.T, path, caFile, pingPayload, extraMethods, modeAction string) {
+// pingPayload (plus the extra methods YAML), twin property mode handled by modeAction and the
+// static reported properties reported (YAML flow mapping).
+func writeBehaviourConfig(t *testing.T, path, caFile, pingPayload, extraMethods, modeAction, reported string) {
 	t.Helper()
 	cfg := fmt.Sprintf("log:\n  format: json\n  level: debug\ntls:\n  caFile: %q\ntelemetry:\n  interval: 1h\n"+
-		"methods:\n  ping:\n    payload: %q\n%stwin:\n  properties:\n    mode: %s\n", caFile, pingPayload, extraMethods, modeAction)
+		"methods:\n  ping:\n    payload: %q\n%stwin:\n  reported: %s\n  properties:\n    mode: %s\n", caFile, pingPayload, extraMethods, reported, modeAction)
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
 
-// SIGHUP with new scripted methods and twin behaviours applies them on the same connection:
-// the method answers with the new payload, a new method answers, a desired change gets the new
-// behaviour's ack, and hubsim saw one connect of the device; an invalid file is refused and the
+// SIGHUP with new scripted methods, twin behaviours and static reported properties applies them
+// on the same connection: the method answers with the new payload, a new method answers, a
+// desired change gets the new behaviour's ack, the reported properties change (a removed one is
+// deleted), and hubsim saw one connect of the device; an invalid file is refused and the
 // reloaded behaviours stay.
 func TestReloadMethodsAndTwinInPlace(t *testing.T) {
 	h := newHub(t)
@@ -354,9 +356,16 @@ func TestReloadMethodsAndTwinInPlace(t *testing.T) {
 	cs := connString(h, d.DeviceID, d.Authentication.SymmetricKey.PrimaryKey)
 	ns := newNotifySocket(t)
 	cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
-	writeBehaviourConfig(t, cfgPath, h.ep.CAFile, "v1", "", "{action: accept}")
+	writeBehaviourConfig(t, cfgPath, h.ep.CAFile, "v1", "", "{action: accept}", "{rack: 3}")
 	a := startNotifyAgent(t, h, ns, cs, cfgPath, 0)
 	ns.await("STATUS connected", "STATUS", "connected to the hub")
+	eventually(t, "the static reported property rack", func() error {
+		tw, err := h.svc.GetTwin(ctxT(t), d.DeviceID)
+		if err == nil && fmt.Sprint(tw.Properties.Reported["rack"]) != "3" {
+			err = fmt.Errorf("reported %v", tw.Properties.Reported)
+		}
+		return err
+	})
 	call := func(name string) service.MethodResult {
 		t.Helper()
 		res, err := h.svc.InvokeMethod(ctxT(t), d.DeviceID, service.MethodCall{MethodName: name, ResponseTimeout: 10 * time.Second})
@@ -370,7 +379,7 @@ func TestReloadMethodsAndTwinInPlace(t *testing.T) {
 	}
 
 	writeBehaviourConfig(t, cfgPath, h.ep.CAFile, "v2", "  fresh:\n    status: 201\n    payload: {new: true}\n",
-		"{action: reject, status: 409, description: frozen}")
+		"{action: reject, status: 409, description: frozen}", "{site: lab}")
 	from := a.numLines()
 	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
@@ -394,6 +403,10 @@ func TestReloadMethodsAndTwinInPlace(t *testing.T) {
 		ack, _ := tw.Properties.Reported["mode"].(map[string]any)
 		if fmt.Sprint(ack["ac"]) != "409" || ack["ad"] != "frozen" {
 			return fmt.Errorf("reported mode %v, want ac 409 ad frozen", ack)
+		}
+		// The reloaded static reported properties: site added, rack (removed) deleted.
+		if _, rack := tw.Properties.Reported["rack"]; rack || tw.Properties.Reported["site"] != "lab" {
+			return fmt.Errorf("reported %v, want site lab and no rack", tw.Properties.Reported)
 		}
 		return nil
 	})
