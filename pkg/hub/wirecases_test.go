@@ -27,10 +27,7 @@ func TestWireCasesReachTheSession(t *testing.T) {
 		}
 		t.Run(c.Name, func(t *testing.T) {
 			b := hubtest.NewBroker(t)
-			id := w.DeviceID
-			if id == "" {
-				id = "dev1"
-			}
+			id := deviceOf(w)
 			c2d := make(chan *hub.C2DMessage, 1)
 			desired := make(chan *hub.DesiredPatch, 1)
 			methods := make(chan *hub.MethodRequest, 1)
@@ -124,10 +121,7 @@ func TestWireCasesTheSessionPublishes(t *testing.T) {
 		}
 		t.Run(c.Name, func(t *testing.T) {
 			b := hubtest.NewBroker(t)
-			id := w.DeviceID
-			if id == "" {
-				id = "dev1"
-			}
+			id := deviceOf(w)
 			methods := make(chan *hub.MethodRequest, 1)
 			s, ctx := connected(t, b, hub.Config{DeviceID: id, ModuleID: w.ModuleID,
 				OnMethod: func(_ context.Context, r *hub.MethodRequest) { methods <- r }})
@@ -216,4 +210,12 @@ func connected(t *testing.T, b *hubtest.Broker, cfg hub.Config) (*hub.Session, c
 		t.Fatal(err)
 	}
 	return s, ctx
+}
+
+// deviceOf is the device a table topic names, dev1 for the $iothub topics that name none.
+func deviceOf(w wire.Topic) string {
+	if w.DeviceID == "" {
+		return "dev1"
+	}
+	return w.DeviceID
 }
