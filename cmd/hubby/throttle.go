@@ -25,15 +25,29 @@ func throttleCommand(g *globals) *cobra.Command {
 		})
 	}
 	var units int
+	var limits map[string]string
 	set := &cobra.Command{
 		Use:   "set TIER",
 		Short: "Throttle as an IoT Hub tier from now on (F1, S1, S2, S3, B1-B3): full buckets, counters from zero",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return show(cmd, http.MethodPost, map[string]any{"tier": args[0], "units": units})
+			body := map[string]any{"tier": args[0], "units": units}
+			if len(limits) > 0 {
+				rates := map[string]float64{}
+				for op, v := range limits {
+					r, err := strconv.ParseFloat(v, 64)
+					if err != nil {
+						return usageError{fmt.Errorf("--limit %s=%s: the rate is not a number", op, v)}
+					}
+					rates[op] = r
+				}
+				body["limits"] = rates
+			}
+			return show(cmd, http.MethodPost, body)
 		},
 	}
 	set.Flags().IntVar(&units, "units", 1, "units of the tier")
+	set.Flags().StringToStringVar(&limits, "limit", nil, "OP=RATE: replace the tier's rate per second of an operation (connect, d2c, registry, twin-read, twin-update, method, job, query); repeatable")
 	t := &cobra.Command{
 		Use:   "throttle",
 		Short: "Show hubsim's tier throttles: per operation the limit, calls allowed and calls throttled",

@@ -75,6 +75,16 @@ func TestHubsimThrottleCommandWithoutTier(t *testing.T) {
 	if _, err := hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle", "set", "S5"); err == nil || !strings.Contains(err.Error(), "unknown tier") {
 		t.Fatalf("set S5: %v, want the tier refused", err)
 	}
+	out, err = hubby(t, "--hubsim-state="+srv.StateDir(), "-o", "json", "hubsim", "throttle", "set", "S1", "--limit", "connect=2", "--limit", "d2c=0.5")
+	if err != nil || !strings.Contains(out, `"perSecond": 2,`) || !strings.Contains(out, `"perSecond": 0.5,`) {
+		t.Fatalf("set --limit: %q %v", out, err)
+	}
+	if _, err := hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle", "set", "S1", "--limit", "connect=fast"); err == nil || !strings.Contains(err.Error(), "not a number") {
+		t.Fatalf("set --limit connect=fast: %v", err)
+	}
+	if _, err := hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle", "set", "S1", "--limit", "connects=1"); err == nil || !strings.Contains(err.Error(), "unknown operation") {
+		t.Fatalf("set --limit connects=1: %v", err)
+	}
 	if _, err := hubby(t, "--hubsim-state="+srv.StateDir(), "hubsim", "throttle", "off"); err != nil {
 		t.Fatal(err)
 	}

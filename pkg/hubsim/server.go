@@ -303,7 +303,7 @@ func Start(ctx context.Context, cfg Config, log *zap.Logger) (_ *Server, err err
 	}
 	h := rest.NewHandler(rest.Config{HostName: cfg.HostName, Registry: s.reg, Devices: s.brk, Twins: s.twins, Methods: s.methods,
 		Images: s.images.ServeAdmin, Jobs: s.jobs, Faults: s.faults.ServeAdmin,
-		Throttle: lim, ThrottleExtra: s.dpsThrottleCounters, SetTier: s.SetTier}, log.Named("rest"))
+		Throttle: lim, ThrottleExtra: s.dpsThrottleCounters, SetThrottle: s.SetThrottle}, log.Named("rest"))
 	httpsTLS := tlsConf.Clone()
 	httpsTLS.ClientAuth = tls.RequestClientCert // DPS X.509 registrations over HTTPS
 	if s.api, err = rest.Start(cfg.HTTPSAddr, httpsTLS, dpsMux{dps: s.dps, images: s.images, hub: s.faults.WrapREST(h), ws: s.brk}, log.Named("https")); err != nil {

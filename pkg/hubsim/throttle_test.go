@@ -239,6 +239,15 @@ func TestTierSetAtRuntime(t *testing.T) {
 		}
 	}
 	expectThrottled(t, "the fourth registry GET under S2 x2", get())
+	// Overrides: S3 with registry at 1/s, a bucket of one call.
+	r = e.do("POST", "/hubsim/throttle", []byte(`{"tier":"S3","limits":{"registry":1}}`), "")
+	if r.json(t, &st); r.status != 200 || st.Tier != "S3" || st.Operations[2].PerSecond != 1 {
+		t.Fatalf("POST /hubsim/throttle with limits: %d %s", r.status, r.body)
+	}
+	if r := get(); r.status != 200 {
+		t.Fatalf("registry GET on a fresh 1/s bucket: %d", r.status)
+	}
+	expectThrottled(t, "the second registry GET at 1/s", get())
 	if r := e.do("DELETE", "/hubsim/throttle", nil, ""); r.status != 200 {
 		t.Fatalf("DELETE /hubsim/throttle: %d %s", r.status, r.body)
 	}

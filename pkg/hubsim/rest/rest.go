@@ -70,8 +70,8 @@ type Config struct {
 	Throttle *throttle.Limiter
 	// ThrottleExtra, if set, adds rows to GET /hubsim/throttle (DPS registrations).
 	ThrottleExtra func() []throttle.Counter
-	// SetTier, if set, serves POST /hubsim/throttle (a tier) and DELETE (off); "" is off.
-	SetTier func(tier string, units int) error
+	// SetThrottle, if set, serves POST /hubsim/throttle (a tier) and DELETE (off: tier "").
+	SetThrottle func(throttle.Request) error
 }
 
 type handler struct {

@@ -53,17 +53,18 @@ func (h *handler) throttled(w http.ResponseWriter, r *http.Request, seg []string
 	return true
 }
 
-// throttleRoute serves /hubsim/throttle: GET the counters, POST {"tier","units"} to throttle as
-// that tier from now on, DELETE to stop throttling; POST and DELETE answer with the new status.
+// throttleRoute serves /hubsim/throttle: GET the counters, POST {"tier","units","limits"} to
+// throttle as that tier from now on, DELETE to stop throttling; POST and DELETE answer with the
+// new status.
 func (h *handler) throttleRoute(r *http.Request) func(http.ResponseWriter, *http.Request, []string) {
 	switch {
 	case r.Method == http.MethodGet:
 		return h.getThrottle
-	case r.Method == http.MethodPost && h.cfg.SetTier != nil:
+	case r.Method == http.MethodPost && h.cfg.SetThrottle != nil:
 		return h.postThrottle
-	case r.Method == http.MethodDelete && h.cfg.SetTier != nil:
+	case r.Method == http.MethodDelete && h.cfg.SetThrottle != nil:
 		return func(w http.ResponseWriter, r *http.Request, seg []string) {
-			if err := h.cfg.SetTier("", 0); err != nil {
+			if err := h.cfg.SetThrottle(throttle.Request{}); err != nil {
 				writeError(w, err)
 				return
 			}
@@ -84,7 +85,7 @@ func (h *handler) postThrottle(w http.ResponseWriter, r *http.Request, seg []str
 		writeError(w, wire.ErrArgumentInvalid.WithText("%v", err))
 		return
 	}
-	if err := h.cfg.SetTier(req.Tier, req.Units); err != nil {
+	if err := h.cfg.SetThrottle(req); err != nil {
 		writeError(w, wire.ErrArgumentInvalid.WithText("%v", err))
 		return
 	}

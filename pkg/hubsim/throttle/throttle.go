@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -117,6 +118,14 @@ func NewTier(tier string, units int, clk clock.Clock) (*Limiter, error) {
 // SetTier replaces the throttles with those of tier and units, with full buckets and counters
 // from zero; tier "" turns throttling off. An unknown tier or unit count changes nothing.
 func (l *Limiter) SetTier(tier string, units int) error {
+	return l.Set(Request{Tier: tier, Units: units})
+}
+
+// Set applies a Request: the tier's throttles with r.Limits replacing the rates of the operations
+// it names (say, connect at 1/s to rehearse a reconnect storm with a handful of devices). Tier ""
+// turns throttling off. An invalid request changes nothing.
+func (l *Limiter) Set(r Request) error {
+	tier, units := r.Tier, r.Units
 	if tier == "" {
 		l.mu.Lock()
 		defer l.mu.Unlock()
@@ -128,7 +137,28 @@ func (l *Limiter) SetTier(tier string, units int) error {
 	if err != nil {
 		return err
 	}
+	if err := checkOverrides(r.Limits); err != nil {
+		return err
+	}
+	for op, rate := range r.Limits {
+		limits[op] = rate
+	}
 	l.set(limits, strings.ToUpper(tier), units)
+	return nil
+}
+
+// MaxOverride bounds a rate in Request.Limits.
+const MaxOverride = 1e6
+
+func checkOverrides(m Limits) error {
+	for op, rate := range m {
+		if !slices.Contains(Ops, op) {
+			return fmt.Errorf("unknown operation %q in limits", op)
+		}
+		if !(rate > 0 && rate <= MaxOverride) { // also refuses NaN
+			return fmt.Errorf("limit of %s must be above 0 and at most %g per second, got %v", op, float64(MaxOverride), rate)
+		}
+	}
 	return nil
 }
 
@@ -258,10 +288,12 @@ func (l *Limiter) Status() Status {
 	return Status{Tier: l.tier, Units: l.units, Operations: l.snapshotLocked()}
 }
 
-// Request is the body of POST /hubsim/throttle: the tier and units to throttle as from now on.
+// Request is the body of POST /hubsim/throttle: the tier and units to throttle as from now on,
+// and optionally rates (per second) that replace the tier's for the operations named.
 type Request struct {
-	Tier  string `json:"tier"`
-	Units int    `json:"units"`
+	Tier   string `json:"tier"`
+	Units  int    `json:"units"`
+	Limits Limits `json:"limits,omitempty"`
 }
 
 // ParseRequest reads a POST /hubsim/throttle body: one JSON object with a known tier and a unit
@@ -281,6 +313,9 @@ func ParseRequest(b []byte) (Request, error) {
 		r.Units = 1
 	}
 	if _, err := ForTier(r.Tier, r.Units); err != nil {
+		return Request{}, fmt.Errorf("throttle request: %w", err)
+	}
+	if err := checkOverrides(r.Limits); err != nil {
 		return Request{}, fmt.Errorf("throttle request: %w", err)
 	}
 	r.Tier = strings.ToUpper(r.Tier)

@@ -172,6 +172,15 @@ func TestSetTierSwitchesAtRuntime(t *testing.T) {
 	if st := l.Status(); st.Operations[2].Allowed != 1 || st.Operations[2].Throttled != 0 {
 		t.Fatalf("counters not restarted by SetTier: %+v", st.Operations[2])
 	}
+	if err := l.Set(Request{Tier: "S3", Units: 1, Limits: Limits{Connect: 1, "bogus": 2}}); err == nil {
+		t.Fatal("Set with an unknown operation accepted")
+	}
+	if err := l.Set(Request{Tier: "S3", Units: 1, Limits: Limits{Connect: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Allow(Connect) || l.Allow(Connect) || l.Rate(Connect) != 1 || l.Rate(D2C) != 6000 {
+		t.Fatal("S3 with connect overridden to 1/s: want one connect, then refused; D2C at S3's 6000/s")
+	}
 	if err := l.SetTier("", 0); err != nil {
 		t.Fatal(err)
 	}
@@ -187,14 +196,17 @@ func TestParseRequest(t *testing.T) {
 		in    string
 		tier  string
 		units int
-	}{{`{"tier":"s2","units":3}`, "S2", 3}, {`{"tier":"F1"}`, "F1", 1}, {` {"tier":"B3","units":1} `, "B3", 1}} {
+	}{{`{"tier":"s2","units":3}`, "S2", 3}, {`{"tier":"F1"}`, "F1", 1}, {` {"tier":"B3","units":1} `, "B3", 1},
+		{`{"tier":"S1","limits":{"connect":1,"d2c":0.5}}`, "S1", 1}} {
 		r, err := ParseRequest([]byte(c.in))
 		if err != nil || r.Tier != c.tier || r.Units != c.units {
 			t.Errorf("ParseRequest(%s) = %+v, %v", c.in, r, err)
 		}
 	}
 	for _, bad := range []string{``, `null`, `[]`, `{"tier":"S4"}`, `{"tier":"S1","units":-1}`, `{"tier":"F1","units":2}`,
-		`{"tier":"S1","unit":2}`, `{"tier":"S1"} {}`, `{"tier":1}`, "{\"tier\":\"S1\xff\"}", `{"tier":""}`} {
+		`{"tier":"S1","unit":2}`, `{"tier":"S1"} {}`, `{"tier":1}`, "{\"tier\":\"S1\xff\"}", `{"tier":""}`,
+		`{"tier":"S1","limits":{"connects":1}}`, `{"tier":"S1","limits":{"connect":0}}`, `{"tier":"S1","limits":{"connect":-1}}`,
+		`{"tier":"S1","limits":{"connect":1e7}}`, `{"tier":"S1","limits":[]}`} {
 		if r, err := ParseRequest([]byte(bad)); err == nil {
 			t.Errorf("ParseRequest(%q) accepted: %+v", bad, r)
 		}
@@ -202,7 +214,7 @@ func TestParseRequest(t *testing.T) {
 }
 
 func FuzzParseRequest(f *testing.F) {
-	for _, s := range []string{`{"tier":"S1","units":1}`, `{"tier":"f1"}`, `{"tier":"S3","units":200}`, `{`, `{"tier":"S1","x":1}`} {
+	for _, s := range []string{`{"tier":"S1","units":1}`, `{"tier":"f1"}`, `{"tier":"S2","limits":{"connect":2}}`, `{"tier":"S3","units":200}`, `{`, `{"tier":"S1","x":1}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -212,6 +224,9 @@ func FuzzParseRequest(f *testing.F) {
 		}
 		if _, err := ForTier(r.Tier, r.Units); err != nil || r.Units < 1 {
 			t.Fatalf("accepted %q as %+v, which ForTier refuses: %v", b, r, err)
+		}
+		if err := Off(clock.Real()).Set(r); err != nil {
+			t.Fatalf("accepted %q as %+v, which Set refuses: %v", b, r, err)
 		}
 	})
 }

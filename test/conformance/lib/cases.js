@@ -634,6 +634,7 @@ const CASES = [
   ['eventhubs-properties', ehCases.eventHubsProperties],
   ['device-fault-killtcp', faultCases.deviceKillTcp],
   ['service-throttled-429', throttleCases.serviceThrottled429],
+  ['device-connack3-retried', throttleCases.deviceConnack3Retried],
 ];
 
 // ---------------------------------------------------------------------------------------------
