@@ -13,6 +13,7 @@ import (
 
 	"github.com/iothubby/iothubby/internal/netfault"
 	"github.com/iothubby/iothubby/pkg/agent"
+	"github.com/iothubby/iothubby/pkg/dps"
 	hubsess "github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/twinsync"
 )
@@ -305,5 +306,34 @@ func awaitAny(t *testing.T, what string, match func(map[string]any) bool, a, b *
 		case <-deadline.C:
 			t.Fatalf("no process logged %s within %v", what, waitTimeout)
 		}
+	}
+}
+
+// DPS over HTTPS and the hub's MQTT both through fault proxies with latency (300 ms ±30 each way)
+// and sliced segments: the agent provisions, connects and applies the initial twin.
+func TestNetfaultDPSOverHTTPSWithLatency(t *testing.T) {
+	h := newHub(t)
+	c := dpsClient(t, h)
+	groupEnrollment(t, c, "e2e-nf-group", nil)
+	web := netfault.Start(t, h.ep.HTTPSAddress)
+	mqtt := netfault.Start(t, h.ep.MQTTAddress)
+	for _, p := range []*netfault.Proxy{web, mqtt} {
+		if _, err := p.Latency(300*time.Millisecond, 30*time.Millisecond); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Slicer(100, 50, 200*time.Microsecond); err != nil {
+			t.Fatal(err)
+		}
+	}
+	via := *h // the agent's view of hubsim: both addresses through the proxies
+	via.ep.HTTPSAddress, via.ep.MQTTAddress = web.Addr(), mqtt.Addr()
+	regID := "nf-dps-https"
+	a := startDPSAgent(t, &via, t.TempDir(), "https", fmt.Sprintf("  registrationId: %s\n  groupKeyFile: %q\n",
+		regID, writeSecret(t, "group.key", e2eGroupKey)))
+	a.await(0, "provisioned through the proxy", and(msgIs(dps.MsgProvisioned), field("device", regID)))
+	a.await(0, "connected through the proxy", and(msgIs(hubsess.MsgConnected), field("device", regID)))
+	awaitInitialTwin(t, h, a, regID)
+	if err := a.stop(); err != nil {
+		t.Fatalf("agent exit: %v", err)
 	}
 }
