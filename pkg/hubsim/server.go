@@ -501,6 +501,11 @@ func (s *Server) Close() error {
 				errs = append(errs, err)
 			}
 		}
+		if s.faults != nil {
+			// Pending faults first: requests held by a delay are answered at once and stalled
+			// connections released, so nothing below waits for a fault's duration.
+			s.faults.Close()
+		}
 		if s.api != nil {
 			errs = append(errs, s.api.Close())
 		}
@@ -509,9 +514,6 @@ func (s *Server) Close() error {
 		}
 		if s.jobs != nil {
 			errs = append(errs, s.jobs.Close())
-		}
-		if s.faults != nil {
-			s.faults.Close() // pending faults first: the connections they act on are closing
 		}
 		if s.brk != nil {
 			errs = append(errs, s.brk.Close())

@@ -71,14 +71,17 @@ func (in *Injector) WrapREST(next http.Handler) http.Handler {
 			return
 		}
 		f := in.RESTFault(r.Method, p, addressedDevice(p))
+		se := wire.ServiceError{}
 		if err := in.Sleep(r.Context(), f.Delay); err != nil {
-			return // the client left, or hubsim is stopping
-		}
-		if f.Status == 0 {
+			// The client left, or hubsim is stopping: answer 503 rather than nothing.
+			f.Status, f.RetryAfter = http.StatusServiceUnavailable, 1
+			se = restErrors[f.Status].WithText("request held by rest-delay: %v", err)
+		} else if f.Status == 0 {
 			next.ServeHTTP(w, r)
 			return
+		} else {
+			se = restErrors[f.Status].WithText("fault injected: rest-error %d", f.Status)
 		}
-		se := restErrors[f.Status].WithText("fault injected: rest-error %d", f.Status)
 		b, _ := json.Marshal(se)
 		w.Header().Set("Content-Type", "application/json; charset=utf-8")
 		w.Header().Set("iothub-errorcode", se.Code)

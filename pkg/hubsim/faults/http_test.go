@@ -1,6 +1,7 @@
 package faults
 
 import (
+	"context"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -39,4 +40,37 @@ func FuzzServeAdminPost(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestWrapRESTHeldRequestAnsweredOnClose: a request held by rest-delay gets a 503 (not an empty
+// answer) when hubsim stops, without waiting for the delay; /hubsim/ paths are never held.
+func TestWrapRESTHeldRequestAnsweredOnClose(t *testing.T) {
+	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	in := New(clk, nil)
+	if _, err := in.Apply(RuleRequest{Action: ActionRESTDelay, DelaySecs: 3600, DurationSecs: 3600}); err != nil {
+		t.Fatal(err)
+	}
+	served := 0
+	h := in.WrapREST(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { served++; w.WriteHeader(204) }))
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/hubsim/faults", nil))
+	if w.Code != 204 {
+		t.Fatalf("/hubsim/faults under rest-delay: %d", w.Code)
+	}
+	done := make(chan *httptest.ResponseRecorder)
+	go func() {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/devices/d1", nil))
+		done <- w
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := clk.WaitArmed(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	in.Close()
+	w = <-done
+	if w.Code != 503 || w.Header().Get("Retry-After") != "1" || !strings.Contains(w.Body.String(), "request held by rest-delay") || served != 1 {
+		t.Fatalf("held request on close: %d %q %s (served %d)", w.Code, w.Header().Get("Retry-After"), w.Body, served)
+	}
 }
