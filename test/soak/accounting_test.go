@@ -137,12 +137,13 @@ func TestReportWrite(t *testing.T) {
 	r := &Report{Seed: 7, Duration: time.Minute, Agents: 3, Faults: map[string]int{"drop": 2},
 		Skipped: map[string]int{"stall": 1}, SkipWhy: map[string]string{"stall": "unknown action"},
 		Recoveries: []time.Duration{time.Second}, Methods: map[string]int{"200": 5},
-		Telemetry:  []DeviceTally{{Device: "d", Accepted: 3, Received: 3}},
-		Invariants: []Invariant{{Name: "a", OK: true}, {Name: "b", OK: false, Detail: "why"}}}
+		RecoveryByKind: map[string][]time.Duration{"hubsim-kill": {1500 * time.Millisecond}},
+		Telemetry:      []DeviceTally{{Device: "d", Accepted: 3, Received: 3}},
+		Invariants:     []Invariant{{Name: "a", OK: true}, {Name: "b", OK: false, Detail: "why"}}}
 	var sb strings.Builder
 	r.Write(&sb)
 	out := sb.String()
-	for _, want := range []string{"seed 7", "drop", "stall", "unknown action", "p50=1s", "200 5", "FAIL", "why"} {
+	for _, want := range []string{"seed 7", "drop", "stall", "unknown action", "p50=1s", "hubsim-kill", "1.5s", "200 5", "FAIL", "why"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q:\n%s", want, out)
 		}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -282,10 +283,22 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 	}
 	add("no growth of goroutines, open files, heap (second half, fitted)", len(growthBad) == 0, "%s", strings.Join(growthBad, "; "))
 
-	// Recovery: fault end -> the agent's next "twin synced" after it lost its connection.
+	// Recovery: fault end -> the agent's next "twin synced" after it lost its connection. A loss
+	// counts for a fault when it comes before the next fault on the same agent and within 15 s
+	// (1.5 keep-alives) of the fault's end: faults that never cost the connection (latency,
+	// a short PUBACK delay) are not charged with a later fault's reconnect.
 	unrecovered := 0
-	for _, f := range s.faults {
+	for fi, f := range s.faults {
 		for _, ai := range f.agents {
+			lossBy := f.end.Add(15 * time.Second)
+			for _, g := range s.faults[fi+1:] {
+				if slices.Contains(g.agents, ai) {
+					if g.start.Before(lossBy) {
+						lossBy = g.start
+					}
+					break
+				}
+			}
 			ls, pi := s.agents[ai].allLines()
 			lost := false
 			startProc := -1
@@ -294,11 +307,19 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 					startProc = pi[i]
 					continue
 				}
+				if !lost && l.at.After(lossBy) {
+					break
+				}
 				if pi[i] != startProc || l.msg() == "disconnected, retrying" || l.msg() == "disconnected" {
 					lost = true
 				}
 				if lost && l.msg() == "twin synced" {
-					rep.Recoveries = append(rep.Recoveries, max(l.at.Sub(f.end), 0))
+					d := max(l.at.Sub(f.end), 0)
+					rep.Recoveries = append(rep.Recoveries, d)
+					if rep.RecoveryByKind == nil {
+						rep.RecoveryByKind = map[string][]time.Duration{}
+					}
+					rep.RecoveryByKind[f.kind] = append(rep.RecoveryByKind[f.kind], d)
 					break
 				}
 				if i == len(ls)-1 && lost {

@@ -25,11 +25,13 @@ type Report struct {
 	Skipped    map[string]int // kind -> not injected (unsupported by this hubsim), with why in SkipWhy
 	SkipWhy    map[string]string
 	Recoveries []time.Duration // fault end -> agent connected and twin synced again
-	Converged  time.Duration   // last fault end -> every twin converged
-	Telemetry  []DeviceTally
-	Methods    map[string]int // outcome -> calls
-	Growth     []Growth
-	Invariants []Invariant
+	// RecoveryByKind is Recoveries by the kind of fault.
+	RecoveryByKind map[string][]time.Duration
+	Converged      time.Duration // last fault end -> every twin converged
+	Telemetry      []DeviceTally
+	Methods        map[string]int // outcome -> calls
+	Growth         []Growth
+	Invariants     []Invariant
 }
 
 // Failed returns the invariants that did not hold.
@@ -58,6 +60,20 @@ func (r *Report) Write(w io.Writer) {
 	fmt.Fprintf(w, "\nrecovery (fault end -> connected and twin synced): n=%d p50=%v p99=%v max=%v\n",
 		len(r.Recoveries), Percentile(r.Recoveries, 50).Round(time.Millisecond),
 		Percentile(r.Recoveries, 99).Round(time.Millisecond), Percentile(r.Recoveries, 100).Round(time.Millisecond))
+	if len(r.RecoveryByKind) > 0 {
+		kinds := make([]string, 0, len(r.RecoveryByKind))
+		for k := range r.RecoveryByKind {
+			kinds = append(kinds, k)
+		}
+		sort.Strings(kinds)
+		tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "  by fault\tn\tp50\tp99\t")
+		for _, k := range kinds {
+			ds := r.RecoveryByKind[k]
+			fmt.Fprintf(tw, "  %s\t%d\t%v\t%v\t\n", k, len(ds), Percentile(ds, 50).Round(time.Millisecond), Percentile(ds, 99).Round(time.Millisecond))
+		}
+		tw.Flush()
+	}
 	fmt.Fprintf(w, "reported state converged %v after the last fault\n\n", r.Converged.Round(time.Millisecond))
 
 	tw = tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
