@@ -17,8 +17,8 @@ import (
 	"github.com/iothubby/iothubby/pkg/dps"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim"
-	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 )
 
@@ -70,8 +70,8 @@ func TestDeviceProvisionsThroughDPS(t *testing.T) {
 	}
 	defer srv.Close()
 	gk := registry.GenerateKey()
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "g",
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: gk}}}, true, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: gk}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
 	ep := srv.Endpoints()
@@ -125,8 +125,8 @@ func TestReprovisionByMethodAndByFailures(t *testing.T) {
 	}
 	defer srv.Close()
 	// An individual enrollment whose key is the one the test broker checks.
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: "rp-1",
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: b.Key.Base64()}}}, false, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{RegistrationID: "rp-1",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: b.Key.Base64()}}}, false, ""); err != nil {
 		t.Fatal(err)
 	}
 	ep := srv.Endpoints()

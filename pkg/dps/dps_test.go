@@ -17,8 +17,8 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim"
-	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
@@ -60,8 +60,8 @@ func clientCfg(srv *hubsim.Server, transport, regID string, cred *attest.Credent
 
 func TestGroupSymmetricKeyBothTransports(t *testing.T) {
 	srv := start(t, nil)
-	_, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "g1",
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: groupKey}},
+	_, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g1",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: groupKey}},
 		InitialTwin: json.RawMessage(`{"tags":{"site":"a"},"properties":{"desired":{"interval":30}}}`)}, true, "")
 	if err != nil {
 		t.Fatal(err)
@@ -106,8 +106,8 @@ func mustKey(t *testing.T, b64 string) sas.Key {
 
 func TestWrongKeyAndDisabledFailClearly(t *testing.T) {
 	srv := start(t, nil)
-	e, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: "ind1", ProvisioningStatus: "disabled",
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey"}}, false, "")
+	e, err := srv.DPS().PutEnrollment(hubapi.Enrollment{RegistrationID: "ind1", ProvisioningStatus: "disabled",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey"}}, false, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,9 +160,9 @@ func TestX509IndividualAndGroupChain(t *testing.T) {
 		return cred
 	}
 	// Group on the root; the device presents leaf + intermediate.
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "x509g",
-		Attestation: &hdps.AttestationMechanism{Type: "x509", X509: &hdps.X509Attestation{SigningCertificates: &hdps.X509Certificates{
-			Primary: &hdps.X509CertificateWithInfo{Certificate: string(root.CertPEM())}}}}}, true, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "x509g",
+		Attestation: &hubapi.AttestationMechanism{Type: "x509", X509: &hubapi.X509Attestation{SigningCertificates: &hubapi.X509Certificates{
+			Primary: &hubapi.X509CertificateWithInfo{Certificate: string(root.CertPEM())}}}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
 	leaf, err := inter.Issue(pki.LeafOptions{CommonName: "x509-grp-dev", Client: true})
@@ -188,9 +188,9 @@ func TestX509IndividualAndGroupChain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: "x509-ind", DeviceID: "renamed",
-		Attestation: &hdps.AttestationMechanism{Type: "x509", X509: &hdps.X509Attestation{ClientCertificates: &hdps.X509Certificates{
-			Primary: &hdps.X509CertificateWithInfo{Certificate: string(pki.EncodeCert(self.Leaf))}}}}}, false, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{RegistrationID: "x509-ind", DeviceID: "renamed",
+		Attestation: &hubapi.AttestationMechanism{Type: "x509", X509: &hubapi.X509Attestation{ClientCertificates: &hubapi.X509Certificates{
+			Primary: &hubapi.X509CertificateWithInfo{Certificate: string(pki.EncodeCert(self.Leaf))}}}}}, false, ""); err != nil {
 		t.Fatal(err)
 	}
 	res, err := dps.Register(ctxT(t), clientCfg(srv, dps.MQTT, "x509-ind", writePair("ind", self)))
@@ -207,8 +207,8 @@ func TestX509IndividualAndGroupChain(t *testing.T) {
 
 func TestThrottleHonoured(t *testing.T) {
 	srv := start(t, func(c *hubsim.Config) { c.DPSRegistrationRate = 1 })
-	_, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "g1",
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, "")
+	_, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g1",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,8 +263,8 @@ func TestCache(t *testing.T) {
 // A device DPS placed in one linked hub is refused (CONNACK 5) by another linked hub's name.
 func TestAssignedHubBindsTheDevice(t *testing.T) {
 	srv := start(t, func(c *hubsim.Config) { c.HubHostNames = []string{"hub2.localhost"} })
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "g", AllocationPolicy: "static", IoTHubs: []string{"hub2.localhost"},
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g", AllocationPolicy: "static", IoTHubs: []string{"hub2.localhost"},
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
 	cred, _ := attest.FromGroupKey(groupKey, "bound")

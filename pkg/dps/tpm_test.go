@@ -17,8 +17,8 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim"
-	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/tpm"
 	"github.com/iothubby/iothubby/pkg/tpm/activation"
@@ -38,8 +38,8 @@ func openSimTPM(t *testing.T) *tpm.Device {
 
 func enrollTPM(t *testing.T, srv *hubsim.Server, regID string, ek []byte) {
 	t.Helper()
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: regID,
-		Attestation: &hdps.AttestationMechanism{Type: "tpm", TPM: &hdps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}}, false, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{RegistrationID: regID,
+		Attestation: &hubapi.AttestationMechanism{Type: "tpm", TPM: &hubapi.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}}, false, ""); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -13,9 +13,9 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/iothubby/iothubby/pkg/clock"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim"
 	"github.com/iothubby/iothubby/pkg/hubsim/broker"
-	"github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/faults"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -199,8 +199,8 @@ func TestFaultRESTDelay(t *testing.T) {
 func dpsEnroll(t *testing.T, e *env, regID string) string {
 	t.Helper()
 	key := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef"))
-	if _, err := e.srv.DPS().PutEnrollment(dps.Enrollment{RegistrationID: regID,
-		Attestation: &dps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: key, SecondaryKey: key}}}, false, ""); err != nil {
+	if _, err := e.srv.DPS().PutEnrollment(hubapi.Enrollment{RegistrationID: regID,
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: key, SecondaryKey: key}}}, false, ""); err != nil {
 		t.Fatal(err)
 	}
 	k, err := sas.ParseKey(key)

@@ -11,8 +11,8 @@ import (
 
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim"
-	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 )
@@ -28,8 +28,8 @@ func benchDPS(ctx context.Context, n, rounds int, report func(string, float64, b
 	}
 	defer stop()
 	groupKey := registry.GenerateKey()
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{EnrollmentGroupID: "bench",
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "bench",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, ""); err != nil {
 		return err
 	}
 	gk, err := sas.ParseKey(groupKey)

@@ -12,8 +12,8 @@ import (
 	"github.com/iothubby/iothubby/internal/swtpm"
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/dps"
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim"
-	hdps "github.com/iothubby/iothubby/pkg/hubsim/dps"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/tpm"
 )
@@ -38,8 +38,8 @@ func benchTPM(ctx context.Context, n int, report func(string, float64, bool, str
 
 	// Baseline: an individual symmetric-key enrollment, registered n times.
 	key := registry.GenerateKey()
-	if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: "bench-sym",
-		Attestation: &hdps.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hdps.SymmetricKeyAttestation{PrimaryKey: key, SecondaryKey: key}}}, false, ""); err != nil {
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{RegistrationID: "bench-sym",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: key, SecondaryKey: key}}}, false, ""); err != nil {
 		return err
 	}
 	cred, err := attest.FromBase64Key(key)
@@ -80,8 +80,8 @@ func benchTPM(ctx context.Context, n int, report func(string, float64, bool, str
 		}
 		opened := time.Since(openStart)
 		regID := dev.RegistrationID()
-		if _, err := srv.DPS().PutEnrollment(hdps.Enrollment{RegistrationID: regID,
-			Attestation: &hdps.AttestationMechanism{Type: "tpm", TPM: &hdps.TPMAttestation{
+		if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{RegistrationID: regID,
+			Attestation: &hubapi.AttestationMechanism{Type: "tpm", TPM: &hubapi.TPMAttestation{
 				EndorsementKey: base64.StdEncoding.EncodeToString(dev.EndorsementKey())}}}, false, ""); err != nil {
 			dev.Close()
 			return err

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -16,7 +17,7 @@ import (
 // match is an authenticated device: the enrollment it matched and what it attested with.
 type match struct {
 	regID      string
-	enrollment Enrollment
+	enrollment hubapi.Enrollment
 	// key is the base64 key the device signed with (derived, for groups); secondary the other.
 	key, otherKey string
 	leaf          *x509.Certificate
@@ -75,10 +76,10 @@ func (s *Server) authSAS(scope, regID, token string) (*match, *apiError) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e := s.enrollments[keyOf(regID)]; e != nil {
-		if e.Attestation.Type == AttestationTPM {
+		if e.Attestation.Type == hubapi.AttestationTPM {
 			return s.authTPMLocked(regID, e, tok, now)
 		}
-		if e.Attestation.Type != AttestationSymmetricKey {
+		if e.Attestation.Type != hubapi.AttestationSymmetricKey {
 			return nil, errf(401, 401002, "enrollment %s does not use symmetric keys", regID)
 		}
 		sk := e.Attestation.SymmetricKey
@@ -91,7 +92,7 @@ func (s *Server) authSAS(scope, regID, token string) (*match, *apiError) {
 	}
 	ids := make([]string, 0, len(s.groups))
 	for k, g := range s.groups {
-		if g.Attestation.Type == AttestationSymmetricKey {
+		if g.Attestation.Type == hubapi.AttestationSymmetricKey {
 			ids = append(ids, k)
 		}
 	}
@@ -128,10 +129,10 @@ func (s *Server) authX509(regID string, certs []*x509.Certificate) (*match, *api
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e := s.enrollments[keyOf(regID)]; e != nil && e.Attestation.Type == AttestationX509 {
+	if e := s.enrollments[keyOf(regID)]; e != nil && e.Attestation.Type == hubapi.AttestationX509 {
 		tp := pki.ThumbprintSHA256(leaf)
 		cc := e.Attestation.X509.ClientCertificates
-		for _, c := range []*X509CertificateWithInfo{cc.Primary, cc.Secondary} {
+		for _, c := range []*hubapi.X509CertificateWithInfo{cc.Primary, cc.Secondary} {
 			if c != nil && c.Info != nil && c.Info.SHA256Thumbprint == tp {
 				return &match{regID: regID, enrollment: *e, leaf: leaf, disabled: !e.Enabled()}, nil
 			}
@@ -142,15 +143,15 @@ func (s *Server) authX509(regID string, certs []*x509.Certificate) (*match, *api
 	for _, c := range certs[1:] {
 		inter.AddCert(c)
 	}
-	var best *Enrollment
+	var best *hubapi.Enrollment
 	var bestSigner *x509.Certificate
 	bestDepth := 1 << 30
 	for _, g := range s.groups {
-		if g.Attestation.Type != AttestationX509 || g.Attestation.X509.SigningCertificates == nil {
+		if g.Attestation.Type != hubapi.AttestationX509 || g.Attestation.X509.SigningCertificates == nil {
 			continue
 		}
 		sc := g.Attestation.X509.SigningCertificates
-		for _, c := range []*X509CertificateWithInfo{sc.Primary, sc.Secondary} {
+		for _, c := range []*hubapi.X509CertificateWithInfo{sc.Primary, sc.Secondary} {
 			if c == nil {
 				continue
 			}

@@ -17,6 +17,7 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -93,8 +94,8 @@ type Server struct {
 	// mu guards the maps below. It is never held across a disk write: device connects (HubOf)
 	// and registrations (authentication) take it.
 	mu          sync.Mutex
-	enrollments map[string]*Enrollment
-	groups      map[string]*Enrollment
+	enrollments map[string]*hubapi.Enrollment
+	groups      map[string]*hubapi.Enrollment
 	regs        map[string]*Registration
 	ops         map[string]*operation
 	// tpmChallenges holds the key (K1) of each registration's outstanding TPM challenge.
@@ -179,7 +180,7 @@ func Open(cfg Config, log *zap.Logger) (*Server, error) {
 	}
 	s := &Server{
 		cfg: cfg, log: log, db: db,
-		enrollments: map[string]*Enrollment{}, groups: map[string]*Enrollment{},
+		enrollments: map[string]*hubapi.Enrollment{}, groups: map[string]*hubapi.Enrollment{},
 		regs: map[string]*Registration{}, ops: map[string]*operation{}, placed: map[string]placement{},
 		tpmChallenges: map[string]*tpmChallenge{},
 		tokens:        float64(cfg.RegistrationBurst), tokenTime: cfg.Now(),

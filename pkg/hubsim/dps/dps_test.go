@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
@@ -108,7 +109,7 @@ func TestServiceAPI(t *testing.T) {
 	if w.Code != 200 || !strings.HasPrefix(w.Header().Get("Content-Type"), "application/json") {
 		t.Fatalf("put: %d %s", w.Code, w.Body)
 	}
-	var e Enrollment
+	var e hubapi.Enrollment
 	_ = json.Unmarshal(w.Body.Bytes(), &e)
 	if e.ETag == "" || e.ProvisioningStatus != "enabled" || len(e.Attestation.SymmetricKey.PrimaryKey) != 88 {
 		t.Fatalf("%+v", e)
@@ -191,9 +192,9 @@ func TestReprovisionPolicies(t *testing.T) {
 	} {
 		s, reg, _ := newServer(t, nil)
 		put := func(hub, twin string) {
-			e := Enrollment{EnrollmentGroupID: "g", AllocationPolicy: "static", IoTHubs: []string{hub}, InitialTwin: json.RawMessage(twin),
-				Attestation:       &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}},
-				ReprovisionPolicy: &ReprovisionPolicy{}}
+			e := hubapi.Enrollment{EnrollmentGroupID: "g", AllocationPolicy: "static", IoTHubs: []string{hub}, InitialTwin: json.RawMessage(twin),
+				Attestation:       &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}},
+				ReprovisionPolicy: &hubapi.ReprovisionPolicy{}}
 			_ = json.Unmarshal([]byte(tc.policy), e.ReprovisionPolicy)
 			if _, err := s.PutEnrollment(e, true, ""); err != nil {
 				t.Fatal(err)
@@ -223,7 +224,7 @@ func TestReprovisionPolicies(t *testing.T) {
 
 func TestAllocationHashedSpreads(t *testing.T) {
 	s, _, _ := newServer(t, nil)
-	e := &Enrollment{AllocationPolicy: AllocationHashed}
+	e := &hubapi.Enrollment{AllocationPolicy: hubapi.AllocationHashed}
 	seen := map[string]bool{}
 	for i := range 50 {
 		h, err := s.allocate(e, "dev-"+string(rune('a'+i%26))+string(rune('a'+i/26)))
@@ -239,15 +240,15 @@ func TestAllocationHashedSpreads(t *testing.T) {
 	if !seen["hub1"] || !seen["hub2"] {
 		t.Fatalf("hashed allocation used %v", seen)
 	}
-	if _, err := s.allocate(&Enrollment{IoTHubs: []string{"unlinked"}}, "x"); err == nil || err.code != 400208 {
+	if _, err := s.allocate(&hubapi.Enrollment{IoTHubs: []string{"unlinked"}}, "x"); err == nil || err.code != 400208 {
 		t.Fatalf("unlinked hub: %v", err)
 	}
 }
 
 func TestDeviceEndpointErrorsAndThrottle(t *testing.T) {
 	s, _, clk := newServer(t, func(c *Config) { c.RegistrationRate = 1; c.RetryAfter = 2 })
-	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
-		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+	if _, err := s.PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
 	tok := deviceToken(t, s.IDScope(), "d1", deriveB64(testGroupKey, "d1"), false)
@@ -369,8 +370,8 @@ func runMQTT(t testing.TB, s *Server, regID, password string, in []byte) []byte 
 
 func TestMQTTSession(t *testing.T) {
 	s, _, _ := newServer(t, func(c *Config) { c.RetryAfter = -1 })
-	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
-		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+	if _, err := s.PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
 	tok := deviceToken(t, s.IDScope(), "m1", deriveB64(testGroupKey, "m1"), true)
@@ -408,8 +409,8 @@ func TestMQTTSessionRefusesMalformedPackets(t *testing.T) {
 	s, _, _ := newServer(t, func(c *Config) { c.RetryAfter = -1 })
 	core, logs := observer.New(zap.InfoLevel)
 	s.log = zap.New(core)
-	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
-		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+	if _, err := s.PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
 	tok := deviceToken(t, s.IDScope(), "m1", deriveB64(testGroupKey, "m1"), true)
@@ -450,8 +451,8 @@ func FuzzDPSMQTTSession(f *testing.F) {
 		f.Add(c.Raw)
 	}
 	s, _, _ := newServer(f, func(c *Config) { c.RetryAfter = -1 })
-	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
-		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+	if _, err := s.PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
 		f.Fatal(err)
 	}
 	tok := deviceToken(f, s.IDScope(), "m1", deriveB64(testGroupKey, "m1"), true)
@@ -474,12 +475,12 @@ func FuzzDeviceHTTP(f *testing.F) {
 	f.Add("PUT", "/0ne00000001/registrations/t1/register", d.body("t1"))
 	f.Add("PUT", "/enrollments/t2", `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"`+d.ekB64()+`"}}}`)
 	s, _, _ := newServer(f, nil)
-	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
-		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+	if _, err := s.PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
 		f.Fatal(err)
 	}
-	if _, err := s.PutEnrollment(Enrollment{RegistrationID: "t1",
-		Attestation: &AttestationMechanism{Type: AttestationTPM, TPM: &TPMAttestation{EndorsementKey: d.ekB64()}}}, false, ""); err != nil {
+	if _, err := s.PutEnrollment(hubapi.Enrollment{RegistrationID: "t1",
+		Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationTPM, TPM: &hubapi.TPMAttestation{EndorsementKey: d.ekB64()}}}, false, ""); err != nil {
 		f.Fatal(err)
 	}
 	devTok := deviceToken(f, s.IDScope(), "d1", deriveB64(testGroupKey, "d1"), true)

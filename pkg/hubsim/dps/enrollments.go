@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -17,7 +18,7 @@ import (
 // registration states it shows.
 
 // normalizeEnrollment validates e and fills service-computed fields (keys, certificate info).
-func normalizeEnrollment(e *Enrollment, group bool) *apiError {
+func normalizeEnrollment(e *hubapi.Enrollment, group bool) *apiError {
 	if group {
 		if e.EnrollmentGroupID == "" {
 			return errf(400, 400004, "enrollmentGroupId is required")
@@ -45,7 +46,7 @@ func normalizeEnrollment(e *Enrollment, group bool) *apiError {
 		return errf(400, 400004, "provisioningStatus must be enabled or disabled")
 	}
 	switch e.AllocationPolicy {
-	case "", AllocationHashed, AllocationStatic, AllocationGeoLatency, AllocationCustom:
+	case "", hubapi.AllocationHashed, hubapi.AllocationStatic, hubapi.AllocationGeoLatency, hubapi.AllocationCustom:
 	default:
 		return errf(400, 400004, "allocationPolicy %q is not hashed, geoLatency, static or custom", e.AllocationPolicy)
 	}
@@ -65,9 +66,9 @@ func normalizeEnrollment(e *Enrollment, group bool) *apiError {
 		return errf(400, 400004, "attestation is required")
 	}
 	switch a.Type {
-	case AttestationSymmetricKey:
+	case hubapi.AttestationSymmetricKey:
 		if a.SymmetricKey == nil {
-			a.SymmetricKey = &SymmetricKeyAttestation{}
+			a.SymmetricKey = &hubapi.SymmetricKeyAttestation{}
 		}
 		for _, k := range []*string{&a.SymmetricKey.PrimaryKey, &a.SymmetricKey.SecondaryKey} {
 			if *k == "" {
@@ -80,7 +81,7 @@ func normalizeEnrollment(e *Enrollment, group bool) *apiError {
 			}
 		}
 		a.X509, a.TPM = nil, nil
-	case AttestationX509:
+	case hubapi.AttestationX509:
 		if a.X509 == nil {
 			return errf(400, 400004, "x509 attestation needs certificates")
 		}
@@ -97,7 +98,7 @@ func normalizeEnrollment(e *Enrollment, group bool) *apiError {
 			}
 			return errf(400, 400004, "x509.clientCertificates.primary.certificate is required")
 		}
-		for _, c := range []*X509CertificateWithInfo{certs.Primary, certs.Secondary} {
+		for _, c := range []*hubapi.X509CertificateWithInfo{certs.Primary, certs.Secondary} {
 			if c == nil {
 				continue
 			}
@@ -108,7 +109,7 @@ func normalizeEnrollment(e *Enrollment, group bool) *apiError {
 			c.Info = certInfo(cert)
 		}
 		a.SymmetricKey, a.TPM = nil, nil
-	case AttestationTPM:
+	case hubapi.AttestationTPM:
 		if group {
 			return errf(400, 400004, "enrollment groups cannot use TPM attestation")
 		}
@@ -160,7 +161,7 @@ func etagMatches(ifMatch, etag string) bool {
 	return strings.Trim(ifMatch, `"`) == strings.Trim(etag, `"`)
 }
 
-func (s *Server) maps(group bool) (map[string]*Enrollment, []byte) {
+func (s *Server) maps(group bool) (map[string]*hubapi.Enrollment, []byte) {
 	if group {
 		return s.groups, bucketGroups
 	}
@@ -169,9 +170,9 @@ func (s *Server) maps(group bool) (map[string]*Enrollment, []byte) {
 
 // PutEnrollment creates or updates an individual enrollment (group false) or an enrollment
 // group. ifMatch, when set, must match the stored etag.
-func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enrollment, error) {
+func (s *Server) PutEnrollment(e hubapi.Enrollment, group bool, ifMatch string) (hubapi.Enrollment, error) {
 	if err := normalizeEnrollment(&e, group); err != nil {
-		return Enrollment{}, err
+		return hubapi.Enrollment{}, err
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
@@ -187,12 +188,12 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 	s.mu.Unlock()
 	if old != nil {
 		if !etagMatches(ifMatch, oldETag) {
-			return Enrollment{}, errf(412, 412002, "etag %s does not match", ifMatch)
+			return hubapi.Enrollment{}, errf(412, 412002, "etag %s does not match", ifMatch)
 		}
 		e.CreatedDateTimeUTC = oldCreated
 	} else {
 		if ifMatch != "" && ifMatch != "*" && ifMatch != `"*"` {
-			return Enrollment{}, errf(404, 404201, "enrollment %s does not exist", e.ID())
+			return hubapi.Enrollment{}, errf(404, 404201, "enrollment %s does not exist", e.ID())
 		}
 		e.CreatedDateTimeUTC = now
 	}
@@ -200,7 +201,7 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 	e.ETag = newETag()
 	e.RegistrationState = nil
 	if err := s.store(bucket, k, &e); err != nil {
-		return Enrollment{}, err
+		return hubapi.Enrollment{}, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -209,7 +210,7 @@ func (s *Server) PutEnrollment(e Enrollment, group bool, ifMatch string) (Enroll
 }
 
 // withState adds the registration state to an individual enrollment's view. Call with s.mu.
-func (s *Server) withState(e Enrollment) Enrollment {
+func (s *Server) withState(e hubapi.Enrollment) hubapi.Enrollment {
 	if !e.IsGroup() {
 		if r := s.regs[keyOf(e.RegistrationID)]; r != nil {
 			st := r.State
@@ -220,13 +221,13 @@ func (s *Server) withState(e Enrollment) Enrollment {
 }
 
 // GetEnrollment returns an enrollment or group.
-func (s *Server) GetEnrollment(id string, group bool) (Enrollment, error) {
+func (s *Server) GetEnrollment(id string, group bool) (hubapi.Enrollment, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	m, _ := s.maps(group)
 	e := m[keyOf(id)]
 	if e == nil {
-		return Enrollment{}, errf(404, 404201, "enrollment %s not found", id)
+		return hubapi.Enrollment{}, errf(404, 404201, "enrollment %s not found", id)
 	}
 	return s.withState(*e), nil
 }
@@ -260,15 +261,15 @@ func (s *Server) DeleteEnrollment(id string, group bool, ifMatch string) error {
 }
 
 // ListEnrollments returns every enrollment or group, ordered by ID.
-func (s *Server) ListEnrollments(group bool) []Enrollment {
+func (s *Server) ListEnrollments(group bool) []hubapi.Enrollment {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	m, _ := s.maps(group)
-	out := make([]Enrollment, 0, len(m))
+	out := make([]hubapi.Enrollment, 0, len(m))
 	for _, e := range m {
 		out = append(out, s.withState(*e))
 	}
-	slices.SortFunc(out, func(a, b Enrollment) int { return strings.Compare(keyOf(a.ID()), keyOf(b.ID())) })
+	slices.SortFunc(out, func(a, b hubapi.Enrollment) int { return strings.Compare(keyOf(a.ID()), keyOf(b.ID())) })
 	return out
 }
 

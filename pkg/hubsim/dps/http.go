@@ -12,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/rest"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -204,7 +205,7 @@ func (s *Server) serveService(w http.ResponseWriter, r *http.Request, seg []stri
 	case len(seg) == 2 && strings.EqualFold(seg[1], "query") && r.Method == http.MethodPost:
 		return s.page(w, r, s.ListEnrollments(group))
 	case len(seg) == 2 && r.Method == http.MethodPut:
-		var e Enrollment
+		var e hubapi.Enrollment
 		if aerr := readJSON(r, &e); aerr != nil {
 			return errorReply(aerr)
 		}
@@ -382,7 +383,7 @@ func (s *Server) serveDevice(r *http.Request, seg []string) reply {
 			rep := s.registerTPM(scope, regID, cr.Token, body)
 			if de, ok := rep.body.(wire.DPSError); ok {
 				s.log.Info("DPS registration refused", zap.String("registration_id", regID), zap.String("transport", "https"),
-					zap.String("attestation", AttestationTPM), zap.Int("status", rep.status), zap.String("reason", de.Message))
+					zap.String("attestation", hubapi.AttestationTPM), zap.Int("status", rep.status), zap.String("reason", de.Message))
 			}
 			return rep
 		}

@@ -7,14 +7,16 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/iothubby/iothubby/pkg/hubapi"
 )
 
 // deadlock bounds waits that only a lock held across a disk write would make long.
 const deadlock = 20 * time.Second
 
-func groupEnrollment(id string) Enrollment {
-	return Enrollment{EnrollmentGroupID: id, AllocationPolicy: AllocationStatic, IoTHubs: []string{"hub1"},
-		Attestation: &AttestationMechanism{Type: AttestationSymmetricKey, SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}
+func groupEnrollment(id string) hubapi.Enrollment {
+	return hubapi.Enrollment{EnrollmentGroupID: id, AllocationPolicy: hubapi.AllocationStatic, IoTHubs: []string{"hub1"},
+		Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationSymmetricKey, SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}
 }
 
 // A service write stalled on the disk must not stall devices: while an enrollment's bbolt write
@@ -39,7 +41,7 @@ func TestEnrollmentWriteDoesNotBlockDevices(t *testing.T) {
 	}
 	put := make(chan error, 1)
 	go func() {
-		_, err := s.PutEnrollment(Enrollment{RegistrationID: "stalled", Attestation: &AttestationMechanism{Type: AttestationSymmetricKey}}, false, "")
+		_, err := s.PutEnrollment(hubapi.Enrollment{RegistrationID: "stalled", Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationSymmetricKey}}, false, "")
 		put <- err
 	}()
 	select {
@@ -109,7 +111,7 @@ func TestWriteErrorsAreNotDropped(t *testing.T) {
 			t.Fatalf("%s with a failing disk: %v, want a 500 naming the disk's error", what, err)
 		}
 	}
-	_, err := s.PutEnrollment(Enrollment{RegistrationID: "new", Attestation: &AttestationMechanism{Type: AttestationSymmetricKey}}, false, "")
+	_, err := s.PutEnrollment(hubapi.Enrollment{RegistrationID: "new", Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationSymmetricKey}}, false, "")
 	check("create", err)
 	if _, err := s.GetEnrollment("new", false); err == nil {
 		t.Fatal("a failed create is visible")

@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -135,7 +136,7 @@ func (s *Server) poll(regID, opID string) reply {
 }
 
 // allocate picks the hub for a registration.
-func (s *Server) allocate(e *Enrollment, regID string) (string, *apiError) {
+func (s *Server) allocate(e *hubapi.Enrollment, regID string) (string, *apiError) {
 	cands := e.IoTHubs
 	if len(cands) == 0 && e.IoTHubHostName != "" {
 		cands = []string{e.IoTHubHostName}
@@ -154,7 +155,7 @@ func (s *Server) allocate(e *Enrollment, regID string) (string, *apiError) {
 	if len(hubs) == 0 {
 		return "", errf(400, 400208, "none of the enrollment's hubs %v is linked to this DPS (%v)", cands, s.cfg.Hubs)
 	}
-	if e.AllocationPolicy == AllocationStatic {
+	if e.AllocationPolicy == hubapi.AllocationStatic {
 		return hubs[0], nil
 	}
 	h := fnv.New32a()
@@ -231,11 +232,11 @@ func (s *Server) assign(m *match, payload json.RawMessage) (wire.DPSRegistration
 		rec.EnrollmentGroupID = e.EnrollmentGroupID
 	}
 	switch e.Attestation.Type {
-	case AttestationSymmetricKey:
+	case hubapi.AttestationSymmetricKey:
 		if e.IsGroup() {
 			st.SymmetricKey = &wire.DPSGroupRef{EnrollmentGroupID: e.EnrollmentGroupID}
 		}
-	case AttestationX509:
+	case hubapi.AttestationX509:
 		x := &wire.DPSX509Result{CertificateInfo: certInfo(m.leaf)}
 		if e.IsGroup() {
 			x.EnrollmentGroupID = e.EnrollmentGroupID

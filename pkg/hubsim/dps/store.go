@@ -6,6 +6,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
@@ -45,7 +46,7 @@ func (s *Server) load() error {
 			return tx.Bucket(bucket).ForEach(func(k, v []byte) error { return into(string(k), v) })
 		}
 		if err := load(bucketEnrollments, func(k string, v []byte) error {
-			var e Enrollment
+			var e hubapi.Enrollment
 			if err := json.Unmarshal(v, &e); err != nil {
 				return fmt.Errorf("dps: enrollment %s: %w", k, err)
 			}
@@ -55,7 +56,7 @@ func (s *Server) load() error {
 			return err
 		}
 		if err := load(bucketGroups, func(k string, v []byte) error {
-			var e Enrollment
+			var e hubapi.Enrollment
 			if err := json.Unmarshal(v, &e); err != nil {
 				return fmt.Errorf("dps: enrollment group %s: %w", k, err)
 			}

@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/tpm/activation"
@@ -97,7 +98,7 @@ func parseTPMRequest(body []byte) (req wire.DPSRegistrationRequest, ek, srk []by
 }
 
 // normalizeTPM checks a TPM enrollment's attestation and stores its keys in canonical base64.
-func normalizeTPM(a *TPMAttestation) *apiError {
+func normalizeTPM(a *hubapi.TPMAttestation) *apiError {
 	if a == nil {
 		return errf(400, 400004, "attestation.tpm.endorsementKey is required")
 	}
@@ -131,7 +132,7 @@ func (s *Server) isTPMEnrollment(regID string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.enrollments[keyOf(regID)]
-	return e != nil && e.Attestation != nil && e.Attestation.Type == AttestationTPM
+	return e != nil && e.Attestation != nil && e.Attestation.Type == hubapi.AttestationTPM
 }
 
 // wantsTPM reports whether an HTTPS register request takes the TPM flow: its body has a tpm
@@ -141,14 +142,14 @@ func (s *Server) wantsTPM(regID string, body []byte) bool {
 }
 
 // tpmEnrollment returns regID's TPM individual enrollment if ek is its endorsement key.
-func (s *Server) tpmEnrollment(regID string, ek []byte) (*Enrollment, *apiError) {
+func (s *Server) tpmEnrollment(regID string, ek []byte) (*hubapi.Enrollment, *apiError) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.enrollments[keyOf(regID)]
 	if e == nil {
 		return nil, errf(401, 401002, "no individual enrollment for registration %s (TPM attestation needs one)", regID)
 	}
-	if e.Attestation == nil || e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil {
+	if e.Attestation == nil || e.Attestation.Type != hubapi.AttestationTPM || e.Attestation.TPM == nil {
 		return nil, errf(401, 401002, "enrollment %s does not use TPM attestation", regID)
 	}
 	if !enrolledEK(e, ek) {
@@ -159,14 +160,14 @@ func (s *Server) tpmEnrollment(regID string, ek []byte) (*Enrollment, *apiError)
 }
 
 // enrolledEK reports whether ek is the endorsement key of TPM enrollment e.
-func enrolledEK(e *Enrollment, ek []byte) bool {
+func enrolledEK(e *hubapi.Enrollment, ek []byte) bool {
 	enrolled, err := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
 	return err == nil && bytes.Equal(enrolled, ek)
 }
 
 // authTPMLocked verifies a TPM device's DPS token (skn and sr already checked) with the key of
 // its outstanding challenge. Call with s.mu held.
-func (s *Server) authTPMLocked(regID string, e *Enrollment, tok *sas.Token, now time.Time) (*match, *apiError) {
+func (s *Server) authTPMLocked(regID string, e *hubapi.Enrollment, tok *sas.Token, now time.Time) (*match, *apiError) {
 	ch := s.tpmChallenges[keyOf(regID)]
 	if ch == nil || !now.Before(ch.expires) {
 		return nil, errf(401, 401002, "no TPM challenge is outstanding for %s (they last %s): send the register request without Authorization first", regID, tpmChallengeTTL)
@@ -238,7 +239,7 @@ func (s *Server) registerTPM(scope, regID, token string, body []byte) reply {
 
 // challengeTPM makes K1, remembers it for regID (replacing an earlier challenge) and answers
 // 401 with the activation blob that delivers it to the device's TPM.
-func (s *Server) challengeTPM(regID string, e *Enrollment, ek, srk []byte) reply {
+func (s *Server) challengeTPM(regID string, e *hubapi.Enrollment, ek, srk []byte) reply {
 	s.registerRequests.Add(1)
 	k1, err := newTPMKey()
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/iothubby/iothubby/pkg/hubapi"
 	"github.com/iothubby/iothubby/pkg/hubsim/mqttpkt"
 	"github.com/iothubby/iothubby/pkg/hubsim/registry"
 	"github.com/iothubby/iothubby/pkg/sas"
@@ -153,7 +154,7 @@ func tpmToken(t *testing.T, scope, regID string, key []byte) string {
 	return deviceToken(t, scope, regID, base64.StdEncoding.EncodeToString(key), false)
 }
 
-func putTPMEnrollment(t *testing.T, s *Server, e Enrollment) {
+func putTPMEnrollment(t *testing.T, s *Server, e hubapi.Enrollment) {
 	t.Helper()
 	if _, err := s.PutEnrollment(e, false, ""); err != nil {
 		t.Fatal(err)
@@ -229,9 +230,9 @@ func TestTPMRegistrationHTTPS(t *testing.T) {
 	s, reg, clk := newServer(t, func(c *Config) { c.RetryAfter = 0 })
 	d := softTPMs()[0]
 	const regID = "tpm-device-1"
-	putTPMEnrollment(t, s, Enrollment{RegistrationID: regID, DeviceID: "tpm-dev", AllocationPolicy: AllocationStatic, IoTHubs: []string{"hub2"},
+	putTPMEnrollment(t, s, hubapi.Enrollment{RegistrationID: regID, DeviceID: "tpm-dev", AllocationPolicy: hubapi.AllocationStatic, IoTHubs: []string{"hub2"},
 		InitialTwin: json.RawMessage(`{"tags":{"k":"v"},"properties":{"desired":{"interval":9}}}`),
-		Attestation: &AttestationMechanism{Type: AttestationTPM, TPM: &TPMAttestation{EndorsementKey: d.ekB64()}}})
+		Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationTPM, TPM: &hubapi.TPMAttestation{EndorsementKey: d.ekB64()}}})
 	c := newTLSDPS(t, s)
 	scope := s.IDScope()
 
@@ -338,8 +339,8 @@ func TestTPMRegistrationHTTPS(t *testing.T) {
 func TestTPMRegistrationRefused(t *testing.T) {
 	s, reg, _ := newServer(t, nil)
 	d, other := softTPMs()[0], softTPMs()[1]
-	putTPMEnrollment(t, s, Enrollment{RegistrationID: "t1", Attestation: &AttestationMechanism{Type: AttestationTPM, TPM: &TPMAttestation{EndorsementKey: d.ekB64()}}})
-	putTPMEnrollment(t, s, Enrollment{RegistrationID: "sym1", Attestation: &AttestationMechanism{Type: AttestationSymmetricKey}})
+	putTPMEnrollment(t, s, hubapi.Enrollment{RegistrationID: "t1", Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationTPM, TPM: &hubapi.TPMAttestation{EndorsementKey: d.ekB64()}}})
+	putTPMEnrollment(t, s, hubapi.Enrollment{RegistrationID: "sym1", Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationSymmetricKey}})
 	c := newTLSDPS(t, s)
 	challenges := func() int {
 		s.mu.Lock()
@@ -409,15 +410,15 @@ func TestTPMRegistrationRefused(t *testing.T) {
 		t.Fatal("a refused registration created the hub device")
 	}
 	// The enrollment's EK changes after the challenge: K1 no longer authenticates.
-	putTPMEnrollment(t, s, Enrollment{RegistrationID: "t1", Attestation: &AttestationMechanism{Type: AttestationTPM, TPM: &TPMAttestation{EndorsementKey: other.ekB64()}}})
+	putTPMEnrollment(t, s, hubapi.Enrollment{RegistrationID: "t1", Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationTPM, TPM: &hubapi.TPMAttestation{EndorsementKey: other.ekB64()}}})
 	if code, _, b := c.call("PUT", c.registerPath("t1"), auth, other.body("t1")); code != 401 || !strings.Contains(string(b), "changed since") {
 		t.Fatalf("K1 after the EK changed: %d %s", code, b)
 	}
 
 	// Disabled: challenged (the EK matches), then the registration ends "disabled" as for other
 	// attestation types, and no hub device is made.
-	putTPMEnrollment(t, s, Enrollment{RegistrationID: "t1", ProvisioningStatus: "disabled",
-		Attestation: &AttestationMechanism{Type: AttestationTPM, TPM: &TPMAttestation{EndorsementKey: d.ekB64()}}})
+	putTPMEnrollment(t, s, hubapi.Enrollment{RegistrationID: "t1", ProvisioningStatus: "disabled",
+		Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationTPM, TPM: &hubapi.TPMAttestation{EndorsementKey: d.ekB64()}}})
 	auth = tpmToken(t, s.IDScope(), "t1", c.challenge(d, "t1"))
 	code, _, b := c.call("PUT", c.registerPath("t1"), auth, d.body("t1"))
 	var op wire.DPSOperationStatus
@@ -437,9 +438,9 @@ func TestTPMRegistrationRefused(t *testing.T) {
 func TestTPMOverMQTTRefused(t *testing.T) {
 	s, reg, _ := newServer(t, func(c *Config) { c.RetryAfter = -1 })
 	d := softTPMs()[0]
-	putTPMEnrollment(t, s, Enrollment{RegistrationID: "t1", Attestation: &AttestationMechanism{Type: AttestationTPM, TPM: &TPMAttestation{EndorsementKey: d.ekB64()}}})
-	if _, err := s.PutEnrollment(Enrollment{EnrollmentGroupID: "g",
-		Attestation: &AttestationMechanism{Type: "symmetricKey", SymmetricKey: &SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
+	putTPMEnrollment(t, s, hubapi.Enrollment{RegistrationID: "t1", Attestation: &hubapi.AttestationMechanism{Type: hubapi.AttestationTPM, TPM: &hubapi.TPMAttestation{EndorsementKey: d.ekB64()}}})
+	if _, err := s.PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: testGroupKey}}}, true, ""); err != nil {
 		t.Fatal(err)
 	}
 	// subscribe and publish are what a DPS client sends.

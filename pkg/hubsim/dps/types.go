@@ -14,37 +14,8 @@ import (
 	"github.com/iothubby/iothubby/pkg/wire"
 )
 
-// The enrollment documents are hubapi's, defined once for hubsim and the service client; these
-// names keep this package's API as it was.
-type (
-	// AttestationMechanism is DPS's AttestationMechanism.
-	AttestationMechanism = hubapi.AttestationMechanism
-	// TPMAttestation is a TPM individual enrollment's attestation.
-	TPMAttestation = hubapi.TPMAttestation
-	// X509Attestation holds client certificates (individual) or signing certificates (group).
-	X509Attestation = hubapi.X509Attestation
-	// X509Certificates is a primary and an optional secondary certificate.
-	X509Certificates = hubapi.X509Certificates
-	// X509CertificateWithInfo is a PEM certificate and what the service computed from it.
-	X509CertificateWithInfo = hubapi.X509CertificateWithInfo
-	// SymmetricKeyAttestation holds two base64 keys.
-	SymmetricKeyAttestation = hubapi.SymmetricKeyAttestation
-	// ReprovisionPolicy says what a repeated registration does.
-	ReprovisionPolicy = hubapi.ReprovisionPolicy
-	// Enrollment is an IndividualEnrollment or an EnrollmentGroup in Azure's JSON shape.
-	Enrollment = hubapi.Enrollment
-)
-
-// Attestation types and allocation policies.
-const (
-	AttestationSymmetricKey = hubapi.AttestationSymmetricKey
-	AttestationX509         = hubapi.AttestationX509
-	AttestationTPM          = hubapi.AttestationTPM
-	AllocationHashed        = hubapi.AllocationHashed
-	AllocationStatic        = hubapi.AllocationStatic
-	AllocationGeoLatency    = hubapi.AllocationGeoLatency
-	AllocationCustom        = hubapi.AllocationCustom
-)
+// The enrollment documents (Enrollment, AttestationMechanism and the rest) are hubapi's, defined
+// once for hubsim and the service client.
 
 // Registration is what DPS remembers of one registration ID: the state the service API shows,
 // the enrollment it matched, and the initial twin applied to its device (kept here so that a
@@ -62,9 +33,9 @@ type Registration struct {
 
 // BulkOperation is the body of POST /enrollments/ and POST /enrollmentGroups.
 type BulkOperation struct {
-	Mode             string       `json:"mode"`
-	Enrollments      []Enrollment `json:"enrollments"`
-	EnrollmentGroups []Enrollment `json:"enrollmentGroups"`
+	Mode             string              `json:"mode"`
+	Enrollments      []hubapi.Enrollment `json:"enrollments"`
+	EnrollmentGroups []hubapi.Enrollment `json:"enrollmentGroups"`
 }
 
 // BulkResult is a bulk operation's answer.
