@@ -90,13 +90,12 @@ func startFleet(ctx context.Context, binDir, file string, env ...string) (*fleet
 				Address string `json:"address"`
 			}
 			if json.Unmarshal(sc.Bytes(), &line) != nil {
-				fmt.Fprintln(os.Stderr, "agent fleet:", sc.Text())
-				continue
+				continue // the fleet's plain status lines
 			}
 			switch {
 			case line.Msg == "serving metrics":
 				addr <- line.Address
-			case line.Level != "info" && line.Level != "debug":
+			case line.Level != "info" && line.Level != "debug" && line.Level != "warn":
 				fmt.Fprintln(os.Stderr, "agent fleet:", sc.Text())
 			}
 		}
