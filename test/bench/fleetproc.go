@@ -24,6 +24,9 @@ type fleetFile struct {
 	count       int
 	connectRate float64
 	telemetry   time.Duration
+	// dps, when set, replaces the connection strings with this identity section (a DPS group);
+	// device IDs then come from idPattern dps-NNNNN.
+	dps string
 }
 
 // writeFleetFile writes dir/devices.cs and dir/fleet.yaml and returns the latter's path.
@@ -36,6 +39,10 @@ func writeFleetFile(dir string, spec fleetSpec, f fleetFile) (string, error) {
 	if err := os.WriteFile(csFile, []byte(cs.String()), 0o600); err != nil {
 		return "", err
 	}
+	identity := "connectionStringsFile: " + csFile
+	if f.dps != "" {
+		identity = "idPattern: 'dps-{{printf \"%05d\" .Index}}'\n" + f.dps
+	}
 	interval := "0s"
 	if f.telemetry > 0 {
 		interval = f.telemetry.String()
@@ -46,13 +53,13 @@ connectBurst: %d
 stateDir: %s
 shutdownTimeout: 20s
 tls: {caFile: %q}
-connectionStringsFile: %s
+%s
 profiles:
   - name: bench
     weight: 1
     telemetry: {interval: %s}
 log: {level: info, format: json}
-`, f.count, f.connectRate, max(int(f.connectRate), 1), filepath.Join(dir, "state"), spec.CAFile, csFile, interval)
+`, f.count, f.connectRate, max(int(f.connectRate), 1), filepath.Join(dir, "state"), spec.CAFile, identity, interval)
 	file := filepath.Join(dir, "fleet.yaml")
 	return file, os.WriteFile(file, []byte(y), 0o600)
 }

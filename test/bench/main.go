@@ -38,6 +38,8 @@
 //	         strings, connectRate far above what is reached; from its start to all connected in
 //	         its metrics) against a plain paho swarm (32 dialling at once, CONNECT + the four
 //	         subscriptions) on the same hubsim, alternating rounds, medians. Target: >= 0.8.
+//	         Then one round of the fleet provisioning through hubsim's DPS (symmetric-key group
+//	         over MQTT) before connecting, printed beside the paho rate (no target).
 //	fleet-cpu: CPU seconds (utime+stime from /proc/PID/stat over -fleet-cpu-window after a
 //	         warm-up) per 1,000 PUBACKed telemetry messages, -fleet-cpu-n devices each sending
 //	         every -fleet-cpu-interval: `agent fleet` against a plain paho swarm in a child
