@@ -132,7 +132,9 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 			perKill := maxInFlight + int(fsyncInterval/telemetryInterval) + 1
 			tl.DuplicateAllowed = maxInFlight*max(connects-1, 0) + perKill*a.kills
 		}
-		missing += tl.MissingCount
+		if a != nil { // fleet devices' gaps are judged in fleetChecks
+			missing += tl.MissingCount
+		}
 		dups += tl.Duplicates
 		failed += tl.Failed
 		if tl.Duplicates > tl.DuplicateAllowed {
@@ -142,12 +144,15 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 	var missDetail []string
 	accepted := 0
 	for _, tl := range rep.Telemetry {
+		if strings.HasPrefix(tl.Device, "soak-fleet-") {
+			continue
+		}
 		accepted += tl.Accepted
 		if tl.MissingCount > 0 {
 			missDetail = append(missDetail, fmt.Sprintf("%s: %d, e.g. %s", tl.Device, tl.MissingCount, strings.Join(tl.Missing[:min(5, len(tl.Missing))], " ")))
 		}
 	}
-	add("telemetry: every accepted message received or failed with a reason", missing == 0 && accepted > 0,
+	add("telemetry (agents): every accepted message received or failed with a reason", missing == 0 && accepted > 0,
 		"%d accepted, %d missing %s; %d failed with a reason", accepted, missing, strings.Join(missDetail, "; "), failed)
 	add("telemetry: duplicates within the in-flight window per reconnect", len(dupBad) == 0,
 		"%d duplicates %s", dups, strings.Join(dupBad, "; "))
@@ -344,8 +349,10 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 
 // fleetChecks reads the fleet's --summary: after a clean stop nothing is pending, every message
 // sent is acknowledged or failed, and hubsim recorded (at least) what was acknowledged, less at
-// most one message per device per hubsim SIGKILL (acknowledged after the last poll of the
-// killed instance: the fleet logs no per-message lines to show it).
+// most one message per device per hubsim SIGKILL: acknowledged after the last poll of the
+// killed instance, whose record lives in memory only. The agents log each acknowledgement, so
+// theirs are told apart message by message; the fleet logs none, so its gaps (seen: the same
+// seq on every fleet device, the second of a SIGKILL) are bounded by that slack instead.
 func (s *soak) fleetChecks(rep *Report, add func(string, bool, string, ...any)) {
 	b, err := os.ReadFile(s.fleet.summary)
 	if err != nil {
@@ -385,7 +392,7 @@ func (s *soak) fleetChecks(rep *Report, add func(string, bool, string, ...any)) 
 	tel := sum.Telemetry
 	slack := kills * len(s.fleet.ids)
 	ok := sum.Devices == len(s.fleet.ids) && tel.Pending == 0 && tel.Sent == tel.Acknowledged+tel.Failed &&
-		uint64(recorded+slack) >= tel.Acknowledged && missing == 0 && len(sum.DeviceErrors) == 0 && tel.Sent > 0
+		uint64(recorded+slack) >= tel.Acknowledged && missing <= slack && len(sum.DeviceErrors) == 0 && tel.Sent > 0
 	add(fmt.Sprintf("fleet (%d devices): drained, acknowledged messages recorded, no gaps", len(s.fleet.ids)), ok,
 		"sent %d = acknowledged %d + failed %d %v, pending %d; %d distinct recorded (slack %d for hubsim SIGKILLs); %d gaps; %d reconnects; device errors %v",
 		tel.Sent, tel.Acknowledged, tel.Failed, tel.FailedBy, tel.Pending, recorded, slack, missing, sum.Reconnects, sum.DeviceErrors)
