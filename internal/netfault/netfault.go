@@ -59,6 +59,7 @@ type Proxy struct {
 	seq    int
 	faults map[*Fault]struct{}
 	closed bool
+	down   bool // between Down and Up
 }
 
 // Fault is one active fault (one toxic per direction it covers). Remove lifts it.
@@ -161,7 +162,13 @@ func (p *Proxy) Blackhole(s ...Stream) (*Fault, error) {
 const blackholeType = "netfault_blackhole"
 
 // holdToxic drops every chunk and holds the stream open when its input ends, until it is
-// removed (Cleanup then closes the stream).
+// removed; Fault.Remove then closes the proxy's connections.
+//
+// It deliberately has no Cleanup method (toxiproxy's CleanupToxic): toxiproxy v2.5.0's
+// ToxicLink.RemoveToxic returns early when a Cleanup closes the stub, leaving the removed stub in
+// the link while the collection's chain no longer has it, and the next toxic added while that
+// link is still registered panics with an index out of range (link.go:186; seen in the soak, which
+// adds faults while agents reconnect). Without Cleanup the removal takes toxiproxy's normal path.
 type holdToxic struct{}
 
 // Pipe drops data until interrupted; after the input ends it only waits for the interrupt.
@@ -179,18 +186,26 @@ func (holdToxic) Pipe(stub *toxics.ToxicStub) {
 	}
 }
 
-// Cleanup closes the stream when the toxic is removed.
-func (holdToxic) Cleanup(stub *toxics.ToxicStub) { stub.Close() }
-
 // Down stops the listener and closes every proxied connection: clients see their connection
 // closed and new dials refused. Up listens again on the same address.
 func (p *Proxy) Down() {
+	p.mu.Lock()
+	p.down = true
+	p.mu.Unlock()
 	p.proxy.Stop()
 	p.log.Info("netfault: proxy down")
 }
 
 // Up undoes Down: the proxy listens again on Addr (an error if the port was taken meanwhile).
 func (p *Proxy) Up() error {
+	p.mu.Lock()
+	p.down = false
+	p.mu.Unlock()
+	return p.start()
+}
+
+// start listens again on Addr after a Stop.
+func (p *Proxy) start() error {
 	p.proxy.Lock()
 	listen := p.proxy.Listen
 	p.proxy.Unlock()
@@ -261,6 +276,19 @@ func (f *Fault) Remove() error {
 	for _, n := range f.names {
 		if err := p.proxy.Toxics.RemoveToxic(context.Background(), n); err != nil && !errors.Is(err, toxiproxy.ErrToxicNotFound) {
 			errs = append(errs, fmt.Errorf("netfault: remove %s: %w", n, err))
+		}
+	}
+	if f.kind == blackholeType {
+		// The blackholed connections are held open with their ends swallowed: close them, as
+		// lifting a blackhole promises, by restarting the listener (unless the proxy is down).
+		p.mu.Lock()
+		restart := !p.down && !p.closed
+		p.mu.Unlock()
+		if restart {
+			p.proxy.Stop()
+			if err := p.start(); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	p.log.Info("netfault: fault lifted", zap.String("kind", f.kind))

@@ -333,3 +333,60 @@ func TestBadArguments(t *testing.T) {
 		t.Error("fault added to a closed proxy")
 	}
 }
+
+// TestFaultsChangeWhileConnectionsComeAndGo adds and lifts faults (a blackhole among them)
+// while clients connect and hang up, as the soak does while agents reconnect. With toxiproxy's
+// Cleanup path for the blackhole, a toxic added after a lift while a blackholed link was still
+// registered panicked the process (index out of range in ToxicLink.AddToxic).
+func TestFaultsChangeWhileConnectionsComeAndGo(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			c, err := net.DialTimeout("tcp", p.Addr(), time.Second)
+			if err != nil {
+				continue // between a lift's restart of the listener and its return
+			}
+			_, _ = c.Write([]byte("x"))
+			_ = c.Close()
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	for range 40 {
+		var held []net.Conn
+		for range 4 {
+			if c, err := net.DialTimeout("tcp", p.Addr(), time.Second); err == nil {
+				held = append(held, c)
+			}
+		}
+		bh, err := p.Blackhole()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range held[:len(held)/2] {
+			_ = c.Close()
+		}
+		if err := bh.Remove(); err != nil {
+			t.Fatal(err)
+		}
+		lat, err := p.Latency(time.Millisecond, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lat.Remove(); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range held {
+			_ = c.Close()
+		}
+	}
+	roundTrip(t, dial(t, p.Addr()), []byte("still proxying"))
+}
