@@ -17,12 +17,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	paho "github.com/eclipse/paho.mqtt.golang"
-
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/service"
-	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // fleetBench is one hubsim process with n registry devices, shared by the fleet ramp and CPU
@@ -336,21 +333,7 @@ func cpuWindow(ctx context.Context, pid int, acks func() (float64, error), warm,
 // with "ACKS <PUBACKs so far>"; end of stdin stops it.
 func holdPahoTelemetry(ctx context.Context, spec fleetSpec, tlsCfg *tls.Config, keys []sas.Key) error {
 	ep := endpoints.Endpoints{MQTTAddress: spec.MQTTAddress, HubHostName: spec.Host}
-	clients := make([]paho.Client, len(keys))
-	noop := func(paho.Client, paho.Message) {}
-	err := forEach(len(keys), func(i int) error {
-		c, err := connectPaho(ctx, ep.MQTTAddress, ep.HubHostName, devID(i), keys[i], tlsCfg)
-		if err != nil {
-			return err
-		}
-		clients[i] = c
-		tok := c.SubscribeMultiple(map[string]byte{wire.C2DFilter(devID(i)): 1, wire.TwinResponseFilter: 0,
-			wire.TwinDesiredFilter: 0, wire.MethodsFilter: 0}, noop)
-		if !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-			return fmt.Errorf("subscribe: %v", tok.Error())
-		}
-		return nil
-	})
+	clients, err := connectBare(ctx, ep, tlsCfg, keys)
 	defer disconnectAll(clients)
 	if err != nil {
 		return err

@@ -210,6 +210,13 @@ func forEach(n int, f func(i int) error) error {
 // holdPaho connects one bare paho client per device, subscribed to the four filters a device
 // session holds, and returns a function that disconnects them all.
 func holdPaho(ctx context.Context, ep endpoints.Endpoints, tlsCfg *tls.Config, keys []sas.Key) (func(), error) {
+	clients, err := connectBare(ctx, ep, tlsCfg, keys)
+	return func() { disconnectAll(clients) }, err
+}
+
+// connectBare connects one bare paho client per device (in parallel), each subscribed to the
+// four filters a device session holds. The clients that connected are returned even on error.
+func connectBare(ctx context.Context, ep endpoints.Endpoints, tlsCfg *tls.Config, keys []sas.Key) ([]paho.Client, error) {
 	clients := make([]paho.Client, len(keys))
 	noop := func(paho.Client, paho.Message) {}
 	err := forEach(len(keys), func(i int) error {
@@ -225,7 +232,7 @@ func holdPaho(ctx context.Context, ep endpoints.Endpoints, tlsCfg *tls.Config, k
 		}
 		return nil
 	})
-	return func() { disconnectAll(clients) }, err
+	return clients, err
 }
 
 // holdSessions runs one hub.Session per device until each reports connected. Like the paho
