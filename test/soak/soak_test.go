@@ -124,22 +124,23 @@ type hubInst struct {
 }
 
 type soak struct {
-	t        *testing.T
-	seed     int64
-	dur      time.Duration
-	start    time.Time
-	state    string
-	mqtt     string
-	https    string
-	svc      *service.Client
-	caFile   string
-	hubHost  string
-	agents   []*agent
-	fleet    *fleetRun      // nil without SOAK_FLEET
-	targets  []string       // every device id the drivers and the poller work on: agents', then the fleet's
-	rng      *rand.Rand     // the schedule's; only the scheduler goroutine draws from it
-	bg       sync.WaitGroup // goroutines that lift timed network faults
-	unsuppor map[string]string
+	t         *testing.T
+	seed      int64
+	netFaults bool // network faults through internal/netfault in the schedule (SOAK_NETFAULT)
+	dur       time.Duration
+	start     time.Time
+	state     string
+	mqtt      string
+	https     string
+	svc       *service.Client
+	caFile    string
+	hubHost   string
+	agents    []*agent
+	fleet     *fleetRun      // nil without SOAK_FLEET
+	targets   []string       // every device id the drivers and the poller work on: agents', then the fleet's
+	rng       *rand.Rand     // the schedule's; only the scheduler goroutine draws from it
+	bg        sync.WaitGroup // goroutines that lift timed network faults
+	unsuppor  map[string]string
 
 	// gate: the desired driver and the telemetry poller hold it shared; a hubsim restart holds
 	// it exclusively, from the last poll of the old instance until every agent synced with the
@@ -196,9 +197,14 @@ func TestSoak(t *testing.T) {
 			t.Fatalf("SOAK_FLEET=%q: want 0 to 1000 devices", v)
 		}
 	}
-	fmt.Printf("soak: SOAK=%v SOAK_SEED=%d SOAK_AGENTS=%d SOAK_FLEET=%d (rerun with the same seed for the same schedule)\n", dur, seed, n, fleetN)
+	// SOAK_NETFAULT=0 leaves the network faults out of the schedule: toxiproxy v2.5.0 (the only
+	// release on the module proxy) can panic inside its own AddToxic when a fault is added while
+	// a link it is tearing down is still registered, which kills the whole soak; make test's brief
+	// soak runs without them, `make soak` with them.
+	netFault := os.Getenv("SOAK_NETFAULT") != "0"
+	fmt.Printf("soak: SOAK=%v SOAK_SEED=%d SOAK_AGENTS=%d SOAK_FLEET=%d SOAK_NETFAULT=%v (rerun with the same seed for the same schedule)\n", dur, seed, n, fleetN, netFault)
 
-	s := &soak{t: t, seed: seed, dur: dur, state: t.TempDir(), rng: rand.New(rand.NewPCG(uint64(seed), 0x50a6)),
+	s := &soak{t: t, seed: seed, netFaults: netFault, dur: dur, state: t.TempDir(), rng: rand.New(rand.NewPCG(uint64(seed), 0x50a6)),
 		unsuppor: map[string]string{}, skipped: map[string]int{}, samples: map[string][]sample{},
 		hubSamples: map[*proc]map[string][]sample{}, methods: map[string]int{}, desiredSeq: map[string]int64{},
 		desiredVer: map[string]int64{}, patchErrs: map[string]int{}}
@@ -523,6 +529,15 @@ func (s *soak) inject(ctx context.Context, hubKillAllowed bool, windowEnd time.T
 	choices := []choice{{"drop", 3}, {"drop-all", 1}, {"refuse-connect", 2}, {"agent-kill", 3},
 		{"puback-drop", 2}, {"puback-delay", 1}, {"token-expire", 2}, {"stall", 1}, {"rest-error", 1},
 		{"net-latency", 1}, {"net-bandwidth", 1}, {"net-slicer", 1}, {"net-reset", 1}, {"net-blackhole", 2}, {"net-down", 1}}
+	if !s.netFaults {
+		kept := choices[:0]
+		for _, c := range choices {
+			if !strings.HasPrefix(c.kind, "net-") {
+				kept = append(kept, c)
+			}
+		}
+		choices = kept
+	}
 	if hubKillAllowed {
 		choices = append(choices, choice{"hubsim-kill", 3})
 	}
