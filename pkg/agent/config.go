@@ -212,20 +212,28 @@ func Default() Config {
 // so a typo does not silently drop a setting.
 func ParseConfig(data []byte) (Config, error) {
 	c := Default()
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
-		return c, fmt.Errorf("%w: %w", ErrConfig, err)
-	}
-	// A second document would be ignored by the decode above: refuse it rather than run with
-	// half the configuration the user wrote.
-	var next yaml.Node
-	if err := dec.Decode(&next); err == nil {
-		return c, fmt.Errorf("%w: a second YAML document starts at line %d; the configuration must be one document (remove the '---' or merge the documents)", ErrConfig, next.Line)
-	} else if !errors.Is(err, io.EOF) {
-		return c, fmt.Errorf("%w: %w", ErrConfig, err)
+	if err := DecodeYAML(data, &c); err != nil {
+		return c, err
 	}
 	return c, nil
+}
+
+// DecodeYAML decodes data over v the way every configuration file of ours is read: unknown
+// fields are an error, and so is a second YAML document (it would otherwise be ignored, and the
+// program would run with half the configuration the user wrote). Errors match ErrConfig.
+func DecodeYAML(data []byte, v any) error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	var next yaml.Node
+	if err := dec.Decode(&next); err == nil {
+		return fmt.Errorf("%w: a second YAML document starts at line %d; the configuration must be one document (remove the '---' or merge the documents)", ErrConfig, next.Line)
+	} else if !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	return nil
 }
 
 // LoadConfig reads a YAML config file.

@@ -6,16 +6,11 @@
 package fleet
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"text/template"
 	"time"
-
-	"gopkg.in/yaml.v3"
 
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/methods"
@@ -114,16 +109,8 @@ type Profile struct {
 // Parse reads a fleet file. Unknown fields and a second document are errors.
 func Parse(data []byte) (Config, error) {
 	var c Config
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
-		return c, fmt.Errorf("%w: %w", ErrConfig, err)
-	}
-	var next yaml.Node
-	if err := dec.Decode(&next); err == nil {
-		return c, fmt.Errorf("%w: a second YAML document starts at line %d", ErrConfig, next.Line)
-	}
-	return c, nil
+	err := agent.DecodeYAML(data, &c) // its errors match ErrConfig (the same value)
+	return c, err
 }
 
 // Load reads and parses a fleet file.
