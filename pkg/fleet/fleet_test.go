@@ -279,3 +279,10 @@ func TestOpenFileBudgetByIdentity(t *testing.T) {
 		t.Fatalf("100 DPS devices with a limit of 200: got %v, want a refusal naming 264 files", err)
 	}
 }
+
+func TestParseRefusesASecondDocument(t *testing.T) {
+	_, err := Parse([]byte("count: 1\n---\ncount: 2\n"))
+	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "second YAML document starts at line 2") {
+		t.Fatalf("Parse of two documents = %v, want ErrConfig naming the second document's line", err)
+	}
+}
