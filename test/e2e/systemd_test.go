@@ -199,18 +199,7 @@ func TestReloadTelemetryInterval(t *testing.T) {
 	})
 
 	// Invalid: refused, logged, the device keeps running and sending.
-	if err := os.WriteFile(cfgPath, []byte("telemetry:\n  interval: [not a duration\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	from = a.numLines()
-	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	refused := a.await(from, "the refusal", msgIs("reload refused: keeping the running configuration"))
-	a.mu.Lock()
-	reason := fmt.Sprint(a.lines[refused]["error"])
-	a.mu.Unlock()
-	if !strings.Contains(reason, "invalid configuration") {
+	if reason := reloadRefused(t, a, cfgPath, "telemetry:\n  interval: [not a duration\n"); !strings.Contains(reason, "invalid configuration") {
 		t.Errorf("refusal reason %q does not name the configuration error", reason)
 	}
 	before, err := h.svc.Telemetry(ctxT(t), d.DeviceID)
@@ -412,18 +401,7 @@ func TestReloadMethodsAndTwinInPlace(t *testing.T) {
 	})
 
 	// Invalid (two payload kinds for one method): refused, the reloaded behaviours stay.
-	if err := os.WriteFile(cfgPath, []byte("methods:\n  ping:\n    payload: v3\n    echo: true\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	from = a.numLines()
-	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	refused := a.await(from, "the refusal", msgIs("reload refused: keeping the running configuration"))
-	a.mu.Lock()
-	reason := fmt.Sprint(a.lines[refused]["error"])
-	a.mu.Unlock()
-	if !strings.Contains(reason, "methods.ping") {
+	if reason := reloadRefused(t, a, cfgPath, "methods:\n  ping:\n    payload: v3\n    echo: true\n"); !strings.Contains(reason, "methods.ping") {
 		t.Errorf("refusal reason %q does not name methods.ping", reason)
 	}
 	if res := call("ping"); string(res.Payload) != `"v2"` {
@@ -443,4 +421,21 @@ func TestReloadMethodsAndTwinInPlace(t *testing.T) {
 	if connects != "1" {
 		t.Errorf("session connects %s, want 1", connects)
 	}
+}
+
+// reloadRefused writes an invalid configuration to cfgPath, sends the agent SIGHUP, waits for
+// the refusal line and returns the reason it gives.
+func reloadRefused(t *testing.T, a *proc, cfgPath, cfg string) string {
+	t.Helper()
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	from := a.numLines()
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	refused := a.await(from, "the refusal", msgIs("reload refused: keeping the running configuration"))
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return fmt.Sprint(a.lines[refused]["error"])
 }
