@@ -390,3 +390,125 @@ func TestFaultsChangeWhileConnectionsComeAndGo(t *testing.T) {
 	}
 	roundTrip(t, dial(t, p.Addr()), []byte("still proxying"))
 }
+
+// TestFaultChurnKeepsTheProxyWorking puts faults on and lifts them while clients connect, talk
+// and hang up, in the orders the soak produces. A connection that ends while a latency fault and
+// a blackhole added after it are on (the blackhole holds the ended stream open) used to leave
+// toxiproxy v2.5.0's link out of step with its toxic chain when those were lifted: the next fault
+// added then panicked the process (index out of range in ToxicLink.AddToxic, link.go:186, as in
+// two 10-minute soaks). Every fault change must also return (a change that waits on a link whose
+// writer has gone would hold the proxy's lock and stop it accepting), and afterwards the proxy
+// must still proxy and still apply faults.
+func TestFaultChurnKeepsTheProxyWorking(t *testing.T) {
+	e := startEcho(t)
+	p := netfault.Start(t, e.ln.Addr().String())
+
+	// Background clients: connect, send, sometimes read the echo, hang up; errors are expected
+	// (resets, blackholes, the proxy down).
+	stop := make(chan struct{})
+	var clients sync.WaitGroup
+	for w := range 3 {
+		clients.Add(1)
+		go func() {
+			defer clients.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c, err := net.DialTimeout("tcp", p.Addr(), time.Second)
+				if err != nil {
+					continue
+				}
+				_ = c.SetDeadline(time.Now().Add(200 * time.Millisecond))
+				_, _ = c.Write(pattern(64 + 100*w))
+				if i%2 == 0 {
+					_, _ = c.Read(make([]byte, 32))
+				}
+				_ = c.Close()
+			}
+		}()
+	}
+	defer func() { close(stop); clients.Wait() }()
+
+	// step runs one fault change and fails the test if it does not return within the deadline.
+	step := func(what string, fn func() error) {
+		t.Helper()
+		errc := make(chan error, 1)
+		go func() { errc <- fn() }()
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		case <-time.After(deadline):
+			t.Fatalf("%s did not return in %v: the proxy is stuck", what, deadline)
+		}
+	}
+	add := func(what string, fn func() (*netfault.Fault, error)) *netfault.Fault {
+		t.Helper()
+		var f *netfault.Fault
+		step("add "+what, func() (err error) { f, err = fn(); return err })
+		return f
+	}
+
+	for round := range 60 {
+		// Connections that exist while the faults go on, half of them ended while they are on.
+		var held []net.Conn
+		for range 4 {
+			c, err := net.DialTimeout("tcp", p.Addr(), deadline)
+			if err != nil {
+				t.Fatalf("round %d: dial: %v", round, err)
+			}
+			held = append(held, c)
+			roundTrip(t, c, []byte("up"))
+		}
+		lat := add("latency", func() (*netfault.Fault, error) { return p.Latency(time.Millisecond, 0) })
+		sl := add("slicer", func() (*netfault.Fault, error) { return p.Slicer(8, 4, 0, netfault.Upstream) })
+		bh := add("blackhole", func() (*netfault.Fault, error) { return p.Blackhole() })
+		for _, c := range held[:2] {
+			_, _ = c.Write([]byte("into the hole"))
+			_ = c.Close()
+		}
+		step("lift latency", lat.Remove)
+		step("lift slicer", sl.Remove)
+		step("lift blackhole", bh.Remove)
+		// The fault added after those lifts is the one that panicked.
+		var next *netfault.Fault
+		switch round % 4 {
+		case 0:
+			next = add("bandwidth", func() (*netfault.Fault, error) { return p.Bandwidth(50) })
+		case 1:
+			next = add("reset", func() (*netfault.Fault, error) { return p.Reset(netfault.Downstream) })
+		case 2:
+			next = add("latency", func() (*netfault.Fault, error) { return p.Latency(time.Millisecond, 0) })
+		case 3:
+			step("down", func() error { p.Down(); return nil })
+			step("up", p.Up)
+		}
+		for _, c := range held[2:] {
+			_ = c.Close()
+		}
+		if next != nil {
+			step("lift "+next.Kind(), next.Remove)
+		}
+	}
+	step("clear", p.Clear)
+	if got := p.Faults(); len(got) != 0 {
+		t.Fatalf("faults left after the churn: %v", got)
+	}
+	// Still a proxy: data passes, and a fault still applies.
+	c := dial(t, p.Addr())
+	roundTrip(t, c, pattern(10_000))
+	f, err := p.Latency(100*time.Millisecond, 0, netfault.Upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := roundTrip(t, c, []byte("slow")); d < 100*time.Millisecond {
+		t.Fatalf("round trip %v with 100ms upstream latency after the churn", d)
+	}
+	if err := f.Remove(); err != nil {
+		t.Fatal(err)
+	}
+}
