@@ -259,37 +259,60 @@ func (d *Device) Run(ctx context.Context) error {
 		return errors.New("agent: device is already running, has run, or was closed")
 	}
 	defer close(d.done)
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	defer context.AfterFunc(d.stopped, cancel)()
-	d.runCtx.Store(&ctx)
-	if err := d.reboot.load(); err != nil {
+	ctx, release, err := d.startRun(ctx)
+	defer release()
+	if err != nil {
 		return err
 	}
-	if d.cfg.Queue.Persist {
-		sp, err := d.openSpool()
-		if err != nil {
-			return err
-		}
-		d.spool = sp
-		d.spoolRef.Store(sp)
-		defer func() {
-			if err := sp.Close(); err != nil {
-				d.log.Warn("queue spool: close", zap.Error(err))
-			}
-		}()
-	}
-	// Components with work of their own run until Run returns (after the session's drain),
-	// stopped and waited for here.
-	var comps []component
-	if d.fw != nil {
-		comps = append(comps, d.fw)
-	}
-	defer startComponents(comps...)()
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
 	return d.runHub(ctx, &d.hcfg)
+}
+
+// startRun does what Run does before its first session (Run's context, which Close also ends,
+// the reboot state, the disk queue, the components) and returns what undoes it once the
+// sessions are over, to be called also when it fails. It is a function of its own so that its
+// frame is gone while Run's goroutine waits: that goroutine lives as long as the device, and
+// the runtime keeps a goroutine's stack at least four times as large as the depth in use plus
+// 800 bytes (a fleet's chain, fleet goroutine to select in sessionLoop, at about 1.0 KiB stays
+// at 4 KiB; at 1.6 KiB it kept 8 KiB per device). runDPS, runHub, runSession and sessionLoop
+// keep their frames small for the same reason.
+func (d *Device) startRun(parent context.Context) (ctx context.Context, release func(), err error) {
+	ctx, cancel := context.WithCancel(parent)
+	stopAfter := context.AfterFunc(d.stopped, cancel)
+	d.runCtx.Store(&ctx)
+	release = func() {
+		stopAfter()
+		cancel()
+	}
+	if err := d.reboot.load(); err != nil {
+		return ctx, release, err
+	}
+	var sp *spool.Spool
+	if d.cfg.Queue.Persist {
+		if sp, err = d.openSpool(); err != nil {
+			return ctx, release, err
+		}
+		d.spool = sp
+		d.spoolRef.Store(sp)
+	}
+	// Components with work of their own run until Run returns (after the session's drain),
+	// stopped and waited for by release, before the spool closes.
+	stopComps := func() {}
+	if d.fw != nil {
+		stopComps = startComponents(d.fw)
+	}
+	return ctx, func() {
+		stopComps()
+		if sp != nil {
+			if err := sp.Close(); err != nil {
+				d.log.Warn("queue spool: close", zap.Error(err))
+			}
+		}
+		stopAfter()
+		cancel()
+	}, nil
 }
 
 // component is a part of a device with work of its own, run while the device runs. Run(ctx)
@@ -433,20 +456,35 @@ func (d *Device) sessionLoop(ctx context.Context, r *sessionRun) error {
 		case <-r.reprovision:
 			return errReprovision
 		case <-r.simReboot:
-			d.log.Info(MsgSimRebootDisconnecting)
-			return errSimulatedReboot
+			return d.simRebootNow()
 		case now := <-tick:
-			d.sendTelemetry(r.sess, now)
-			if n := d.tele.Load().cfg.Count; n > 0 && d.seq.Load() >= n {
+			if d.telemetryTick(r.sess, now) {
 				stopTick()
 				tick, stopTick = nil, func() {}
-				d.log.Info("telemetry count reached", zap.Uint64("count", n))
 			}
 		case <-d.teleChanged:
 			stopTick()
 			tick, stopTick = d.telemetryTicker()
 		}
 	}
+}
+
+// simRebootNow logs the simulated reboot's disconnect and returns errSimulatedReboot. This and
+// telemetryTick keep their work (and zap's fields) out of sessionLoop's frame, which stays on
+// the device's goroutine while it waits (see startRun).
+func (d *Device) simRebootNow() error {
+	d.log.Info(MsgSimRebootDisconnecting)
+	return errSimulatedReboot
+}
+
+// telemetryTick sends one telemetry message and reports whether telemetry.count is reached.
+func (d *Device) telemetryTick(sess *hub.Session, now time.Time) (done bool) {
+	d.sendTelemetry(sess, now)
+	if n := d.tele.Load().cfg.Count; n > 0 && d.seq.Load() >= n {
+		d.log.Info("telemetry count reached", zap.Uint64("count", n))
+		return true
+	}
+	return false
 }
 
 // endSession drains and closes the session within ShutdownTimeout, stops the sync and the

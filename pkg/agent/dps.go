@@ -250,32 +250,58 @@ var errReprovision = errors.New("agent: provisioning again")
 func (d *Device) runDPS(ctx context.Context) error {
 	force := d.cfg.DPS.Reprovision
 	for {
-		res, cached, err := d.provision(ctx, force)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			d.log.Error(MsgProvisioningFailed, zap.Error(err))
-			return fmt.Errorf("device %s: %w", d.id.registrationID, err)
-		}
-		hc := d.hubConfigFor(res)
-		err = d.runHub(ctx, &hc)
-		switch {
-		case errors.Is(err, errReprovision):
-			d.log.Info("provisioning again", zap.String("reason", "requested or too many failed connection attempts"))
-		case errors.Is(err, hub.ErrNotAuthorized) && cached:
-			d.log.Warn(MsgReprovisioning, zap.String("hub", res.AssignedHub), zap.Error(err))
-		default:
+		p, err := d.provisionForRun(ctx, force)
+		if p == nil {
 			return err
 		}
-		if err := dps.ClearCache(d.cfg.StateDir); err != nil {
+		if again, err := d.afterDPSHub(ctx, p, d.runHub(ctx, &p.hc)); !again {
 			return err
 		}
 		force = true
-		select {
-		case <-ctx.Done():
-			return nil
-		default:
+	}
+}
+
+// provisioned is one provisioning result and the hub session configuration made from it. It
+// is on the heap, and provisionForRun and afterDPSHub are functions of their own, so that
+// runDPS's frame is small: it is on the device's goroutine as long as the device runs (see
+// startRun).
+type provisioned struct {
+	hc     hub.Config
+	cached bool
+	hub    string
+}
+
+// provisionForRun provisions (or loads the cached result); nil with a nil error when ctx ended.
+func (d *Device) provisionForRun(ctx context.Context, force bool) (*provisioned, error) {
+	res, cached, err := d.provision(ctx, force)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, nil
 		}
+		d.log.Error(MsgProvisioningFailed, zap.Error(err))
+		return nil, fmt.Errorf("device %s: %w", d.id.registrationID, err)
+	}
+	return &provisioned{hc: d.hubConfigFor(res), cached: cached, hub: res.AssignedHub}, nil
+}
+
+// afterDPSHub decides, from how the hub sessions ended (err), whether to provision again
+// (true) or return err.
+func (d *Device) afterDPSHub(ctx context.Context, p *provisioned, err error) (again bool, _ error) {
+	switch {
+	case errors.Is(err, errReprovision):
+		d.log.Info("provisioning again", zap.String("reason", "requested or too many failed connection attempts"))
+	case errors.Is(err, hub.ErrNotAuthorized) && p.cached:
+		d.log.Warn(MsgReprovisioning, zap.String("hub", p.hub), zap.Error(err))
+	default:
+		return false, err
+	}
+	if err := dps.ClearCache(d.cfg.StateDir); err != nil {
+		return false, err
+	}
+	select {
+	case <-ctx.Done():
+		return false, nil
+	default:
+		return true, nil
 	}
 }

@@ -278,32 +278,24 @@ func (f *Fleet) Run(ctx context.Context) error {
 	}
 	f.log.Info("fleet starting", zap.Int("devices", len(f.devices)), zap.Int("first_index", f.lo),
 		zap.Int("last_index", f.hi-1), zap.Float64("connect_rate", f.cfg.ConnectRate))
-	var (
-		wg     sync.WaitGroup
-		mu     sync.Mutex
-		failed = map[string]int{}
-		nerr   int
-	)
-	allFailed := make(chan struct{})
+	var wg sync.WaitGroup
+	tally := &runTally{failed: map[string]int{}, n: len(f.devices), allFailed: make(chan struct{})}
 	for _, d := range f.devices {
 		wg.Add(1)
+		// This goroutine lives as long as its device and waits inside Device.Run: its own
+		// frame is kept small (the failure's bookkeeping is runTally's) so that the whole
+		// chain stays under the depth at which the runtime keeps an 8 KiB stack.
 		go func() {
 			defer wg.Done()
 			if err := f.limiter.Wait(ctx); err != nil {
 				return
 			}
 			if err := d.dev.Run(ctx); err != nil {
-				f.log.Error("device stopped", zap.String("device", d.ID), zap.Error(err))
-				mu.Lock()
-				failed[trimErr(err)]++
-				nerr++
-				if nerr == len(f.devices) {
-					close(allFailed)
-				}
-				mu.Unlock()
+				tally.stopped(f.log, d.ID, err)
 			}
 		}()
 	}
+	allFailed := tally.allFailed
 	select {
 	case <-ctx.Done():
 	case <-allFailed:
@@ -318,16 +310,37 @@ func (f *Fleet) Run(ctx context.Context) error {
 	case <-t.C:
 		err = fmt.Errorf("fleet: devices did not stop within shutdownTimeout (%v)", f.cfg.ShutdownTimeout)
 	}
-	mu.Lock()
+	tally.mu.Lock()
 	f.stats.mu.Lock()
-	f.stats.devErrs = failed
+	f.stats.devErrs = tally.failed
 	f.stats.mu.Unlock()
+	nerr := tally.nerr
 	if err == nil && nerr == len(f.devices) {
-		err = fmt.Errorf("fleet: every device stopped with an error (e.g. %s)", firstKey(failed))
+		err = fmt.Errorf("fleet: every device stopped with an error (e.g. %s)", firstKey(tally.failed))
 	}
-	mu.Unlock()
+	tally.mu.Unlock()
 	f.log.Info("fleet stopped", zap.Int("devices_failed", nerr))
 	return err
+}
+
+// runTally counts the devices that stopped with an error, by error.
+type runTally struct {
+	mu        sync.Mutex
+	failed    map[string]int
+	nerr, n   int
+	allFailed chan struct{} // closed when all n devices failed
+}
+
+// stopped logs and counts one device's error.
+func (t *runTally) stopped(log *zap.Logger, id string, err error) {
+	log.Error("device stopped", zap.String("device", id), zap.Error(err))
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.failed[trimErr(err)]++
+	t.nerr++
+	if t.nerr == t.n {
+		close(t.allFailed)
+	}
 }
 
 func firstKey(m map[string]int) string {
