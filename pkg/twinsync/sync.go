@@ -342,7 +342,13 @@ func (s *Sync) Desired(p *hub.DesiredPatch) {
 // desired properties are still applied and acknowledged): Report returns an error matching
 // ErrNotPersisted, the failure is logged with the path, and the next change tries to write the
 // whole state again. Only what a restart would remember is lost.
-func (s *Sync) Report(patch map[string]any) error {
+func (s *Sync) Report(patch map[string]any) error { return s.report(patch, true) }
+
+// report is Report; with persist false a change is taken and sent but not written on its own
+// (the next change that is written carries it): for the facts reported at every connect,
+// which come from the configuration and are reported again after a restart, so a fleet's
+// devices do not each write their state file at their first connect for them.
+func (s *Sync) report(patch map[string]any, persist bool) error {
 	// normalise Go values (ints, structs) to decoded JSON, so comparisons with the hub's view hold
 	b, err := json.Marshal(patch)
 	if err != nil {
@@ -372,7 +378,7 @@ func (s *Sync) Report(patch map[string]any) error {
 	}
 	s.intended = next
 	var seq uint64
-	if changed {
+	if changed && persist {
 		s.stateSeq++
 		seq = s.stateSeq
 	}
@@ -381,6 +387,9 @@ func (s *Sync) Report(patch map[string]any) error {
 		return nil
 	}
 	s.poke()
+	if !persist {
+		return nil
+	}
 	return s.persist(seq)
 }
 
@@ -515,7 +524,7 @@ func (s *Sync) step(ctx context.Context) {
 		s.online = true
 		if facts := s.cfg.Facts; len(facts) > 0 { // SetFacts may replace them
 			s.mu.Unlock()
-			if err := s.Report(facts); err != nil && !errors.Is(err, ErrNotPersisted) {
+			if err := s.report(facts, false); err != nil {
 				s.log.Error("agent facts not reported", zap.Error(err))
 			}
 			s.mu.Lock()
@@ -695,11 +704,18 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 		s.log.Info(MsgDesiredPropertyApplied, zap.String("path", k), zap.Int64("version", version), zap.Int("ac", ack.Status))
 		setAck(acks, k, c, ack)
 	}
+	// A GET that only moved the version on (the document is what was applied; e.g. a new
+	// device's first connect) changes nothing a restart needs: its next GET finds the same
+	// document again. Every other change is written.
+	write := version <= s.applied || !twin.Equal(prev, next)
 	s.mu.Lock()
 	s.desired = next
 	s.applied = version
-	s.stateSeq++
-	seq := s.stateSeq
+	var seq uint64
+	if write {
+		s.stateSeq++
+		seq = s.stateSeq
+	}
 	s.mu.Unlock()
 	if len(acks) > 0 {
 		if err := s.Report(acks); err != nil && !errors.Is(err, ErrNotPersisted) {
@@ -708,7 +724,9 @@ func (s *Sync) apply(ctx context.Context, next map[string]any, version int64, fu
 	}
 	// Usually a no-op: Report wrote this change too. A failure is logged by persist; the
 	// handlers ran and the acks go out, so the sync carries on from memory.
-	_ = s.persist(seq)
+	if write {
+		_ = s.persist(seq)
+	}
 	s.log.Info(MsgDesiredVersionApplied, zap.Int64("version", version), zap.Bool("full", full))
 }
 

@@ -629,3 +629,85 @@ func TestSyncSetFacts(t *testing.T) {
 		t.Errorf("unchanged fact sent again: %v", last)
 	}
 }
+
+// A first connect that brings nothing to remember (the facts, which come from the
+// configuration, and a desired document with only its version moved on) writes no state file;
+// the first real change writes the whole state, facts included. After a restart on that
+// state the device acknowledges nothing twice.
+func TestSyncWritesStateOnlyForChanges(t *testing.T) {
+	dir := t.TempDir()
+	var mu sync.Mutex
+	var writes []string
+	write := func(path string, data []byte) error {
+		mu.Lock()
+		writes = append(writes, string(data))
+		mu.Unlock()
+		return os.WriteFile(path, data, 0o600)
+	}
+	nwrites := func() int { mu.Lock(); defer mu.Unlock(); return len(writes) }
+	f := newFakeHub() // desired version 1, empty
+	acks := 0
+	cfg := twinsync.Config{DeviceID: "d9", StateDir: dir, WriteFile: write, Logger: zaptest.NewLogger(t),
+		Facts: map[string]any{"agentVersion": "v1"},
+		Default: func(context.Context, twinsync.Change) twinsync.Ack {
+			mu.Lock()
+			acks++
+			mu.Unlock()
+			return twinsync.Ack{Status: 200}
+		}}
+	s, err := twinsync.New(f, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	s.Connected()
+	f.waitReported(t, "the facts", func(r map[string]any) bool { return r["agentVersion"] == "v1" })
+	if n := nwrites(); n != 0 {
+		t.Fatalf("the first connect wrote the state file %d times (%q); nothing in it needs keeping", n, writes)
+	}
+	s.Desired(f.setDesired(`{"interval":5}`))
+	f.waitReported(t, "the ack of interval", func(r map[string]any) bool { ac, av, _ := ackOf(r, "interval"); return ac == 200 && av == 2 })
+	stop()
+	mu.Lock()
+	last := writes[len(writes)-1]
+	mu.Unlock()
+	if !strings.Contains(last, `"desiredVersion":2`) || !strings.Contains(last, `"agentVersion":"v1"`) {
+		t.Fatalf("the change wrote %s; want desired version 2 with the facts", last)
+	}
+	// A restart on that state: the same twin again is not applied again (the GET is applied
+	// on the sync's goroutine before stop returns).
+	got := &notifyGet{fakeHub: f, got: make(chan struct{}, 1)}
+	s, err = twinsync.New(got, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop = run(t, s)
+	defer stop()
+	s.Connected()
+	select {
+	case <-got.got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no twin GET after the restart's connect")
+	}
+	stop()
+	mu.Lock()
+	defer mu.Unlock()
+	if acks != 1 {
+		t.Fatalf("interval acknowledged %d times across the restart, want 1", acks)
+	}
+}
+
+// notifyGet is a fakeHub that signals each twin GET it answered.
+type notifyGet struct {
+	*fakeHub
+	got chan struct{}
+}
+
+func (n *notifyGet) TwinGet(ctx context.Context) (hub.Response, error) {
+	r, err := n.fakeHub.TwinGet(ctx)
+	select {
+	case n.got <- struct{}{}:
+	default:
+	}
+	return r, err
+}
