@@ -387,6 +387,7 @@ func (c *Config) hubConfig(id identity) hub.Config {
 		DrainTimeout:     c.ShutdownTimeout,
 		BeforeConnect:    c.Shared.BeforeConnect,
 		TLSSessionCache:  c.Shared.TLSSessionCache,
+		CurvePreferences: c.Shared.CurvePreferences,
 	}
 	if c.Shared.RootCAs != nil {
 		h.RootCAs, h.CAFile = c.Shared.RootCAs, ""

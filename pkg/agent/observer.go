@@ -73,6 +73,9 @@ type Shared struct {
 	RootCAs *x509.CertPool
 	// TLSSessionCache is shared by the hub sessions (TLS session resumption).
 	TLSSessionCache tls.ClientSessionCache
+	// CurvePreferences, when set, are the TLS key exchanges the hub connections offer
+	// (hub.Config.CurvePreferences); nil: Go's defaults.
+	CurvePreferences []tls.CurveID
 	// Template, when set, is the parsed telemetry.template (parsed once per profile).
 	Template *template.Template
 	// Host, when set, holds the host's facts for the reported properties (read once for the

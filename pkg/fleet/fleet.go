@@ -41,6 +41,13 @@ type Options struct {
 	NoFileLimit uint64
 }
 
+// Curves returns the TLS key exchanges a fleet's devices offer, X25519 first: Go's default leads
+// with the hybrid post-quantum X25519MLKEM768, whose ML-KEM key generation (client) and
+// encapsulation (hub) were a seventh of the CPU of a fleet's connect on both sides; a simulated
+// device's traffic needs no protection against a future quantum computer. A hub without X25519
+// asks for P-256 or P-384 (a TLS 1.3 HelloRetryRequest).
+func Curves() []tls.CurveID { return []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384} }
+
 // Device is one prepared member of the fleet.
 type Device struct {
 	Index   int
@@ -193,7 +200,15 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 	if err := id.prepare(ctx, ids); err != nil {
 		return nil, err
 	}
-	cache := tls.NewLRUClientSessionCache(64)
+	// One TLS session cache for the fleet: the hub connections resume one another's sessions
+	// (the cache holds one ticket per server name). Only where the TLS session carries no
+	// identity: a session resumed from another device's ticket would present that device's
+	// client certificate, so X.509 devices make full handshakes.
+	var cache tls.ClientSessionCache
+	if id.ca == nil {
+		cache = tls.NewLRUClientSessionCache(64)
+	}
+	curves := Curves()
 	host := agent.ReadHostFacts()
 	ok := false
 	defer func() {
@@ -226,7 +241,8 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 			return nil, err
 		}
 		ac.Shared = agent.Shared{Index: i, Profile: p.Name, Observer: f.stats,
-			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, Template: tmpls[pi], Host: &host}
+			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, CurvePreferences: curves,
+			Template: tmpls[pi], Host: &host}
 		if err := os.MkdirAll(ac.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("%w: stateDir: %w", ErrConfig, err)
 		}

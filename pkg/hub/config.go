@@ -96,6 +96,10 @@ type Config struct {
 	CAFile string
 	// TLSSessionCache lets a fleet share TLS session resumption; optional.
 	TLSSessionCache tls.ClientSessionCache
+	// CurvePreferences are the key exchanges offered in the TLS handshake, in order; nil:
+	// Go's defaults (which lead with the hybrid post-quantum X25519MLKEM768). A fleet offers
+	// X25519 first: one cheap key share per connect.
+	CurvePreferences []tls.CurveID
 	// TLSConfig, when set, is used as it is instead of one built from RootCAs, ServerName,
 	// Certificate and TLSSessionCache (which are then ignored). A fleet of devices on one hub can
 	// share a single value; it must not be modified once a session uses it.
@@ -364,6 +368,7 @@ func (c *Config) tlsConfig() *tls.Config {
 		RootCAs:            c.RootCAs,
 		ServerName:         c.ServerName,
 		ClientSessionCache: c.TLSSessionCache,
+		CurvePreferences:   c.CurvePreferences,
 	}
 	if c.Certificate != nil {
 		t.Certificates = []tls.Certificate{*c.Certificate}

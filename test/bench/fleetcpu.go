@@ -12,11 +12,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/iothubby/iothubby/pkg/fleet"
 	"github.com/iothubby/iothubby/pkg/hubsim/endpoints"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/service"
@@ -79,6 +81,16 @@ func newFleetBench(ctx context.Context, binDir string, n int, telemetry time.Dur
 	return b, nil
 }
 
+// pahoTLS is the paho swarm's TLS configuration for one ramp: the fleet's (pkg/fleet), so that
+// both sides make the same handshakes: one session cache shared by the swarm (fresh each round,
+// as each fleet round is a fresh process) and the fleet's key exchanges.
+func (b *fleetBench) pahoTLS() *tls.Config {
+	c := b.tlsCfg.Clone()
+	c.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	c.CurvePreferences = fleet.Curves()
+	return c
+}
+
 func (b *fleetBench) close() {
 	if b.dir != "" {
 		os.RemoveAll(b.dir)
@@ -139,10 +151,24 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 	var pahoRates, fleetRates []float64
 	for r := range rounds {
 		cpu0, _ := procCPU(os.Getpid())
+		hcpu0, _ := procCPU(b.ep.PID)
+		stopProf := func() {}
+		// BENCH_CPU_PROFILE=path also keeps a CPU profile of the first paho ramp (this process).
+		if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" && r == 0 {
+			if f, err := os.Create(prof + ".ramp.paho"); err == nil {
+				if pprof.StartCPUProfile(f) == nil {
+					stopProf = func() { pprof.StopCPUProfile(); f.Close() }
+				} else {
+					f.Close()
+				}
+			}
+		}
 		start := time.Now()
-		release, err := holdPaho(ctx, b.ep, b.tlsCfg, b.keys)
+		release, err := holdPaho(ctx, b.ep, b.pahoTLS(), b.keys)
 		el := time.Since(start)
+		stopProf()
 		cpu1, _ := procCPU(os.Getpid())
+		hcpu1, _ := procCPU(b.ep.PID)
 		release()
 		if err != nil {
 			return fmt.Errorf("paho round %d: %w", r, err)
@@ -153,29 +179,51 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 			return err
 		}
 		fcpu0, _ := procCPU(p.pid())
+		fhcpu0, _ := procCPU(b.ep.PID)
 		start = time.Now()
 		profDone := make(chan struct{})
 		go func() {
 			defer close(profDone)
-			// BENCH_CPU_PROFILE=path keeps a CPU profile of the first fleet ramp's first seconds.
+			// BENCH_CPU_PROFILE=path keeps a CPU profile of the first fleet ramp's first seconds,
+			// and its goroutines 1.5 s in (where the devices wait).
 			if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" && r == 0 {
+				var wg sync.WaitGroup
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					select {
+					case <-ctx.Done():
+						return
+					case <-time.After(1500 * time.Millisecond):
+					}
+					if f, err := os.Create(prof + ".ramp.fleet.goroutines"); err == nil {
+						_ = p.get(ctx, "/debug/pprof/goroutine?debug=1", f)
+						f.Close()
+					}
+				}()
 				if f, err := os.Create(prof + ".ramp.fleet"); err == nil {
 					_ = p.get(ctx, "/debug/pprof/profile?seconds=3", f)
 					f.Close()
 				}
+				wg.Wait()
 			}
 		}()
 		err = p.waitConnected(ctx, n, 10*time.Minute)
 		<-profDone
 		fel := time.Since(start)
 		fcpu1, _ := procCPU(p.pid())
+		fhcpu1, _ := procCPU(b.ep.PID)
+		if err == nil {
+			fmt.Printf("fleet-ramp: round %d: agent fleet %s\n", r, connectStats(ctx, p))
+		}
 		stop()
 		if err != nil {
 			return fmt.Errorf("fleet round %d: %w", r, err)
 		}
 		fleetRates = append(fleetRates, float64(n)/fel.Seconds())
-		fmt.Printf("fleet-ramp: round %d: paho swarm %.0f connects/s (%.2f ms CPU per connect), agent fleet %.0f connects/s (%.2f ms CPU per connect)\n",
-			r, pahoRates[r], (cpu1-cpu0)*1000/float64(n), fleetRates[r], (fcpu1-fcpu0)*1000/float64(n))
+		ms := func(a, b float64) float64 { return (b - a) * 1000 / float64(n) }
+		fmt.Printf("fleet-ramp: round %d: paho swarm %.0f connects/s (ms CPU per connect: %.2f swarm, %.2f hubsim), agent fleet %.0f connects/s (ms CPU per connect: %.2f fleet, %.2f hubsim)\n",
+			r, pahoRates[r], ms(cpu0, cpu1), ms(hcpu0, hcpu1), fleetRates[r], ms(fcpu0, fcpu1), ms(fhcpu0, fhcpu1))
 	}
 	ratio := median(fleetRates) / median(pahoRates)
 	report("fleet ramp connects/s / paho", ratio, ratio >= 0.8, ">= 0.8")
@@ -378,4 +426,25 @@ func holdPahoTelemetry(ctx context.Context, spec fleetSpec, tlsCfg *tls.Config, 
 	cancel()
 	wg.Wait()
 	return nil
+}
+
+// connectStats summarises the fleet's connection attempts from its metrics: connects, failed
+// attempts by reason, and the mean time from an attempt's start to connected.
+func connectStats(ctx context.Context, p *fleetProc) string {
+	f, err := p.scrape(ctx)
+	if err != nil {
+		return "metrics: " + err.Error()
+	}
+	var failed []string
+	for _, r := range f.LabelValues("iothubby_disconnects_total", "reason") {
+		failed = append(failed, fmt.Sprintf("%s %.0f", r, f.Get("iothubby_disconnects_total", "reason", r)))
+	}
+	mean := 0.0
+	if mf := f["iothubby_connect_seconds"]; mf != nil && len(mf.GetMetric()) == 1 {
+		if h := mf.GetMetric()[0].GetHistogram(); h.GetSampleCount() > 0 {
+			mean = h.GetSampleSum() / float64(h.GetSampleCount())
+		}
+	}
+	return fmt.Sprintf("%.0f connects, failed attempts %v, mean attempt-to-connected %.0f ms",
+		f.Get("iothubby_connects_total"), failed, mean*1000)
 }

@@ -37,7 +37,9 @@
 //	fleet-ramp: connects per second of `agent fleet` over -fleet-n registry devices (connection
 //	         strings, connectRate far above what is reached; from its start to all connected in
 //	         its metrics) against a plain paho swarm (32 dialling at once, CONNECT + the four
-//	         subscriptions) on the same hubsim, alternating rounds, medians. Target: >= 0.8.
+//	         subscriptions; the fleet's TLS settings: one shared session cache, X25519) on the
+//	         same hubsim, alternating rounds, medians; CPU per connect of each side and of
+//	         hubsim meanwhile. Target: >= 0.8.
 //	         Then one round of the fleet provisioning through hubsim's DPS (symmetric-key group
 //	         over MQTT) before connecting, printed beside the paho rate (no target).
 //	fleet-cpu: CPU seconds (utime+stime from /proc/PID/stat over -fleet-cpu-window after a
