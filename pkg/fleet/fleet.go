@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"runtime/metrics"
 	"strings"
 	"sync"
 	"text/template"
@@ -63,7 +65,9 @@ type Fleet struct {
 	devices []Device
 	stats   *counters
 	limiter *Limiter
-	lo, hi  int
+	// live is the one Liveness of every device's loops (one per device cost two maps each).
+	live   *agent.Liveness
+	lo, hi int
 }
 
 // filesPerDevice is the open files a device may hold at once: its hub connection, and with a
@@ -94,8 +98,11 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 	}
 	// Ten thousand devices logging "connected" at once would flood a terminal: per message,
 	// the first 20 each second are logged, then every 200th.
+	// The devices' fields (device, module) are kept apart and encoded only into the lines
+	// written (fieldsCore): zap's cores encode them at once into a clone of the encoder, about
+	// 1 KiB per device for lines that mostly never come.
 	log = log.WithOptions(zap.WrapCore(func(core zapcore.Core) zapcore.Core {
-		return zapcore.NewSamplerWithOptions(core, time.Second, 20, 200)
+		return &fieldsCore{Core: zapcore.NewSamplerWithOptions(core, time.Second, 20, 200)}
 	}))
 
 	var lines []string
@@ -195,6 +202,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 	}
 	f := &Fleet{cfg: c, log: log, lo: lo, hi: hi,
 		stats:   newCounters(ids, o.Observer),
+		live:    agent.NewLiveness(o.Clock),
 		limiter: NewLimiter(o.Clock, c.ConnectRate, c.ConnectBurst),
 	}
 	if err := id.prepare(ctx, ids); err != nil {
@@ -240,7 +248,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 		} else if err := id.configure(&ac, devID); err != nil {
 			return nil, err
 		}
-		ac.Shared = agent.Shared{Index: i, Profile: p.Name, Observer: f.stats,
+		ac.Shared = agent.Shared{Index: i, Profile: p.Name, Observer: f.stats, Liveness: f.live,
 			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, CurvePreferences: curves,
 			Template: tmpls[pi], Host: &host}
 		if err := os.MkdirAll(ac.StateDir, 0o700); err != nil {
@@ -312,10 +320,18 @@ func (f *Fleet) Run(ctx context.Context) error {
 		}()
 	}
 	allFailed := tally.allFailed
+	rampCtx, endRamp := context.WithCancel(ctx)
+	rampDone := make(chan struct{})
+	go func() {
+		defer close(rampDone)
+		f.afterRamp(rampCtx)
+	}()
 	select {
 	case <-ctx.Done():
 	case <-allFailed:
 	}
+	endRamp()
+	<-rampDone
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	t := time.NewTimer(f.cfg.ShutdownTimeout + 5*time.Second)
@@ -337,6 +353,40 @@ func (f *Fleet) Run(ctx context.Context) error {
 	tally.mu.Unlock()
 	f.log.Info("fleet stopped", zap.Int("devices_failed", nerr))
 	return err
+}
+
+// MsgRampMemoryReleased is logged once when every device has connected and the ramp's free
+// heap memory went back to the OS.
+const MsgRampMemoryReleased = "all devices connected: free heap memory returned to the OS"
+
+// afterRamp waits until every device has connected once (or ctx ends), then returns to the
+// operating system what the ramp's garbage left free in the heap: thousands of TLS handshakes,
+// twin GETs and session set-ups allocate far more than the devices then hold, and the runtime
+// would otherwise give those pages back only gradually (or keep them, below its scavenger's
+// goal), so the process's RSS would stay at the ramp's peak.
+func (f *Fleet) afterRamp(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-f.stats.allEver:
+	}
+	start := time.Now()
+	before := heapReleased()
+	debug.FreeOSMemory()
+	after := heapReleased()
+	f.log.Info(MsgRampMemoryReleased,
+		zap.Int("devices", len(f.devices)), zap.Uint64("released_bytes", after-min(before, after)),
+		zap.Duration("took", time.Since(start)))
+}
+
+// heapReleased is the heap memory the runtime has returned to the OS and not reused.
+func heapReleased() uint64 {
+	s := []metrics.Sample{{Name: "/memory/classes/heap/released:bytes"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindUint64 {
+		return 0
+	}
+	return s[0].Value.Uint64()
 }
 
 // runTally counts the devices that stopped with an error, by error.

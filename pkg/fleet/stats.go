@@ -47,6 +47,10 @@ type counters struct {
 
 	connected []atomic.Bool
 	ever      []atomic.Bool
+	// everN counts the devices connected at least once; allEver is closed when it reaches
+	// every device.
+	everN   atomic.Int64
+	allEver chan struct{}
 
 	connects, reconnects, connFailed atomic.Uint64
 	sent, acked, failed              atomic.Uint64
@@ -65,7 +69,7 @@ func newCounters(ids []string, next agent.Observer) *counters {
 	}
 	c := &counters{
 		next: next, index: make(map[string]int, len(ids)),
-		connected: make([]atomic.Bool, len(ids)), ever: make([]atomic.Bool, len(ids)),
+		connected: make([]atomic.Bool, len(ids)), ever: make([]atomic.Bool, len(ids)), allEver: make(chan struct{}),
 		prov: map[string]uint64{}, failedBy: map[string]uint64{}, methods: map[string]uint64{},
 	}
 	for i, id := range ids {
@@ -89,6 +93,8 @@ func (c *counters) ConnectionStatus(device string, st hub.Status) {
 			c.connects.Add(1)
 			if c.ever[i].Swap(true) {
 				c.reconnects.Add(1)
+			} else if c.everN.Add(1) == int64(len(c.ever)) {
+				close(c.allEver)
 			}
 		default:
 			c.connected[i].Store(false)

@@ -1,0 +1,87 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/iothubby/iothubby/internal/waitfor"
+	"github.com/iothubby/iothubby/pkg/hub"
+	"github.com/iothubby/iothubby/pkg/hub/hubtest"
+)
+
+// A fleet against an in-process broker: once every device has connected it returns the ramp's
+// free heap to the OS and says so once; its devices share one Liveness; every device line
+// carries its device field.
+func TestRunReleasesRampMemoryOnce(t *testing.T) {
+	const n = 3
+	b := hubtest.NewBroker(t)
+	dir := t.TempDir()
+	var cs strings.Builder
+	for i := range n {
+		fmt.Fprintf(&cs, "HostName=%s;DeviceId=d%d;SharedAccessKey=%s;GatewayHostName=%s\n", hubtest.Host, i, b.Key.Base64(), b.Addr)
+	}
+	csFile := filepath.Join(dir, "devices.cs")
+	caFile := filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(csFile, []byte(cs.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(caFile, b.CAPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Parse(fmt.Appendf(nil, `
+connectionStringsFile: %s
+stateDir: %s
+connectRate: 1000
+tls: {caFile: %s}
+profiles:
+  - {name: p, weight: 1, telemetry: {interval: 1h}}
+`, csFile, filepath.Join(dir, "state"), caFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	f, err := Prepare(context.Background(), cfg, Options{Logger: zap.New(core), NoFileLimit: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, d := range f.Devices() {
+		if d.dev.Liveness() != f.live {
+			t.Fatalf("device %s has a Liveness of its own", d.ID)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.Run(ctx) }()
+	waitfor.True(t, "the ramp's memory released", func() bool { return logs.FilterMessage(MsgRampMemoryReleased).Len() > 0 })
+	if p := f.Progress(); p.EverConnected != n {
+		t.Fatalf("released with %d of %d devices connected once", p.EverConnected, n)
+	}
+	connected := logs.FilterMessage(hub.MsgConnected).All()
+	if len(connected) != n {
+		t.Fatalf("%d %q lines, want %d", len(connected), hub.MsgConnected, n)
+	}
+	seen := map[any]bool{}
+	for _, e := range connected {
+		seen[e.ContextMap()["device"]] = true
+	}
+	for i := range n {
+		if !seen[fmt.Sprintf("d%d", i)] {
+			t.Fatalf("no %q line with device d%d: %v", hub.MsgConnected, i, connected)
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if got := logs.FilterMessage(MsgRampMemoryReleased).Len(); got != 1 {
+		t.Fatalf("%q logged %d times, want once", MsgRampMemoryReleased, got)
+	}
+}
