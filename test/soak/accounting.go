@@ -239,3 +239,58 @@ func (l *Ledger) Missing() int {
 
 // BadIDs returns the message ids that did not parse.
 func (l *Ledger) BadIDs() []string { return l.badIDs }
+
+// Delivery is one "telemetry delivered" line of an agent process: the message and when the agent
+// logged it.
+type Delivery struct {
+	ID MsgID
+	At time.Time
+}
+
+// KillAllowance bounds the duplicates one SIGKILL of an agent process can add beyond the resend
+// of its in-flight window (the restarted process's first connection accounts for that). The
+// agent's spool keeps acknowledgements in memory and writes its cursor, the sequence below which
+// every record is done, at each flush (every fsyncInterval); after the kill every record from the
+// first one not done at the last flush is sent again, and those the killed process had
+// acknowledged are duplicates. A record still waiting for its PUBACK (one hubsim dropped, say)
+// keeps every later acknowledgement out of the cursor, and a backlog drained after a reconnect is
+// acknowledged far faster than telemetry is produced: so the bound is not a rate times the
+// interval but every message the killed process acknowledged at or after the first one it had not
+// acknowledged by t0, which must be at or before its last flush. The spool's order is the
+// messages it loaded from earlier runs first (resent is how many), then its own run's by seq.
+// When some of the loaded ones were not acknowledged by t0, every acknowledgement counts.
+func KillAllowance(own string, resent int, delivered []Delivery, t0 time.Time) int {
+	seen := map[MsgID]bool{}
+	olderBy, ownBy := 0, map[uint64]bool{}
+	var ownSeqs []uint64
+	for _, d := range delivered {
+		if seen[d.ID] {
+			continue
+		}
+		seen[d.ID] = true
+		if d.ID.Run != own {
+			if !d.At.After(t0) {
+				olderBy++
+			}
+			continue
+		}
+		ownSeqs = append(ownSeqs, d.ID.Seq)
+		if !d.At.After(t0) {
+			ownBy[d.ID.Seq] = true
+		}
+	}
+	if olderBy < resent {
+		return len(seen)
+	}
+	hole := uint64(1)
+	for ownBy[hole] {
+		hole++
+	}
+	n := 0
+	for _, s := range ownSeqs {
+		if s >= hole {
+			n++
+		}
+	}
+	return n
+}

@@ -43,6 +43,15 @@ func (l line) str(k string) string {
 
 func (l line) num(k string) int64 { f, _ := l.m[k].(float64); return int64(f) }
 
+// logged is when the process logged the line (its "ts"), or when the soak read it if it has
+// none: a line is read a little after it is logged.
+func (l line) logged() time.Time {
+	if ts, err := time.Parse(time.RFC3339Nano, l.str("ts")); err == nil {
+		return ts
+	}
+	return l.at
+}
+
 // proc is one run of a binary. Its JSON log lines that keep accepts are kept (with the time they
 // were read); the last lines of every kind are kept for a failure report.
 type proc struct {

@@ -83,7 +83,8 @@ type fault struct {
 
 type agentProc struct {
 	*proc
-	metrics string // --metrics-addr
+	metrics  string    // --metrics-addr
+	killedAt time.Time // when the soak SIGKILLed it (zero: not killed)
 }
 
 type agent struct {
@@ -159,9 +160,12 @@ type soak struct {
 	desiredSeq  map[string]int64 // last value written
 	desiredVer  map[string]int64 // version the hub answered for it
 	lostDesired int              // acknowledged desired versions a hubsim SIGKILL lost
-	unobserved  []window         // from a hubsim's last poll to its SIGKILL
-	patchErrs   map[string]int
-	unexpected  []string // driver and harness errors that are violations
+	// syncedBeforeSeen counts agents whose sync with a restarted hubsim the soak read before it
+	// saw that hubsim serve (killHub's back).
+	syncedBeforeSeen int
+	unobserved       []window // from a hubsim's last poll to its SIGKILL
+	patchErrs        map[string]int
+	unexpected       []string // driver and harness errors that are violations
 }
 
 type record struct{ mid, key string }
@@ -197,10 +201,9 @@ func TestSoak(t *testing.T) {
 			t.Fatalf("SOAK_FLEET=%q: want 0 to 1000 devices", v)
 		}
 	}
-	// SOAK_NETFAULT=0 leaves the network faults out of the schedule: toxiproxy v2.5.0 (the only
-	// release on the module proxy) can panic inside its own AddToxic when a fault is added while
-	// a link it is tearing down is still registered, which kills the whole soak; make test's brief
-	// soak runs without them, `make soak` with them.
+	// SOAK_NETFAULT=0 leaves the network faults out of the schedule, to tell whether a failure
+	// needs them. (It was the brief soak's default while toxiproxy v2.5.0 could panic when a fault
+	// changed on a live proxy; internal/netfault no longer changes toxics after a proxy starts.)
 	netFault := os.Getenv("SOAK_NETFAULT") != "0"
 	fmt.Printf("soak: SOAK=%v SOAK_SEED=%d SOAK_AGENTS=%d SOAK_FLEET=%d SOAK_NETFAULT=%v (rerun with the same seed for the same schedule)\n", dur, seed, n, fleetN, netFault)
 
@@ -290,7 +293,7 @@ func (s *soak) run(n, fleetN int) *Report {
 		}
 	}
 	for _, a := range s.agents {
-		if err := s.awaitSynced(ctx, a, time.Time{}); err != nil {
+		if _, err := s.awaitSynced(ctx, a, time.Time{}); err != nil {
 			t.Fatal(err)
 		}
 		s.targets = append(s.targets, a.id)
@@ -440,7 +443,7 @@ func agentKeep(msg string) bool {
 	case "connected", "disconnected, retrying", "disconnected", "twin synced", "desired version applied",
 		"desired version went back; applying the hub's twin", "telemetry delivered", "telemetry message failed",
 		"telemetry message refused", "telemetry kept on disk for the next start", "direct method answered",
-		"queue spool opened", "stopped":
+		"queue spool opened", "queue spool: resending messages kept on disk", "stopped":
 		return true
 	}
 	return false
@@ -509,15 +512,48 @@ func (s *soak) startAgent(a *agent) error {
 	return nil
 }
 
-// awaitSynced waits until the agent's current process logs "twin synced" at or after since.
-func (s *soak) awaitSynced(ctx context.Context, a *agent, since time.Time) error {
+// awaitSynced waits until the agent's current process logs "twin synced" at or after since, by
+// the agent's own timestamp, and returns that line.
+func (s *soak) awaitSynced(ctx context.Context, a *agent, since time.Time) (line, error) {
 	wctx, cancel := context.WithTimeout(ctx, waitBound)
 	defer cancel()
-	_, err := a.cur().await(wctx, since, "twin synced", func(l line) bool { return l.msg() == "twin synced" })
+	p := a.cur()
+	l, err := p.await(wctx, since, "twin synced", func(l line) bool {
+		return l.msg() == "twin synced" && !l.logged().Before(since)
+	})
 	if err != nil {
-		return fmt.Errorf("agent %s: %w", a.id, err)
+		return line{}, fmt.Errorf("agent %s: %w; its connection lines from 10s before: %s", a.id, err, connectionTrail(p.proc, since.Add(-10*time.Second), since))
 	}
-	return nil
+	return l, nil
+}
+
+// connectionTrail lists a process's connection lines read at or after from, each with the time
+// it was read and the agent's own timestamp, relative to ref: the reason a wait for a sync
+// failed.
+func connectionTrail(p *proc, from, ref time.Time) string {
+	var b strings.Builder
+	for _, l := range p.snapshot() {
+		switch l.msg() {
+		case "connected", "disconnected, retrying", "disconnected", "twin synced":
+		default:
+			continue
+		}
+		if l.at.Before(from) {
+			continue
+		}
+		fmt.Fprintf(&b, "[read %+v", l.at.Sub(ref).Round(time.Millisecond))
+		if ts, err := time.Parse(time.RFC3339Nano, l.str("ts")); err == nil {
+			fmt.Fprintf(&b, " logged %+v", ts.Sub(ref).Round(time.Millisecond))
+		}
+		fmt.Fprintf(&b, " %s", l.msg())
+		for _, k := range []string{"reason", "attempt", "retry_in", "error"} {
+			if v := l.str(k); v != "" {
+				fmt.Fprintf(&b, " %s=%s", k, v)
+			}
+		}
+		b.WriteString("] ")
+	}
+	return b.String()
 }
 
 // inject draws one fault from the schedule and applies it.
@@ -714,9 +750,11 @@ func (s *soak) netFault(ctx context.Context, px *netfault.Proxy, kind string, en
 }
 
 func (s *soak) killAgent(ctx context.Context, a *agent, offline time.Duration) error {
-	a.cur().kill()
+	p := a.cur()
+	p.kill()
 	a.mu.Lock()
 	a.kills++
+	p.killedAt = time.Now()
 	a.mu.Unlock()
 	s.sleepUntil(ctx, time.Now().Add(offline)) // the schedule's pacing: how long the device stays off
 	return s.startAgent(a)
@@ -742,9 +780,20 @@ func (s *soak) killHub(ctx context.Context, offline time.Duration) (time.Time, e
 	s.mu.Lock()
 	s.unobserved = append(s.unobserved, window{old.lastPoll, killed.Add(time.Second)})
 	s.mu.Unlock()
+	// Any sync an agent logged after the old instance died is with the new one. It may come
+	// before back, the moment the soak saw the new instance serve: an agent whose retry falls
+	// between hubsim listening and the soak's next poll of endpoints.json (up to 200 ms apart)
+	// connects and syncs in that gap. Waiting for a sync after back then waited for a second
+	// one that no fault would cause (seed 820947: deadline exceeded, the agent long synced).
 	for _, a := range s.agents {
-		if err := s.awaitSynced(ctx, a, back); err != nil {
+		l, err := s.awaitSynced(ctx, a, killed)
+		if err != nil {
 			return back, fmt.Errorf("after the hubsim restart: %w", err)
+		}
+		if l.at.Before(back) { // read before back: a wait from back would have skipped it
+			s.mu.Lock()
+			s.syncedBeforeSeen++
+			s.mu.Unlock()
 		}
 	}
 	if s.fleet != nil {
