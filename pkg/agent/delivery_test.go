@@ -98,7 +98,7 @@ func TestRefusalsDoNotDelayDesiredDeliveryThroughSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hc := d.hcfg
+	hc := *d.hubConfig()
 	hc.Logger = d.log
 	d.deliverTo(&hc, ts, disp, newMethodObserver("d", NopObserver{}))
 	sess, err := hub.New(hc)

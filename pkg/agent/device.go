@@ -85,7 +85,6 @@ func ParseTemplate(text string) (*template.Template, error) {
 type Device struct {
 	cfg   Config
 	id    identity
-	hcfg  hub.Config
 	log   *zap.Logger
 	runID string
 
@@ -101,13 +100,13 @@ type Device struct {
 
 	sync atomic.Pointer[twinsync.Sync]
 
-	// stopped is cancelled by Close; Run's context ends with it (context.AfterFunc: no
-	// goroutine waits for it). started is set by the first Run or Close; done is closed when
-	// that Run returns (by Close when no Run came first).
-	stopped context.Context
-	stop    context.CancelFunc
-	started atomic.Bool
-	done    chan struct{}
+	// closing is set by Close, which then cancels Run's context through runCancel (a Run
+	// starting after that cancels its own). started is set by the first Run or Close; done is
+	// closed when that Run returns (by Close when no Run came first).
+	closing   atomic.Bool
+	runCancel atomic.Pointer[context.CancelFunc]
+	started   atomic.Bool
+	done      chan struct{}
 
 	rootCAs *x509.CertPool // the validated trust roots (for DPS)
 
@@ -126,7 +125,7 @@ type Device struct {
 	behaviourMu sync.Mutex
 	scripts     map[string]methods.Handler // the scripted direct methods
 	scriptCfg   map[string]methods.Script  // their configuration
-	twinB       TwinConfig                 // the twin behaviours (Properties, Default)
+	twinB       *TwinConfig                // the twin behaviours (Properties, Default), replaced on change
 	disp        *methods.Dispatcher        // the running session's, or nil
 	twinSync    *twinsync.Sync             // the running session's, or nil
 
@@ -202,7 +201,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		teleChanged: make(chan struct{}, 1),
 	}
 	d.tele.Store(&telemetrySettings{cfg: cfg.Telemetry, tmpl: tmpl})
-	d.twinB, d.scriptCfg = cfg.Twin, cfg.Methods
+	d.twinB, d.scriptCfg = &d.cfg.Twin, cfg.Methods
 	if d.live = cfg.Shared.Liveness; d.live == nil {
 		d.live = NewLiveness(nil)
 	}
@@ -226,10 +225,9 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if u != nil {
 		d.fw = &firmwareUpdates{u: u}
 	}
-	d.hcfg = cfg.hubConfig(id)
 	// Validate the session configuration now, so config errors surface before Run. With DPS the
 	// hub is not known yet: a placeholder host stands in.
-	vc := d.hcfg
+	vc := d.cfg.hubConfig(d.id)
 	if d.dpsEnabled() {
 		vc.Host = "provisioning.pending"
 	}
@@ -242,7 +240,6 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if _, err := d.render(0, time.Now()); err != nil {
 		return nil, fmt.Errorf("%w: telemetry.template: %w", ErrConfig, err)
 	}
-	d.stopped, d.stop = context.WithCancel(context.Background())
 	ok = true
 	return d, nil
 }
@@ -267,7 +264,7 @@ func (d *Device) Run(ctx context.Context) error {
 	if d.dpsEnabled() {
 		return d.runDPS(ctx)
 	}
-	return d.runHub(ctx, &d.hcfg)
+	return d.runHub(ctx, d.hubConfig())
 }
 
 // startRun does what Run does before its first session (Run's context, which Close also ends,
@@ -280,12 +277,12 @@ func (d *Device) Run(ctx context.Context) error {
 // keep their frames small for the same reason.
 func (d *Device) startRun(parent context.Context) (ctx context.Context, release func(), err error) {
 	ctx, cancel := context.WithCancel(parent)
-	stopAfter := context.AfterFunc(d.stopped, cancel)
 	d.runCtx.Store(&ctx)
-	release = func() {
-		stopAfter()
+	d.runCancel.Store(&cancel)
+	if d.closing.Load() { // Close came first and found no cancel to call
 		cancel()
 	}
+	release = cancel
 	if err := d.reboot.load(); err != nil {
 		return ctx, release, err
 	}
@@ -310,9 +307,17 @@ func (d *Device) startRun(parent context.Context) (ctx context.Context, release 
 				d.log.Warn("queue spool: close", zap.Error(err))
 			}
 		}
-		stopAfter()
 		cancel()
 	}, nil
+}
+
+// hubConfig returns the hub session's configuration (without DPS), on the heap: Run's frame
+// stays small (see startRun).
+//
+//go:noinline
+func (d *Device) hubConfig() *hub.Config {
+	hc := d.cfg.hubConfig(d.id)
+	return &hc
 }
 
 // component is a part of a device with work of its own, run while the device runs. Run(ctx)
@@ -577,7 +582,10 @@ func (d *Device) deliverTo(hc *hub.Config, ts *twinsync.Sync, disp *methods.Disp
 // has one: call it once the device is no longer needed, even after Run returned, or when Run
 // never ran (Run then refuses to start). Calling it again waits again.
 func (d *Device) Close() {
-	d.stop()
+	d.closing.Store(true)
+	if c := d.runCancel.Load(); c != nil {
+		(*c)()
+	}
 	if d.started.CompareAndSwap(false, true) {
 		close(d.done) // no Run came first, and none will
 	}

@@ -225,7 +225,7 @@ func (d *Device) provision(ctx context.Context, force bool) (*dps.Result, bool, 
 
 // hubConfigFor builds the hub session configuration for a provisioning result.
 func (d *Device) hubConfigFor(res *dps.Result) hub.Config {
-	hc := d.hcfg
+	hc := d.cfg.hubConfig(d.id)
 	hc.Host, hc.Address = res.HubHostAndAddress()
 	if hc.Transport == hub.TransportMQTTWS {
 		hc.Address = "" // the assigned hub's HTTPS port, not its MQTT one

@@ -50,7 +50,7 @@ func (d *Device) Endpoints() []Endpoint {
 		}
 		return out
 	}
-	return append(out, d.hubEndpoint(d.hcfg))
+	return append(out, d.hubEndpoint(d.cfg.hubConfig(d.id)))
 }
 
 func (d *Device) hubEndpoint(hc hub.Config) Endpoint {

@@ -117,14 +117,15 @@ func (d *Device) setBehaviours(cfg Config, scripts map[string]methods.Handler) (
 	d.behaviourMu.Lock()
 	defer d.behaviourMu.Unlock()
 	methodsChanged = !reflect.DeepEqual(d.scriptCfg, cfg.Methods)
-	factsChanged := !reflect.DeepEqual(d.twinB.Reported, cfg.Twin.Reported) || d.twinB.FirmwareVersion != cfg.Twin.FirmwareVersion
+	tb := *d.twinB // copied on write: the first is the configuration's own
+	factsChanged := !reflect.DeepEqual(tb.Reported, cfg.Twin.Reported) || tb.FirmwareVersion != cfg.Twin.FirmwareVersion
 	if factsChanged {
-		d.twinB.Reported, d.twinB.FirmwareVersion = cfg.Twin.Reported, cfg.Twin.FirmwareVersion
+		tb.Reported, tb.FirmwareVersion = cfg.Twin.Reported, cfg.Twin.FirmwareVersion
 		if d.twinSync != nil {
-			facts = &newFacts{ts: d.twinSync, facts: d.facts(d.twinB)}
+			facts = &newFacts{ts: d.twinSync, facts: d.facts(tb)}
 		}
 	}
-	twinChanged = factsChanged || !reflect.DeepEqual(d.twinB.Properties, cfg.Twin.Properties) || !reflect.DeepEqual(d.twinB.Default, cfg.Twin.Default)
+	twinChanged = factsChanged || !reflect.DeepEqual(tb.Properties, cfg.Twin.Properties) || !reflect.DeepEqual(tb.Default, cfg.Twin.Default)
 	if methodsChanged {
 		var remove []string
 		for name := range d.scripts {
@@ -144,10 +145,13 @@ func (d *Device) setBehaviours(cfg Config, scripts map[string]methods.Handler) (
 		}
 	}
 	if twinChanged {
-		d.twinB.Properties, d.twinB.Default = cfg.Twin.Properties, cfg.Twin.Default
+		tb.Properties, tb.Default = cfg.Twin.Properties, cfg.Twin.Default
 		if d.twinSync != nil {
-			d.twinSync.SetHandlers(d.twinHandlers(d.twinB))
+			d.twinSync.SetHandlers(d.twinHandlers(tb))
 		}
+	}
+	if twinChanged {
+		d.twinB = &tb
 	}
 	return methodsChanged, twinChanged, facts
 }

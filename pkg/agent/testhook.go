@@ -47,10 +47,11 @@ func (d *Device) wedgeIfArmed(loop string) {
 	<-d.runDone()
 }
 
-// runDone is closed when the device's Run context ends (or at Close).
+// runDone is closed when the device's Run context ends (or, before any Run, when Run returns
+// or at Close).
 func (d *Device) runDone() <-chan struct{} {
 	if p := d.runCtx.Load(); p != nil {
 		return (*p).Done()
 	}
-	return d.stopped.Done()
+	return d.done
 }

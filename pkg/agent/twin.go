@@ -267,13 +267,13 @@ func bootTime() (time.Time, bool) {
 func (d *Device) newSync(ses twinsync.Session) (*twinsync.Sync, error) {
 	d.behaviourMu.Lock()
 	defer d.behaviourMu.Unlock()
-	handlers, def := d.twinHandlers(d.twinB)
+	handlers, def := d.twinHandlers(*d.twinB)
 	ts, err := twinsync.New(ses, twinsync.Config{
 		DeviceID: d.id.deviceID,
 		StateDir: d.cfg.StateDir,
 		Handlers: handlers,
 		Default:  def,
-		Facts:    d.facts(d.twinB),
+		Facts:    d.facts(*d.twinB),
 		Logger:   d.log.Named("twin"),
 	})
 	if err == nil {
