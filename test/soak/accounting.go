@@ -248,49 +248,52 @@ type Delivery struct {
 }
 
 // KillAllowance bounds the duplicates one SIGKILL of an agent process can add beyond the resend
-// of its in-flight window (the restarted process's first connection accounts for that). The
-// agent's spool keeps acknowledgements in memory and writes its cursor, the sequence below which
-// every record is done, at each flush (every fsyncInterval); after the kill every record from the
-// first one not done at the last flush is sent again, and those the killed process had
-// acknowledged are duplicates. A record still waiting for its PUBACK (one hubsim dropped, say)
-// keeps every later acknowledgement out of the cursor, and a backlog drained after a reconnect is
-// acknowledged far faster than telemetry is produced: so the bound is not a rate times the
-// interval but every message the killed process acknowledged at or after the first one it had not
-// acknowledged by t0, which must be at or before its last flush. The spool's order is the
-// messages it loaded from earlier runs first (resent is how many), then its own run's by seq.
-// When some of the loaded ones were not acknowledged by t0, every acknowledgement counts.
-func KillAllowance(own string, resent int, delivered []Delivery, t0 time.Time) int {
-	seen := map[MsgID]bool{}
-	olderBy, ownBy := 0, map[uint64]bool{}
-	var ownSeqs []uint64
+// of its in-flight window (the restarted process's first connection accounts for that).
+//
+// The agent's spool keeps acknowledgements in memory and writes its cursor, the sequence below
+// which every record is done, at each flush (every fsyncInterval). After the kill the next
+// process sends again every record from the first one not done at the last flush, and those the
+// killed process had acknowledged are the duplicates. A record still waiting for its PUBACK (one
+// hubsim dropped, say) keeps every later acknowledgement out of the cursor, and a backlog drained
+// after a reconnect is acknowledged far faster than telemetry is produced: so the bound is not a
+// rate times the interval but every message the killed process acknowledged at or after the first
+// one it had not acknowledged by t0, which must be at or before its last flush.
+//
+// own is the killed process's run id and delivered its "telemetry delivered" lines, which exist
+// for its own messages only. resent is how many records it loaded from the spool at its start
+// (earlier runs' messages, queued ahead of its own): the agent logs no acknowledgement for those,
+// so when there were any, the first record not done may be among them and every acknowledgement
+// counts, plus a second resend of each. reloaded is how many records the next process loaded
+// (its "resending messages kept on disk"), or -1 if unknown: the kill cannot cause more
+// duplicates than the records resent after it.
+func KillAllowance(own string, resent int, delivered []Delivery, t0 time.Time, reloaded int) int {
+	seen := map[uint64]bool{}
+	by := map[uint64]bool{}
 	for _, d := range delivered {
-		if seen[d.ID] {
-			continue
-		}
-		seen[d.ID] = true
 		if d.ID.Run != own {
-			if !d.At.After(t0) {
-				olderBy++
-			}
 			continue
 		}
-		ownSeqs = append(ownSeqs, d.ID.Seq)
+		seen[d.ID.Seq] = true
 		if !d.At.After(t0) {
-			ownBy[d.ID.Seq] = true
+			by[d.ID.Seq] = true
 		}
-	}
-	if olderBy < resent {
-		return len(seen)
-	}
-	hole := uint64(1)
-	for ownBy[hole] {
-		hole++
 	}
 	n := 0
-	for _, s := range ownSeqs {
-		if s >= hole {
-			n++
+	if resent > 0 {
+		n = resent + len(seen)
+	} else {
+		hole := uint64(1)
+		for by[hole] {
+			hole++
 		}
+		for s := range seen {
+			if s >= hole {
+				n++
+			}
+		}
+	}
+	if reloaded >= 0 {
+		n = min(n, reloaded)
 	}
 	return n
 }

@@ -22,24 +22,41 @@ func (a *agent) killAllowance() int {
 	a.mu.Lock()
 	procs := slices.Clone(a.procs)
 	a.mu.Unlock()
+	// loaded is what a process read back from the spool at its start (-1: unknown, it did not
+	// log opening its spool).
+	loaded := func(p *agentProc) int {
+		opened, n := false, 0
+		for _, l := range p.snapshot() {
+			switch l.msg() {
+			case "queue spool opened":
+				opened = true
+			case "queue spool: resending messages kept on disk":
+				n += int(l.num("messages"))
+			}
+		}
+		if !opened {
+			return -1
+		}
+		return n
+	}
 	n := 0
-	for _, p := range procs {
+	for i, p := range procs {
 		if p.killedAt.IsZero() {
 			continue
 		}
-		resent := 0
 		var ds []Delivery
 		for _, l := range p.snapshot() {
-			switch l.msg() {
-			case "queue spool: resending messages kept on disk":
-				resent += int(l.num("messages"))
-			case "telemetry delivered":
+			if l.msg() == "telemetry delivered" {
 				if id, err := ParseMsgID(l.str("message_id")); err == nil {
 					ds = append(ds, Delivery{ID: id, At: l.logged()})
 				}
 			}
 		}
-		n += KillAllowance(ownRun(p.proc), resent, ds, p.killedAt.Add(-fsyncInterval-flushLag))
+		reloaded := -1
+		if i+1 < len(procs) {
+			reloaded = loaded(procs[i+1])
+		}
+		n += KillAllowance(ownRun(p.proc), max(loaded(p), 0), ds, p.killedAt.Add(-fsyncInterval-flushLag), reloaded)
 	}
 	return n
 }
