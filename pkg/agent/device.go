@@ -7,7 +7,9 @@
 // scripted and built-in direct methods (methods.go), reboot (reboot.go), firmware updates
 // (firmware.go) and the twin sync (twin.go, pkg/twinsync). Those with work of their own have a
 // Run(ctx) that Device.Run starts and stops; goroutines are kept few, since a fleet runs
-// thousands of devices in one process (TestGoroutinesPerDevice counts them).
+// thousands of devices in one process (TestGoroutinesPerDevice counts them). The device's own
+// loop (telemetry ticks, the session's end, reprovisioning, simulated reboots) is event-driven
+// (loop.go): Device.Start holds no goroutine while the session is up; Run is Start and a wait.
 //
 // Health: Device.Liveness reports whether the device's loops make progress (the supervisor's
 // delivery of status changes and inbound messages, the twin sync, the telemetry loop): each
@@ -113,6 +115,8 @@ type Device struct {
 	live *Liveness // the loops' progress (liveness.go)
 	// testBeforeTelemetry, set by tests, runs at the start of each telemetry send (a wedge).
 	testBeforeTelemetry func()
+	// waker is the running session's loop (loop.go), woken by wakeLoop; nil between sessions.
+	waker atomic.Pointer[waiter]
 	// wedge is the loop WedgeForTest armed (nil: none); runCtx is Run's context (testhook.go).
 	wedge     atomic.Pointer[string]
 	runCtx    atomic.Pointer[context.Context]
@@ -215,6 +219,7 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 		return nil, err
 	}
 	d.reboot = newRebooter(d.cfg.Reboot, d.cfg.StateDir, id.deviceID, d.log, d.report)
+	d.reboot.wake = d.wakeLoop
 	if err := d.cfg.checkFirmware(); err != nil {
 		return nil, err
 	}
@@ -252,19 +257,9 @@ func (d *Device) DeviceID() string { return d.id.deviceID }
 // an error if the session stops by itself (e.g. matching hub.ErrNotAuthorized). A Device runs
 // once: a second Run, or a Run after Close, returns an error at once.
 func (d *Device) Run(ctx context.Context) error {
-	if !d.started.CompareAndSwap(false, true) {
-		return errors.New("agent: device is already running, has run, or was closed")
-	}
-	defer close(d.done)
-	ctx, release, err := d.startRun(ctx)
-	defer release()
-	if err != nil {
-		return err
-	}
-	if d.dpsEnabled() {
-		return d.runDPS(ctx)
-	}
-	return d.runHub(ctx, d.hubConfig())
+	exited := make(chan error, 1)
+	d.Start(ctx, func(err error) { exited <- err })
+	return <-exited
 }
 
 // startRun does what Run does before its first session (Run's context, which Close also ends,
@@ -346,22 +341,6 @@ func startComponents(comps ...component) (stop func()) {
 	}
 }
 
-// runSession runs one hub session with hc, and the twin sync over it, until ctx is done, Close
-// is called, the session stops by itself, or (with DPS) the device must provision again
-// (errReprovision).
-//
-// Set-up and teardown are functions of their own so that their frames are gone while the
-// device's goroutine waits in sessionLoop: the runtime keeps a goroutine's stack as large as
-// four times what is in use, and a fleet holds thousands of these goroutines (a single
-// function holding it all kept a 16 KiB stack per device).
-func (d *Device) runSession(ctx context.Context, hc *hub.Config) error {
-	r, err := d.startSession(hc)
-	if err != nil {
-		return err
-	}
-	return d.endSession(r, d.sessionLoop(ctx, r))
-}
-
 // sessionRun is one running session and what its end releases.
 type sessionRun struct {
 	sess        *hub.Session
@@ -383,6 +362,7 @@ func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
 		case reprovision <- struct{}{}:
 		default:
 		}
+		d.wakeLoop()
 	}
 	var sessRef atomic.Pointer[hub.Session]
 	ts, err := d.newSync(d.observedSession(lazySession{&sessRef}))
@@ -426,6 +406,7 @@ func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
 		case simReboot <- struct{}{}:
 		default:
 		}
+		d.wakeLoop()
 	})
 	d.deliverTo(&hc, ts, disp, mo)
 	d.watchDelivery(&hc)
@@ -444,34 +425,6 @@ func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
 	syncCtx, stopSync := context.WithCancel(context.Background())
 	ts.Start(syncCtx)
 	return &sessionRun{sess: sess, ts: ts, disp: disp, reprovision: reprovision, simReboot: simReboot, stopSync: stopSync, deviceID: hc.DeviceID}, nil
-}
-
-// sessionLoop sends telemetry on the session until ctx is done, Close is called, the session
-// stops by itself, or a reprovision or simulated reboot is asked for; it returns why it ended
-// (nil for ctx and Close).
-func (d *Device) sessionLoop(ctx context.Context, r *sessionRun) error {
-	tick, stopTick := d.telemetryTicker()
-	defer func() { stopTick() }()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-r.sess.Done():
-			return r.sess.Err()
-		case <-r.reprovision:
-			return errReprovision
-		case <-r.simReboot:
-			return d.simRebootNow()
-		case now := <-tick:
-			if d.telemetryTick(r.sess, now) {
-				stopTick()
-				tick, stopTick = nil, func() {}
-			}
-		case <-d.teleChanged:
-			stopTick()
-			tick, stopTick = d.telemetryTicker()
-		}
-	}
 }
 
 // simRebootNow logs the simulated reboot's disconnect and returns errSimulatedReboot. This and
@@ -514,16 +467,6 @@ func (d *Device) endSession(r *sessionRun, runErr error) error {
 		return fmt.Errorf("device %s: %w", r.deviceID, runErr)
 	}
 	return nil
-}
-
-// telemetryTicker starts the periodic telemetry of the current settings, unless telemetry.count
-// messages went out already.
-func (d *Device) telemetryTicker() (<-chan time.Time, func()) {
-	cfg := d.tele.Load().cfg
-	if cfg.Count > 0 && d.seq.Load() >= cfg.Count {
-		return nil, func() {}
-	}
-	return newTelemetryTicker(cfg.Interval)
 }
 
 // QueueStats returns the counters of the device's disk queue (queue.persist): records appended

@@ -243,24 +243,6 @@ func (d *Device) hubConfigFor(res *dps.Result) hub.Config {
 // errReprovision is how runSession reports that the device asked to provision again.
 var errReprovision = errors.New("agent: provisioning again")
 
-// runDPS provisions (or reuses the cached result), runs the hub session, and provisions again
-// when the hub refuses the identity, after ReprovisionAfterFailures consecutive failed
-// connection attempts, or when the reprovision method is called. A refusal right after a fresh
-// registration ends Run (no loop).
-func (d *Device) runDPS(ctx context.Context) error {
-	force := d.cfg.DPS.Reprovision
-	for {
-		p, err := d.provisionForRun(ctx, force)
-		if p == nil {
-			return err
-		}
-		if again, err := d.afterDPSHub(ctx, p, d.runHub(ctx, &p.hc)); !again {
-			return err
-		}
-		force = true
-	}
-}
-
 // provisioned is one provisioning result and the hub session configuration made from it. It
 // is on the heap, and provisionForRun and afterDPSHub are functions of their own, so that
 // runDPS's frame is small: it is on the device's goroutine as long as the device runs (see

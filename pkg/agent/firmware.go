@@ -267,6 +267,9 @@ func (d *rebooter) forFirmware(ctx context.Context) error {
 		case d.simReboot <- struct{}{}:
 		default:
 		}
+		if d.wake != nil {
+			d.wake()
+		}
 		select {
 		case <-booted:
 			return nil

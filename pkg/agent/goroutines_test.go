@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/iothubby/iothubby/internal/waitfor"
 	"github.com/iothubby/iothubby/pkg/agent"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 	"github.com/iothubby/iothubby/pkg/methods"
@@ -123,5 +124,76 @@ func TestGoroutinesPerDevice(t *testing.T) {
 	if own > maxComponentGoroutines || len(gs) > maxDeviceGoroutines {
 		t.Fatalf("%d goroutines (%d own), limits %d (%d own):\n\n%s", len(gs), own, maxDeviceGoroutines,
 			maxComponentGoroutines, strings.Join(gs, "\n\n"))
+	}
+}
+
+// ownGoroutines returns the stacks of the device goroutines not in before that the hub session
+// and its MQTT client did not start.
+func ownGoroutines(before map[string]bool) []string {
+	var own []string
+	for _, g := range deviceGoroutines() {
+		if !before[goroutineID(g)] && !sessionGoroutine(g) {
+			own = append(own, g)
+		}
+	}
+	return own
+}
+
+// A device started with Start (as a fleet starts them) holds no goroutine of its own while its
+// session is up and idle; it stops when its context ends and calls exit once, with nil; a
+// second Start is refused through exit.
+func TestStartHoldsNoGoroutineWhileIdle(t *testing.T) {
+	b := hubtest.NewBroker(t)
+	c := deviceConfig(t, b)
+	c.Telemetry.Interval = time.Hour
+	c.StateDir = t.TempDir()
+	c.Reboot.Mode = "simulate"
+	c.Methods = map[string]methods.Script{"echo": {Echo: true}}
+	core, logs := observer.New(zap.InfoLevel)
+	before := map[string]bool{}
+	for _, g := range deviceGoroutines() {
+		before[goroutineID(g)] = true
+	}
+	d, err := agent.New(c, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	exited := make(chan error, 2)
+	d.Start(ctx, func(err error) { exited <- err })
+	waitLog(t, logs, twinsync.MsgTwinSynced)
+	waitLog(t, logs, twinsync.MsgReportedConfirmed)
+	var own []string
+	waitfor.True(t, "no goroutine of the device's own while idle", func() bool {
+		own = ownGoroutines(before)
+		return len(own) == 0
+	})
+
+	second := make(chan error, 1)
+	d.Start(ctx, func(err error) { second <- err })
+	select {
+	case err := <-second:
+		if err == nil || !strings.Contains(err.Error(), "already running") {
+			t.Fatalf("second Start: %v, want the device is already running", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("second Start did not call exit")
+	}
+
+	cancel()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("exit(%v), want nil after the context ended", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the device did not stop after its context ended")
+	}
+	select {
+	case err := <-exited:
+		t.Fatalf("exit called twice (second: %v)", err)
+	default:
 	}
 }

@@ -16,7 +16,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/iothubby/iothubby/internal/atomicfile"
-	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/methods"
 	"github.com/iothubby/iothubby/pkg/twinsync"
 )
@@ -100,8 +99,10 @@ type rebooter struct {
 	wmu sync.Mutex
 	// simReboot asks the running session for a simulated reboot; booted is closed (and
 	// replaced) when a simulated boot completes.
-	simReboot  chan struct{}
-	booted     chan struct{}
+	simReboot chan struct{}
+	booted    chan struct{}
+	// wake wakes the device's loop after a send on simReboot (nil: nothing to wake).
+	wake       func()
 	justBooted bool
 }
 
@@ -311,20 +312,6 @@ func (d *rebooter) simulateBoot(ctx context.Context) bool {
 	d.rebooting.Store(false)
 	d.log.Info(MsgSimRebootBooted, zap.Int("boot_count", count))
 	return true
-}
-
-// runHub runs hub sessions with hc, with a simulated boot between them after each simulated
-// reboot.
-func (d *Device) runHub(ctx context.Context, hc *hub.Config) error {
-	for {
-		err := d.runSession(ctx, hc)
-		if !errors.Is(err, errSimulatedReboot) {
-			return err
-		}
-		if !d.reboot.simulateBoot(ctx) {
-			return nil
-		}
-	}
 }
 
 // report hands reported properties to the current twin sync (best effort: the sync persists

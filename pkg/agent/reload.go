@@ -90,6 +90,7 @@ func (d *Device) Reload(cfg Config) error {
 	case d.teleChanged <- struct{}{}:
 	default: // a change is already pending; the loop reads the latest settings
 	}
+	d.wakeLoop()
 	methodsChanged, twinChanged, facts := d.setBehaviours(cfg, scripts)
 	if facts != nil {
 		// Outside behaviourMu: Report writes the twin state file.
@@ -163,13 +164,4 @@ func (d *Device) sessionEnded(ts *twinsync.Sync) {
 	if d.twinSync == ts {
 		d.twinSync, d.disp = nil, nil
 	}
-}
-
-// newTicker returns the telemetry tick channel for interval (nil: no telemetry) and its stop.
-func newTelemetryTicker(interval time.Duration) (<-chan time.Time, func()) {
-	if interval <= 0 {
-		return nil, func() {}
-	}
-	t := time.NewTicker(interval)
-	return t.C, t.Stop
 }

@@ -306,17 +306,19 @@ func (f *Fleet) Run(ctx context.Context) error {
 	tally := &runTally{failed: map[string]int{}, n: len(f.devices), allFailed: make(chan struct{})}
 	for _, d := range f.devices {
 		wg.Add(1)
-		// This goroutine lives as long as its device and waits inside Device.Run: its own
-		// frame is kept small (the failure's bookkeeping is runTally's) so that the whole
-		// chain stays under the depth at which the runtime keeps an 8 KiB stack.
+		// The goroutine lives only until the device has started: a running device holds no
+		// goroutine of its own while it waits (agent.Device.Start).
 		go func() {
-			defer wg.Done()
 			if err := f.limiter.Wait(ctx); err != nil {
+				wg.Done()
 				return
 			}
-			if err := d.dev.Run(ctx); err != nil {
-				tally.stopped(f.log, d.ID, err)
-			}
+			d.dev.Start(ctx, func(err error) {
+				defer wg.Done()
+				if err != nil {
+					tally.stopped(f.log, d.ID, err)
+				}
+			})
 		}()
 	}
 	allFailed := tally.allFailed

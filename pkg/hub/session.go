@@ -40,6 +40,10 @@ type Session struct {
 	closeOnce sync.Once
 	abortOnce sync.Once
 	done      chan struct{} // closed when the supervisor has finished
+	// finished is set (under mu) once done is closed; afterDone are AfterDone's functions,
+	// started then.
+	finished  bool
+	afterDone []func()
 	wg        sync.WaitGroup
 
 	handlerCtx    context.Context
@@ -141,6 +145,19 @@ func (s *Session) Config() Config { return s.cfg }
 
 // Done is closed when the session has stopped, after Close or a non-recoverable error.
 func (s *Session) Done() <-chan struct{} { return s.done }
+
+// AfterDone arranges for f to run on a goroutine of its own once Done is closed (at once if it
+// is): a caller holding thousands of sessions waits for their ends without a goroutine each.
+func (s *Session) AfterDone(f func()) {
+	s.mu.Lock()
+	if !s.finished {
+		s.afterDone = append(s.afterDone, f)
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	go f()
+}
 
 // Err returns the error that stopped the session: nil while running and after Close, else an
 // error matching ErrNotAuthorized, ErrConnectionRefused, ErrTLSVerify or ErrRetryExpired.

@@ -570,4 +570,12 @@ func (s *Session) finish(fatal error) {
 	s.evStopped = true
 	s.evMu.Unlock()
 	close(s.done)
+	s.mu.Lock()
+	s.finished = true
+	after := s.afterDone
+	s.afterDone = nil
+	s.mu.Unlock()
+	for _, f := range after {
+		go f()
+	}
 }
