@@ -183,6 +183,7 @@ func (d *Device) dpsConfig() (dps.Config, error) {
 		dc.Payload = b
 	}
 	dc.RootCAs = d.rootCAs
+	dc.SessionCache, dc.CurvePreferences = d.cfg.Shared.TLSSessionCache, d.cfg.Shared.CurvePreferences
 	if d.tpm != nil {
 		dc.TPM, dc.Credential = d.tpm, nil
 	}

@@ -85,6 +85,13 @@ type Config struct {
 	ServerName string
 	// RootCAs are trusted for the server certificate; nil uses the system roots.
 	RootCAs *x509.CertPool
+	// SessionCache, when set, lets registrations resume one another's TLS sessions (a fleet
+	// shares one with its hub connections; tickets are kept per server name, so DPS and the
+	// hub each resume their own). Not used with an X.509 credential: a resumed session would
+	// present the certificate of the registration that made it.
+	SessionCache tls.ClientSessionCache
+	// CurvePreferences are the TLS key exchanges offered, in order; nil: Go's defaults.
+	CurvePreferences []tls.CurveID
 	// IDScope and RegistrationID name the registration.
 	IDScope        string
 	RegistrationID string
@@ -251,9 +258,11 @@ func (c *Config) tlsConfig() *tls.Config {
 	if sn == "" {
 		sn = host
 	}
-	tc := &tls.Config{RootCAs: c.RootCAs, ServerName: sn, MinVersion: tls.VersionTLS12}
+	tc := &tls.Config{RootCAs: c.RootCAs, ServerName: sn, MinVersion: tls.VersionTLS12, CurvePreferences: c.CurvePreferences}
 	if cert := c.Credential.Certificate(); cert != nil {
 		tc.Certificates = []tls.Certificate{*cert}
+	} else {
+		tc.ClientSessionCache = c.SessionCache
 	}
 	return tc
 }

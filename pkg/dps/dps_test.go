@@ -5,9 +5,11 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -297,5 +299,111 @@ func TestAssignedHubBindsTheDevice(t *testing.T) {
 	}
 	if err := connect("hub2.localhost"); err != nil {
 		t.Fatalf("assigned hub: %v", err)
+	}
+}
+
+// countingCache is a TLS session cache that counts what is asked of it.
+type countingCache struct {
+	tls.ClientSessionCache
+	mu         sync.Mutex
+	gets, hits int
+	puts       int
+}
+
+func (c *countingCache) Get(key string) (*tls.ClientSessionState, bool) {
+	s, ok := c.ClientSessionCache.Get(key)
+	c.mu.Lock()
+	c.gets++
+	if ok && s != nil {
+		c.hits++
+	}
+	c.mu.Unlock()
+	return s, ok
+}
+
+func (c *countingCache) Put(key string, s *tls.ClientSessionState) {
+	c.mu.Lock()
+	c.puts++
+	c.mu.Unlock()
+	c.ClientSessionCache.Put(key, s)
+}
+
+func (c *countingCache) counts() (gets, hits, puts int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gets, c.hits, c.puts
+}
+
+// Registrations with a symmetric key share Config.SessionCache: the second resumes the TLS
+// session of the first, on both transports. An X.509 registration never touches the cache: a
+// resumed session would present the certificate of the registration that made it.
+func TestSessionCache(t *testing.T) {
+	srv := start(t, nil)
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "g1",
+		Attestation: &hubapi.AttestationMechanism{Type: "symmetricKey", SymmetricKey: &hubapi.SymmetricKeyAttestation{PrimaryKey: groupKey}}}, true, ""); err != nil {
+		t.Fatal(err)
+	}
+	for _, tr := range []string{dps.MQTT, dps.HTTPS} {
+		t.Run(tr, func(t *testing.T) {
+			cache := &countingCache{ClientSessionCache: tls.NewLRUClientSessionCache(4)}
+			for i := range 2 {
+				regID := fmt.Sprintf("cached-%s-%d", tr, i)
+				cred, err := attest.FromGroupKey(groupKey, regID)
+				if err != nil {
+					t.Fatal(err)
+				}
+				cfg := clientCfg(srv, tr, regID, cred)
+				cfg.SessionCache = cache
+				cfg.CurvePreferences = []tls.CurveID{tls.X25519}
+				if res, err := dps.Register(ctxT(t), cfg); err != nil || res.DeviceID != regID {
+					t.Fatalf("%s: %+v %v", regID, res, err)
+				}
+			}
+			if gets, hits, puts := cache.counts(); hits == 0 || puts == 0 {
+				t.Fatalf("the second registration did not resume the first's session: %d gets, %d hits, %d puts", gets, hits, puts)
+			}
+		})
+	}
+
+	root, err := pki.NewCA("cache root", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.DPS().PutEnrollment(hubapi.Enrollment{EnrollmentGroupID: "x509cache",
+		Attestation: &hubapi.AttestationMechanism{Type: "x509", X509: &hubapi.X509Attestation{SigningCertificates: &hubapi.X509Certificates{
+			Primary: &hubapi.X509CertificateWithInfo{Certificate: string(root.CertPEM())}}}}}, true, ""); err != nil {
+		t.Fatal(err)
+	}
+	cache := &countingCache{ClientSessionCache: tls.NewLRUClientSessionCache(4)}
+	dir := t.TempDir()
+	for i := range 2 {
+		regID := fmt.Sprintf("x509-cached-%d", i)
+		leaf, err := root.Issue(pki.LeafOptions{CommonName: regID, Client: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		keyPEM, err := pki.EncodeKey(leaf.PrivateKey.(*ecdsaKey))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cf, kf := filepath.Join(dir, regID+".pem"), filepath.Join(dir, regID+".key")
+		if err := os.WriteFile(cf, pki.EncodeCert(leaf.Leaf), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(kf, keyPEM, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cred, err := attest.FromX509Files(cf, kf, attest.FileOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := clientCfg(srv, dps.MQTT, regID, cred)
+		cfg.SessionCache = cache
+		if res, err := dps.Register(ctxT(t), cfg); err != nil || res.DeviceID != regID {
+			t.Fatalf("%s: %+v %v", regID, res, err)
+		}
+	}
+	if gets, _, puts := cache.counts(); gets != 0 || puts != 0 {
+		t.Fatalf("X.509 registrations used the shared session cache: %d gets, %d puts", gets, puts)
 	}
 }
