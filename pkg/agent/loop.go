@@ -51,7 +51,7 @@ func (d *Device) Start(ctx context.Context, exit func(error)) {
 		ru.provision()
 		return
 	}
-	ru.session(d.hubConfig())
+	ru.session(ru.hubConfig())
 }
 
 // finish ends the run: what startRun set up is undone, Run's done is closed, exit is called.
@@ -80,24 +80,33 @@ func (ru *run) session(hc *hub.Config) {
 		ru.hubEnded(err)
 		return
 	}
-	w := &waiter{ru: ru, r: r, hc: hc}
+	w := &waiter{ru: ru, r: r}
 	w.arm()
 }
 
 // sessionEnded runs when the session's loop has ended with why (nil: Run's context ended):
 // it drains and closes the session, then goes on with a simulated boot, provisioning again or
 // the end of the run.
-func (ru *run) sessionEnded(r *sessionRun, hc *hub.Config, why error) {
+func (ru *run) sessionEnded(r *sessionRun, why error) {
 	err := ru.d.endSession(r, why)
 	if errors.Is(err, errSimulatedReboot) {
 		if !ru.d.reboot.simulateBoot(ru.ctx) {
 			ru.hubEnded(nil)
 			return
 		}
-		ru.session(hc)
+		ru.session(ru.hubConfig())
 		return
 	}
 	ru.hubEnded(err)
+}
+
+// hubConfig is the configuration of the run's next session: the provisioning's (DPS), or made
+// again from the device's configuration (not kept while the session runs: it has its copy).
+func (ru *run) hubConfig() *hub.Config {
+	if ru.p != nil {
+		return &ru.p.hc
+	}
+	return ru.d.hubConfig()
 }
 
 // hubEnded decides, once sessions with one hub configuration are over (err: why), between
@@ -120,7 +129,6 @@ func (ru *run) hubEnded(err error) {
 type waiter struct {
 	ru *run
 	r  *sessionRun
-	hc *hub.Config
 
 	mu       sync.Mutex
 	busy     bool // a goroutine is in step
@@ -205,7 +213,7 @@ func (w *waiter) step() {
 			w.mu.Unlock()
 			w.stopCtx()
 			w.ru.d.waker.CompareAndSwap(w, nil)
-			w.ru.sessionEnded(w.r, w.hc, why)
+			w.ru.sessionEnded(w.r, why)
 			return
 		}
 		w.mu.Lock()
