@@ -155,9 +155,10 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		stopProf := func() {}
 		// BENCH_CPU_PROFILE=path also keeps a CPU profile of the first paho ramp (this process).
 		if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" && r == 0 {
+			writeAllocs(prof + ".ramp.paho.allocs0")
 			if f, err := os.Create(prof + ".ramp.paho"); err == nil {
 				if pprof.StartCPUProfile(f) == nil {
-					stopProf = func() { pprof.StopCPUProfile(); f.Close() }
+					stopProf = func() { pprof.StopCPUProfile(); f.Close(); writeAllocs(prof + ".ramp.paho.allocs1") }
 				} else {
 					f.Close()
 				}
@@ -178,15 +179,27 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		if err != nil {
 			return err
 		}
+		prof := os.Getenv("BENCH_CPU_PROFILE")
+		allocs := func(name string) {
+			if prof != "" && r == 0 {
+				if f, err := os.Create(prof + ".ramp.fleet." + name); err == nil {
+					_ = p.get(ctx, "/debug/pprof/allocs", f)
+					f.Close()
+				}
+			}
+		}
+		allocs("allocs0")
 		fcpu0, _ := procCPU(p.pid())
 		fhcpu0, _ := procCPU(b.ep.PID)
 		start = time.Now()
 		profDone := make(chan struct{})
 		go func() {
 			defer close(profDone)
-			// BENCH_CPU_PROFILE=path keeps a CPU profile of the first fleet ramp's first seconds,
-			// and its goroutines 1.5 s in (where the devices wait).
-			if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" && r == 0 {
+			// BENCH_CPU_PROFILE=path keeps a CPU profile of the first fleet ramp (n/150 seconds,
+			// at least 3: the whole ramp and the twin work after it), its goroutines 1.5 s in
+			// (where the devices wait), and its allocations before and after (allocs0, allocs1:
+			// go tool pprof -sample_index=alloc_space -base allocs0 allocs1).
+			if prof != "" && r == 0 {
 				var wg sync.WaitGroup
 				wg.Add(1)
 				go func() {
@@ -202,17 +215,18 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 					}
 				}()
 				if f, err := os.Create(prof + ".ramp.fleet"); err == nil {
-					_ = p.get(ctx, "/debug/pprof/profile?seconds=3", f)
+					_ = p.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(3, n/150)), f)
 					f.Close()
 				}
 				wg.Wait()
 			}
 		}()
 		err = p.waitConnected(ctx, n, 10*time.Minute)
-		<-profDone
 		fel := time.Since(start)
 		fcpu1, _ := procCPU(p.pid())
 		fhcpu1, _ := procCPU(b.ep.PID)
+		<-profDone
+		allocs("allocs1")
 		if err == nil {
 			fmt.Printf("fleet-ramp: round %d: agent fleet %s\n", r, connectStats(ctx, p))
 		}
@@ -249,17 +263,35 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		return err
 	}
 	cpu0, _ := procCPU(p.pid())
+	hcpu0, _ := procCPU(b.ep.PID)
 	start := time.Now()
+	profDone := make(chan struct{})
+	go func() {
+		defer close(profDone)
+		// BENCH_CPU_PROFILE=path: path.dps.fleet is a CPU profile of this round (n/100 s, at
+		// least 3).
+		if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" {
+			if f, err := os.Create(prof + ".dps.fleet"); err == nil {
+				_ = p.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(3, n/100)), f)
+				f.Close()
+			}
+		}
+	}()
 	err = p.waitConnected(ctx, n, 10*time.Minute)
 	el := time.Since(start)
 	cpu1, _ := procCPU(p.pid())
+	hcpu1, _ := procCPU(b.ep.PID)
+	if err == nil {
+		fmt.Printf("fleet-ramp: DPS round: agent fleet %s\n", connectStats(ctx, p))
+	}
+	<-profDone
 	stop()
 	if err != nil {
 		return fmt.Errorf("fleet DPS round: %w", err)
 	}
 	rate := float64(n) / el.Seconds()
-	fmt.Printf("fleet-ramp: agent fleet provisioning through DPS then connecting: %.0f devices/s (%.2f ms CPU per device), %.3f of the paho swarm's plain connects/s (no target)\n",
-		rate, (cpu1-cpu0)*1000/float64(n), rate/median(pahoRates))
+	fmt.Printf("fleet-ramp: agent fleet provisioning through DPS then connecting: %.0f devices/s (ms CPU per device: %.2f fleet, %.2f hubsim), %.3f of the paho swarm's plain connects/s (no target)\n",
+		rate, (cpu1-cpu0)*1000/float64(n), (hcpu1-hcpu0)*1000/float64(n), rate/median(pahoRates))
 	return nil
 }
 
@@ -447,4 +479,12 @@ func connectStats(ctx context.Context, p *fleetProc) string {
 	}
 	return fmt.Sprintf("%.0f connects, failed attempts %v, mean attempt-to-connected %.0f ms",
 		f.Get("iothubby_connects_total"), failed, mean*1000)
+}
+
+// writeAllocs writes this process's allocation profile to path (BENCH_CPU_PROFILE).
+func writeAllocs(path string) {
+	if f, err := os.Create(path); err == nil {
+		_ = pprof.Lookup("allocs").WriteTo(f, 0)
+		f.Close()
+	}
 }
