@@ -84,10 +84,16 @@ func connectTimes(h *hub, from int) []float64 {
 // checkRate asserts the token-bucket bound on connection times as hubsim saw them: any k+1
 // consecutive connections span at least (k - burst)/rate seconds, less jitter: the hub
 // timestamps a connection after its TLS handshake and CONNECT, not when the device took its
-// token, and a burst of handshakes delays the first ones more than the later ones.
+// token, and a burst of handshakes delays the first ones more than the later ones. After a
+// hubsim restart that skew is largest: the first burst makes full handshakes (the old session
+// tickets are void) and the later connections resume, so under load the hub-side span of a
+// window can be a few hundred milliseconds shorter than its token-side span (seen: 0.929 s
+// against a 0.930 s bound with 0.3 s allowed). A fleet that ignored connectRate is still caught:
+// unthrottled it connects ~650 devices a second on a 2-core machine (README, fleet ramp), 224
+// in about 0.35 s, under the 0.73 s this allows for them.
 func checkRate(t *testing.T, ts []float64, rate float64, burst int) {
 	t.Helper()
-	const jitter = 0.3
+	const jitter = 0.5
 	for i := range ts {
 		for j := i + burst + 1; j < len(ts); j++ {
 			k := j - i
