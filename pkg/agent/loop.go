@@ -232,21 +232,27 @@ func (w *waiter) step() {
 // due.
 func (w *waiter) poll() (ended bool, why error) {
 	d, r := w.ru.d, w.r
-	select {
-	case <-w.ru.ctx.Done():
-		return true, nil
-	case <-r.sess.Done():
-		return true, r.sess.Err()
-	case <-r.reprovision:
-		return true, errReprovision
-	case <-r.simReboot:
-		return true, d.simRebootNow()
-	case <-d.teleChanged:
-		w.mu.Lock()
-		w.stopTicker()
-		w.startTicker()
-		w.mu.Unlock()
-	default:
+	for changed := true; changed; {
+		select {
+		case <-w.ru.ctx.Done():
+			return true, nil
+		case <-r.sess.Done():
+			return true, r.sess.Err()
+		case <-r.reprovision:
+			return true, errReprovision
+		case <-r.simReboot:
+			return true, d.simRebootNow()
+		case <-d.teleChanged:
+			// Look again: select picks one ready case at random, and an end asked for at the
+			// same time (pending before arm, whose wake found no waker) must not wait for a
+			// later wake.
+			w.mu.Lock()
+			w.stopTicker()
+			w.startTicker()
+			w.mu.Unlock()
+		default:
+			changed = false
+		}
 	}
 	w.mu.Lock()
 	due, at := w.tickDue, w.tickAt
