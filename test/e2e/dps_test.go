@@ -278,6 +278,11 @@ func TestDPSMigrateToAnotherHub(t *testing.T) {
 	a := startDPSAgent(t, h, state, "mqtt", yaml)
 	a.await(0, "provisioned", and(msgIs(dps.MsgProvisioned), field("device", "mover-1"), field("substatus", "initialAssignment")))
 	a.await(0, "connected", and(msgIs(hubsess.MsgConnected), field("device", "mover-1")))
+	// The first run applies the initial twin before it stops: stopping at "connected" raced
+	// with that (applied ~4 ms later, or not at all before SIGTERM), and the second run found
+	// either a twin to apply or none, since the migrated twin's desired state is the one its
+	// state directory already holds.
+	awaitInitialTwin(t, h, a, "mover-1")
 	if err := a.stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -289,7 +294,10 @@ func TestDPSMigrateToAnotherHub(t *testing.T) {
 		t.Fatalf("assigned %s", hubName)
 	}
 	a.await(0, "connected to hub2", and(msgIs(hubsess.MsgConnected), field("device", "mover-1")))
-	awaitInitialTwin(t, h, a, "mover-1")
+	// On hub2 the agent syncs the migrated twin: desired and the acknowledgement came with the
+	// device's data, so the twin holds both whether or not the agent applies anything again.
+	a.await(0, "twin synced on hub2", and(msgIs(twinsync.MsgTwinSynced), field("device", "mover-1")))
+	twinHoldsInitial(t, h, "mover-1")
 }
 
 // awaitInitialTwin waits until the agent has applied desired property "interval" from the
@@ -300,6 +308,13 @@ func awaitInitialTwin(t *testing.T, h *hub, a *proc, deviceID string) {
 	a.await(0, "the initial twin's desired interval applied", func(l map[string]any) bool {
 		return (l["msg"] == twinsync.MsgDesiredPropertyApplied || l["msg"] == twinsync.MsgDesiredPropertyRecorded) && l["path"] == "interval"
 	})
+	twinHoldsInitial(t, h, deviceID)
+}
+
+// twinHoldsInitial waits until the hub's twin of deviceID holds the initial twin's desired
+// interval (42) and the agent's acknowledgement of it in reported.
+func twinHoldsInitial(t *testing.T, h *hub, deviceID string) {
+	t.Helper()
 	eventually(t, "the hub's twin with the initial twin and its acknowledgement", func() error {
 		tw, err := h.svc.GetTwin(ctxT(t), deviceID)
 		if err != nil {
