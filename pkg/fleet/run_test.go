@@ -21,20 +21,7 @@ import (
 // carries its device field.
 func TestRunReleasesRampMemoryOnce(t *testing.T) {
 	const n = 3
-	b := hubtest.NewBroker(t)
-	dir := t.TempDir()
-	var cs strings.Builder
-	for i := range n {
-		fmt.Fprintf(&cs, "HostName=%s;DeviceId=d%d;SharedAccessKey=%s;GatewayHostName=%s\n", hubtest.Host, i, b.Key.Base64(), b.Addr)
-	}
-	csFile := filepath.Join(dir, "devices.cs")
-	caFile := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(csFile, []byte(cs.String()), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(caFile, b.CAPEM, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	_, dir, csFile, caFile := brokerFleetFiles(t, n)
 	cfg, err := Parse(fmt.Appendf(nil, `
 connectionStringsFile: %s
 stateDir: %s
@@ -84,4 +71,25 @@ profiles:
 	if got := logs.FilterMessage(MsgRampMemoryReleased).Len(); got != 1 {
 		t.Fatalf("%q logged %d times, want once", MsgRampMemoryReleased, got)
 	}
+}
+
+// brokerFleetFiles starts an in-process broker and writes, in a fresh directory, a connection
+// strings file for n devices d0..d(n-1) on it and its CA certificate.
+func brokerFleetFiles(t *testing.T, n int) (b *hubtest.Broker, dir, csFile, caFile string) {
+	t.Helper()
+	b = hubtest.NewBroker(t)
+	dir = t.TempDir()
+	var cs strings.Builder
+	for i := range n {
+		fmt.Fprintf(&cs, "HostName=%s;DeviceId=d%d;SharedAccessKey=%s;GatewayHostName=%s\n", hubtest.Host, i, b.Key.Base64(), b.Addr)
+	}
+	csFile = filepath.Join(dir, "devices.cs")
+	caFile = filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(csFile, []byte(cs.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(caFile, b.CAPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return b, dir, csFile, caFile
 }

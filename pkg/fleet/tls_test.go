@@ -4,13 +4,10 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/iothubby/iothubby/internal/waitfor"
-	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 )
 
 // The fleet's devices offer X25519 (not Go's default hybrid post-quantum key exchange), and a
@@ -18,20 +15,7 @@ import (
 // fleet), as the hub sees it.
 func TestDevicesShareSessionsAndOfferX25519(t *testing.T) {
 	const n = 3
-	b := hubtest.NewBroker(t)
-	dir := t.TempDir()
-	var cs strings.Builder
-	for i := range n {
-		fmt.Fprintf(&cs, "HostName=%s;DeviceId=d%d;SharedAccessKey=%s;GatewayHostName=%s\n", hubtest.Host, i, b.Key.Base64(), b.Addr)
-	}
-	csFile := filepath.Join(dir, "devices.cs")
-	caFile := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(csFile, []byte(cs.String()), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(caFile, b.CAPEM, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	b, dir, csFile, caFile := brokerFleetFiles(t, n)
 	// One connection every half second (no burst), so a device finds the ticket of the one
 	// before it unless that handshake took longer: at least one of the later two resumes.
 	cfg, err := Parse(fmt.Appendf(nil, `
