@@ -64,6 +64,16 @@ func goroutineID(stack string) string {
 	return id
 }
 
+// deviceGoroutineIDs is the set of IDs of deviceGoroutines now: goroutines left by earlier
+// tests that have not finished exiting, which are not the next device's.
+func deviceGoroutineIDs() map[string]bool {
+	ids := map[string]bool{}
+	for _, g := range deviceGoroutines() {
+		ids[goroutineID(g)] = true
+	}
+	return ids
+}
+
 // sessionGoroutine reports whether a goroutine was started by the hub session or its MQTT client.
 func sessionGoroutine(stack string) bool {
 	i := strings.LastIndex(stack, "\ncreated by ")
@@ -87,10 +97,7 @@ func TestGoroutinesPerDevice(t *testing.T) {
 	c.Twin.Properties = map[string]agent.TwinBehaviour{"interval": {Action: "accept"}}
 	core, logs := observer.New(zap.InfoLevel)
 	// goroutines left by earlier tests that have not finished exiting are not this device's
-	before := map[string]bool{}
-	for _, g := range deviceGoroutines() {
-		before[goroutineID(g)] = true
-	}
+	before := deviceGoroutineIDs()
 	d, err := agent.New(c, zap.New(core))
 	if err != nil {
 		t.Fatal(err)
@@ -150,10 +157,7 @@ func TestStartHoldsNoGoroutineWhileIdle(t *testing.T) {
 	c.Reboot.Mode = "simulate"
 	c.Methods = map[string]methods.Script{"echo": {Echo: true}}
 	core, logs := observer.New(zap.InfoLevel)
-	before := map[string]bool{}
-	for _, g := range deviceGoroutines() {
-		before[goroutineID(g)] = true
-	}
+	before := deviceGoroutineIDs()
 	d, err := agent.New(c, zap.New(core))
 	if err != nil {
 		t.Fatal(err)
