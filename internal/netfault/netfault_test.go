@@ -334,6 +334,40 @@ func TestBadArguments(t *testing.T) {
 	}
 }
 
+// churnClients runs n background clients until the test ends (they stop before the proxy
+// closes): each connects to addr, sends, reads the echo every other time and hangs up, over and
+// over. Their errors are expected (resets, blackholes, the proxy down or between a lift's
+// restart of the listener and its return) and ignored: they are the connections that come and
+// go while the tests change faults.
+func churnClients(t *testing.T, addr string, n int) {
+	stop := make(chan struct{})
+	var clients sync.WaitGroup
+	for w := range n {
+		clients.Add(1)
+		go func() {
+			defer clients.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c, err := net.DialTimeout("tcp", addr, time.Second)
+				if err != nil {
+					continue
+				}
+				_ = c.SetDeadline(time.Now().Add(200 * time.Millisecond))
+				_, _ = c.Write(pattern(64 + 100*w))
+				if i%2 == 0 {
+					_, _ = c.Read(make([]byte, 32))
+				}
+				_ = c.Close()
+			}
+		}()
+	}
+	t.Cleanup(func() { close(stop); clients.Wait() })
+}
+
 // TestFaultsChangeWhileConnectionsComeAndGo adds and lifts faults (a blackhole among them)
 // while clients connect and hang up, as the soak does while agents reconnect. With toxiproxy's
 // Cleanup path for the blackhole, a toxic added after a lift while a blackholed link was still
@@ -341,25 +375,7 @@ func TestBadArguments(t *testing.T) {
 func TestFaultsChangeWhileConnectionsComeAndGo(t *testing.T) {
 	e := startEcho(t)
 	p := netfault.Start(t, e.ln.Addr().String())
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			c, err := net.DialTimeout("tcp", p.Addr(), time.Second)
-			if err != nil {
-				continue // between a lift's restart of the listener and its return
-			}
-			_, _ = c.Write([]byte("x"))
-			_ = c.Close()
-		}
-	}()
-	defer func() { close(stop); <-done }()
+	churnClients(t, p.Addr(), 1)
 	for range 40 {
 		var held []net.Conn
 		for range 4 {
@@ -402,35 +418,7 @@ func TestFaultsChangeWhileConnectionsComeAndGo(t *testing.T) {
 func TestFaultChurnKeepsTheProxyWorking(t *testing.T) {
 	e := startEcho(t)
 	p := netfault.Start(t, e.ln.Addr().String())
-
-	// Background clients: connect, send, sometimes read the echo, hang up; errors are expected
-	// (resets, blackholes, the proxy down).
-	stop := make(chan struct{})
-	var clients sync.WaitGroup
-	for w := range 3 {
-		clients.Add(1)
-		go func() {
-			defer clients.Done()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				c, err := net.DialTimeout("tcp", p.Addr(), time.Second)
-				if err != nil {
-					continue
-				}
-				_ = c.SetDeadline(time.Now().Add(200 * time.Millisecond))
-				_, _ = c.Write(pattern(64 + 100*w))
-				if i%2 == 0 {
-					_, _ = c.Read(make([]byte, 32))
-				}
-				_ = c.Close()
-			}
-		}()
-	}
-	defer func() { close(stop); clients.Wait() }()
+	churnClients(t, p.Addr(), 3)
 
 	// step runs one fault change and fails the test if it does not return within the deadline.
 	step := func(what string, fn func() error) {
