@@ -24,8 +24,8 @@ import (
 	"github.com/iothubby/iothubby/pkg/service"
 )
 
-// fleetBench is one hubsim process with n registry devices, shared by the fleet ramp and CPU
-// comparisons.
+// fleetBench is one hubsim process with n registry devices and the spec file the children
+// read, shared by the fleet memory, ramp and CPU comparisons.
 type fleetBench struct {
 	ep       endpoints.Endpoints
 	spec     fleetSpec

@@ -383,30 +383,12 @@ func benchFleetMemory(ctx context.Context, binDir, repo string, n int, withNode 
 	if _, err := os.Stat(filepath.Join(repo, "test/conformance/node_modules/azure-iot-device-mqtt")); err != nil && withNode {
 		return fmt.Errorf("the Node SDK side needs test/conformance/node_modules: cd test/conformance && npm ci --ignore-scripts (%w)", err)
 	}
-	ep, stop, err := startHubsimProc(ctx, binDir)
+	b, err := newFleetBench(ctx, binDir, n, time.Minute)
 	if err != nil {
 		return err
 	}
-	defer stop()
-	svc, keys, err := serviceAndDevices(ctx, ep, n)
-	if err != nil {
-		return err
-	}
-	defer svc.Close()
-	spec := fleetSpec{Host: ep.HubHostName, MQTTAddress: ep.MQTTAddress, CAFile: ep.CAFile, Parallel: parallel, TelemetryMs: 60000}
-	for i, k := range keys {
-		spec.Devices = append(spec.Devices, fleetDevice{ID: devID(i), Key: k})
-	}
-	dir, err := os.MkdirTemp("", "iothubby-bench-fleetspec-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	specFile := filepath.Join(dir, "spec.json")
-	b, _ := json.Marshal(spec)
-	if err := os.WriteFile(specFile, b, 0o600); err != nil {
-		return err
-	}
+	defer b.close()
+	ep, spec, specFile := b.ep, b.spec, b.specFile
 	self, err := os.Executable()
 	if err != nil {
 		return err
