@@ -21,24 +21,8 @@ import (
 // carries its device field.
 func TestRunReleasesRampMemoryOnce(t *testing.T) {
 	const n = 3
-	_, dir, csFile, caFile := brokerFleetFiles(t, n)
-	cfg, err := Parse(fmt.Appendf(nil, `
-connectionStringsFile: %s
-stateDir: %s
-connectRate: 1000
-tls: {caFile: %s}
-profiles:
-  - {name: p, weight: 1, telemetry: {interval: 1h}}
-`, csFile, filepath.Join(dir, "state"), caFile))
-	if err != nil {
-		t.Fatal(err)
-	}
 	core, logs := observer.New(zap.InfoLevel)
-	f, err := Prepare(context.Background(), cfg, Options{Logger: zap.New(core), NoFileLimit: 1 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	_, f := brokerFleet(t, n, "connectRate: 1000", Options{Logger: zap.New(core)})
 	for _, d := range f.Devices() {
 		if d.dev.Liveness() != f.live {
 			t.Fatalf("device %s has a Liveness of its own", d.ID)
@@ -73,23 +57,42 @@ profiles:
 	}
 }
 
-// brokerFleetFiles starts an in-process broker and writes, in a fresh directory, a connection
-// strings file for n devices d0..d(n-1) on it and its CA certificate.
-func brokerFleetFiles(t *testing.T, n int) (b *hubtest.Broker, dir, csFile, caFile string) {
+// brokerFleet prepares a fleet of n connection-string devices d0..d(n-1) on an in-process
+// broker, telemetry hourly; settings are more lines of the fleet file (e.g. "connectRate: 2").
+func brokerFleet(t *testing.T, n int, settings string, o Options) (*hubtest.Broker, *Fleet) {
 	t.Helper()
-	b = hubtest.NewBroker(t)
-	dir = t.TempDir()
+	b := hubtest.NewBroker(t)
+	dir := t.TempDir()
 	var cs strings.Builder
 	for i := range n {
 		fmt.Fprintf(&cs, "HostName=%s;DeviceId=d%d;SharedAccessKey=%s;GatewayHostName=%s\n", hubtest.Host, i, b.Key.Base64(), b.Addr)
 	}
-	csFile = filepath.Join(dir, "devices.cs")
-	caFile = filepath.Join(dir, "ca.pem")
+	csFile := filepath.Join(dir, "devices.cs")
+	caFile := filepath.Join(dir, "ca.pem")
 	if err := os.WriteFile(csFile, []byte(cs.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(caFile, b.CAPEM, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return b, dir, csFile, caFile
+	cfg, err := Parse(fmt.Appendf(nil, `
+connectionStringsFile: %s
+stateDir: %s
+tls: {caFile: %s}
+profiles:
+  - {name: p, weight: 1, telemetry: {interval: 1h}}
+%s
+`, csFile, filepath.Join(dir, "state"), caFile, settings))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.NoFileLimit == 0 {
+		o.NoFileLimit = 1 << 20
+	}
+	f, err := Prepare(context.Background(), cfg, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	return b, f
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"path/filepath"
 	"testing"
 
 	"github.com/iothubby/iothubby/internal/waitfor"
@@ -15,26 +14,9 @@ import (
 // fleet), as the hub sees it.
 func TestDevicesShareSessionsAndOfferX25519(t *testing.T) {
 	const n = 3
-	b, dir, csFile, caFile := brokerFleetFiles(t, n)
 	// One connection every half second (no burst), so a device finds the ticket of the one
 	// before it unless that handshake took longer: at least one of the later two resumes.
-	cfg, err := Parse(fmt.Appendf(nil, `
-connectionStringsFile: %s
-stateDir: %s
-connectRate: 2
-connectBurst: 1
-tls: {caFile: %s}
-profiles:
-  - {name: p, weight: 1, telemetry: {interval: 1h}}
-`, csFile, filepath.Join(dir, "state"), caFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := Prepare(context.Background(), cfg, Options{NoFileLimit: 1 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	b, f := brokerFleet(t, n, "connectRate: 2\nconnectBurst: 1", Options{})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- f.Run(ctx) }()
