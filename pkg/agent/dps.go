@@ -210,6 +210,12 @@ func (d *Device) provision(ctx context.Context, force bool) (*dps.Result, bool, 
 	if err != nil {
 		return nil, false, err
 	}
+	// A registration is a connection too (to DPS): a fleet's connect-rate limiter counts it.
+	if bc := d.cfg.Shared.BeforeConnect; bc != nil {
+		if err := bc(ctx); err != nil {
+			return nil, false, err
+		}
+	}
 	res, err := dps.Register(ctx, dc)
 	if err != nil {
 		if ctx.Err() == nil {

@@ -66,8 +66,9 @@ type Shared struct {
 	// Liveness, when set, is the Liveness the device's loops report to (a process that
 	// replaces its device on reload keeps one for /healthz); nil: the device makes its own.
 	Liveness *Liveness
-	// BeforeConnect is called before every hub connection attempt (hub.Config.BeforeConnect),
-	// e.g. a fleet-wide connect-rate limiter.
+	// BeforeConnect is called before every hub connection attempt (hub.Config.BeforeConnect)
+	// and every DPS registration (not for a cached result), e.g. a fleet-wide connect-rate
+	// limiter.
 	BeforeConnect func(ctx context.Context) error
 	// RootCAs, when set, replace tls.caFile (parsed once for the fleet).
 	RootCAs *x509.CertPool

@@ -307,12 +307,11 @@ func (f *Fleet) Run(ctx context.Context) error {
 	for _, d := range f.devices {
 		wg.Add(1)
 		// The goroutine lives only until the device has started: a running device holds no
-		// goroutine of its own while it waits (agent.Device.Start).
+		// goroutine of its own while it waits (agent.Device.Start). The connect-rate limiter
+		// is taken by each connection itself (hub connects and DPS registrations, through
+		// Shared.BeforeConnect), not here: a token here too made every device's first
+		// connection cost two, halving the ramp's rate.
 		go func() {
-			if err := f.limiter.Wait(ctx); err != nil {
-				wg.Done()
-				return
-			}
 			d.dev.Start(ctx, func(err error) {
 				defer wg.Done()
 				if err != nil {

@@ -9,7 +9,8 @@ import (
 )
 
 // Limiter is a token bucket shared by every device of a fleet: each hub connection attempt
-// takes one token (hub.Config.BeforeConnect), on top of the device's own backoff with jitter,
+// and each DPS registration takes one token (agent.Shared.BeforeConnect), on top of the
+// device's own backoff with jitter,
 // so the fleet opens at most Rate connections per second after its first Burst, at start and
 // after a mass disconnect alike.
 type Limiter struct {

@@ -7,11 +7,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/iothubby/iothubby/internal/waitfor"
+	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hub/hubtest"
 )
@@ -95,4 +97,22 @@ profiles:
 	}
 	t.Cleanup(f.Close)
 	return b, f
+}
+
+// Each connection takes one token of the fleet's connect-rate limiter, the first one too: with
+// one token and time standing still, exactly one device connects (a token taken at start as
+// well would leave none), and the next second's token lets the next one in.
+func TestFirstConnectTakesOneToken(t *testing.T) {
+	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	_, f := brokerFleet(t, 2, "connectRate: 1\nconnectBurst: 1", Options{Clock: clk})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.Run(ctx) }()
+	waitfor.True(t, "one device connected on the one token", func() bool { return f.Progress().EverConnected == 1 })
+	clk.Advance(time.Second)
+	waitfor.True(t, "the second device connected on the next second's token", func() bool { return f.Progress().EverConnected == 2 })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
 }
