@@ -150,7 +150,8 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 		}
 	}
 	rep.Telemetry = led.Tally()
-	missing, dups, dupBad, failed := 0, 0, []string{}, 0
+	missing, accepted, dups, dupBad, failed := 0, 0, 0, []string{}, 0
+	var missDetail []string
 	for i := range rep.Telemetry {
 		tl := &rep.Telemetry[i]
 		var a *agent
@@ -180,25 +181,17 @@ func (s *soak) report(lastEnd time.Time, converged time.Duration, convErr error,
 			// connection included); each SIGKILL also what the killed process had acknowledged
 			// beyond the spool's last written cursor (KillAllowance, from its own log).
 			tl.DuplicateAllowed = maxInFlight*max(connects-1, 0) + a.killAllowance()
-		}
-		if a != nil { // fleet devices' gaps are judged in fleetChecks
+			// Agents' gaps only: the fleet devices' are judged in fleetChecks.
+			accepted += tl.Accepted
 			missing += tl.MissingCount
+			if tl.MissingCount > 0 {
+				missDetail = append(missDetail, fmt.Sprintf("%s: %d, e.g. %s", tl.Device, tl.MissingCount, strings.Join(tl.Missing[:min(5, len(tl.Missing))], " ")))
+			}
 		}
 		dups += tl.Duplicates
 		failed += tl.Failed
 		if tl.Duplicates > tl.DuplicateAllowed {
 			dupBad = append(dupBad, fmt.Sprintf("%s: %d > %d", tl.Device, tl.Duplicates, tl.DuplicateAllowed))
-		}
-	}
-	var missDetail []string
-	accepted := 0
-	for _, tl := range rep.Telemetry {
-		if strings.HasPrefix(tl.Device, "soak-fleet-") {
-			continue
-		}
-		accepted += tl.Accepted
-		if tl.MissingCount > 0 {
-			missDetail = append(missDetail, fmt.Sprintf("%s: %d, e.g. %s", tl.Device, tl.MissingCount, strings.Join(tl.Missing[:min(5, len(tl.Missing))], " ")))
 		}
 	}
 	add("telemetry (agents): every accepted message received or failed with a reason", missing == 0 && accepted > 0,
