@@ -49,6 +49,18 @@ const (
 	Downstream
 )
 
+// String is the direction's name as the fault log gives it (upstream, downstream, both).
+func (s Stream) String() string {
+	switch s {
+	case Upstream:
+		return "upstream"
+	case Downstream:
+		return "downstream"
+	default:
+		return "both"
+	}
+}
+
 func (s Stream) directions() []stream.Direction {
 	switch s {
 	case Upstream:
@@ -408,23 +420,10 @@ func (p *Proxy) add(f *Fault, s []Stream) (*Fault, error) {
 	}
 	p.notifyLocked()
 	p.mu.Unlock()
-	p.log.Info("netfault: fault added", zap.String("kind", f.Kind()), zap.Stringer("stream", streamName(st)),
+	p.log.Info("netfault: fault added", zap.String("kind", f.Kind()), zap.Stringer("stream", st),
 		zap.Duration("latency", f.latency), zap.Duration("jitter", f.jitter), zap.Int("rateKBps", f.rate),
 		zap.Int("sliceAvg", f.avg), zap.Int("sliceVariation", f.variation), zap.Duration("sliceDelay", f.delay))
 	return f, nil
-}
-
-type streamName Stream
-
-func (s streamName) String() string {
-	switch Stream(s) {
-	case Upstream:
-		return "upstream"
-	case Downstream:
-		return "downstream"
-	default:
-		return "both"
-	}
 }
 
 // notifyLocked wakes every stage waiting on a change. p.mu is held.
