@@ -115,27 +115,6 @@ func (b *fleetBench) fleetRound(ctx context.Context, binDir string, f fleetFile,
 	return p, func() { p.stop(); os.RemoveAll(dir) }, nil
 }
 
-// waitConnected polls the fleet's metrics every 20 ms until n devices are connected.
-func (p *fleetProc) waitConnected(ctx context.Context, n int, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		f, err := p.scrape(ctx)
-		if err == nil && f.Get("iothubby_devices", "status", "Connected") >= float64(n) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("agent fleet: not %d connected after %s (%v)", n, timeout, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-p.done:
-			return fmt.Errorf("agent fleet ended")
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
 // benchFleetRamp compares how fast `agent fleet` connects n devices whose identities are
 // already in the registry (connection strings; connectRate far above what is reached) with a
 // plain paho swarm (32 dialling at once, each CONNECT + the four device subscriptions) against

@@ -143,27 +143,47 @@ func (p *fleetProc) scrape(ctx context.Context) (metricstest.Families, error) {
 // waitHeld polls the fleet's metrics until n devices are connected and have fetched their
 // twin (the full GET each device does after connecting), or timeout passes.
 func (p *fleetProc) waitHeld(ctx context.Context, n int, timeout time.Duration) error {
+	return p.waitMetrics(ctx, 250*time.Millisecond, timeout, func(f metricstest.Families) (bool, string) {
+		conn := f.Get("iothubby_devices", "status", "Connected")
+		twin := f.Get("iothubby_twin_roundtrip_seconds", "op", "get")
+		return conn >= float64(n) && twin >= float64(n), fmt.Sprintf("%v of %d connected and %v twins fetched", conn, n, twin)
+	})
+}
+
+// waitConnected polls the fleet's metrics every 20 ms (the ramp's clock) until n devices are
+// connected, or timeout passes.
+func (p *fleetProc) waitConnected(ctx context.Context, n int, timeout time.Duration) error {
+	return p.waitMetrics(ctx, 20*time.Millisecond, timeout, func(f metricstest.Families) (bool, string) {
+		conn := f.Get("iothubby_devices", "status", "Connected")
+		return conn >= float64(n), fmt.Sprintf("%v of %d connected", conn, n)
+	})
+}
+
+// waitMetrics scrapes the fleet's metrics every interval until done says so, failing with done's
+// description (or the last scrape error) once timeout passes, or when ctx or the fleet ends.
+func (p *fleetProc) waitMetrics(ctx context.Context, every, timeout time.Duration, done func(metricstest.Families) (bool, string)) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		f, err := p.scrape(ctx)
+		var state string
 		if err == nil {
-			conn := f.Get("iothubby_devices", "status", "Connected")
-			twin := f.Get("iothubby_twin_roundtrip_seconds", "op", "get")
-			if conn >= float64(n) && twin >= float64(n) {
+			var ok bool
+			if ok, state = done(f); ok {
 				return nil
 			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("agent fleet: %v of %d connected and %v twins fetched after %s", conn, n, twin, timeout)
+		}
+		if time.Now().After(deadline) {
+			if err != nil {
+				return fmt.Errorf("agent fleet: metrics after %s: %w", timeout, err)
 			}
-		} else if time.Now().After(deadline) {
-			return err
+			return fmt.Errorf("agent fleet: %s after %s", state, timeout)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-p.done:
 			return errors.New("agent fleet ended")
-		case <-time.After(250 * time.Millisecond):
+		case <-time.After(every):
 		}
 	}
 }
