@@ -44,7 +44,6 @@ type logProc struct {
 type logLine struct {
 	msg string
 	ts  time.Time
-	raw map[string]any
 }
 
 // logTime is zap's ISO8601 time encoding.
@@ -71,7 +70,7 @@ func startLogProc(ctx context.Context, bin string, args ...string) (*logProc, er
 			if json.Unmarshal(sc.Bytes(), &m) != nil {
 				continue
 			}
-			l := logLine{raw: m}
+			var l logLine
 			l.msg, _ = m["msg"].(string)
 			if s, ok := m["ts"].(string); ok {
 				l.ts, _ = time.Parse(logTime, s)
