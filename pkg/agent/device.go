@@ -264,12 +264,7 @@ func (d *Device) Run(ctx context.Context) error {
 
 // startRun does what Run does before its first session (Run's context, which Close also ends,
 // the reboot state, the disk queue, the components) and returns what undoes it once the
-// sessions are over, to be called also when it fails. It is a function of its own so that its
-// frame is gone while Run's goroutine waits: that goroutine lives as long as the device, and
-// the runtime keeps a goroutine's stack at least four times as large as the depth in use plus
-// 800 bytes (a fleet's chain, fleet goroutine to select in sessionLoop, at about 1.0 KiB stays
-// at 4 KiB; at 1.6 KiB it kept 8 KiB per device). runDPS, runHub, runSession and sessionLoop
-// keep their frames small for the same reason.
+// sessions are over, to be called also when it fails.
 func (d *Device) startRun(parent context.Context) (ctx context.Context, release func(), err error) {
 	ctx, cancel := context.WithCancel(parent)
 	d.runCtx.Store(&ctx)
@@ -306,10 +301,7 @@ func (d *Device) startRun(parent context.Context) (ctx context.Context, release 
 	}, nil
 }
 
-// hubConfig returns the hub session's configuration (without DPS), on the heap: Run's frame
-// stays small (see startRun).
-//
-//go:noinline
+// hubConfig returns the hub session's configuration (without DPS).
 func (d *Device) hubConfig() *hub.Config {
 	hc := d.cfg.hubConfig(d.id)
 	return &hc
@@ -401,13 +393,7 @@ func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
 		}
 	}
 	mo := newMethodObserver(d.id.deviceID, obs)
-	disp := d.newDispatcher(mo.respond(sessionResponder(&sessRef)), mo.refuse(sessionRefuser(&sessRef)), requestReprovision, func() {
-		select {
-		case simReboot <- struct{}{}:
-		default:
-		}
-		d.wakeLoop()
-	})
+	disp := d.newDispatcher(mo.respond(sessionResponder(&sessRef)), mo.refuse(sessionRefuser(&sessRef)), requestReprovision, d.reboot.askSimulated)
 	d.deliverTo(&hc, ts, disp, mo)
 	d.watchDelivery(&hc)
 	sess, err := hub.New(hc)
@@ -425,14 +411,6 @@ func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
 	syncCtx, stopSync := context.WithCancel(context.Background())
 	ts.Start(syncCtx)
 	return &sessionRun{sess: sess, ts: ts, disp: disp, reprovision: reprovision, simReboot: simReboot, stopSync: stopSync, deviceID: hc.DeviceID}, nil
-}
-
-// simRebootNow logs the simulated reboot's disconnect and returns errSimulatedReboot. This and
-// telemetryTick keep their work (and zap's fields) out of sessionLoop's frame, which stays on
-// the device's goroutine while it waits (see startRun).
-func (d *Device) simRebootNow() error {
-	d.log.Info(MsgSimRebootDisconnecting)
-	return errSimulatedReboot
 }
 
 // telemetryTick sends one telemetry message and reports whether telemetry.count is reached.

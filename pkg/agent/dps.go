@@ -247,13 +247,11 @@ func (d *Device) hubConfigFor(res *dps.Result) hub.Config {
 	return hc
 }
 
-// errReprovision is how runSession reports that the device asked to provision again.
+// errReprovision is how a session's loop reports that the device asked to provision again.
 var errReprovision = errors.New("agent: provisioning again")
 
-// provisioned is one provisioning result and the hub session configuration made from it. It
-// is on the heap, and provisionForRun and afterDPSHub are functions of their own, so that
-// runDPS's frame is small: it is on the device's goroutine as long as the device runs (see
-// startRun).
+// provisioned is one provisioning result and the hub session configuration made from it, kept
+// by the run (loop.go) while its sessions use it.
 type provisioned struct {
 	hc     hub.Config
 	cached bool

@@ -263,13 +263,7 @@ func (d *rebooter) forFirmware(ctx context.Context) error {
 		d.mu.Lock()
 		booted := d.booted
 		d.mu.Unlock()
-		select {
-		case d.simReboot <- struct{}{}:
-		default:
-		}
-		if d.wake != nil {
-			d.wake()
-		}
+		d.askSimulated()
 		select {
 		case <-booted:
 			return nil

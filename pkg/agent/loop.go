@@ -125,7 +125,7 @@ func (ru *run) hubEnded(err error) {
 	ru.provision()
 }
 
-// waiter is one session's loop: what sessionLoop's select waited for, delivered by callbacks.
+// waiter is one session's loop: the events it waits for arrive by callbacks (see above).
 type waiter struct {
 	ru *run
 	r  *sessionRun
@@ -241,7 +241,8 @@ func (w *waiter) poll() (ended bool, why error) {
 		case <-r.reprovision:
 			return true, errReprovision
 		case <-r.simReboot:
-			return true, d.simRebootNow()
+			d.log.Info(MsgSimRebootDisconnecting)
+			return true, errSimulatedReboot
 		case <-d.teleChanged:
 			// Look again: select picks one ready case at random, and an end asked for at the
 			// same time (pending before arm, whose wake found no waker) must not wait for a

@@ -57,7 +57,7 @@ func (c *RebootConfig) check() error {
 	return nil
 }
 
-// errSimulatedReboot is how runSession reports that a simulated reboot was requested.
+// errSimulatedReboot is how a session's loop reports that a simulated reboot was requested.
 var errSimulatedReboot = errors.New("agent: simulated reboot")
 
 // rebootState is reboot-<deviceId>.json in the state directory.
@@ -104,6 +104,18 @@ type rebooter struct {
 	// wake wakes the device's loop after a send on simReboot (nil: nothing to wake).
 	wake       func()
 	justBooted bool
+}
+
+// askSimulated asks the running session's loop for a simulated reboot (one pending at most)
+// and wakes the loop.
+func (d *rebooter) askSimulated() {
+	select {
+	case d.simReboot <- struct{}{}:
+	default:
+	}
+	if d.wake != nil {
+		d.wake()
+	}
 }
 
 func newRebooter(cfg RebootConfig, stateDir, deviceID string, log *zap.Logger, report func(map[string]any)) *rebooter {
@@ -222,7 +234,7 @@ func (d *rebooter) reportTo(ts interface{ Report(map[string]any) error }) {
 }
 
 // handler is the `reboot` direct method: it answers 200 and then reboots (exec: runs the
-// command; simulate: asks runSession to disconnect). A reboot already under way answers 409.
+// command; simulate: asks the session's loop to disconnect). A reboot already under way answers 409.
 func (d *rebooter) handler(requestSimulated func()) methods.Handler {
 	return methods.HandlerFunc(func(_ context.Context, r *methods.Request) methods.Response {
 		if !d.rebooting.CompareAndSwap(false, true) {
