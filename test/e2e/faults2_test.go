@@ -5,8 +5,6 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"strconv"
-	"strings"
 	"testing"
 
 	hubsess "github.com/iothubby/iothubby/pkg/hub"
@@ -78,11 +76,7 @@ func TestFaultsAgentRidesThroughPubackDropAndTokenExpire(t *testing.T) {
 	})
 	seqs := map[int]int{}
 	for _, mid := range got {
-		i := strings.LastIndex(mid, "-")
-		seq, err := strconv.Atoi(mid[i+1:])
-		if i < 0 || err != nil {
-			t.Fatalf("message id %q has no sequence number", mid)
-		}
+		_, seq := msgSeq(t, mid)
 		seqs[seq]++
 	}
 	dups := 0

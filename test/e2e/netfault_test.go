@@ -66,14 +66,10 @@ func checkSequence(t *testing.T, ids []string, n, maxDups int) int {
 	seen := map[string]bool{}
 	dups, next, prefix := 0, 1, ""
 	for _, mid := range ids {
-		i := strings.LastIndex(mid, "-")
-		seq, err := strconv.Atoi(mid[i+1:])
-		if i < 0 || err != nil {
-			t.Fatalf("message id %q has no sequence number", mid)
-		}
+		run, seq := msgSeq(t, mid)
 		if prefix == "" {
-			prefix = mid[:i]
-		} else if mid[:i] != prefix {
+			prefix = run
+		} else if run != prefix {
 			t.Fatalf("message id %q from another run than %q", mid, prefix)
 		}
 		if seen[mid] {
@@ -93,6 +89,17 @@ func checkSequence(t *testing.T, ids []string, n, maxDups int) int {
 		t.Fatalf("%d resent messages, more than %d", dups, maxDups)
 	}
 	return dups
+}
+
+// msgSeq splits an agent's telemetry message id into its run prefix and sequence number.
+func msgSeq(t *testing.T, mid string) (run string, seq int) {
+	t.Helper()
+	i := strings.LastIndex(mid, "-")
+	seq, err := strconv.Atoi(mid[i+1:])
+	if i < 0 || err != nil {
+		t.Fatalf("message id %q has no sequence number", mid)
+	}
+	return mid[:i], seq
 }
 
 // stopClean stops the agent with SIGTERM and returns its stop summary, which must report no
