@@ -161,10 +161,7 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		prof := os.Getenv("BENCH_CPU_PROFILE")
 		allocs := func(name string) {
 			if prof != "" && r == 0 {
-				if f, err := os.Create(prof + ".ramp.fleet." + name); err == nil {
-					_ = p.get(ctx, "/debug/pprof/allocs", f)
-					f.Close()
-				}
+				p.getFile(ctx, "/debug/pprof/allocs", prof+".ramp.fleet."+name)
 			}
 		}
 		allocs("allocs0")
@@ -188,15 +185,9 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 						return
 					case <-time.After(1500 * time.Millisecond):
 					}
-					if f, err := os.Create(prof + ".ramp.fleet.goroutines"); err == nil {
-						_ = p.get(ctx, "/debug/pprof/goroutine?debug=1", f)
-						f.Close()
-					}
+					p.getFile(ctx, "/debug/pprof/goroutine?debug=1", prof+".ramp.fleet.goroutines")
 				}()
-				if f, err := os.Create(prof + ".ramp.fleet"); err == nil {
-					_ = p.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(3, n/150)), f)
-					f.Close()
-				}
+				p.getFile(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(3, n/150)), prof+".ramp.fleet")
 				wg.Wait()
 			}
 		}()
@@ -250,10 +241,7 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		// BENCH_CPU_PROFILE=path: path.dps.fleet is a CPU profile of this round (n/100 s, at
 		// least 3).
 		if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" {
-			if f, err := os.Create(prof + ".dps.fleet"); err == nil {
-				_ = p.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(3, n/100)), f)
-				f.Close()
-			}
+			p.getFile(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(3, n/100)), prof+".dps.fleet")
 		}
 	}()
 	err = p.waitConnected(ctx, n, 10*time.Minute)

@@ -208,6 +208,16 @@ func (p *fleetProc) get(ctx context.Context, path string, w io.Writer) error {
 	return err
 }
 
+// getFile GETs a path of the fleet's metrics server into a new file (the profiles kept for
+// BENCH_CPU_PROFILE and BENCH_HEAP_PROFILE); a profile that cannot be kept changes no figure, so
+// errors are ignored.
+func (p *fleetProc) getFile(ctx context.Context, path, file string) {
+	if f, err := os.Create(file); err == nil {
+		_ = p.get(ctx, path, f)
+		f.Close()
+	}
+}
+
 // goMem makes the fleet collect garbage four times (/debug/pprof/heap?gc=1, as the Go children
 // do with runtime.GC) and reads heap objects (heap_alloc), the rest of heap_inuse, stack_inuse
 // and goroutines from its Go metrics. With BENCH_HEAP_PROFILE set it keeps the heap and goroutine profiles as
@@ -220,10 +230,7 @@ func (p *fleetProc) goMem(ctx context.Context) (goMemFig, error) {
 	}
 	if prof := os.Getenv("BENCH_HEAP_PROFILE"); prof != "" {
 		for _, kind := range []string{"heap", "goroutine"} {
-			if f, err := os.Create(prof + "." + kind + ".fleet"); err == nil {
-				_ = p.get(ctx, "/debug/pprof/"+kind, f)
-				f.Close()
-			}
+			p.getFile(ctx, "/debug/pprof/"+kind, prof+"."+kind+".fleet")
 		}
 	}
 	f, err := p.scrape(ctx)
