@@ -58,13 +58,9 @@ func (s *Server) logTier() {
 		zap.Float64("dps_registrations_per_second", s.cfg.DPSRegistrationRate))
 }
 
-// SetTier changes the tier throttles while hubsim runs: tier "" turns them off. Buckets start
+// SetThrottle changes the tier throttles while hubsim runs (POST/DELETE /hubsim/throttle): a
+// tier and units, with optional per-operation rates; tier "" turns them off. Buckets start
 // full and counters from zero. DPS's rate stays as started.
-func (s *Server) SetTier(tier string, units int) error {
-	return s.SetThrottle(throttle.Request{Tier: tier, Units: units})
-}
-
-// SetThrottle is SetTier with per-operation rate overrides (POST/DELETE /hubsim/throttle).
 func (s *Server) SetThrottle(r throttle.Request) error {
 	if err := s.throttle.Set(r); err != nil {
 		return err
