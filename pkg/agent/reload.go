@@ -16,8 +16,8 @@ import (
 
 // ErrRestartNeeded is returned by Device.Reload when the new configuration changes something a
 // running session cannot take (identity, endpoint, credentials, TLS, connection tuning, queue,
-// method timeout and concurrency, firmware, reboot, state directory): the caller stops this Device and runs a new one with the new configuration, which
-// reconnects.
+// method timeout and concurrency, firmware, reboot, state directory): the caller stops this
+// Device and runs a new one with the new configuration, which reconnects.
 var ErrRestartNeeded = errors.New("agent: the new configuration needs a new session")
 
 // telemetrySettings are what the telemetry loop reads for each message; Reload swaps them
