@@ -116,7 +116,6 @@ type Proxy struct {
 	changed chan struct{}                            // closed and replaced when active changes
 	faults  map[*Fault]struct{}
 	closed  bool
-	down    bool // between Down and Up
 }
 
 // Fault is one active fault. Remove lifts it.
@@ -298,9 +297,6 @@ func (p *Proxy) Blackhole(s ...Stream) (*Fault, error) {
 func (p *Proxy) Down() {
 	p.life.Lock()
 	defer p.life.Unlock()
-	p.mu.Lock()
-	p.down = true
-	p.mu.Unlock()
 	p.proxy.Stop()
 	p.log.Info("netfault: proxy down")
 }
@@ -315,7 +311,6 @@ func (p *Proxy) Up() error {
 		p.mu.Unlock()
 		return errors.New("netfault: up: proxy closed")
 	}
-	p.down = false
 	p.mu.Unlock()
 	p.proxy.Lock()
 	listen := p.proxy.Listen
