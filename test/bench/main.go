@@ -103,7 +103,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	only := fs.String("only", "sas,connect,memory,fleet-memory,twin,dps,methods,tpm,c2d,jobs,eventhubs,durable,recovery", "comma-separated benchmarks to run (sas, connect, memory, fleet-memory, twin, dps, methods, tpm, c2d, jobs, eventhubs, durable, recovery)")
+	only := fs.String("only", "sas,connect,memory,fleet-memory,twin,dps,methods,tpm,c2d,jobs,eventhubs,durable,recovery", "comma-separated benchmarks to run (sas, connect, memory, fleet-memory, fleet-ramp, fleet-cpu, twin, dps, methods, tpm, c2d, jobs, eventhubs, durable, recovery; fleet-ramp and fleet-cpu only when named)")
 	recoveryB2B := fs.Bool("recovery-back-to-back", false, "recovery: kill hubsim as soon as the agent has synced, not once its connection is stable (shows the backoff growing across short-lived connections)")
 	recoveryN := fs.Int("recovery-n", 5, "hubsim SIGKILL+restarts in the recovery benchmark (about 35 s each)")
 	durableN := fs.Int("durable-n", 20000, "telemetry messages per round in the durable queue comparison")
