@@ -127,13 +127,15 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		return err
 	}
 	defer b.close()
+	// BENCH_CPU_PROFILE=path keeps profiles of the first round and of the DPS round (below).
+	prof := os.Getenv("BENCH_CPU_PROFILE")
 	var pahoRates, fleetRates []float64
 	for r := range rounds {
 		cpu0, _ := procCPU(os.Getpid())
 		hcpu0, _ := procCPU(b.ep.PID)
 		stopProf := func() {}
 		// BENCH_CPU_PROFILE=path also keeps a CPU profile of the first paho ramp (this process).
-		if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" && r == 0 {
+		if prof != "" && r == 0 {
 			writeAllocs(prof + ".ramp.paho.allocs0")
 			if f, err := os.Create(prof + ".ramp.paho"); err == nil {
 				if pprof.StartCPUProfile(f) == nil {
@@ -158,7 +160,6 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		if err != nil {
 			return err
 		}
-		prof := os.Getenv("BENCH_CPU_PROFILE")
 		allocs := func(name string) {
 			if prof != "" && r == 0 {
 				p.getFile(ctx, "/debug/pprof/allocs", prof+".ramp.fleet."+name)
@@ -240,7 +241,7 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		defer close(profDone)
 		// BENCH_CPU_PROFILE=path: path.dps.fleet is a CPU profile of this round (n/100 s, at
 		// least 3).
-		if prof := os.Getenv("BENCH_CPU_PROFILE"); prof != "" {
+		if prof != "" {
 			p.getFile(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(3, n/100)), prof+".dps.fleet")
 		}
 	}()
