@@ -3,6 +3,7 @@ package agent_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"runtime"
 	"strings"
 	"testing"
@@ -169,10 +170,11 @@ func TestStartHoldsNoGoroutineWhileIdle(t *testing.T) {
 	d.Start(ctx, func(err error) { exited <- err })
 	waitLog(t, logs, twinsync.MsgTwinSynced)
 	waitLog(t, logs, twinsync.MsgReportedConfirmed)
-	var own []string
-	waitfor.True(t, "no goroutine of the device's own while idle", func() bool {
-		own = ownGoroutines(before)
-		return len(own) == 0
+	waitfor.NoError(t, "no goroutine of the device's own while idle", func() error {
+		if own := ownGoroutines(before); len(own) > 0 {
+			return fmt.Errorf("%d goroutines of the device's own:\n%s", len(own), strings.Join(own, "\n\n"))
+		}
+		return nil
 	})
 
 	second := make(chan error, 1)
