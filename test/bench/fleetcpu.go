@@ -81,14 +81,102 @@ func newFleetBench(ctx context.Context, binDir string, n int, telemetry time.Dur
 	return b, nil
 }
 
-// pahoTLS is the paho swarm's TLS configuration for one ramp: the fleet's (pkg/fleet), so that
-// both sides make the same handshakes: one session cache shared by the swarm (fresh each round,
-// as each fleet round is a fresh process) and the fleet's key exchanges.
-func (b *fleetBench) pahoTLS() *tls.Config {
-	c := b.tlsCfg.Clone()
+// rampTLS is the paho swarm's TLS configuration for one ramp: the fleet's (pkg/fleet), so that
+// both sides make the same handshakes: one session cache shared by the swarm (fresh for each
+// round, as each round is a fresh process on both sides) and the fleet's key exchanges.
+func rampTLS(base *tls.Config) *tls.Config {
+	c := base.Clone()
 	c.ClientSessionCache = tls.NewLRUClientSessionCache(64)
 	c.CurvePreferences = fleet.Curves()
 	return c
+}
+
+// rampPaho is the child side of the ramp comparison: it says READY once loaded, connects the
+// spec's devices as bare paho clients (as holdPaho, 32 dialling at once) when told GO on stdin,
+// says HELD with the nanoseconds that took, and disconnects them when stdin closes.
+func rampPaho(ctx context.Context, spec fleetSpec, tlsCfg *tls.Config, keys []sas.Key) error {
+	fmt.Println("READY")
+	in := bufio.NewScanner(os.Stdin)
+	if !in.Scan() || in.Text() != "GO" {
+		return fmt.Errorf("paho ramp: no GO on stdin")
+	}
+	// BENCH_CHILD_CPU_PROFILE=path keeps a CPU profile of the ramp (path) and allocation
+	// profiles before and after it (path.allocs0, path.allocs1).
+	stopProf := func() {}
+	if prof := os.Getenv("BENCH_CHILD_CPU_PROFILE"); prof != "" {
+		writeAllocs(prof + ".allocs0")
+		if f, err := os.Create(prof); err == nil {
+			if pprof.StartCPUProfile(f) == nil {
+				stopProf = func() { pprof.StopCPUProfile(); f.Close(); writeAllocs(prof + ".allocs1") }
+			} else {
+				f.Close()
+			}
+		}
+	}
+	start := time.Now()
+	clients, err := connectBare(ctx, endpoints.Endpoints{MQTTAddress: spec.MQTTAddress, HubHostName: spec.Host}, rampTLS(tlsCfg), keys)
+	el := time.Since(start)
+	stopProf()
+	defer disconnectAll(clients)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("HELD %d\n", el.Nanoseconds())
+	for in.Scan() {
+	}
+	return nil
+}
+
+// pahoRamp runs one round of the paho swarm in a fresh child process (as the fleet's rounds
+// are) and returns its connect time and CPU seconds, and a release that ends the child. With
+// prof set it keeps the child's CPU profile of the ramp (BENCH_CPU_PROFILE).
+func (b *fleetBench) pahoRamp(ctx context.Context, prof string) (time.Duration, float64, func(), error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	cmd := exec.CommandContext(ctx, self, b.specFile)
+	cmd.Env = append(os.Environ(), childEnv+"=paho-ramp")
+	if prof != "" {
+		cmd.Env = append(cmd.Env, "BENCH_CHILD_CPU_PROFILE="+prof)
+	}
+	c, err := startChild(ctx, cmd)
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	fail := func(err error) (time.Duration, float64, func(), error) {
+		c.stop()
+		return 0, 0, nil, fmt.Errorf("paho swarm: %w", err)
+	}
+	if _, err := c.expect("BASE", time.Minute); err != nil {
+		return fail(err)
+	}
+	if _, err := c.expect("READY", time.Minute); err != nil {
+		return fail(err)
+	}
+	cpu0, err := procCPU(c.cmd.Process.Pid)
+	if err != nil {
+		return fail(err)
+	}
+	if _, err := fmt.Fprintln(c.stdin, "GO"); err != nil {
+		return fail(err)
+	}
+	f, err := c.expect("HELD", 10*time.Minute)
+	if err != nil {
+		return fail(err)
+	}
+	cpu1, err := procCPU(c.cmd.Process.Pid)
+	if err != nil {
+		return fail(err)
+	}
+	if len(f) != 1 {
+		return fail(fmt.Errorf("HELD %q", f))
+	}
+	ns, err := strconv.ParseInt(f[0], 10, 64)
+	if err != nil {
+		return fail(err)
+	}
+	return time.Duration(ns), cpu1 - cpu0, c.stop, nil
 }
 
 func (b *fleetBench) close() {
@@ -118,9 +206,10 @@ func (b *fleetBench) fleetRound(ctx context.Context, binDir string, f fleetFile,
 // benchFleetRamp compares how fast `agent fleet` connects n devices whose identities are
 // already in the registry (connection strings; connectRate far above what is reached) with a
 // plain paho swarm (32 dialling at once, each CONNECT + the four device subscriptions) against
-// the same hubsim, alternating rounds; medians of devices per second are compared. The fleet's
-// time runs from its "serving metrics" line (its devices are created, none started) to all n
-// connected in its metrics.
+// the same hubsim, alternating rounds after one unmeasured warm-up round of the swarm; medians
+// of devices per second are compared. Each round of each side is a fresh process: the swarm's
+// time runs from its GO (its keys are parsed) to all n subscribed, the fleet's from its "serving
+// metrics" line (its devices are created, none started) to all n connected in its metrics.
 func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report func(string, float64, bool, string)) error {
 	b, err := newFleetBench(ctx, binDir, n, 0)
 	if err != nil {
@@ -130,31 +219,25 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 	// BENCH_CPU_PROFILE=path keeps profiles of the first round and of the DPS round (below).
 	prof := os.Getenv("BENCH_CPU_PROFILE")
 	var pahoRates, fleetRates []float64
-	for r := range rounds {
-		cpu0, _ := procCPU(os.Getpid())
-		hcpu0, _ := procCPU(b.ep.PID)
-		stopProf := func() {}
-		// BENCH_CPU_PROFILE=path also keeps a CPU profile of the first paho ramp (this process).
-		if prof != "" && r == 0 {
-			writeAllocs(prof + ".ramp.paho.allocs0")
-			if f, err := os.Create(prof + ".ramp.paho"); err == nil {
-				if pprof.StartCPUProfile(f) == nil {
-					stopProf = func() { pprof.StopCPUProfile(); f.Close(); writeAllocs(prof + ".ramp.paho.allocs1") }
-				} else {
-					f.Close()
-				}
-			}
-		}
-		start := time.Now()
-		release, err := holdPaho(ctx, b.ep, b.pahoTLS(), b.keys)
-		el := time.Since(start)
-		stopProf()
-		cpu1, _ := procCPU(os.Getpid())
-		hcpu1, _ := procCPU(b.ep.PID)
+	// Warm-up, not measured: the first connection of each device costs hubsim more (its heap
+	// grows, its per-device state is made), and would burden whichever side went first.
+	if _, _, release, err := b.pahoRamp(ctx, ""); err != nil {
+		return fmt.Errorf("warm-up: %w", err)
+	} else {
 		release()
-		if err != nil {
-			return fmt.Errorf("paho round %d: %w", r, err)
+	}
+	for r := range rounds {
+		childProf := ""
+		if prof != "" && r == 0 {
+			childProf = prof + ".ramp.paho"
 		}
+		hcpu0, _ := procCPU(b.ep.PID)
+		el, pcpu, release, err := b.pahoRamp(ctx, childProf)
+		hcpu1, _ := procCPU(b.ep.PID)
+		if err != nil {
+			return fmt.Errorf("round %d: %w", r, err)
+		}
+		release()
 		pahoRates = append(pahoRates, float64(n)/el.Seconds())
 		p, stop, err := b.fleetRound(ctx, binDir, fleetFile{count: n, connectRate: 1e6})
 		if err != nil {
@@ -168,7 +251,7 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		allocs("allocs0")
 		fcpu0, _ := procCPU(p.pid())
 		fhcpu0, _ := procCPU(b.ep.PID)
-		start = time.Now()
+		start := time.Now()
 		profDone := make(chan struct{})
 		go func() {
 			defer close(profDone)
@@ -208,7 +291,7 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 		fleetRates = append(fleetRates, float64(n)/fel.Seconds())
 		ms := func(a, b float64) float64 { return (b - a) * 1000 / float64(n) }
 		fmt.Printf("fleet-ramp: round %d: paho swarm %.0f connects/s (ms CPU per connect: %.2f swarm, %.2f hubsim), agent fleet %.0f connects/s (ms CPU per connect: %.2f fleet, %.2f hubsim)\n",
-			r, pahoRates[r], ms(cpu0, cpu1), ms(hcpu0, hcpu1), fleetRates[r], ms(fcpu0, fcpu1), ms(fhcpu0, fhcpu1))
+			r, pahoRates[r], ms(0, pcpu), ms(hcpu0, hcpu1), fleetRates[r], ms(fcpu0, fcpu1), ms(fhcpu0, fhcpu1))
 	}
 	ratio := median(fleetRates) / median(pahoRates)
 	report("fleet ramp connects/s / paho", ratio, ratio >= 0.8, ">= 0.8")

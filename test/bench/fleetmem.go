@@ -247,6 +247,8 @@ func runFleetChild(kind, specFile string) error {
 		release, err = holdPaho(ctx, endpoints.Endpoints{MQTTAddress: spec.MQTTAddress, HubHostName: spec.Host}, tlsCfg, keys)
 	case "paho-telemetry":
 		return holdPahoTelemetry(ctx, spec, tlsCfg, keys)
+	case "paho-ramp":
+		return rampPaho(ctx, spec, tlsCfg, keys)
 	default:
 		return fmt.Errorf("unknown child %q", kind)
 	}
