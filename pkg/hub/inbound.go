@@ -14,7 +14,34 @@ import (
 
 // onMessage is paho's handler for every inbound publish on c. It runs on paho's router goroutine
 // and never blocks: it parses, hands over through bounded queues and acknowledges.
+//
+// paho's router goroutine lives as long as the connection, and the runtime keeps a goroutine's
+// stack at the largest size it ever needed (it halves it at a GC only while less than a quarter
+// is in use): one deep call here, on the twin response every connect brings, would cost 2 KiB
+// more per device for good. So the common topics take wire.ParseQuick and small frames; Parse,
+// the C2D decoding and the log calls (zap fields are 64 bytes each) are kept out of this frame,
+// in functions that are not inlined.
 func (s *Session) onMessage(c *conn, m paho.Message) {
+	q := wire.ParseQuick(m.Topic())
+	switch q.Kind {
+	case wire.KindTwinResponse:
+		s.onTwinResponse(c, &q, m.Payload())
+	case wire.KindTwinDesired:
+		s.onDesired(q.Version, m.Payload())
+	case wire.KindMethodRequest:
+		s.onMethodRequest(c, &q, m.Payload())
+	default:
+		s.onOtherMessage(c, m)
+		return
+	}
+	m.Ack()
+}
+
+// onOtherMessage handles what wire.ParseQuick leaves to wire.Parse: cloud-to-device messages,
+// unusual spellings of the common topics and topics that are not the hub's.
+//
+//go:noinline
+func (s *Session) onOtherMessage(c *conn, m paho.Message) {
 	t, err := wire.Parse(m.Topic())
 	if err != nil {
 		s.stats.badTopics.Add(1)
@@ -24,14 +51,8 @@ func (s *Session) onMessage(c *conn, m paho.Message) {
 	}
 	switch t.Kind {
 	case wire.KindTwinResponse:
-		resp := Response{RequestID: t.RequestID, Status: t.Status, Version: t.Version,
-			HasVersion: t.HasVersion, Body: m.Payload()}
-		if !s.reqs.resolve(c, t.RequestID, resp) {
-			s.stats.unknownResponses.Add(1)
-			s.log.Debug("twin response for an unknown $rid dropped", zap.String("rid", t.RequestID), zap.Int("status", t.Status))
-		} else if c.draining.Load() {
-			s.poke() // the renewal waits for the connection's requests to finish
-		}
+		q := wire.Quick{Kind: t.Kind, Status: t.Status, Version: t.Version, HasVersion: t.HasVersion, RequestID: t.RequestID}
+		s.onTwinResponse(c, &q, m.Payload())
 	case wire.KindC2D:
 		if !s.pushInbound(event{c2d: newC2D(m.Topic(), t, m.Payload())}) {
 			// Not acknowledged: the hub delivers it again after a reconnect.
@@ -39,28 +60,74 @@ func (s *Session) onMessage(c *conn, m paho.Message) {
 			return
 		}
 	case wire.KindTwinDesired:
-		if !s.pushInbound(event{desired: &DesiredPatch{Version: t.Version, Body: m.Payload()}}) {
-			s.log.Warn("inbound queue full: desired patch dropped", zap.Int64("version", t.Version))
-		}
+		s.onDesired(t.Version, m.Payload())
 	case wire.KindMethodRequest:
-		switch c.takeMethod(t.RequestID) {
-		case methodConnEnded:
-			s.log.Debug("method request on a closed connection dropped", zap.String("rid", t.RequestID))
-		case methodDuplicate:
-			s.log.Debug("duplicate method request ignored", zap.String("rid", t.RequestID))
-		case methodTooMany:
-			s.stats.droppedInbound.Add(1)
-			s.log.Warn("too many unanswered method requests: request dropped", zap.String("method", t.Method))
-		default:
-			if !s.pushInbound(event{method: &MethodRequest{Name: t.Method, RequestID: t.RequestID, Payload: m.Payload()}}) {
-				c.forgetMethod(t.RequestID)
-				s.log.Warn("inbound queue full: method request dropped", zap.String("method", t.Method))
-			}
-		}
+		q := wire.Quick{Kind: t.Kind, Method: t.Method, RequestID: t.RequestID}
+		s.onMethodRequest(c, &q, m.Payload())
 	default:
 		s.stats.badTopics.Add(1)
 	}
 	m.Ack()
+}
+
+// onTwinResponse passes a twin response to the request waiting for it.
+func (s *Session) onTwinResponse(c *conn, q *wire.Quick, body []byte) {
+	if !s.reqs.resolve(c, q, body) {
+		s.stats.unknownResponses.Add(1)
+		s.logUnknownResponse(q.RequestID, q.Status)
+	} else if c.draining.Load() {
+		s.poke() // the renewal waits for the connection's requests to finish
+	}
+}
+
+// onDesired queues a desired-properties patch for the dispatcher.
+func (s *Session) onDesired(version int64, body []byte) {
+	if !s.pushInbound(event{desired: &DesiredPatch{Version: version, Body: body}}) {
+		s.logInboundFull("desired patch dropped", "", version)
+	}
+}
+
+// onMethodRequest queues a direct-method call for the dispatcher, once per $rid.
+func (s *Session) onMethodRequest(c *conn, q *wire.Quick, payload []byte) {
+	method, rid := q.Method, q.RequestID
+	switch st := c.takeMethod(rid); st {
+	case methodConnEnded, methodDuplicate, methodTooMany:
+		s.logMethodRefused(st, method, rid)
+	default:
+		if !s.pushInbound(event{method: &MethodRequest{Name: method, RequestID: rid, Payload: payload}}) {
+			c.forgetMethod(rid)
+			s.logInboundFull("method request dropped", method, 0)
+		}
+	}
+}
+
+//go:noinline
+func (s *Session) logUnknownResponse(rid string, status int) {
+	s.log.Debug("twin response for an unknown $rid dropped", zap.String("rid", rid), zap.Int("status", status))
+}
+
+//go:noinline
+func (s *Session) logMethodRefused(st methodOutcome, method, rid string) {
+	switch st {
+	case methodConnEnded:
+		s.log.Debug("method request on a closed connection dropped", zap.String("rid", rid))
+	case methodDuplicate:
+		s.log.Debug("duplicate method request ignored", zap.String("rid", rid))
+	case methodTooMany:
+		s.stats.droppedInbound.Add(1)
+		s.log.Warn("too many unanswered method requests: request dropped", zap.String("method", method))
+	}
+}
+
+// logInboundFull logs an inbound event dropped because the dispatcher's queue is full.
+//
+//go:noinline
+func (s *Session) logInboundFull(what, method string, version int64) {
+	if method != "" {
+		s.log.Warn("inbound queue full: "+what, zap.String("method", method))
+		return
+	}
+	s.log.Warn("inbound queue full: "+what, zap.Int64("version", version))
 }
 
 // setStatus records, logs and reports a status change.

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"strconv"
 	"sync"
+
+	"github.com/iothubby/iothubby/pkg/wire"
 )
 
 // errConnGone means a request was about to be registered on a connection that has ended; the
@@ -57,18 +59,20 @@ func (r *requests) add(c *conn) (string, *pendingReq, error) {
 	return rid, p, nil
 }
 
-// resolve answers request rid with resp if it is pending on c; false for an unknown, expired
-// or foreign $rid. It never blocks (paho's router calls it).
-func (r *requests) resolve(c *conn, rid string, resp Response) bool {
+// resolve answers the request q.RequestID with the twin response q (body its payload) if it is
+// pending on c; false for an unknown, expired or other connection's $rid. It runs on paho's
+// router goroutine: the Response is built here, in one small frame, not passed down by value.
+func (r *requests) resolve(c *conn, q *wire.Quick, body []byte) bool {
 	r.mu.Lock()
-	p := r.pending[rid]
+	p := r.pending[q.RequestID]
 	if p == nil || p.c != c {
 		r.mu.Unlock()
 		return false
 	}
-	delete(r.pending, rid)
+	delete(r.pending, q.RequestID)
 	r.mu.Unlock()
-	p.ch <- reqResult{resp: resp}
+	p.ch <- reqResult{resp: Response{RequestID: q.RequestID, Status: q.Status, Version: q.Version,
+		HasVersion: q.HasVersion, Body: body}}
 	return true
 }
 

@@ -361,13 +361,30 @@ func ValidateMethodName(name string) error {
 		return fmt.Errorf("%w: method name must be 1 to 128 characters", ErrTopic)
 	}
 	for i := 0; i < len(name); i++ {
-		c := name[i]
-		// HTTP token separators, and the MQTT wildcards: the name goes raw into a topic name.
-		if c <= ' ' || c >= 0x7f || strings.IndexByte(`$()<>@,;:\"/[]?={}+#`, c) >= 0 {
+		if c := name[i]; !methodNameByte(c) {
 			return fmt.Errorf("%w: method name has invalid character %q", ErrTopic, c)
 		}
 	}
 	return nil
+}
+
+// methodNameOK is ValidateMethodName without the error, for ParseQuick.
+func methodNameOK(name string) bool {
+	if name == "" || len(name) > 128 {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		if !methodNameByte(name[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// methodNameByte reports whether c may appear in a direct method's name: printable US-ASCII
+// except HTTP token separators and the MQTT wildcards (the name goes raw into a topic name).
+func methodNameByte(c byte) bool {
+	return c > ' ' && c < 0x7f && strings.IndexByte(`$()<>@,;:\"/[]?={}+#`, c) < 0
 }
 
 // FilterKind says what a subscription filter subscribes to.
