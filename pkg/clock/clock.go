@@ -9,10 +9,15 @@ import "time"
 type Clock interface {
 	Now() time.Time
 	NewTimer(d time.Duration) Timer
+	// AfterFunc calls f on a goroutine of its own once d has passed, as time.AfterFunc does.
+	// The returned Timer's C is nil; Reset arms it to call f again, Stop cancels a call not yet
+	// started (one already started runs on).
+	AfterFunc(d time.Duration, f func()) Timer
 }
 
-// Timer is a resettable timer as returned by Clock.NewTimer.
+// Timer is a resettable timer as returned by Clock.NewTimer and Clock.AfterFunc.
 type Timer interface {
+	// C delivers the time when the timer fires; nil for a timer made by AfterFunc.
 	C() <-chan time.Time
 	// Reset re-arms the timer to fire d from now. As with time.Timer since Go 1.23, no stale
 	// value is left in C after Reset or Stop.
@@ -28,6 +33,10 @@ type realClock struct{}
 func (realClock) Now() time.Time { return time.Now() }
 func (realClock) NewTimer(d time.Duration) Timer {
 	return realTimer{time.NewTimer(d)}
+}
+
+func (realClock) AfterFunc(d time.Duration, f func()) Timer {
+	return realTimer{time.AfterFunc(d, f)}
 }
 
 type realTimer struct{ t *time.Timer }

@@ -38,6 +38,15 @@ func (f *Fake) NewTimer(d time.Duration) Timer {
 	return t
 }
 
+// AfterFunc returns a timer that calls f, on a goroutine of its own, when the fake time reaches
+// Now()+d (at once for d <= 0), as time.AfterFunc does. It is armed, and counted by Armed,
+// WaitArmed and WaitTimer, like the timers of NewTimer; Advance and AdvanceToNext fire it.
+func (f *Fake) AfterFunc(d time.Duration, fn func()) Timer {
+	t := &fakeTimer{f: f, fn: fn}
+	t.Reset(d)
+	return t
+}
+
 // Advance moves the fake time forward by d and fires, in deadline order, every timer due by
 // then. A fired timer's channel receives its deadline.
 func (f *Fake) Advance(d time.Duration) {
@@ -138,6 +147,10 @@ func (f *Fake) fireLocked() {
 	slices.SortStableFunc(due, func(a, b *fakeTimer) int { return a.at.Compare(b.at) })
 	for _, t := range due {
 		t.armed = false
+		if t.fn != nil {
+			go t.fn() // never under f.mu: fn may use the clock
+			continue
+		}
 		select {
 		case t.c <- t.at:
 		default:
@@ -157,9 +170,10 @@ func (f *Fake) removeLocked(t *fakeTimer) {
 
 type fakeTimer struct {
 	f     *Fake
-	c     chan time.Time
-	at    time.Time // guarded by f.mu
-	armed bool      // guarded by f.mu
+	c     chan time.Time // nil for AfterFunc
+	fn    func()         // AfterFunc's function; nil for NewTimer
+	at    time.Time      // guarded by f.mu
+	armed bool           // guarded by f.mu
 }
 
 func (t *fakeTimer) C() <-chan time.Time { return t.c }
@@ -191,6 +205,9 @@ func (t *fakeTimer) Stop() {
 // drain empties the channel, so no stale value is left after Reset or Stop (as with time.Timer
 // since Go 1.23).
 func (t *fakeTimer) drain() {
+	if t.c == nil {
+		return
+	}
 	select {
 	case <-t.c:
 	default:

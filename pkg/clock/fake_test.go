@@ -150,3 +150,124 @@ func TestRealClockTimer(t *testing.T) {
 		t.Fatal("real timer never fired")
 	}
 }
+
+// calls returns an AfterFunc function that reports each call on the returned channel.
+func calls() (func(), chan struct{}) {
+	ch := make(chan struct{}, 8)
+	return func() { ch <- struct{}{} }, ch
+}
+
+func wantCall(t *testing.T, ch chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: the function was not called", what)
+	}
+}
+
+// noCall checks that no call has been made. The fake starts f on a goroutine of its own as it
+// fires; fired timers leave Armed at once, so a timer still armed has not started f.
+func noCall(t *testing.T, ch chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+		t.Fatalf("%s: the function was called", what)
+	default:
+	}
+}
+
+func TestFakeAfterFuncFiresWhenDueAndIsCounted(t *testing.T) {
+	f := clock.NewFake(t0)
+	fn, ch := calls()
+	tm := f.AfterFunc(10*time.Second, fn)
+	if tm.C() != nil {
+		t.Error("an AfterFunc timer has a channel")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := f.WaitTimer(ctx, t0.Add(10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	f.Advance(9 * time.Second)
+	if got := f.Armed(); len(got) != 1 || !got[0].Equal(t0.Add(10*time.Second)) {
+		t.Fatalf("armed %v after 9s, want the AfterFunc at 10s", got)
+	}
+	noCall(t, ch, "1s early")
+	f.Advance(time.Second)
+	wantCall(t, ch, "due")
+	if n := len(f.Armed()); n != 0 {
+		t.Errorf("%d timers armed after the AfterFunc fired", n)
+	}
+	f.Advance(time.Hour)
+	tm.Reset(time.Second)
+	if d, ok := f.AdvanceToNext(); !ok || d != time.Second {
+		t.Fatalf("AdvanceToNext = %v %v, want the re-armed AfterFunc 1s away", d, ok)
+	}
+	wantCall(t, ch, "after Reset")
+	noCall(t, ch, "called twice for one arming")
+}
+
+func TestFakeAfterFuncStopAndImmediate(t *testing.T) {
+	f := clock.NewFake(t0)
+	fn, ch := calls()
+	tm := f.AfterFunc(time.Second, fn)
+	tm.Stop()
+	if n := len(f.Armed()); n != 0 {
+		t.Fatalf("%d timers armed after Stop", n)
+	}
+	f.Advance(time.Hour)
+	if _, ok := f.AdvanceToNext(); ok {
+		t.Fatal("a stopped AfterFunc is still armed")
+	}
+	noCall(t, ch, "stopped")
+	tm.Reset(0)
+	wantCall(t, ch, "Reset(0)")
+	f.AfterFunc(-time.Second, fn)
+	wantCall(t, ch, "AfterFunc with a negative duration")
+}
+
+// The function runs without the fake's lock held: it may use the clock (re-arm itself).
+func TestFakeAfterFuncMayUseTheClock(t *testing.T) {
+	f := clock.NewFake(t0)
+	done := make(chan time.Time, 1)
+	var tm clock.Timer
+	n := 0
+	armed := make(chan struct{})
+	tm = f.AfterFunc(time.Second, func() {
+		<-armed
+		n++
+		if n < 3 {
+			tm.Reset(time.Second)
+			return
+		}
+		done <- f.Now()
+	})
+	close(armed)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := 1; i <= 3; i++ {
+		if err := f.WaitTimer(ctx, t0.Add(time.Duration(i)*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		f.Advance(time.Second)
+	}
+	select {
+	case at := <-done:
+		if !at.Equal(t0.Add(3 * time.Second)) {
+			t.Errorf("third call at %v, want t0+3s", at)
+		}
+	case <-ctx.Done():
+		t.Fatal("the self-re-arming function did not run three times")
+	}
+}
+
+func TestRealClockAfterFunc(t *testing.T) {
+	fn, ch := calls()
+	tm := clock.Real().AfterFunc(time.Millisecond, fn)
+	defer tm.Stop()
+	if tm.C() != nil {
+		t.Error("a real AfterFunc timer has a channel")
+	}
+	wantCall(t, ch, "real AfterFunc")
+}
