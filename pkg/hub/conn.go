@@ -33,6 +33,7 @@ var errConnClosed = errors.New("hub: connection closed")
 type conn struct {
 	client    paho.Client
 	onMessage func(*conn, paho.Message)
+	onEnd     func() // called once the connection has ended (after done is closed); may be nil
 
 	// SAS token expiry and the time to renew it; zero for X.509. Set before dial returns.
 	expiry  time.Time
@@ -79,13 +80,15 @@ type dialParams struct {
 	now     time.Time // the clock's time, for the SAS token's expiry and renewal
 	// onMessage handles every inbound publish on paho's router goroutine; it must not block.
 	onMessage func(*conn, paho.Message)
+	// onEnd is called when the connection has ended; it must not block.
+	onEnd func()
 }
 
 // dial opens one connection: SAS token, TCP, TLS and CONNECT/CONNACK. Cancelling ctx abandons
 // the attempt. It does not subscribe.
 func dial(ctx context.Context, p dialParams) (*conn, error) {
 	cfg := p.cfg
-	c := &conn{done: make(chan struct{}), methods: make(map[string]struct{}), onMessage: p.onMessage}
+	c := &conn{done: make(chan struct{}), methods: make(map[string]struct{}), onMessage: p.onMessage, onEnd: p.onEnd}
 	opts := paho.NewClientOptions()
 	opts.AddBroker("ssl://" + cfg.Address)
 	opts.SetClientID(cfg.ClientID())
@@ -212,7 +215,7 @@ func (c *conn) Err() error {
 	}
 }
 
-// end records the connection's end once and forgets its method requests.
+// end records the connection's end once, forgets its method requests and calls onEnd.
 func (c *conn) end(err error) {
 	c.doneOnce.Do(func() {
 		c.err = err
@@ -220,6 +223,9 @@ func (c *conn) end(err error) {
 		c.methods = nil
 		c.mu.Unlock()
 		close(c.done)
+		if c.onEnd != nil {
+			c.onEnd()
+		}
 	})
 }
 

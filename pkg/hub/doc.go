@@ -32,9 +32,11 @@
 // own deadlines (dial, TLS, paho's CONNACK and ping waits) are on the wall clock.
 //
 // Goroutines: a session runs one of its own (the supervisor) on top of paho's per-connection
-// ones, plus a dispatcher that exists only while handler events are waiting and a dial
-// goroutine that exists only while a connection is being opened, so an idle device in a fleet
-// costs one goroutine beyond paho's. No paho callback blocks or waits on a token: callbacks only
+// ones while it connects, waits to reconnect or has messages in flight; while connected and
+// idle the supervisor parks without a goroutine and the next event (telemetry, a method answer,
+// the connection's end, Close, the renewal time) resumes it on a fresh one. A dispatcher exists
+// only while handler events are waiting and a dial goroutine only while a connection is being
+// opened, so an idle, connected device in a fleet costs no goroutine beyond paho's. No paho callback blocks or waits on a token: callbacks only
 // hand events over through bounded, non-blocking queues. [Session.Close] drains the telemetry
 // queue within a deadline, fails what is left, sends MQTT DISCONNECT and waits for every
 // goroutine it started.

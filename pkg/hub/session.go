@@ -67,6 +67,11 @@ type Session struct {
 	timer   Timer     // the supervisor's one timer
 	armedAt time.Time // when timer is set to fire; zero when stopped or fired
 
+	sv        supervisor // the supervisor's state across parks
+	parked    bool       // the supervisor is parked (no goroutine) serving parkedOn; under mu
+	parkedOn  *conn
+	parkTimer Timer // wakes a parked supervisor (Clock.AfterFunc, made at the first park); under mu
+
 	// Dispatcher queue. The dispatcher goroutine runs only while events are waiting: an idle
 	// device (the common case in a fleet) costs no goroutine for it.
 	evMu        sync.Mutex
@@ -136,7 +141,7 @@ func New(cfg Config) (*Session, error) {
 	s.timer = s.clock.NewTimer(time.Hour)
 	s.timer.Stop()
 	s.wg.Add(1)
-	go s.supervise()
+	go s.supervise(nil)
 	return s, nil
 }
 
@@ -313,11 +318,13 @@ func (s *Session) enqueue(om *outMsg) error {
 	return nil
 }
 
+// poke wakes the supervisor: telemetry, request or method-answer state changed.
 func (s *Session) poke() {
 	select {
 	case s.wake <- struct{}{}:
 	default:
 	}
+	s.unpark()
 }
 
 // Request publishes a twin request with a fresh $rid and waits for the matching response on
@@ -512,11 +519,15 @@ func (s *Session) Close(ctx context.Context) error {
 	s.closeOnce.Do(func() {
 		s.q.refuse(ErrClosed)
 		close(s.closeCh)
+		s.unpark()
 	})
 	select {
 	case <-s.done:
 	case <-ctx.Done():
-		s.abortOnce.Do(func() { close(s.abortCh) })
+		s.abortOnce.Do(func() {
+			close(s.abortCh)
+			s.unpark()
+		})
 		<-s.done
 	}
 	s.wg.Wait()

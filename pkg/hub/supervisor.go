@@ -14,7 +14,10 @@ import (
 
 // The supervisor is the session's one goroutine: it stays connected (connect, backoff, token
 // renewal, retry expiry) and drives the telemetry queue on the live connection. All its waits
-// are on one timer from the session's Clock.
+// are on one timer from the session's Clock. While a connection is up and idle (nothing in
+// flight) it parks: its goroutine returns, and the next event (telemetry, a method answer, the
+// connection's end, Close, the renewal time) resumes it on a fresh one. A fleet holds thousands
+// of idle devices, and a goroutine waiting in serve costs a 4 KiB stack each.
 
 type endReason uint8
 
@@ -22,6 +25,7 @@ const (
 	endLost endReason = iota
 	endRenew
 	endClose
+	endPark // not an end: the supervisor has parked (the connection stays up)
 )
 
 var (
@@ -115,85 +119,160 @@ func (s *Session) identityStatus(w *identityWatch, st Status, upFor time.Duratio
 	return st
 }
 
-// supervise is the supervisor goroutine.
-func (s *Session) supervise() {
-	defer s.wg.Done()
-	var (
-		fatal        error
-		attempt      int
-		failingSince time.Time
-		ident        identityWatch
-	)
-	defer func() { s.finish(fatal) }()
+// supervisor is the state of the session's supervisor that outlives its goroutine: the
+// supervisor parks (its goroutine returns) while a connection is up and idle, and a fresh
+// goroutine resumes it at the next event (see park). Only the goroutine running the supervisor
+// touches it; parking and resuming hand it over under Session.mu.
+type supervisor struct {
+	attempt      int       // reconnect attempts since the last stable connection
+	failingSince time.Time // first failed attempt of the current outage; zero when connected
+	ident        identityWatch
+	upAt         time.Time // when the served connection came up
+}
+
+// supervise runs the supervisor on a goroutine of its own: from the first connect when c is
+// nil (New), or serving c when it resumes a parked supervisor. The session's WaitGroup counts
+// one for the supervisor from New until finish, across parks: a parked supervisor is still
+// running as far as Close is concerned.
+func (s *Session) supervise(c *conn) {
+	fatal, parked := s.superviseLoop(c)
+	if parked {
+		return
+	}
+	s.finish(fatal)
+	s.wg.Done()
+}
+
+// superviseLoop connects, serves and reconnects until the session stops (it returns the fatal
+// error, nil after Close) or the supervisor parks (parked).
+func (s *Session) superviseLoop(c *conn) (fatal error, parked bool) {
+	sv := &s.sv
 	for {
-		if s.shouldStop() {
-			return
+		if c == nil {
+			if s.shouldStop() {
+				return nil, false
+			}
+			var err error
+			c, err = s.connect()
+			if err != nil {
+				if errors.Is(err, errAborted) {
+					return nil, false
+				}
+				s.stats.connectFailures.Add(1)
+				st := Status{State: DisconnectedRetrying, Reason: classify(err), Err: err}
+				switch {
+				case errors.Is(err, ErrNotAuthorized), errors.Is(err, ErrConnectionRefused):
+					s.setStatus(Status{State: Disconnected, Reason: BadCredential, Err: err})
+					return err, false
+				case errors.Is(err, ErrTLSVerify):
+					s.setStatus(Status{State: Disconnected, Reason: CommunicationError, Err: err})
+					return err, false
+				}
+				now := s.clock.Now()
+				if sv.failingSince.IsZero() {
+					sv.failingSince = now
+				}
+				if s.cfg.RetryTimeout > 0 && now.Sub(sv.failingSince) >= s.cfg.RetryTimeout {
+					fatal = fmt.Errorf("%w after %v: %w", ErrRetryExpired, s.cfg.RetryTimeout, err)
+					s.setStatus(Status{State: Disconnected, Reason: RetryExpired, Err: fatal})
+					return fatal, false
+				}
+				var lac *lostAfterConnack
+				if errors.As(err, &lac) {
+					st = s.identityStatus(&sv.ident, st, 0)
+				}
+				st.RetryIn = s.backoff.Delay(sv.attempt, s.cfg.Rand())
+				sv.attempt++
+				st.Attempt = sv.attempt
+				if !s.sleep(st) {
+					return nil, false
+				}
+				continue
+			}
+			sv.failingSince = time.Time{}
+			sv.upAt = s.clock.Now()
+			s.stats.connects.Add(1)
+			s.setStatus(Status{State: Connected, Reason: ConnectionOK})
 		}
-		c, err := s.connect()
-		if err != nil {
-			if errors.Is(err, errAborted) {
-				return
-			}
-			s.stats.connectFailures.Add(1)
-			st := Status{State: DisconnectedRetrying, Reason: classify(err), Err: err}
-			switch {
-			case errors.Is(err, ErrNotAuthorized), errors.Is(err, ErrConnectionRefused):
-				fatal = err
-				s.setStatus(Status{State: Disconnected, Reason: BadCredential, Err: err})
-				return
-			case errors.Is(err, ErrTLSVerify):
-				fatal = err
-				s.setStatus(Status{State: Disconnected, Reason: CommunicationError, Err: err})
-				return
-			}
-			now := s.clock.Now()
-			if failingSince.IsZero() {
-				failingSince = now
-			}
-			if s.cfg.RetryTimeout > 0 && now.Sub(failingSince) >= s.cfg.RetryTimeout {
-				fatal = fmt.Errorf("%w after %v: %w", ErrRetryExpired, s.cfg.RetryTimeout, err)
-				s.setStatus(Status{State: Disconnected, Reason: RetryExpired, Err: fatal})
-				return
-			}
-			var lac *lostAfterConnack
-			if errors.As(err, &lac) {
-				st = s.identityStatus(&ident, st, 0)
-			}
-			st.RetryIn = s.backoff.Delay(attempt, s.cfg.Rand())
-			attempt++
-			st.Attempt = attempt
-			if !s.sleep(st) {
-				return
-			}
-			continue
-		}
-		failingSince = time.Time{}
-		upAt := s.clock.Now()
-		s.stats.connects.Add(1)
-		s.setStatus(Status{State: Connected, Reason: ConnectionOK})
 		why, err := s.serve(c)
+		if why == endPark {
+			return nil, true
+		}
 		s.teardown(c, why, err)
+		c = nil
 		switch why {
 		case endClose:
-			return
+			return nil, false
 		case endRenew:
 			s.stats.renewals.Add(1)
 			s.setStatus(Status{State: DisconnectedRetrying, Reason: ExpiredSASToken})
 			continue // reconnect at once: planned, not a failure
 		}
 		s.stats.connLost.Add(1)
-		upFor := s.clock.Now().Sub(upAt)
+		upFor := s.clock.Now().Sub(sv.upAt)
 		if upFor >= StableAfter {
-			attempt = 0
+			sv.attempt = 0
 		}
-		st := s.identityStatus(&ident, Status{State: DisconnectedRetrying, Reason: CommunicationError, Err: err}, upFor)
-		st.RetryIn = s.backoff.Delay(attempt, s.cfg.Rand())
-		attempt++
-		st.Attempt = attempt
+		st := s.identityStatus(&sv.ident, Status{State: DisconnectedRetrying, Reason: CommunicationError, Err: err}, upFor)
+		st.RetryIn = s.backoff.Delay(sv.attempt, s.cfg.Rand())
+		sv.attempt++
+		st.Attempt = sv.attempt
 		if !s.sleep(st) {
-			return
+			return nil, false
 		}
 	}
+}
+
+// park parks the supervisor serving c, which is idle: nothing in flight, no method answer
+// waiting to be written, no renewal under way. It reports false, leaving the supervisor to
+// go on waiting itself, when an event is already there: a wake-up, c's end, Close or the
+// abort. Parked, the supervisor has no goroutine; unpark starts one to resume it when an event
+// comes: poke (telemetry, a request dropped, a method answer), c's end (conn's onEnd), Close
+// and the abort, and the park timer set for at (the token renewal; zero: none).
+//
+// Each event's side signals first (the wake channel, c.done, closeCh, abortCh) and then calls
+// unpark, which looks at parked under mu; park looks at the signals under mu before it sets
+// parked. Either the event is seen here, or unpark finds the supervisor parked: no wake-up is
+// lost, and only the unpark that clears parked starts a goroutine.
+func (s *Session) park(c *conn, at time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.wake) > 0 || c.Err() != nil || s.closing() || s.aborting() {
+		return false
+	}
+	s.disarm() // before parked is set: a resumed supervisor owns the timer
+	s.parked, s.parkedOn = true, c
+	if at.IsZero() {
+		if s.parkTimer != nil {
+			s.parkTimer.Stop()
+		}
+		return true
+	}
+	d := max(at.Sub(s.clock.Now()), 0)
+	if s.parkTimer == nil {
+		s.parkTimer = s.clock.AfterFunc(d, s.unpark)
+	} else {
+		s.parkTimer.Reset(d)
+	}
+	return true
+}
+
+// unpark resumes a parked supervisor on a goroutine of its own; it does nothing when the
+// supervisor is not parked (it is running and sees the event itself). A resumed supervisor
+// finds nothing new when the event concerned an earlier park (a late timer): it parks again.
+func (s *Session) unpark() {
+	s.mu.Lock()
+	if !s.parked {
+		s.mu.Unlock()
+		return
+	}
+	c := s.parkedOn
+	s.parked, s.parkedOn = false, nil
+	if s.parkTimer != nil {
+		s.parkTimer.Stop()
+	}
+	s.mu.Unlock()
+	go s.supervise(c)
 }
 
 // classify maps a connection error to the SDKs' reason.
@@ -224,15 +303,20 @@ func (s *Session) closing() bool {
 	}
 }
 
-// shouldStop reports whether Close has asked to stop and nothing is left to deliver, or the
-// drain deadline has passed.
-func (s *Session) shouldStop() bool {
+// aborting reports whether Close's deadline has passed.
+func (s *Session) aborting() bool {
 	select {
 	case <-s.abortCh:
 		return true
 	default:
+		return false
 	}
-	return s.closing() && s.q.len() == 0
+}
+
+// shouldStop reports whether Close has asked to stop and nothing is left to deliver, or the
+// drain deadline has passed.
+func (s *Session) shouldStop() bool {
+	return s.aborting() || s.closing() && s.q.len() == 0
 }
 
 // sleep reports st and waits st.RetryIn from the time of the report (the timer is armed before
@@ -310,7 +394,7 @@ type dialResult struct {
 func (s *Session) connect() (*conn, error) {
 	ctx, cancel := context.WithCancel(s.handlerCtx)
 	defer cancel()
-	p := dialParams{cfg: &s.cfg, tlsConf: s.tlsConf, now: s.clock.Now(), onMessage: s.onMessage}
+	p := dialParams{cfg: &s.cfg, tlsConf: s.tlsConf, now: s.clock.Now(), onMessage: s.onMessage, onEnd: s.unpark}
 	ch := make(chan dialResult, 1)
 	go func() {
 		if bc := p.cfg.BeforeConnect; bc != nil {
@@ -408,7 +492,8 @@ func (s *Session) abandon(cancel context.CancelFunc, ch <-chan dialResult) error
 
 // serve runs a live connection: it publishes method answers and queued telemetry in order with
 // up to MaxInFlight awaiting PUBACK, and watches for loss, renewal time, message expiry and
-// Close.
+// Close. When there is nothing to watch but events that come with a callback it parks instead
+// (endPark): the connection stays up and a fresh goroutine calls serve again at the next event.
 func (s *Session) serve(c *conn) (endReason, error) {
 	closeCh := s.closeCh
 	renewing := false
@@ -470,6 +555,9 @@ func (s *Session) serve(c *conn) (endReason, error) {
 			earliest(head.sentAt.Add(timeout))
 		}
 		earliest(s.q.nextExpiry)
+		if head == nil && len(answers) == 0 && !renewing && s.park(c, at) {
+			return endPark, nil
+		}
 		select {
 		case <-c.Done():
 			return endLost, c.Err()
