@@ -388,6 +388,7 @@ func (c *Config) hubConfig(id identity) hub.Config {
 		BeforeConnect:    c.Shared.BeforeConnect,
 		TLSSessionCache:  c.Shared.TLSSessionCache,
 		CurvePreferences: c.Shared.CurvePreferences,
+		TLSConfigs:       c.Shared.TLSConfigs,
 	}
 	if c.Shared.RootCAs != nil {
 		h.RootCAs, h.CAFile = c.Shared.RootCAs, ""

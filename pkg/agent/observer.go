@@ -74,6 +74,9 @@ type Shared struct {
 	RootCAs *x509.CertPool
 	// TLSSessionCache is shared by the hub sessions (TLS session resumption).
 	TLSSessionCache tls.ClientSessionCache
+	// TLSConfigs, when set, is shared by the hub sessions without a client certificate: those
+	// with the same trust roots and server name use one tls.Config (hub.Config.TLSConfigs).
+	TLSConfigs *hub.TLSConfigs
 	// CurvePreferences, when set, are the TLS key exchanges the hub connections offer
 	// (hub.Config.CurvePreferences); nil: Go's defaults.
 	CurvePreferences []tls.CurveID

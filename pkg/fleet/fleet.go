@@ -24,6 +24,7 @@ import (
 	"github.com/iothubby/iothubby/pkg/attest"
 	"github.com/iothubby/iothubby/pkg/clock"
 	"github.com/iothubby/iothubby/pkg/connstr"
+	"github.com/iothubby/iothubby/pkg/hub"
 	"github.com/iothubby/iothubby/pkg/hubsim/pki"
 )
 
@@ -216,7 +217,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 	if id.ca == nil {
 		cache = tls.NewLRUClientSessionCache(64)
 	}
-	curves := Curves()
+	curves, tlsConfigs := Curves(), new(hub.TLSConfigs)
 	host := agent.ReadHostFacts()
 	ok := false
 	defer func() {
@@ -249,7 +250,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 			return nil, err
 		}
 		ac.Shared = agent.Shared{Index: i, Profile: p.Name, Observer: f.stats, Liveness: f.live,
-			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, CurvePreferences: curves,
+			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, TLSConfigs: tlsConfigs, CurvePreferences: curves,
 			Template: tmpls[pi], Host: &host}
 		if err := os.MkdirAll(ac.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("%w: stateDir: %w", ErrConfig, err)
