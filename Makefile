@@ -25,6 +25,7 @@ test: lint cross test-unit fuzz-brief e2e conformance package-test soak-brief
 
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
+	$(GO) test -race -count=1 ./pkg/hub/ -args -lean
 
 fuzz-brief:
 	FUZZTIME=$(FUZZTIME) scripts/fuzz-brief.sh

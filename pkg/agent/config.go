@@ -389,6 +389,7 @@ func (c *Config) hubConfig(id identity) hub.Config {
 		TLSSessionCache:  c.Shared.TLSSessionCache,
 		CurvePreferences: c.Shared.CurvePreferences,
 		TLSConfigs:       c.Shared.TLSConfigs,
+		LeanMQTT:         c.Shared.LeanMQTT,
 	}
 	if c.Shared.RootCAs != nil {
 		h.RootCAs, h.CAFile = c.Shared.RootCAs, ""

@@ -80,6 +80,9 @@ type Shared struct {
 	// CurvePreferences, when set, are the TLS key exchanges the hub connections offer
 	// (hub.Config.CurvePreferences); nil: Go's defaults.
 	CurvePreferences []tls.CurveID
+	// LeanMQTT makes the hub sessions use the lean MQTT client (hub.Config.LeanMQTT): one
+	// goroutine per connection instead of paho's ten.
+	LeanMQTT bool
 	// Template, when set, is the parsed telemetry.template (parsed once per profile).
 	Template *template.Template
 	// Host, when set, holds the host's facts for the reported properties (read once for the

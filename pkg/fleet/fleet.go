@@ -251,7 +251,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 		}
 		ac.Shared = agent.Shared{Index: i, Profile: p.Name, Observer: f.stats, Liveness: f.live,
 			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, TLSConfigs: tlsConfigs, CurvePreferences: curves,
-			Template: tmpls[pi], Host: &host}
+			LeanMQTT: true, Template: tmpls[pi], Host: &host}
 		if err := os.MkdirAll(ac.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("%w: stateDir: %w", ErrConfig, err)
 		}

@@ -111,6 +111,10 @@ type Config struct {
 	// session given the same TLSConfigs and the same four values (a fleet's devices: ~0.5 KiB
 	// each). A session with a Certificate always has its own.
 	TLSConfigs *TLSConfigs
+	// LeanMQTT connects with the lean MQTT client (internal/mqttc: one goroutine per
+	// connection, its reader) instead of paho's (ten goroutines per connection). `agent fleet`
+	// sets it: in a fleet the goroutines are most of a device's memory.
+	LeanMQTT bool
 
 	// KeepAlive is the MQTT keep-alive. Default 120s: below the 240s idle timeout of Azure's
 	// load balancers and of most NAT gateways, between Python's 60s and Node's 180s, and cheap

@@ -14,6 +14,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/iothubby/iothubby/internal/mqttc"
 	"github.com/iothubby/iothubby/pkg/sas"
 	"github.com/iothubby/iothubby/pkg/wire"
 )
@@ -31,7 +32,7 @@ var errConnClosed = errors.New("hub: connection closed")
 // a method is answered only on the connection that received it. It knows nothing of the session
 // that uses it: inbound messages go to the handler it was dialled with.
 type conn struct {
-	client    paho.Client
+	client    mqttClient
 	onMessage func(*conn, paho.Message)
 	onEnd     func() // called once the connection has ended (after done is closed); may be nil
 
@@ -73,6 +74,14 @@ type methodResponse struct {
 	tok chan paho.Token
 }
 
+// mqttClient is what a connection uses of its MQTT client: paho's, or the lean one
+// (internal/mqttc, Config.LeanMQTT) that costs one goroutine per connection instead of ten.
+type mqttClient interface {
+	Publish(topic string, qos byte, retained bool, payload interface{}) paho.Token
+	SubscribeMultiple(filters map[string]byte, callback paho.MessageHandler) paho.Token
+	Disconnect(quiesce uint)
+}
+
 // dialParams is what dial needs; the session fills it in.
 type dialParams struct {
 	cfg     *Config
@@ -89,10 +98,7 @@ type dialParams struct {
 func dial(ctx context.Context, p dialParams) (*conn, error) {
 	cfg := p.cfg
 	c := &conn{done: make(chan struct{}), methods: make(map[string]struct{}), onMessage: p.onMessage, onEnd: p.onEnd}
-	opts := paho.NewClientOptions()
-	opts.AddBroker("ssl://" + cfg.Address)
-	opts.SetClientID(cfg.ClientID())
-	opts.SetUsername(cfg.Username())
+	var password string
 	if cfg.Signer != nil {
 		now := p.now
 		// Round the expiry up to a whole second (se has second precision), so the token lives at
@@ -110,9 +116,19 @@ func dial(ctx context.Context, p dialParams) (*conn, error) {
 			}
 			return nil, fmt.Errorf("hub: build SAS token: %w", err)
 		}
-		opts.SetPassword(token)
+		password = token
 		c.expiry = expiry
 		c.renewAt = now.Add(time.Duration(cfg.RenewAt * float64(expiry.Sub(now))))
+	}
+	if cfg.LeanMQTT {
+		return c.dialLean(ctx, cfg, p.tlsConf, password)
+	}
+	opts := paho.NewClientOptions()
+	opts.AddBroker("ssl://" + cfg.Address)
+	opts.SetClientID(cfg.ClientID())
+	opts.SetUsername(cfg.Username())
+	if password != "" {
+		opts.SetPassword(password)
 	}
 	opts.SetCleanSession(false)
 	opts.SetAutoReconnect(false)
@@ -135,9 +151,10 @@ func dial(ctx context.Context, p dialParams) (*conn, error) {
 	opts.SetCustomOpenConnectionFn(func(*url.URL, paho.ClientOptions) (net.Conn, error) {
 		return c.open(openCtx, cfg, tlsConf)
 	})
-	c.client = paho.NewClient(opts)
+	pc := paho.NewClient(opts)
+	c.client = pc
 
-	tok := c.client.Connect()
+	tok := pc.Connect()
 	defer func() {
 		<-tok.Done()
 		openCtx = nil
@@ -167,6 +184,39 @@ func dial(ctx context.Context, p dialParams) (*conn, error) {
 	return c, nil
 }
 
+// dialLean opens the connection with the lean client (internal/mqttc): TCP, TLS and
+// CONNECT/CONNACK within the operation timeout, with the same errors as paho's path.
+func (c *conn) dialLean(ctx context.Context, cfg *Config, tlsConf *tls.Config, password string) (*conn, error) {
+	dialCtx, cancel := context.WithTimeout(ctx, cfg.OperationTimeout)
+	defer cancel()
+	client, err := mqttc.Connect(dialCtx, mqttc.Options{
+		Dial:         func(ctx context.Context) (net.Conn, error) { return c.open(ctx, cfg, tlsConf) },
+		ClientID:     cfg.ClientID(),
+		Username:     cfg.Username(),
+		Password:     password,
+		KeepAlive:    cfg.KeepAlive,
+		PingTimeout:  min(cfg.OperationTimeout, 30*time.Second),
+		WriteTimeout: cfg.OperationTimeout,
+		OnMessage:    func(m paho.Message) { c.onMessage(c, m) },
+		OnLost:       func(err error) { c.end(fmt.Errorf("hub: connection lost: %w", err)) },
+	})
+	if err != nil {
+		var refused *mqttc.RefusedError
+		switch {
+		case errors.As(err, &refused) && refused.Code >= 1 && refused.Code <= 5:
+			return nil, &ConnackError{Code: refused.Code}
+		case ctx.Err() != nil:
+			return nil, errAborted
+		}
+		if derr := c.dialError(); derr != nil {
+			return nil, derr
+		}
+		return nil, fmt.Errorf("hub: connect: %w", err)
+	}
+	c.client = client
+	return c, nil
+}
+
 // deliver is paho's handler for every inbound publish (on paho's router goroutine).
 func (c *conn) deliver(_ paho.Client, m paho.Message) { c.onMessage(c, m) }
 
@@ -192,11 +242,16 @@ func subackError(st paho.Token) error {
 	if err := st.Error(); err != nil {
 		return err
 	}
-	if stok, ok := st.(*paho.SubscribeToken); ok {
-		for f, code := range stok.Result() {
-			if code == 0x80 {
-				return fmt.Errorf("hub: subscription to %s refused", f)
-			}
+	var result map[string]byte
+	switch stok := st.(type) {
+	case *paho.SubscribeToken:
+		result = stok.Result()
+	case *mqttc.SubscribeToken:
+		result = stok.Result()
+	}
+	for f, code := range result {
+		if code == 0x80 {
+			return fmt.Errorf("hub: subscription to %s refused", f)
 		}
 	}
 	return nil

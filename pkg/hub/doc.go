@@ -1,5 +1,6 @@
 // Package hub is one device's (or module's) Azure IoT Hub session over MQTT 3.1.1 on TLS, built
-// on github.com/eclipse/paho.mqtt.golang.
+// on github.com/eclipse/paho.mqtt.golang, or with [Config.LeanMQTT] on internal/mqttc (one
+// goroutine per connection instead of paho's ten; `agent fleet` uses it).
 //
 // A [Session] owns staying connected: paho's own reconnect logic is switched off and a
 // supervisor goroutine dials, waits for CONNACK, subscribes (cloud-to-device, twin responses,

@@ -221,7 +221,7 @@ func (q *queue) expire(now time.Time) {
 }
 
 // publishMore publishes queued messages on client until maxInFlight await PUBACK.
-func (q *queue) publishMore(client paho.Client, now time.Time) {
+func (q *queue) publishMore(client mqttClient, now time.Time) {
 	for q.inflight < len(q.out) && q.inflight < q.maxInFlight {
 		m := q.out[q.inflight]
 		if m.canceled.Load() {

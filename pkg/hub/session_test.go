@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"strings"
@@ -75,6 +76,10 @@ type fixture struct {
 	cfg    hub.Config
 }
 
+// lean runs the session tests with the lean MQTT client (internal/mqttc) instead of paho's:
+// `go test ./pkg/hub -args -lean` (make test-unit runs the package both ways).
+var lean = flag.Bool("lean", false, "connect with the lean MQTT client (hub.Config.LeanMQTT)")
+
 func baseConfig(b *hubtest.Broker) hub.Config {
 	return hub.Config{
 		Host:     hubtest.Host,
@@ -82,6 +87,7 @@ func baseConfig(b *hubtest.Broker) hub.Config {
 		DeviceID: "dev1",
 		Signer:   b.Key,
 		RootCAs:  b.CAPool,
+		LeanMQTT: *lean,
 	}
 }
 

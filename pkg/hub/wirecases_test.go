@@ -197,6 +197,7 @@ func TestWireBadCasesNeverReachTheSession(t *testing.T) {
 func connected(t *testing.T, b *hubtest.Broker, cfg hub.Config) (*hub.Session, context.Context) {
 	t.Helper()
 	cfg.Host, cfg.Address, cfg.Signer, cfg.RootCAs = hubtest.Host, b.Addr, b.Key, b.CAPool
+	cfg.LeanMQTT = *lean
 	s, err := hub.New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -82,7 +82,7 @@ func (f *wsFixture) config(t *testing.T) hub.Config {
 	return hub.Config{
 		Host: wsHost, Address: f.target, DeviceID: f.dev.DeviceID, Signer: key,
 		RootCAs: f.srv.CA().Pool(), Transport: hub.TransportMQTTWS, Dial: f.dial,
-		OperationTimeout: 10 * time.Second, RetryTimeout: 15 * time.Second,
+		OperationTimeout: 10 * time.Second, RetryTimeout: 15 * time.Second, LeanMQTT: *lean,
 	}
 }
 
