@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -218,8 +219,9 @@ func New(cfg Config, log *zap.Logger) (*Device, error) {
 	if err := d.cfg.Queue.check(d.cfg.StateDir); err != nil {
 		return nil, err
 	}
-	d.reboot = newRebooter(d.cfg.Reboot, d.cfg.StateDir, id.deviceID, d.log, d.report)
-	d.reboot.wake = d.wakeLoop
+	if d.cfg.Reboot.Mode != "" || d.cfg.Firmware.Mode != "" {
+		d.newRebooter()
+	} // else made by startRun only if a reboot state file is there (a fleet's devices: none)
 	if err := d.cfg.checkFirmware(); err != nil {
 		return nil, err
 	}
@@ -273,8 +275,17 @@ func (d *Device) startRun(parent context.Context) (ctx context.Context, release 
 		cancel()
 	}
 	release = cancel
-	if err := d.reboot.load(); err != nil {
-		return ctx, release, err
+	if d.reboot == nil && d.cfg.StateDir != "" {
+		// Reboot and firmware are off: the state of an earlier configuration's reboot is still
+		// settled and reported.
+		if _, err := os.Stat(rebootStatePath(d.cfg.StateDir, d.id.deviceID)); err == nil {
+			d.newRebooter()
+		}
+	}
+	if d.reboot != nil {
+		if err := d.reboot.load(); err != nil {
+			return ctx, release, err
+		}
 	}
 	var sp *spool.Spool
 	if d.cfg.Queue.Persist {
@@ -362,12 +373,15 @@ func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
 		return nil, fmt.Errorf("device %s: %w", d.id.deviceID, err)
 	}
 	d.sync.Store(ts)
-	d.reboot.reportTo(ts)
+	var simReboot chan struct{} // nil (never ready) without a rebooter
+	if d.reboot != nil {
+		d.reboot.reportTo(ts)
+		simReboot = d.reboot.simReboot
+	}
 	if d.fw != nil {
 		d.report(map[string]any{"firmwareVersion": d.fw.u.Status().Version})
 		d.fw.u.ReportPending(context.Background())
 	}
-	simReboot := d.reboot.simReboot
 	hc.Logger = d.log
 	if d.spool != nil {
 		hc.Spool = d.spool
@@ -393,7 +407,7 @@ func (d *Device) startSession(hcIn *hub.Config) (*sessionRun, error) {
 		}
 	}
 	mo := newMethodObserver(d.id.deviceID, obs)
-	disp := d.newDispatcher(mo.respond(sessionResponder(&sessRef)), mo.refuse(sessionRefuser(&sessRef)), requestReprovision, d.reboot.askSimulated)
+	disp := d.newDispatcher(mo.respond(sessionResponder(&sessRef)), mo.refuse(sessionRefuser(&sessRef)), requestReprovision, d.askSimulatedReboot)
 	d.deliverTo(&hc, ts, disp, mo)
 	d.watchDelivery(&hc)
 	sess, err := hub.New(hc)
