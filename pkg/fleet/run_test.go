@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -111,6 +112,40 @@ func TestFirstConnectTakesOneToken(t *testing.T) {
 	waitfor.True(t, "one device connected on the one token", func() bool { return f.Progress().EverConnected == 1 })
 	clk.Advance(time.Second)
 	waitfor.True(t, "the second device connected on the next second's token", func() bool { return f.Progress().EverConnected == 2 })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+}
+
+// A fleet's connected, idle devices hold one goroutine each, the lean MQTT client's reader
+// (hub.Config.LeanMQTT): none of paho's ten per connection, and no session supervisor (parked).
+func TestIdleDevicesHoldOneGoroutineEach(t *testing.T) {
+	const n = 20
+	_, f := brokerFleet(t, n, "connectRate: 1000", Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.Run(ctx) }()
+	waitfor.True(t, "every device connected", func() bool { return f.Progress().EverConnected == n })
+	waitfor.NoError(t, "one goroutine per idle device", func() error {
+		buf := make([]byte, 1<<22)
+		stacks := strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n")
+		var readers, paho, sessions int
+		for _, s := range stacks {
+			switch {
+			case strings.Contains(s, "internal/mqttc.(*Client).read("):
+				readers++
+			case strings.Contains(s, "eclipse/paho"):
+				paho++
+			case strings.Contains(s, "pkg/hub.(*Session)"):
+				sessions++
+			}
+		}
+		if readers != n || paho != 0 || sessions != 0 {
+			return fmt.Errorf("%d lean readers (want %d), %d paho goroutines, %d session goroutines (want 0)", readers, n, paho, sessions)
+		}
+		return nil
+	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("Run: %v", err)
