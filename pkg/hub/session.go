@@ -67,10 +67,11 @@ type Session struct {
 	timer   Timer     // the supervisor's one timer
 	armedAt time.Time // when timer is set to fire; zero when stopped or fired
 
-	sv        supervisor // the supervisor's state across parks
-	parked    bool       // the supervisor is parked (no goroutine) serving parkedOn; under mu
+	sv supervisor // the supervisor's state across parks
+	// parkedOn, when not nil, is the connection the supervisor serves while parked (it has no
+	// goroutine); parkTimer wakes it (Clock.AfterFunc, made at the first park). Both under mu.
 	parkedOn  *conn
-	parkTimer Timer // wakes a parked supervisor (Clock.AfterFunc, made at the first park); under mu
+	parkTimer Timer
 
 	// Dispatcher queue. The dispatcher goroutine runs only while events are waiting: an idle
 	// device (the common case in a fleet) costs no goroutine for it.

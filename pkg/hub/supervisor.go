@@ -103,10 +103,17 @@ type lostAfterConnack struct{ err error }
 func (e *lostAfterConnack) Error() string { return e.err.Error() }
 func (e *lostAfterConnack) Unwrap() error { return e.err }
 
-// identityStatus turns st into the identity-in-use status when the watch says so, and logs the
-// rate-limited warning.
-func (s *Session) identityStatus(w *identityWatch, st Status, upFor time.Duration) Status {
+// identityStatus turns st into the identity-in-use status when the supervisor's watch says so,
+// and logs the rate-limited warning.
+func (s *Session) identityStatus(st Status, upFor time.Duration) Status {
 	now := s.clock.Now()
+	if s.sv.ident == nil {
+		if upFor >= identityShortUp || !closedByPeer(st.Err) {
+			return st // nothing to record
+		}
+		s.sv.ident = new(identityWatch)
+	}
+	w := s.sv.ident
 	if !w.lost(now, upFor, st.Err) {
 		return st
 	}
@@ -123,11 +130,12 @@ func (s *Session) identityStatus(w *identityWatch, st Status, upFor time.Duratio
 // supervisor parks (its goroutine returns) while a connection is up and idle, and a fresh
 // goroutine resumes it at the next event (see park). Only the goroutine running the supervisor
 // touches it; parking and resuming hand it over under Session.mu.
+// (The first failed attempt of an outage is not kept here: the supervisor parks only while
+// connected, when there is none.)
 type supervisor struct {
-	attempt      int       // reconnect attempts since the last stable connection
-	failingSince time.Time // first failed attempt of the current outage; zero when connected
-	ident        identityWatch
-	upAt         time.Time // when the served connection came up
+	attempt int            // reconnect attempts since the last stable connection
+	ident   *identityWatch // made at the first connection the hub closes soon after accepting
+	upAt    time.Time      // when the served connection came up
 }
 
 // supervise runs the supervisor on a goroutine of its own: from the first connect when c is
@@ -147,6 +155,7 @@ func (s *Session) supervise(c *conn) {
 // error, nil after Close) or the supervisor parks (parked).
 func (s *Session) superviseLoop(c *conn) (fatal error, parked bool) {
 	sv := &s.sv
+	var failingSince time.Time // first failed attempt of the current outage
 	for {
 		if c == nil {
 			if s.shouldStop() {
@@ -169,17 +178,17 @@ func (s *Session) superviseLoop(c *conn) (fatal error, parked bool) {
 					return err, false
 				}
 				now := s.clock.Now()
-				if sv.failingSince.IsZero() {
-					sv.failingSince = now
+				if failingSince.IsZero() {
+					failingSince = now
 				}
-				if s.cfg.RetryTimeout > 0 && now.Sub(sv.failingSince) >= s.cfg.RetryTimeout {
+				if s.cfg.RetryTimeout > 0 && now.Sub(failingSince) >= s.cfg.RetryTimeout {
 					fatal = fmt.Errorf("%w after %v: %w", ErrRetryExpired, s.cfg.RetryTimeout, err)
 					s.setStatus(Status{State: Disconnected, Reason: RetryExpired, Err: fatal})
 					return fatal, false
 				}
 				var lac *lostAfterConnack
 				if errors.As(err, &lac) {
-					st = s.identityStatus(&sv.ident, st, 0)
+					st = s.identityStatus(st, 0)
 				}
 				st.RetryIn = s.backoff.Delay(sv.attempt, s.cfg.Rand())
 				sv.attempt++
@@ -189,7 +198,7 @@ func (s *Session) superviseLoop(c *conn) (fatal error, parked bool) {
 				}
 				continue
 			}
-			sv.failingSince = time.Time{}
+			failingSince = time.Time{}
 			sv.upAt = s.clock.Now()
 			s.stats.connects.Add(1)
 			s.setStatus(Status{State: Connected, Reason: ConnectionOK})
@@ -213,7 +222,7 @@ func (s *Session) superviseLoop(c *conn) (fatal error, parked bool) {
 		if upFor >= StableAfter {
 			sv.attempt = 0
 		}
-		st := s.identityStatus(&sv.ident, Status{State: DisconnectedRetrying, Reason: CommunicationError, Err: err}, upFor)
+		st := s.identityStatus(Status{State: DisconnectedRetrying, Reason: CommunicationError, Err: err}, upFor)
 		st.RetryIn = s.backoff.Delay(sv.attempt, s.cfg.Rand())
 		sv.attempt++
 		st.Attempt = sv.attempt
@@ -231,17 +240,17 @@ func (s *Session) superviseLoop(c *conn) (fatal error, parked bool) {
 // and the abort, and the park timer set for at (the token renewal; zero: none).
 //
 // Each event's side signals first (the wake channel, c.done, closeCh, abortCh) and then calls
-// unpark, which looks at parked under mu; park looks at the signals under mu before it sets
-// parked. Either the event is seen here, or unpark finds the supervisor parked: no wake-up is
-// lost, and only the unpark that clears parked starts a goroutine.
+// unpark, which looks at parkedOn under mu; park looks at the signals under mu before it sets
+// parkedOn. Either the event is seen here, or unpark finds the supervisor parked: no wake-up is
+// lost, and only the unpark that clears parkedOn starts a goroutine.
 func (s *Session) park(c *conn, at time.Time) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.wake) > 0 || c.Err() != nil || s.closing() || s.aborting() {
 		return false
 	}
-	s.disarm() // before parked is set: a resumed supervisor owns the timer
-	s.parked, s.parkedOn = true, c
+	s.disarm() // before parkedOn is set: a resumed supervisor owns the timer
+	s.parkedOn = c
 	if at.IsZero() {
 		if s.parkTimer != nil {
 			s.parkTimer.Stop()
@@ -262,12 +271,12 @@ func (s *Session) park(c *conn, at time.Time) bool {
 // finds nothing new when the event concerned an earlier park (a late timer): it parks again.
 func (s *Session) unpark() {
 	s.mu.Lock()
-	if !s.parked {
+	c := s.parkedOn
+	if c == nil {
 		s.mu.Unlock()
 		return
 	}
-	c := s.parkedOn
-	s.parked, s.parkedOn = false, nil
+	s.parkedOn = nil
 	if s.parkTimer != nil {
 		s.parkTimer.Stop()
 	}
