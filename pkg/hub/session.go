@@ -442,25 +442,36 @@ func (s *Session) RespondMethod(ctx context.Context, rid string, status int, pay
 		ctx, cancel = context.WithTimeout(ctx, s.cfg.OperationTimeout)
 		defer cancel()
 	}
+	// The supervisor hands the token over before it can end c, and a renewal ends c only once
+	// the answer is written: when c's end and the token (or its completion) are both there,
+	// the token decides (select alone would pick either).
 	var tok paho.Token
 	select {
 	case tok = <-r.tok:
 	case <-c.Done():
-		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ErrConnectionLost)
+		select {
+		case tok = <-r.tok:
+		default:
+			return fmt.Errorf("hub: method response $rid=%s: %w", rid, ErrConnectionLost)
+		}
 	case <-ctx.Done():
 		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ctx.Err())
 	}
 	select {
 	case <-tok.Done():
-		if err := tok.Error(); err != nil {
-			return fmt.Errorf("hub: method response $rid=%s: %w", rid, err)
-		}
-		return nil
 	case <-c.Done():
-		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ErrConnectionLost)
+		select {
+		case <-tok.Done():
+		default:
+			return fmt.Errorf("hub: method response $rid=%s: %w", rid, ErrConnectionLost)
+		}
 	case <-ctx.Done():
 		return fmt.Errorf("hub: method response $rid=%s: %w", rid, ctx.Err())
 	}
+	if err := tok.Error(); err != nil {
+		return fmt.Errorf("hub: method response $rid=%s: %w", rid, err)
+	}
+	return nil
 }
 
 // RespondMethodAsync answers the direct-method request rid like RespondMethod but returns as
