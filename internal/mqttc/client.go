@@ -23,6 +23,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/iothubby/iothubby/pkg/clock"
 )
 
 // Defaults for zero Options fields.
@@ -80,6 +82,9 @@ type Options struct {
 	WriteTimeout time.Duration
 	// MaxPacket bounds an inbound packet's remaining length (DefaultMaxPacket when zero).
 	MaxPacket int
+	// Clock runs the keep-alive and ping timers (clock.Real() when nil). Write deadlines and
+	// Connect's context stay on the wall clock: the transport enforces them.
+	Clock clock.Clock
 
 	// OnMessage gets every inbound PUBLISH, in order, on the reader goroutine; it must not
 	// block. A QoS 1 message is acknowledged when its Ack is called.
@@ -99,6 +104,7 @@ type Client struct {
 	onMessage    func(paho.Message)
 	onLost       func(error)
 	readerDone   chan struct{}
+	clock        clock.Clock
 
 	mu        sync.Mutex
 	ended     bool
@@ -108,8 +114,8 @@ type Client struct {
 	queue     []outPacket       // encoded packets waiting for the writer
 	spare     []outPacket
 	writing   bool // a writer goroutine is draining queue
-	keepTimer *time.Timer
-	pingTimer *time.Timer
+	keepTimer clock.Timer
+	pingTimer clock.Timer
 	pingOut   bool // a PINGREQ awaits its PINGRESP
 }
 
@@ -137,6 +143,10 @@ func Connect(ctx context.Context, o Options) (*Client, error) {
 		onMessage:    o.OnMessage,
 		onLost:       o.OnLost,
 		readerDone:   make(chan struct{}),
+		clock:        o.Clock,
+	}
+	if c.clock == nil {
+		c.clock = clock.Real()
 	}
 	if c.maxPacket <= 0 {
 		c.maxPacket = DefaultMaxPacket
@@ -147,7 +157,7 @@ func Connect(ctx context.Context, o Options) (*Client, error) {
 	}
 	if c.keepAlive > 0 {
 		c.mu.Lock() // the timer may fire before the assignment is done
-		c.keepTimer = time.AfterFunc(c.keepAlive, c.ping)
+		c.keepTimer = c.clock.AfterFunc(c.keepAlive, c.ping)
 		c.mu.Unlock()
 	}
 	go c.read()
@@ -354,7 +364,7 @@ func (c *Client) ping() {
 	}
 	c.pingOut = true
 	if c.pingTimer == nil {
-		c.pingTimer = time.AfterFunc(c.pingTimeout, c.pingExpired)
+		c.pingTimer = c.clock.AfterFunc(c.pingTimeout, c.pingExpired)
 	} else {
 		c.pingTimer.Reset(c.pingTimeout)
 	}

@@ -18,6 +18,9 @@ import (
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"go.uber.org/goleak"
+
+	"github.com/iothubby/iothubby/internal/waitfor"
+	"github.com/iothubby/iothubby/pkg/clock"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -258,17 +261,9 @@ func TestServerDisconnectIsAClose(t *testing.T) {
 	}
 }
 
-func TestNoPingrespLosesTheConnection(t *testing.T) {
-	_, err := hostile(t, func(o *Options) { o.KeepAlive, o.PingTimeout = 50*time.Millisecond, 50*time.Millisecond },
-		func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
-	if !errors.Is(err, ErrPingTimeout) {
-		t.Fatalf("lost with %v, want ErrPingTimeout", err)
-	}
-}
-
-func TestPingrespKeepsTheConnection(t *testing.T) {
-	pings := make(chan struct{}, 8)
-	addr := rawServer(t, func(c net.Conn) {
+// pingServer accepts the CONNECT, reports every PINGREQ on pings and answers it when answer.
+func pingServer(t *testing.T, pings chan<- struct{}, answer bool) string {
+	return rawServer(t, func(c net.Conn) {
 		readConnect(t, c, 0)
 		for {
 			p, err := packets.ReadPacket(c)
@@ -276,23 +271,67 @@ func TestPingrespKeepsTheConnection(t *testing.T) {
 				return
 			}
 			if _, ok := p.(*packets.PingreqPacket); ok {
-				_, _ = c.Write([]byte{packets.Pingresp << 4, 0})
+				if answer {
+					_, _ = c.Write([]byte{packets.Pingresp << 4, 0})
+				}
 				pings <- struct{}{}
 			}
 		}
 	})
+}
+
+func awaitPing(t *testing.T, pings <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-pings:
+	case <-time.After(wait):
+		t.Fatal("no PINGREQ")
+	}
+}
+
+func TestNoPingrespLosesTheConnection(t *testing.T) {
+	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	pings := make(chan struct{}, 1)
 	in := newInbox()
-	o := in.options(tcpDial(addr), "d")
-	o.KeepAlive, o.PingTimeout = 20*time.Millisecond, time.Second
-	connect(t, o)
+	o := in.options(tcpDial(pingServer(t, pings, false)), "d")
+	o.KeepAlive, o.PingTimeout, o.Clock = time.Minute, 30*time.Second, clk
+	c := connect(t, o)
+	clk.Advance(time.Minute)
+	awaitPing(t, pings) // the ping timeout is armed before the PINGREQ is queued
+	clk.Advance(29 * time.Second)
+	select {
+	case err := <-in.lost:
+		t.Fatalf("lost before the ping timeout: %v", err)
+	default:
+	}
+	clk.Advance(time.Second)
+	if err := in.awaitLost(t); !errors.Is(err, ErrPingTimeout) {
+		t.Fatalf("lost with %v, want ErrPingTimeout", err)
+	}
+	<-c.Done()
+}
+
+func TestPingrespKeepsTheConnection(t *testing.T) {
+	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	pings := make(chan struct{}, 1)
+	in := newInbox()
+	o := in.options(tcpDial(pingServer(t, pings, true)), "d")
+	o.KeepAlive, o.PingTimeout, o.Clock = time.Minute, 30*time.Second, clk
+	c := connect(t, o)
 	for range 3 {
+		clk.Advance(time.Minute)
+		awaitPing(t, pings)
+		// The PINGRESP stops the ping timer: only the keep-alive stays armed.
+		waitfor.True(t, "the ping timer stopped by the PINGRESP", func() bool { return len(clk.Armed()) == 1 })
+		clk.Advance(30 * time.Second) // past the ping timeout; the next keep-alive is 30 s on
 		select {
-		case <-pings:
 		case err := <-in.lost:
-			t.Fatalf("lost: %v", err)
-		case <-time.After(wait):
-			t.Fatal("no PINGREQ")
+			t.Fatalf("lost although every PINGREQ was answered: %v", err)
+		default:
 		}
+	}
+	if err := done(t, c.Publish("t", 0, false, "still up")); err != nil {
+		t.Fatal(err)
 	}
 }
 
