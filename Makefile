@@ -26,6 +26,8 @@ test: lint cross test-unit fuzz-brief e2e conformance package-test soak-brief
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
 	$(GO) test -race -count=1 ./pkg/hub/ -args -lean
+	# stack sizes mean something only without the race detector's larger frames
+	$(GO) test -count=1 -run '^TestTwinResponseKeepsRouterStack$$' ./pkg/hub/
 
 fuzz-brief:
 	FUZZTIME=$(FUZZTIME) scripts/fuzz-brief.sh
