@@ -42,6 +42,9 @@ type Options struct {
 	// NoFileLimit is the open-file limit to check the shard against; 0: read and raise
 	// RLIMIT_NOFILE.
 	NoFileLimit uint64
+	// ConnectSlots is how many hub connection attempts may be in flight at once; 0 means
+	// DefaultConnectSlots.
+	ConnectSlots int
 }
 
 // Curves returns the TLS key exchanges a fleet's devices offer, X25519 first: Go's default leads
@@ -201,8 +204,16 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 	if err != nil {
 		return nil, err
 	}
+	if o.ConnectSlots <= 0 {
+		o.ConnectSlots = DefaultConnectSlots
+	}
+	slots := newConnectSlots(o.ConnectSlots, n)
+	// With a DPS identity a device's first connection is its registration (unless cached),
+	// which takes a connect-rate token but no slot: it waits mostly on DPS's polling, not on
+	// the CPU, and would hold a slot for seconds.
+	dpsIdentity := lines == nil && (id.groupKey != "" || id.ca != nil)
 	f := &Fleet{cfg: c, log: log, lo: lo, hi: hi,
-		stats:   newCounters(ids, o.Observer),
+		stats:   newCounters(ids, o.Observer, slots, dpsIdentity),
 		live:    agent.NewLiveness(o.Clock),
 		limiter: NewLimiter(o.Clock, c.ConnectRate, c.ConnectBurst),
 	}
@@ -250,7 +261,7 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 			return nil, err
 		}
 		ac.Shared = agent.Shared{Index: i, Profile: p.Name, Observer: f.stats, Liveness: f.live,
-			BeforeConnect: f.limiter.Wait, RootCAs: roots, TLSSessionCache: cache, TLSConfigs: tlsConfigs, CurvePreferences: curves,
+			BeforeConnect: f.beforeConnect(k), RootCAs: roots, TLSSessionCache: cache, TLSConfigs: tlsConfigs, CurvePreferences: curves,
 			LeanMQTT: true, Template: tmpls[pi], Host: &host}
 		if err := os.MkdirAll(ac.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("%w: stateDir: %w", ErrConfig, err)
@@ -263,6 +274,20 @@ func Prepare(ctx context.Context, cfg Config, o Options) (*Fleet, error) {
 	}
 	ok = true
 	return f, nil
+}
+
+// beforeConnect is device k's (index lo+k) Shared.BeforeConnect: a connect-rate token, then a
+// slot (connectSlots) for a hub connection attempt.
+func (f *Fleet) beforeConnect(k int) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := f.limiter.Wait(ctx); err != nil {
+			return err
+		}
+		if f.stats.provisioned != nil && !f.stats.provisioned[k].Load() {
+			return nil // a DPS registration
+		}
+		return f.stats.slots.acquire(ctx, k)
+	}
 }
 
 // Devices lists the shard's devices in index order.

@@ -229,7 +229,7 @@ func (r *recorder) ConnectAttempt(device string, _ time.Time) {
 // observations must reach the metrics too (the fleet's histograms were empty without this).
 func TestCountersForwardOptionalObservations(t *testing.T) {
 	r := &recorder{}
-	var o agent.Observer = newCounters([]string{"a"}, r)
+	var o agent.Observer = newCounters([]string{"a"}, r, newConnectSlots(1, 1), false)
 	to, ok := o.(agent.TwinObserver)
 	if !ok {
 		t.Fatal("counters do not implement agent.TwinObserver")
@@ -244,7 +244,7 @@ func TestCountersForwardOptionalObservations(t *testing.T) {
 		t.Fatalf("next saw twin %v, attempts %v; want [a get], [a]", r.twin, r.attempts)
 	}
 	// A next without the extensions is fine.
-	plain := newCounters([]string{"a"}, agent.NopObserver{})
+	plain := newCounters([]string{"a"}, agent.NopObserver{}, newConnectSlots(1, 1), false)
 	plain.TwinRequest("a", "get", 0, nil)
 	plain.ConnectAttempt("a", time.Now())
 }

@@ -56,6 +56,12 @@ type counters struct {
 	sent, acked, failed              atomic.Uint64
 	c2d, desired                     atomic.Uint64
 
+	// slots bound the hub connection attempts in flight; a device's status or DPS result gives
+	// its slot back. provisioned (DPS identities only, else nil) marks the devices that have a
+	// DPS result, whose next connection is to the hub.
+	slots       *connectSlots
+	provisioned []atomic.Bool
+
 	mu       sync.Mutex
 	prov     map[string]uint64
 	failedBy map[string]uint64
@@ -63,7 +69,7 @@ type counters struct {
 	devErrs  map[string]int
 }
 
-func newCounters(ids []string, next agent.Observer) *counters {
+func newCounters(ids []string, next agent.Observer, slots *connectSlots, dps bool) *counters {
 	if next == nil {
 		next = agent.NopObserver{}
 	}
@@ -75,10 +81,20 @@ func newCounters(ids []string, next agent.Observer) *counters {
 	for i, id := range ids {
 		c.index[id] = i
 	}
+	c.slots = slots
+	if dps {
+		c.provisioned = make([]atomic.Bool, len(ids))
+	}
 	return c
 }
 
 func (c *counters) Provisioned(device, outcome string, err error) {
+	if i, ok := c.index[device]; ok {
+		c.slots.release(i)
+		if c.provisioned != nil && outcome != agent.ProvisionFailed {
+			c.provisioned[i].Store(true)
+		}
+	}
 	c.mu.Lock()
 	c.prov[outcome]++
 	c.mu.Unlock()
@@ -87,6 +103,7 @@ func (c *counters) Provisioned(device, outcome string, err error) {
 
 func (c *counters) ConnectionStatus(device string, st hub.Status) {
 	if i, ok := c.index[device]; ok {
+		c.slots.release(i)
 		switch st.State {
 		case hub.Connected:
 			c.connected[i].Store(true)
