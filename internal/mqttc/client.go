@@ -195,11 +195,11 @@ func (c *Client) handshake(ctx context.Context, o *Options) error {
 	stop := context.AfterFunc(ctx, func() { _ = c.conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	if _, err := c.conn.Write(buf.Bytes()); err != nil {
-		return c.ctxErr(ctx, fmt.Errorf("mqttc: write CONNECT: %w", err))
+		return ctxErr(ctx, fmt.Errorf("mqttc: write CONNECT: %w", err))
 	}
 	p, err := readPacket(c.conn, c.maxPacket)
 	if err != nil {
-		return c.ctxErr(ctx, fmt.Errorf("mqttc: read CONNACK: %w", err))
+		return ctxErr(ctx, fmt.Errorf("mqttc: read CONNACK: %w", err))
 	}
 	ack, ok := p.(*packets.ConnackPacket)
 	if !ok {
@@ -216,7 +216,7 @@ func (c *Client) handshake(ctx context.Context, o *Options) error {
 
 // ctxErr names ctx's end as the cause of err when it is: the transport's deadline, set to
 // ctx's, can expire a moment before ctx itself reports it.
-func (c *Client) ctxErr(ctx context.Context, err error) error {
+func ctxErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return fmt.Errorf("%w (%w)", ctx.Err(), err)
 	}
