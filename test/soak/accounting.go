@@ -8,6 +8,11 @@ import (
 	"time"
 )
 
+// LogTime parses a JSON log line's "ts". The binaries log with zap's ISO8601 encoder
+// (internal/logging): milliseconds, and a zone of "Z" in UTC but "+hhmm" elsewhere, which RFC 3339
+// does not accept.
+func LogTime(s string) (time.Time, error) { return time.Parse("2006-01-02T15:04:05.000Z0700", s) }
+
 // MsgID is a telemetry message id as the agent builds it: {deviceID}-{runID}-{seq}, runID being
 // fresh for every start of the agent process and seq counting from 1 within it.
 type MsgID struct {

@@ -7,6 +7,20 @@ import (
 	"time"
 )
 
+// TestLogTime: the agent's "ts" in UTC and in another zone (as zap's ISO8601 encoder writes it on
+// a machine whose local time is not UTC) name the same instant.
+func TestLogTime(t *testing.T) {
+	want := time.Date(2026, 12, 2, 11, 43, 40, 123e6, time.UTC)
+	for _, s := range []string{"2026-12-02T11:43:40.123Z", "2026-12-02T12:43:40.123+0100", "2026-12-02T06:13:40.123-0530"} {
+		if got, err := LogTime(s); err != nil || !got.Equal(want) {
+			t.Errorf("LogTime(%q) = %v, %v; want %v", s, got, err, want)
+		}
+	}
+	if _, err := LogTime("not a time"); err == nil {
+		t.Error("LogTime took a line without a time")
+	}
+}
+
 func TestParseMsgID(t *testing.T) {
 	id, err := ParseMsgID("soak-1-9cc760a2-285")
 	if err != nil || id != (MsgID{"soak-1", "9cc760a2", 285}) {

@@ -46,7 +46,7 @@ func (l line) num(k string) int64 { f, _ := l.m[k].(float64); return int64(f) }
 // logged is when the process logged the line (its "ts"), or when the soak read it if it has
 // none: a line is read a little after it is logged.
 func (l line) logged() time.Time {
-	if ts, err := time.Parse(time.RFC3339Nano, l.str("ts")); err == nil {
+	if ts, err := LogTime(l.str("ts")); err == nil {
 		return ts
 	}
 	return l.at

@@ -542,7 +542,7 @@ func connectionTrail(p *proc, from, ref time.Time) string {
 			continue
 		}
 		fmt.Fprintf(&b, "[read %+v", l.at.Sub(ref).Round(time.Millisecond))
-		if ts, err := time.Parse(time.RFC3339Nano, l.str("ts")); err == nil {
+		if ts, err := LogTime(l.str("ts")); err == nil {
 			fmt.Fprintf(&b, " logged %+v", ts.Sub(ref).Round(time.Millisecond))
 		}
 		fmt.Fprintf(&b, " %s", l.msg())
