@@ -78,6 +78,20 @@ func waitParked(t *testing.T, before map[string]bool, after string) {
 	})
 }
 
+// startParked starts a session on a broker of its own and waits until it is connected and
+// parked. before is the set of pkg/hub goroutines alive before it started (for waitParked).
+func startParked(t *testing.T) (b *hubtest.Broker, f *fixture, before map[string]bool) {
+	t.Helper()
+	b = hubtest.NewBroker(t)
+	before = sessionGoroutineIDs()
+	f = start(t, b, nil)
+	if err := f.s.WaitConnected(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	waitParked(t, before, "once connected")
+	return b, f, before
+}
+
 // afterDoneCounter counts the calls of a function given to AfterDone.
 type afterDoneCounter struct {
 	n  atomic.Int32
@@ -106,14 +120,8 @@ func (a *afterDoneCounter) wait(t *testing.T) {
 }
 
 func TestIdleSessionHoldsNoGoroutine(t *testing.T) {
-	b := hubtest.NewBroker(t)
-	before := sessionGoroutineIDs()
-	f := start(t, b, nil)
+	b, f, before := startParked(t)
 	ctx := ctxT(t)
-	if err := f.s.WaitConnected(ctx); err != nil {
-		t.Fatal(err)
-	}
-	waitParked(t, before, "once connected")
 	for i := range 3 {
 		if err := f.s.Send(ctx, &hub.Message{Body: []byte("x"), MessageID: fmt.Sprint("m", i)}); err != nil {
 			t.Fatalf("send %d from a parked session: %v", i, err)
@@ -217,15 +225,9 @@ func TestParkedSessionReactsToEachEvent(t *testing.T) {
 
 // Close wakes a parked session, which drains what was queued, disconnects cleanly and stops.
 func TestCloseDrainsParkedSession(t *testing.T) {
-	b := hubtest.NewBroker(t)
-	before := sessionGoroutineIDs()
-	f := start(t, b, nil)
+	b, f, _ := startParked(t)
 	ctx := ctxT(t)
-	if err := f.s.WaitConnected(ctx); err != nil {
-		t.Fatal(err)
-	}
 	done := watchDone(f.s)
-	waitParked(t, before, "once connected")
 	acked := make(chan error, 1)
 	if err := f.s.Enqueue(&hub.Message{Body: []byte("x"), MessageID: "last"}, func(err error) { acked <- err }); err != nil {
 		t.Fatal(err)
@@ -268,14 +270,8 @@ func TestCloseDrainsParkedSession(t *testing.T) {
 // Close with a context already ended aborts a parked session at once: it stops, with nothing
 // left running and every message accounted for.
 func TestCloseAbortsParkedSession(t *testing.T) {
-	b := hubtest.NewBroker(t)
-	before := sessionGoroutineIDs()
-	f := start(t, b, nil)
-	if err := f.s.WaitConnected(ctxT(t)); err != nil {
-		t.Fatal(err)
-	}
+	_, f, _ := startParked(t)
 	done := watchDone(f.s)
-	waitParked(t, before, "once connected")
 	outcome := make(chan error, 1)
 	if err := f.s.Enqueue(&hub.Message{Body: []byte("x"), MessageID: "m"}, func(err error) { outcome <- err }); err != nil {
 		t.Fatal(err)
