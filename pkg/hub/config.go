@@ -434,3 +434,6 @@ func (s *TLSConfigs) get(c *Config) *tls.Config {
 	s.m[k] = t
 	return t
 }
+
+// pingTimeout is how long a connection waits for PINGRESP: the operation timeout, at most 30 s.
+func (c *Config) pingTimeout() time.Duration { return min(c.OperationTimeout, 30*time.Second) }

@@ -136,7 +136,7 @@ func dial(ctx context.Context, p dialParams) (*conn, error) {
 	opts.SetResumeSubs(false)
 	opts.SetProtocolVersion(4) // explicit: no silent fallback to MQTT 3.1 after a refusal
 	opts.SetKeepAlive(cfg.KeepAlive)
-	opts.SetPingTimeout(min(cfg.OperationTimeout, 30*time.Second))
+	opts.SetPingTimeout(cfg.pingTimeout())
 	opts.SetConnectTimeout(cfg.OperationTimeout)
 	opts.SetWriteTimeout(cfg.OperationTimeout)
 	opts.SetOrderMatters(true) // handlers run inline in paho's router; ours never block
@@ -172,16 +172,25 @@ func dial(ctx context.Context, p dialParams) (*conn, error) {
 		return nil, errAborted
 	}
 	if err := tok.Error(); err != nil {
-		ct, _ := tok.(*paho.ConnectToken)
-		if ct != nil && ct.ReturnCode() >= 1 && ct.ReturnCode() <= 5 {
-			return nil, &ConnackError{Code: ct.ReturnCode()}
+		var code byte
+		if ct, _ := tok.(*paho.ConnectToken); ct != nil {
+			code = ct.ReturnCode()
 		}
-		if derr := c.dialError(); derr != nil {
-			return nil, derr
-		}
-		return nil, fmt.Errorf("hub: connect: %w", err)
+		return nil, c.connectError(code, err)
 	}
 	return c, nil
+}
+
+// connectError is the error of a failed connect: a CONNACK refusal (code 1-5) as a
+// *ConnackError, else the dial's or TLS handshake's own error when there was one, else err.
+func (c *conn) connectError(code byte, err error) error {
+	if code >= 1 && code <= 5 {
+		return &ConnackError{Code: code}
+	}
+	if derr := c.dialError(); derr != nil {
+		return derr
+	}
+	return fmt.Errorf("hub: connect: %w", err)
 }
 
 // dialLean opens the connection with the lean client (internal/mqttc): TCP, TLS and
@@ -195,23 +204,20 @@ func (c *conn) dialLean(ctx context.Context, cfg *Config, tlsConf *tls.Config, p
 		Username:     cfg.Username(),
 		Password:     password,
 		KeepAlive:    cfg.KeepAlive,
-		PingTimeout:  min(cfg.OperationTimeout, 30*time.Second),
+		PingTimeout:  cfg.pingTimeout(),
 		WriteTimeout: cfg.OperationTimeout,
 		OnMessage:    func(m paho.Message) { c.onMessage(c, m) },
-		OnLost:       func(err error) { c.end(fmt.Errorf("hub: connection lost: %w", err)) },
+		OnLost:       c.connLost,
 	})
 	if err != nil {
 		var refused *mqttc.RefusedError
 		switch {
-		case errors.As(err, &refused) && refused.Code >= 1 && refused.Code <= 5:
-			return nil, &ConnackError{Code: refused.Code}
+		case errors.As(err, &refused):
+			return nil, c.connectError(refused.Code, err)
 		case ctx.Err() != nil:
 			return nil, errAborted
 		}
-		if derr := c.dialError(); derr != nil {
-			return nil, derr
-		}
-		return nil, fmt.Errorf("hub: connect: %w", err)
+		return nil, c.connectError(0, err)
 	}
 	c.client = client
 	return c, nil
@@ -221,7 +227,10 @@ func (c *conn) dialLean(ctx context.Context, cfg *Config, tlsConf *tls.Config, p
 func (c *conn) deliver(_ paho.Client, m paho.Message) { c.onMessage(c, m) }
 
 // lost is paho's connection-lost callback.
-func (c *conn) lost(_ paho.Client, err error) { c.end(fmt.Errorf("hub: connection lost: %w", err)) }
+func (c *conn) lost(_ paho.Client, err error) { c.connLost(err) }
+
+// connLost ends the connection lost for err (either client's callback).
+func (c *conn) connLost(err error) { c.end(fmt.Errorf("hub: connection lost: %w", err)) }
 
 // subscribe sends one SUBSCRIBE for every topic the session needs: twin responses, desired
 // properties, methods and, for a device, cloud-to-device messages.
