@@ -21,6 +21,10 @@ const flushLag = time.Second
 func (a *agent) killAllowance() int {
 	a.mu.Lock()
 	procs := slices.Clone(a.procs)
+	killedAt := make([]time.Time, len(procs)) // written under a.mu by killAgent
+	for i, p := range procs {
+		killedAt[i] = p.killedAt
+	}
 	a.mu.Unlock()
 	// loaded is what a process read back from the spool at its start (-1: unknown, it did not
 	// log opening its spool).
@@ -41,7 +45,7 @@ func (a *agent) killAllowance() int {
 	}
 	n := 0
 	for i, p := range procs {
-		if p.killedAt.IsZero() {
+		if killedAt[i].IsZero() {
 			continue
 		}
 		var ds []Delivery
@@ -56,7 +60,7 @@ func (a *agent) killAllowance() int {
 		if i+1 < len(procs) {
 			reloaded = loaded(procs[i+1])
 		}
-		n += KillAllowance(ownRun(p.proc), max(loaded(p), 0), ds, p.killedAt.Add(-fsyncInterval-flushLag), reloaded)
+		n += KillAllowance(ownRun(p.proc), max(loaded(p), 0), ds, killedAt[i].Add(-fsyncInterval-flushLag), reloaded)
 	}
 	return n
 }

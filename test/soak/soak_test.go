@@ -751,10 +751,13 @@ func (s *soak) netFault(ctx context.Context, px *netfault.Proxy, kind string, en
 
 func (s *soak) killAgent(ctx context.Context, a *agent, offline time.Duration) error {
 	p := a.cur()
+	// The moment of the signal, not of the reaped exit (kill waits for that, longer under load):
+	// the killed process's last flush was before it, and killAllowance reckons back from it.
+	killedAt := time.Now()
 	p.kill()
 	a.mu.Lock()
 	a.kills++
-	p.killedAt = time.Now()
+	p.killedAt = killedAt
 	a.mu.Unlock()
 	s.sleepUntil(ctx, time.Now().Add(offline)) // the schedule's pacing: how long the device stays off
 	return s.startAgent(a)
