@@ -221,11 +221,11 @@ func benchFleetRamp(ctx context.Context, binDir string, n, rounds int, report fu
 	var pahoRates, fleetRates []float64
 	// Warm-up, not measured: the first connection of each device costs hubsim more (its heap
 	// grows, its per-device state is made), and would burden whichever side went first.
-	if _, _, release, err := b.pahoRamp(ctx, ""); err != nil {
+	_, _, release, err := b.pahoRamp(ctx, "")
+	if err != nil {
 		return fmt.Errorf("warm-up: %w", err)
-	} else {
-		release()
 	}
+	release()
 	for r := range rounds {
 		childProf := ""
 		if prof != "" && r == 0 {
