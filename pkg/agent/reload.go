@@ -150,8 +150,6 @@ func (d *Device) setBehaviours(cfg Config, scripts map[string]methods.Handler) (
 		if d.twinSync != nil {
 			d.twinSync.SetHandlers(d.twinHandlers(tb))
 		}
-	}
-	if twinChanged {
 		d.twinB = &tb
 	}
 	return methodsChanged, twinChanged, facts
