@@ -92,6 +92,9 @@ func (s *Session) onMethodRequest(c *conn, q *wire.Quick, payload []byte) {
 	method, rid := q.Method, q.RequestID
 	switch st := c.takeMethod(rid); st {
 	case methodConnEnded, methodDuplicate, methodTooMany:
+		if st == methodTooMany {
+			s.stats.droppedInbound.Add(1)
+		}
 		s.logMethodRefused(st, method, rid)
 	default:
 		if !s.pushInbound(event{method: &MethodRequest{Name: method, RequestID: rid, Payload: payload}}) {
@@ -114,7 +117,6 @@ func (s *Session) logMethodRefused(st methodOutcome, method, rid string) {
 	case methodDuplicate:
 		s.log.Debug("duplicate method request ignored", zap.String("rid", rid))
 	case methodTooMany:
-		s.stats.droppedInbound.Add(1)
 		s.log.Warn("too many unanswered method requests: request dropped", zap.String("method", method))
 	}
 }
