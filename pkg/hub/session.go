@@ -40,9 +40,7 @@ type Session struct {
 	closeOnce sync.Once
 	abortOnce sync.Once
 	done      chan struct{} // closed when the supervisor has finished
-	// finished is set (under mu) once done is closed; afterDone are AfterDone's functions,
-	// started then.
-	finished  bool
+	// afterDone are AfterDone's functions (under mu), started once done is closed.
 	afterDone []func()
 	wg        sync.WaitGroup
 
@@ -155,8 +153,12 @@ func (s *Session) Done() <-chan struct{} { return s.done }
 // AfterDone arranges for f to run on a goroutine of its own once Done is closed (at once if it
 // is): a caller holding thousands of sessions waits for their ends without a goroutine each.
 func (s *Session) AfterDone(f func()) {
+	// finish closes done before it takes the list under mu: f is either in the list it takes
+	// or sees done closed here.
 	s.mu.Lock()
-	if !s.finished {
+	select {
+	case <-s.done:
+	default:
 		s.afterDone = append(s.afterDone, f)
 		s.mu.Unlock()
 		return

@@ -668,7 +668,6 @@ func (s *Session) finish(fatal error) {
 	s.evMu.Unlock()
 	close(s.done)
 	s.mu.Lock()
-	s.finished = true
 	after := s.afterDone
 	s.afterDone = nil
 	s.mu.Unlock()
